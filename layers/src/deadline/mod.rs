@@ -1,0 +1,59 @@
+//! Middleware that enforces a gRPC call's `grpc-timeout` on the whole call:
+//! the wait for response headers *and* the response body, where streams live.
+//!
+//! A call whose request carries a valid `grpc-timeout` gets a timer. If the
+//! timer fires before the response headers, [`Deadline`] answers with a
+//! trailers-only `DEADLINE_EXCEEDED` and drops the inner future. If it fires
+//! while the response body is still streaming, the body ends with trailers
+//! `grpc-status: 4` instead, and the inner body is dropped. Either way the
+//! inner service sees its work dropped, which is how a proxy cancels the
+//! upstream call. Calls without a valid `grpc-timeout` pass through with no
+//! timer and no allocation.
+//!
+//! The header itself is left in place, so the next hop enforces the same
+//! deadline.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use sluice_layers::deadline::DeadlineLayer;
+//! use sluice_layers::grpc::status::{self, Code};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), sluice_layers::BoxError> {
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(DeadlineLayer::new())
+//!     .service_fn(|_req: Request<Full<Bytes>>| async {
+//!         // An upstream that takes a minute to answer.
+//!         tokio::time::sleep(Duration::from_secs(60)).await;
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::<Bytes>::default()))
+//!     });
+//! let req = Request::builder().header("grpc-timeout", "100m").body(Full::default())?;
+//! let res = svc.ready().await?.call(req).await?;
+//! assert_eq!(status::code_of(res.headers()), Some(Code::DeadlineExceeded));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Readiness
+//!
+//! [`Deadline`] is ready when its inner service is ready; the timer starts in
+//! `call`.
+
+mod layer;
+mod service;
+
+pub mod body;
+pub mod future;
+#[cfg(test)]
+mod tests;
+
+pub use self::{layer::DeadlineLayer, service::Deadline};
+
+/// The `grpc-message` sent when a deadline fires.
+const MESSAGE: &str = "deadline exceeded (grpc-timeout) at sluice";
