@@ -1,1 +1,146 @@
-fn main() {}
+//! `sluice [--config FILE] [--listen ADDR] [--upstream ADDR]`, and
+//! `sluice check FILE`.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use sluice::config::{Config, ConfigError, HostPort};
+use tracing::{info, warn};
+
+/// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code when the listener cannot be bound or the runtime not built.
+const EXIT_START: u8 = 1;
+
+/// A sidecar L7 proxy for HTTP/2 gRPC traffic.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    /// TOML config file; without one sluice runs on its embedded default
+    /// (h2c on 0.0.0.0:15051, forwarding to 127.0.0.1:50051).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address, overriding `server.listen` (port 0 picks a free port;
+    /// the bound address is logged).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Upstream `host:port`, overriding `upstream.address`.
+    #[arg(long, value_name = "ADDR")]
+    upstream: Option<HostPort>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a config file and print what it configures, then exit.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Check { file }) = &cli.command {
+        return check(file);
+    }
+    let config = match load(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("sluice: bad config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    sluice::telemetry::init(&config.log);
+    let runtime = match sluice::runtime(&config) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+fn load(cli: &Cli) -> Result<Config, ConfigError> {
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::embedded(),
+    };
+    if let Some(listen) = cli.listen {
+        config.server.listen = listen;
+    }
+    if let Some(upstream) = &cli.upstream {
+        config.upstream.address = upstream.clone();
+    }
+    Ok(config)
+}
+
+fn check(file: &std::path::Path) -> ExitCode {
+    match Config::from_file(file) {
+        Ok(config) => {
+            println!("{}: ok", file.display());
+            println!("  listen    {} (h2c)", config.server.listen);
+            println!("  upstream  {}", config.upstream.address);
+            println!("  routes    every call → {}", config.upstream.address);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice: bad config: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let running = match sluice::run(&config).await {
+        Ok(running) => running,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    info!(
+        listen = %running.listen_addr(),
+        upstream = %config.upstream.address,
+        "sluice listening on {} (h2c), forwarding to {}",
+        running.listen_addr(),
+        config.upstream.address,
+    );
+    shutdown_signal().await;
+    info!("shutdown signal received; finishing in-flight calls");
+    // A second signal exits at once.
+    tokio::spawn(async {
+        shutdown_signal().await;
+        warn!("second shutdown signal; exiting now");
+        std::process::exit(0);
+    });
+    running.shutdown().await;
+    info!("sluice stopped");
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops sluice");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

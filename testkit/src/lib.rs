@@ -1,0 +1,377 @@
+//! Test and bench support for sluice: a tonic echo service whose behaviour
+//! each request steers (replies, sizes, failures, delays, hangs), with a
+//! [`Probe`] that tells a test what the server saw: calls started, finished
+//! or cancelled, replies sent, and the metadata of the last call.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{net::TcpListener, sync::{mpsc, oneshot, watch}};
+use tokio_stream::{Stream, StreamExt, wrappers::{ReceiverStream, TcpListenerStream}};
+use tonic::{
+    Request, Response, Status, Streaming,
+    metadata::{MetadataMap, MetadataValue},
+    transport::{Channel, Endpoint, Server},
+};
+
+/// The generated messages, client and server of `proto/echo.proto`.
+pub mod pb {
+    #![allow(missing_docs, unreachable_pub, clippy::use_self, missing_debug_implementations)]
+    tonic::include_proto!("sluice.test");
+}
+
+pub use pb::{Reply, Req, echo_client::EchoClient};
+
+/// The `grpc-status-details-bin` bytes every steered failure carries, with
+/// bytes that are not valid UTF-8 on purpose.
+pub const FAILURE_DETAILS: &[u8] = b"\x00\x01\xfe\xffdetails";
+
+/// What the echo server has seen so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Calls whose handler started.
+    pub started: u64,
+    /// Calls that ran to their end (OK or a steered failure).
+    pub completed: u64,
+    /// Calls whose handler or response stream was dropped before the end:
+    /// the server saw a cancellation.
+    pub cancelled: u64,
+    /// Streamed replies handed to the transport.
+    pub replies_sent: u64,
+    /// Request messages received.
+    pub requests_received: u64,
+}
+
+/// A handle on what an echo server saw; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    counts: Arc<watch::Sender<Counts>>,
+    last_metadata: Arc<Mutex<Option<MetadataMap>>>,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self {
+            counts: Arc::new(watch::channel(Counts::default()).0),
+            last_metadata: Arc::default(),
+        }
+    }
+}
+
+impl Probe {
+    /// The counts now.
+    pub fn counts(&self) -> Counts {
+        *self.counts.borrow()
+    }
+
+    /// Waits until `pred` holds for the counts, or `limit` passes.
+    ///
+    /// # Panics
+    ///
+    /// Panics when `limit` passes first, naming the counts seen.
+    pub async fn wait_for(&self, limit: Duration, pred: impl FnMut(&Counts) -> bool) -> Counts {
+        let mut rx = self.counts.subscribe();
+        match tokio::time::timeout(limit, rx.wait_for(pred)).await {
+            Ok(Ok(counts)) => *counts,
+            _ => panic!("echo server never reached the expected state; saw {:?}", self.counts()),
+        }
+    }
+
+    /// The request metadata of the most recent call.
+    pub fn last_metadata(&self) -> Option<MetadataMap> {
+        self.last_metadata.lock().expect("probe lock").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Counts)) {
+        self.counts.send_modify(f);
+    }
+
+    fn start<T>(&self, req: &Request<T>) -> CallGuard {
+        *self.last_metadata.lock().expect("probe lock") = Some(req.metadata().clone());
+        self.update(|c| c.started += 1);
+        CallGuard { probe: self.clone(), done: false }
+    }
+}
+
+/// Counts a call as cancelled unless it is marked done before it drops.
+#[derive(Debug)]
+struct CallGuard {
+    probe: Probe,
+    done: bool,
+}
+
+impl CallGuard {
+    fn done(mut self) {
+        self.done = true;
+        self.probe.update(|c| c.completed += 1);
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.probe.update(|c| c.cancelled += 1);
+        }
+    }
+}
+
+/// The echo service.
+#[derive(Clone, Debug, Default)]
+pub struct Echo {
+    probe: Probe,
+}
+
+impl Echo {
+    /// An echo service reporting to `probe`.
+    pub fn new(probe: Probe) -> Self {
+        Self { probe }
+    }
+}
+
+fn reply_for(req: &Req, seq: u64) -> Reply {
+    let payload = if req.reply_size == 0 {
+        req.payload.clone()
+    } else {
+        Bytes::from(vec![b'r'; req.reply_size as usize])
+    };
+    Reply { payload, seq }
+}
+
+/// The steered failure of `req`, if it asks for one: its code and message,
+/// binary details, and trailing metadata in text and binary form.
+fn failure(req: &Req) -> Option<Status> {
+    if req.fail_code == 0 {
+        return None;
+    }
+    let mut metadata = MetadataMap::new();
+    metadata.insert("x-trailer", MetadataValue::from_static("trailer-text"));
+    metadata.insert_bin("x-trailer-bin", MetadataValue::from_bytes(b"\x00\xff\x80trailer"));
+    Some(Status::with_details_and_metadata(
+        tonic::Code::from_i32(req.fail_code),
+        req.fail_message.clone(),
+        Bytes::from_static(FAILURE_DETAILS),
+        metadata,
+    ))
+}
+
+fn with_headers<T>(body: T) -> Response<T> {
+    let mut res = Response::new(body);
+    res.metadata_mut().insert("x-upstream", MetadataValue::from_static("echo"));
+    res.metadata_mut()
+        .insert_bin("x-upstream-bin", MetadataValue::from_bytes(b"\x00\x01\xff"));
+    res
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<Reply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::echo_server::Echo for Echo {
+    async fn unary(&self, request: Request<Req>) -> Result<Response<Reply>, Status> {
+        let guard = self.probe.start(&request);
+        let req = request.into_inner();
+        self.probe.update(|c| c.requests_received += 1);
+        if req.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(req.delay_ms)).await;
+        }
+        if let Some(status) = failure(&req) {
+            guard.done();
+            return Err(status);
+        }
+        let reply = reply_for(&req, req.seq);
+        guard.done();
+        Ok(with_headers(reply))
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    async fn server_stream(
+        &self,
+        request: Request<Req>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
+        let guard = self.probe.start(&request);
+        let req = request.into_inner();
+        self.probe.update(|c| c.requests_received += 1);
+        if req.headers_then_hang {
+            // Headers go out when this returns; the stream never yields, and
+            // counts a cancel when the transport drops it.
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move { tx.closed().await });
+            return Ok(with_headers(Box::pin(DoneOnEnd::new(rx, guard))));
+        }
+        // A one-slot channel: the producer runs at most one reply ahead of
+        // what the transport took, so `replies_sent` shows backpressure.
+        let (tx, rx) = mpsc::channel(1);
+        let probe = self.probe.clone();
+        tokio::spawn(async move {
+            for seq in 0..u64::from(req.replies) {
+                if req.delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(req.delay_ms)).await;
+                }
+                if tx.send(Ok(reply_for(&req, seq))).await.is_err() {
+                    return; // the stream was dropped: the guard counted it
+                }
+                probe.update(|c| c.replies_sent += 1);
+            }
+            if let Some(status) = failure(&req) {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(with_headers(Box::pin(DoneOnEnd::new(rx, guard))))
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<Req>>,
+    ) -> Result<Response<Reply>, Status> {
+        let guard = self.probe.start(&request);
+        let mut inbound = request.into_inner();
+        let mut count = 0u64;
+        let mut last = Bytes::new();
+        while let Some(req) = inbound.message().await? {
+            self.probe.update(|c| c.requests_received += 1);
+            count += 1;
+            if let Some(status) = failure(&req) {
+                // Answer while the client may still be sending.
+                guard.done();
+                return Err(status);
+            }
+            last = req.payload;
+        }
+        guard.done();
+        Ok(with_headers(Reply { payload: last, seq: count }))
+    }
+
+    type BidiStream = ReplyStream;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<Req>>,
+    ) -> Result<Response<Self::BidiStream>, Status> {
+        let guard = self.probe.start(&request);
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(1);
+        let probe = self.probe.clone();
+        tokio::spawn(async move {
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    // The client went away: keep the stream open, so that
+                    // its drop (not its end) is what the probe sees.
+                    Err(_) => return tx.closed().await,
+                };
+                probe.update(|c| c.requests_received += 1);
+                if let Some(status) = failure(&req) {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+                if tx.send(Ok(reply_for(&req, req.seq))).await.is_err() {
+                    return;
+                }
+                probe.update(|c| c.replies_sent += 1);
+            }
+        });
+        Ok(with_headers(Box::pin(DoneOnEnd::new(rx, guard))))
+    }
+}
+
+/// A reply stream over a channel that holds the call's guard: the call is
+/// done when the transport reads the end of the stream, and cancelled when
+/// the transport drops the stream before that.
+struct DoneOnEnd {
+    inner: ReceiverStream<Result<Reply, Status>>,
+    guard: Option<CallGuard>,
+}
+
+impl DoneOnEnd {
+    fn new(rx: mpsc::Receiver<Result<Reply, Status>>, guard: CallGuard) -> Self {
+        Self { inner: ReceiverStream::new(rx), guard: Some(guard) }
+    }
+}
+
+impl Stream for DoneOnEnd {
+    type Item = Result<Reply, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let item = std::task::ready!(Pin::new(&mut self.inner).poll_next(cx));
+        if item.is_none()
+            && let Some(guard) = self.guard.take()
+        {
+            guard.done();
+        }
+        std::task::Poll::Ready(item)
+    }
+}
+
+/// A running echo server.
+#[derive(Debug)]
+pub struct EchoServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What it saw.
+    pub probe: Probe,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    /// Starts an echo server on `127.0.0.1:0`.
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().expect("literal address")).await
+    }
+
+    /// Starts an echo server on `addr`.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `addr` cannot be bound.
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind echo server");
+        let addr = listener.local_addr().expect("bound address");
+        let probe = Probe::default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let svc = pb::echo_server::EchoServer::new(Echo::new(probe.clone()));
+        let incoming = TcpListenerStream::new(listener);
+        let task = tokio::spawn(async move {
+            let _ = Server::builder()
+                .tcp_nodelay(true)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Self { addr, probe, stop: Some(stop), task }
+    }
+
+    /// Stops the server: every connection is closed, and the port is free.
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        self.stop.take();
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A tonic client for the echo service at `addr`, connected lazily.
+pub fn client(addr: SocketAddr) -> EchoClient<Channel> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a socket address is a valid URI")
+        .tcp_nodelay(true)
+        .connect_lazy();
+    EchoClient::new(channel)
+}

@@ -1,0 +1,92 @@
+use std::path::{Path, PathBuf};
+
+/// A configuration that cannot be used, with where the problem is.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A value is malformed, unknown or out of range.
+    #[error("{}{}:{}: {}{}", file.as_ref().map(|f| format!("{}:", f.display())).unwrap_or_default(), line, column, key.as_ref().map(|k| format!("`{k}`: ")).unwrap_or_default(), message)]
+    Invalid {
+        /// The file, when the text came from one.
+        file: Option<PathBuf>,
+        /// The key path (`server.max_frame_size`), when known.
+        key: Option<String>,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(super) fn from_toml(text: &str, key: Option<String>, err: &toml::de::Error) -> Self {
+        let (line, column) = err
+            .span()
+            .map(|span| line_column(text, span.start))
+            .unwrap_or((1, 1));
+        // toml's own message repeats the source excerpt; keep its first
+        // line, which says what is wrong.
+        let message = err.message().lines().next().unwrap_or("invalid value").to_owned();
+        let key = key.filter(|k| !k.is_empty() && k != ".");
+        Self::Invalid {
+            file: None,
+            key,
+            line,
+            column,
+            message,
+        }
+    }
+
+    pub(super) fn in_file(self, path: &Path) -> Self {
+        match self {
+            Self::Invalid {
+                key,
+                line,
+                column,
+                message,
+                ..
+            } => Self::Invalid {
+                file: Some(path.to_owned()),
+                key,
+                line,
+                column,
+                message,
+            },
+            other @ Self::Read { .. } => other,
+        }
+    }
+
+    /// The key path of the bad value, when the error is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { key, .. } => key.as_deref(),
+            Self::Read { .. } => None,
+        }
+    }
+
+    /// The 1-based line and column of the bad value.
+    pub fn position(&self) -> Option<(usize, usize)> {
+        match self {
+            Self::Invalid { line, column, .. } => Some((*line, *column)),
+            Self::Read { .. } => None,
+        }
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    (line, column)
+}

@@ -1,0 +1,233 @@
+//! sluice's configuration: one TOML file, read into plain data.
+//!
+//! [`Config::from_toml_str`] is pure, so tests pass strings. Every value is
+//! checked while it is read, so an error names the key and the line and
+//! column where it sits. With no file, sluice runs on the embedded
+//! [`DEFAULT_TOML`]: inbound h2c on port 15051, forwarding to the
+//! application on `127.0.0.1:50051`.
+
+mod error;
+mod value;
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::Deserialize;
+
+pub use self::error::ConfigError;
+pub use self::value::{ByteSize, HostPort, WindowSize};
+
+/// The embedded default configuration (`config/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// The listen address of the embedded default: every interface, port 15051.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:15051";
+/// Where the embedded default forwards: the application in the same pod.
+pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:50051";
+
+/// Streams one downstream connection may have open. Far above what one
+/// application opens on one connection in practice (grpc-go defaults to
+/// unlimited, tonic to 200 per connection), so the sidecar is never the
+/// limit, while still bounding per-connection state.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Per-stream receive window: 1 MiB, so a 64 KiB-message stream never waits
+/// a round trip for WINDOW_UPDATE (hyper's and linkerd's server default).
+pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
+/// Per-connection receive window: 4 MiB, four streams at full speed. This is
+/// what bounds the memory one connection can make sluice hold.
+pub const DEFAULT_CONNECTION_WINDOW: u32 = 4 << 20;
+/// The smallest frame size HTTP/2 allows (RFC 9113 §6.5.2), and what every
+/// peer accepts; larger frames save little for gRPC's small messages.
+pub const DEFAULT_MAX_FRAME_SIZE: u32 = 16_384;
+/// Decoded header list size accepted from a peer: 16 KiB, as grpc-go's and
+/// nginx's defaults; gRPC metadata is small, and a limit bounds HPACK work.
+pub const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16_384;
+/// How long dialling the upstream may take before the call fails with
+/// UNAVAILABLE: on loopback a connect takes microseconds, so one second only
+/// matters for an upstream that silently drops SYNs.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections to one upstream. A second one opens only when the first is
+/// at the upstream's MAX_CONCURRENT_STREAMS.
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 4;
+/// Runtime worker threads: one per core of the 2-core sidecar budget.
+pub const DEFAULT_WORKER_THREADS: usize = 2;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The downstream side: where sluice listens, and its HTTP/2 settings.
+    pub server: ServerConfig,
+    /// Where calls go.
+    pub upstream: UpstreamConfig,
+    /// The tokio runtime.
+    pub runtime: RuntimeConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`: the downstream listener and its HTTP/2 settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on for plaintext HTTP/2 (h2c, prior knowledge).
+    pub listen: SocketAddr,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS advertised to each client.
+    #[serde(deserialize_with = "value::positive::deserialize")]
+    pub max_concurrent_streams: u32,
+    /// Initial per-stream receive window.
+    pub initial_stream_window: WindowSize,
+    /// Initial connection receive window.
+    pub initial_connection_window: WindowSize,
+    /// SETTINGS_MAX_FRAME_SIZE advertised to each client.
+    pub max_frame_size: FrameSize,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE advertised to each client.
+    pub max_header_list_size: ByteSize,
+}
+
+/// `[upstream]`: the one upstream every call goes to, and how to reach it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `host:port` of the upstream's h2c server.
+    pub address: HostPort,
+    /// Time allowed to open a TCP connection to the upstream.
+    #[serde(with = "value::duration")]
+    pub connect_timeout: Duration,
+    /// Connections opened to the upstream at most.
+    #[serde(deserialize_with = "value::positive::deserialize")]
+    pub max_connections: usize,
+    /// Initial per-stream receive window for responses.
+    pub initial_stream_window: WindowSize,
+    /// Initial connection receive window for responses.
+    pub initial_connection_window: WindowSize,
+    /// SETTINGS_MAX_FRAME_SIZE advertised to the upstream.
+    pub max_frame_size: FrameSize,
+}
+
+/// `[runtime]`: the tokio runtime.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Worker threads; 1 runs sluice on a current-thread runtime.
+    #[serde(deserialize_with = "value::positive::deserialize")]
+    pub worker_threads: usize,
+}
+
+/// `[log]`: logging.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `sluice=debug,h2=info`, ...); `RUST_LOG`
+    /// overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// The log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// SETTINGS_MAX_FRAME_SIZE: between 16 384 and 16 777 215 (RFC 9113 §6.5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameSize(pub u32);
+
+// === impl Config ===
+
+impl Config {
+    /// Reads a configuration from TOML text.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the key, line and column of the first value
+    /// that is malformed, unknown or out of range.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::from_toml(text, None, &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::from_toml(text, Some(path), e.inner())
+        })
+    }
+
+    /// Reads a configuration file.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if the file cannot be read or is not valid.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded() -> Self {
+        Self::from_toml_str(DEFAULT_TOML).expect("the embedded default config is valid")
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            runtime: RuntimeConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("literal address"),
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            initial_stream_window: WindowSize(DEFAULT_STREAM_WINDOW),
+            initial_connection_window: WindowSize(DEFAULT_CONNECTION_WINDOW),
+            max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
+            max_header_list_size: ByteSize(DEFAULT_MAX_HEADER_LIST_SIZE),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            address: DEFAULT_UPSTREAM.parse().expect("literal address"),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_connections: DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+            initial_stream_window: WindowSize(DEFAULT_STREAM_WINDOW),
+            initial_connection_window: WindowSize(DEFAULT_CONNECTION_WINDOW),
+            max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: DEFAULT_WORKER_THREADS,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! Config value types that check themselves while they are read, so that a
+//! bad value is reported at its own line and column.
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Deserializer, de};
+
+/// An HTTP/2 flow-control window: 1 ..= 2^31 − 1 bytes (RFC 9113 §6.9.1).
+/// Written as an integer or a size string (`"1MiB"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSize(pub u32);
+
+/// A byte count written as an integer or a size string (`"16KiB"`, `"4MiB"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u32);
+
+/// A `host:port` address; the host may be a name, resolved when dialling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    host: String,
+    port: u16,
+}
+
+const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+// === impl HostPort ===
+
+impl HostPort {
+    /// The host part (a name, an IPv4 address, or an IPv6 address without
+    /// brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("expected host:port, got {s:?}"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("invalid port in {s:?}"))?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() || (host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()) {
+            return Err(format!("invalid host in {s:?}"));
+        }
+        Ok(Self { host: host.to_owned(), port })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+// === sizes ===
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Int(i64),
+    Text(String),
+}
+
+fn parse_size(raw: RawSize) -> Result<u64, String> {
+    match raw {
+        RawSize::Int(n) => u64::try_from(n).map_err(|_| format!("must not be negative, got {n}")),
+        RawSize::Text(s) => {
+            let t = s.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (digits, unit) = t.split_at(split);
+            let n: u64 = digits
+                .parse()
+                .map_err(|_| format!("expected a size like \"64KiB\", got {s:?}"))?;
+            let scale = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" => 1 << 10,
+                "MiB" => 1 << 20,
+                "GiB" => 1 << 30,
+                other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB or GiB)")),
+            };
+            n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too large"))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WindowSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = parse_size(RawSize::deserialize(d)?).map_err(de::Error::custom)?;
+        if n == 0 || n > MAX_WINDOW {
+            return Err(de::Error::custom(format!(
+                "a window must be between 1 and {MAX_WINDOW} bytes, got {n}"
+            )));
+        }
+        Ok(Self(u32::try_from(n).expect("checked against MAX_WINDOW")))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = parse_size(RawSize::deserialize(d)?).map_err(de::Error::custom)?;
+        u32::try_from(n)
+            .map(Self)
+            .map_err(|_| de::Error::custom(format!("{n} bytes is more than 4 GiB")))
+    }
+}
+
+impl<'de> Deserialize<'de> for super::FrameSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = parse_size(RawSize::deserialize(d)?).map_err(de::Error::custom)?;
+        if !(16_384..=16_777_215).contains(&n) {
+            return Err(de::Error::custom(format!(
+                "max_frame_size must be between 16384 and 16777215 (RFC 9113 §6.5.2), got {n}"
+            )));
+        }
+        Ok(Self(u32::try_from(n).expect("checked range")))
+    }
+}
+
+/// Durations written as `"250ms"`, `"1s"`, `"5m"`, `"2h"`.
+pub(super) mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de};
+
+    pub(crate) fn parse(s: &str) -> Result<Duration, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("{s:?} needs a unit (ms, s, m or h)"))?;
+        let (digits, unit) = t.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("expected a duration like \"250ms\", got {s:?}"))?;
+        match unit.trim() {
+            "ms" => Ok(Duration::from_millis(n)),
+            "s" => Ok(Duration::from_secs(n)),
+            "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+            "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+            other => Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = parse(&s).map_err(de::Error::custom)?;
+        if t.is_zero() {
+            return Err(de::Error::custom("must be more than zero"));
+        }
+        Ok(t)
+    }
+}
+
+/// Counts that must be at least one.
+pub(super) mod positive {
+    use serde::{Deserialize, Deserializer, de};
+
+    pub(crate) fn deserialize<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + TryFrom<u64> + PartialEq + Default,
+    {
+        let n = T::deserialize(d)?;
+        if n == T::default() {
+            return Err(de::Error::custom("must be at least 1"));
+        }
+        Ok(n)
+    }
+}

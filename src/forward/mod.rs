@@ -1,0 +1,156 @@
+//! The frame forwarder: one upstream h2 stream per downstream call.
+//!
+//! Request headers go out at once; response headers come back the moment
+//! the upstream sends them; DATA and trailers pass frame by frame in both
+//! directions under end-to-end flow control; END_STREAM and RST_STREAM
+//! cross in both directions. Nothing is decoded.
+//!
+//! While waiting for response headers, the call's own future also pumps the
+//! request body, so a unary call needs no task of its own. Only a call whose
+//! client is still sending when the headers arrive gets one spawned pump,
+//! which ends with the request side of the call.
+
+mod headers;
+mod stream;
+
+use std::{
+    future::{Future, poll_fn},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use sluice_layers::{
+    BoxError,
+    grpc::status::{self, Code},
+};
+use tower::Service;
+
+pub(crate) use self::stream::ResponseBody;
+use self::stream::RequestPump;
+use crate::{
+    stats::{Counters, Gauge, Kind},
+    upstream::{Pool, UpstreamError},
+};
+
+/// Why a call could not be forwarded, with the side that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum ForwardError {
+    /// No upstream stream could be opened.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The upstream connection broke before the response headers came.
+    #[error("upstream connection lost before the response: {0}")]
+    UpstreamLost(#[source] h2::Error),
+    /// The upstream reset the stream (RST_STREAM): passed on to the client
+    /// as a reset with the same reason.
+    #[error("upstream reset the call: {0}")]
+    UpstreamReset(#[source] h2::Error),
+}
+
+impl ForwardError {
+    /// The status a client gets for this error, or `None` when the error is
+    /// to be passed on as an RST_STREAM (an upstream reset).
+    pub(crate) fn status(&self) -> Option<(Code, String)> {
+        match self {
+            Self::UpstreamReset(_) => None,
+            Self::Upstream(_) | Self::UpstreamLost(_) => Some((Code::Unavailable, self.to_string())),
+        }
+    }
+}
+
+/// The forwarder service: every call goes to the pool's upstream.
+///
+/// Always ready: a call waits for an upstream connection inside its future,
+/// and fails with UNAVAILABLE if none can be had.
+#[derive(Clone, Debug)]
+pub(crate) struct Forward {
+    pool: Pool,
+    counters: Arc<Counters>,
+}
+
+impl Forward {
+    pub(crate) fn new(pool: Pool, counters: Arc<Counters>) -> Self {
+        Self { pool, counters }
+    }
+}
+
+impl<B> Service<Request<B>> for Forward
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = ForwardError;
+    // Boxed: the future of an `async fn` cannot be named. One allocation
+    // per call; the call's whole state lives in it.
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ForwardError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        Box::pin(forward(self.pool.clone(), self.counters.clone(), req))
+    }
+}
+
+async fn forward<B>(
+    pool: Pool,
+    counters: Arc<Counters>,
+    req: Request<B>,
+) -> Result<Response<ResponseBody>, ForwardError>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let end_of_stream = body.is_end_stream();
+    let head = Request::from_parts(parts, ());
+    let (mut response, tx, lease) = pool.send_request(head, end_of_stream).await?;
+
+    let mut pump = (!end_of_stream).then(|| RequestPump::new(body, tx));
+    // Drive the request body while waiting for the response headers.
+    let response = poll_fn(|cx| {
+        if let Some(pump) = pump.as_mut() {
+            let _ = Pin::new(pump).poll(cx);
+        }
+        Pin::new(&mut response).poll(cx)
+    })
+    .await;
+    if let Some(mut pump) = pump.filter(|p| !p.is_done()) {
+        // The client is still sending (client or bidi streaming): the rest
+        // of the request body gets its own task, which ends with the
+        // request side of the call whichever way that ends.
+        pump.gauge = Some(Gauge::hold(&counters, Kind::RequestPump));
+        tokio::spawn(pump);
+    }
+    let response = response.map_err(|e| {
+        if e.is_reset() && e.is_remote() {
+            ForwardError::UpstreamReset(e)
+        } else {
+            ForwardError::UpstreamLost(e)
+        }
+    })?;
+    let (mut parts, recv) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, ResponseBody::new(recv, lease)))
+}
+
+/// Turns a forwarding error into what the client gets: a trailers-only gRPC
+/// status, or (for an upstream reset) the same error, which the server
+/// passes on as RST_STREAM with the upstream's reason.
+pub(crate) fn rescue<B: Default>(err: ForwardError) -> Result<Response<B>, ForwardError> {
+    match err.status() {
+        Some((code, message)) => {
+            tracing::debug!(%message, "call refused");
+            Ok(status::trailers_only(code, &message))
+        }
+        None => Err(err),
+    }
+}

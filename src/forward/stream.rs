@@ -1,0 +1,229 @@
+//! The per-call pumps: request DATA and trailers from the downstream body to
+//! the upstream stream, and the upstream's response back as a body.
+//!
+//! Both move `Bytes` by reference count, never copy a payload, and hold at
+//! most one frame beyond what the peer's flow-control window allows.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use sluice_layers::{
+    BoxError,
+    grpc::status::{self, Code},
+};
+use tracing::debug;
+
+use super::ForwardError;
+use crate::{stats::Gauge, upstream::Lease};
+
+/// Copies a downstream request body into an upstream h2 stream.
+///
+/// Ends when the body ends (END_STREAM on the last DATA frame, or trailers),
+/// when the body fails (the client reset or went away: the upstream gets
+/// RST_STREAM(CANCEL)), or when the upstream resets its stream (including
+/// the RST_STREAM(NO_ERROR) a server sends when it has answered early).
+#[derive(Debug)]
+pub(super) struct RequestPump<B> {
+    body: B,
+    tx: SendStream<Bytes>,
+    /// A chunk in hand, waiting for stream capacity.
+    pending: Option<(Bytes, bool)>,
+    done: bool,
+    /// Counts the pump while it runs on its own task.
+    pub(super) gauge: Option<Gauge>,
+}
+
+impl<B> RequestPump<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pub(super) fn new(body: B, tx: SendStream<Bytes>) -> Self {
+        Self {
+            body,
+            tx,
+            pending: None,
+            done: false,
+            gauge: None,
+        }
+    }
+
+    pub(super) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            // Wake on RST_STREAM from the upstream while waiting for the
+            // client or for capacity.
+            if let Poll::Ready(reason) = self.tx.poll_reset(cx) {
+                debug!(?reason, "upstream reset the request stream");
+                return Poll::Ready(());
+            }
+            if let Some((data, eos)) = self.pending.take() {
+                // Follow hyper's pipe (hyper#4003): claim one byte rather
+                // than the chunk, so a waiting stream does not pin
+                // connection window; h2 raises the claim to the chunk.
+                while self.tx.capacity() == 0 {
+                    self.tx.reserve_capacity(1);
+                    match self.tx.poll_capacity(cx) {
+                        Poll::Pending => {
+                            self.pending = Some((data, eos));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                    }
+                }
+                if self.tx.send_data(data, eos).is_err() || eos {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let eos = self.body.is_end_stream();
+                        if data.is_empty() && !eos {
+                            continue;
+                        }
+                        self.pending = Some((data, eos));
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.tx.reserve_capacity(0);
+                            let _ = self.tx.send_trailers(trailers);
+                            return Poll::Ready(());
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    let e: BoxError = e.into();
+                    debug!(error = %e, "downstream request body failed; cancelling upstream");
+                    self.tx.send_reset(Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                None => {
+                    // The body ended without saying so on its last frame:
+                    // the one case that needs an empty END_STREAM frame.
+                    let _ = self.tx.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
+impl<B> Future for RequestPump<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.done {
+            return Poll::Ready(());
+        }
+        ready!(self.step(cx));
+        self.done = true;
+        self.gauge = None;
+        Poll::Ready(())
+    }
+}
+
+/// The upstream's response body, passed downstream frame by frame.
+///
+/// Flow-control capacity is released to the upstream as each DATA frame is
+/// handed on, so the upstream can be at most one window ahead of the client.
+/// An upstream RST_STREAM surfaces as an error carrying its reason (the
+/// server resets the downstream stream with the same reason); a broken
+/// upstream connection ends the body with `grpc-status: UNAVAILABLE`
+/// trailers instead of a bare reset.
+#[derive(Debug)]
+pub(crate) struct ResponseBody {
+    recv: RecvStream,
+    state: State,
+    _lease: Lease,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Data,
+    Trailers,
+    Done,
+}
+
+impl ResponseBody {
+    pub(super) fn new(recv: RecvStream, lease: Lease) -> Self {
+        Self {
+            recv,
+            state: State::Data,
+            _lease: lease,
+        }
+    }
+
+    fn fail(&mut self, err: h2::Error) -> Poll<Option<Result<Frame<Bytes>, ForwardError>>> {
+        self.state = State::Done;
+        if err.is_reset() && err.is_remote() {
+            return Poll::Ready(Some(Err(ForwardError::UpstreamReset(err))));
+        }
+        let message = format!("upstream connection lost during the response: {err}");
+        debug!(%message);
+        Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
+            Code::Unavailable,
+            &message,
+        )))))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ForwardError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ForwardError>>> {
+        let this = &mut *self;
+        if this.state == State::Data {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return this.fail(e),
+                None => this.state = State::Trailers,
+            }
+        }
+        if this.state == State::Trailers {
+            return match ready!(this.recv.poll_trailers(cx)) {
+                Ok(trailers) => {
+                    this.state = State::Done;
+                    Poll::Ready(trailers.map(|t: HeaderMap| Ok(Frame::trailers(t))))
+                }
+                Err(e) => this.fail(e),
+            };
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done || self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.is_end_stream() {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
+        }
+    }
+}

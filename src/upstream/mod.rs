@@ -1,0 +1,298 @@
+//! Connections to the upstream: dialled on demand, multiplexed, shared by
+//! every call, and replaced when they break.
+//!
+//! A call takes the least-loaded open connection that is below the
+//! upstream's MAX_CONCURRENT_STREAMS; only when every connection is at that
+//! limit (and fewer than `max_connections` are open) does it dial another.
+//! Dials are serialised: callers that waited on a dial share its outcome, so
+//! an unreachable upstream costs one connect attempt, not one per call, and
+//! every waiting call fails at once with UNAVAILABLE. After consecutive
+//! failures, further calls fail fast without dialling for a short backoff.
+
+use std::{
+    task::{Context, Poll, Waker},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::SendStream;
+use http::Request;
+use tokio::{net::TcpStream, time::Instant};
+use tracing::{debug, warn};
+
+use crate::{
+    config::{HostPort, UpstreamConfig},
+    stats::{Counters, Gauge, Kind},
+};
+
+/// The first retry after a failed dial may dial again at once; from the
+/// second consecutive failure on, calls fail fast for this long, doubling.
+const BACKOFF_BASE: Duration = Duration::from_millis(10);
+/// Longest fail-fast window: an upstream that comes back is used again within
+/// a quarter second (clients retry UNAVAILABLE themselves).
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// Why no upstream stream could be opened.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum UpstreamError {
+    /// Dialling the upstream failed (refused, unreachable, timed out).
+    #[error("upstream {target} unreachable: {reason}")]
+    Unreachable { target: Arc<str>, reason: Arc<str> },
+    /// The connection failed while opening the stream.
+    #[error("upstream {target} connection failed: {source}")]
+    Connection {
+        target: Arc<str>,
+        #[source]
+        source: Arc<h2::Error>,
+    },
+}
+
+/// The pool of connections to one upstream.
+#[derive(Clone, Debug)]
+pub(crate) struct Pool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    target: HostPort,
+    name: Arc<str>,
+    config: UpstreamConfig,
+    conns: Mutex<Vec<Conn>>,
+    dial: tokio::sync::Mutex<DialState>,
+    /// Bumped after every dial, so a caller that waited for the dial lock
+    /// knows whether someone else's dial finished meanwhile.
+    dial_epoch: AtomicU64,
+    next_id: AtomicU64,
+    counters: Arc<Counters>,
+}
+
+#[derive(Clone, Debug)]
+struct Conn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+#[derive(Debug, Default)]
+struct DialState {
+    failures: u32,
+    last_error: Option<UpstreamError>,
+    retry_at: Option<Instant>,
+}
+
+/// A call's claim on a connection's stream slot; released on drop.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    in_flight: Arc<AtomicUsize>,
+    _call: Gauge,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// === impl Pool ===
+
+impl Pool {
+    pub(crate) fn new(config: UpstreamConfig, counters: Arc<Counters>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: Arc::from(config.address.to_string()),
+                target: config.address.clone(),
+                config,
+                conns: Mutex::default(),
+                dial: tokio::sync::Mutex::default(),
+                dial_epoch: AtomicU64::new(0),
+                next_id: AtomicU64::new(0),
+                counters,
+            }),
+        }
+    }
+
+    /// Opens a stream on an upstream connection and sends `req`'s headers.
+    ///
+    /// A connection that has received GOAWAY or failed is never picked, so
+    /// the send fails only in the race where it breaks in between; the call
+    /// then fails with UNAVAILABLE (its body may already be in flight, so it
+    /// is not retried here).
+    pub(crate) async fn send_request(
+        &self,
+        req: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, SendStream<Bytes>, Lease), UpstreamError> {
+        let (mut conn, lease) = self.checkout().await?;
+        match conn.send.send_request(req, end_of_stream) {
+            Ok((response, stream)) => Ok((response, stream, lease)),
+            Err(e) => {
+                self.inner.remove(conn.id);
+                Err(UpstreamError::Connection {
+                    target: self.inner.name.clone(),
+                    source: Arc::new(e),
+                })
+            }
+        }
+    }
+
+    /// Closes every connection once its streams are done: the connections
+    /// send GOAWAY and end when idle.
+    pub(crate) fn close(&self) {
+        self.inner.conns.lock().expect("pool lock").clear();
+    }
+
+    async fn checkout(&self) -> Result<(Conn, Lease), UpstreamError> {
+        let epoch = self.inner.dial_epoch.load(Ordering::Acquire);
+        if let Some(conn) = self.inner.pick(false) {
+            return Ok(self.lease(conn));
+        }
+        let conn = self.dial(epoch).await?;
+        Ok(self.lease(conn))
+    }
+
+    fn lease(&self, conn: Conn) -> (Conn, Lease) {
+        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease {
+            in_flight: conn.in_flight.clone(),
+            _call: Gauge::hold(&self.inner.counters, Kind::Call),
+        };
+        (conn, lease)
+    }
+
+    async fn dial(&self, epoch: u64) -> Result<Conn, UpstreamError> {
+        let inner = &self.inner;
+        let mut state = inner.dial.lock().await;
+        if inner.dial_epoch.load(Ordering::Acquire) != epoch {
+            // Someone dialled while we waited: share their outcome.
+            if let Some(conn) = inner.pick(false) {
+                return Ok(conn);
+            }
+            if let Some(err) = &state.last_error {
+                return Err(err.clone());
+            }
+        }
+        if let (Some(at), Some(err)) = (state.retry_at, &state.last_error)
+            && Instant::now() < at
+        {
+            return Err(err.clone());
+        }
+        if let Some(conn) = inner.pick(true) {
+            // Every connection is at its stream limit, and no more may be
+            // opened: queue on the least-loaded one (h2 holds the stream
+            // until a slot frees).
+            return Ok(conn);
+        }
+        let result = self.connect().await;
+        inner.dial_epoch.fetch_add(1, Ordering::AcqRel);
+        match result {
+            Ok(conn) => {
+                *state = DialState::default();
+                Ok(conn)
+            }
+            Err(err) => {
+                state.failures = state.failures.saturating_add(1);
+                let backoff = (state.failures > 1).then(|| {
+                    BACKOFF_BASE
+                        .saturating_mul(1 << (state.failures - 2).min(16))
+                        .min(BACKOFF_MAX)
+                });
+                state.retry_at = backoff.map(|b| Instant::now() + b);
+                state.last_error = Some(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
+        let inner = &self.inner;
+        let unreachable = |reason: String| UpstreamError::Unreachable {
+            target: inner.name.clone(),
+            reason: Arc::from(reason),
+        };
+        let target = (inner.target.host(), inner.target.port());
+        let tcp = match tokio::time::timeout(inner.config.connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "connect timed out after {:?}",
+                    inner.config.connect_timeout
+                )));
+            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY on an upstream connection");
+        }
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(inner.config.initial_stream_window.0)
+            .initial_connection_window_size(inner.config.initial_connection_window.0)
+            .max_frame_size(inner.config.max_frame_size.0)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|e| unreachable(format!("HTTP/2 handshake failed: {e}")))?;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Conn {
+            id,
+            send,
+            in_flight: Arc::default(),
+        };
+        inner.conns.lock().expect("pool lock").push(conn.clone());
+        let gauge = Gauge::hold(&inner.counters, Kind::UpstreamConnection);
+        let pool = Arc::downgrade(&self.inner);
+        let name = inner.name.clone();
+        tokio::spawn(async move {
+            let _gauge = gauge;
+            if let Err(e) = connection.await {
+                if e.is_io() || e.is_go_away() {
+                    debug!(upstream = %name, error = %e, "upstream connection closed");
+                } else {
+                    warn!(upstream = %name, error = %e, "upstream connection failed");
+                }
+            }
+            if let Some(pool) = Weak::upgrade(&pool) {
+                pool.remove(id);
+            }
+        });
+        debug!(upstream = %inner.name, id, "upstream connection open");
+        Ok(conn)
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    /// The least-loaded connection with a free stream slot; or, with
+    /// `saturated_ok` and no room for another connection, the least-loaded
+    /// one at all.
+    fn pick(&self, saturated_ok: bool) -> Option<Conn> {
+        let mut conns = self.conns.lock().expect("pool lock");
+        // Drop connections that can no longer open streams (GOAWAY received,
+        // or failed); their tasks finish the streams they carry.
+        let mut cx = Context::from_waker(Waker::noop());
+        conns.retain_mut(|c| matches!(c.send.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        let load = |c: &&Conn| c.in_flight.load(Ordering::Relaxed);
+        if saturated_ok {
+            if conns.len() < self.config.max_connections {
+                return None;
+            }
+            return conns.iter().min_by_key(load).cloned();
+        }
+        conns
+            .iter()
+            .filter(|c| load(c) < c.send.current_max_send_streams())
+            .min_by_key(load)
+            .cloned()
+    }
+
+    fn remove(&self, id: u64) {
+        self.conns.lock().expect("pool lock").retain(|c| c.id != id);
+    }
+}
