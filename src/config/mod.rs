@@ -48,6 +48,14 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections to one upstream. A second one opens only when the first is
 /// at the upstream's MAX_CONCURRENT_STREAMS.
 pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 4;
+/// Framing overhead h2 lets the upstream's buffered small DATA frames cost
+/// before it closes the connection with ENHANCE_YOUR_CALM (h2 charges
+/// 256 − len per frame under 256 bytes). h2's default, half the connection
+/// window (2 MiB here, ~8 400 tiny frames), is a defence against hostile
+/// peers; the upstream is the application, and a server streaming tiny
+/// messages faster than a client drains them hits it, taking every call on
+/// the connection down. 16 MiB allows ~67 000 buffered tiny frames.
+pub const DEFAULT_UPSTREAM_DATA_FRAME_BUDGET: u32 = 16 << 20;
 /// Runtime worker threads: one per core of the 2-core sidecar budget.
 pub const DEFAULT_WORKER_THREADS: usize = 2;
 
@@ -102,6 +110,9 @@ pub struct UpstreamConfig {
     pub initial_connection_window: WindowSize,
     /// SETTINGS_MAX_FRAME_SIZE advertised to the upstream.
     pub max_frame_size: FrameSize,
+    /// Framing overhead allowed for buffered small DATA frames from the
+    /// upstream (see [`DEFAULT_UPSTREAM_DATA_FRAME_BUDGET`]).
+    pub data_frame_budget: ByteSize,
 }
 
 /// `[runtime]`: the tokio runtime.
@@ -208,6 +219,7 @@ impl Default for UpstreamConfig {
             initial_stream_window: WindowSize(DEFAULT_STREAM_WINDOW),
             initial_connection_window: WindowSize(DEFAULT_CONNECTION_WINDOW),
             max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
+            data_frame_budget: ByteSize(DEFAULT_UPSTREAM_DATA_FRAME_BUDGET),
         }
     }
 }

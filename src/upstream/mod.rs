@@ -234,6 +234,7 @@ impl Pool {
             .initial_window_size(inner.config.initial_stream_window.0)
             .initial_connection_window_size(inner.config.initial_connection_window.0)
             .max_frame_size(inner.config.max_frame_size.0)
+            .data_frame_budget(inner.config.data_frame_budget.0 as usize)
             .enable_push(false)
             .handshake::<_, Bytes>(tcp)
             .await

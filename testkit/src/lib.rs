@@ -13,7 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use tokio::{net::TcpListener, sync::{mpsc, oneshot, watch}};
-use tokio_stream::{Stream, StreamExt, wrappers::{ReceiverStream, TcpListenerStream}};
+use tokio_stream::{Stream, wrappers::{ReceiverStream, TcpListenerStream}};
 use tonic::{
     Request, Response, Status, Streaming,
     metadata::{MetadataMap, MetadataValue},
@@ -312,7 +312,9 @@ impl Stream for DoneOnEnd {
     }
 }
 
-/// A running echo server.
+/// A running echo server, on a runtime (and thread) of its own, like an
+/// application process beside the proxy: stopping it closes every one of its
+/// connections at once, as a crashed process would.
 #[derive(Debug)]
 pub struct EchoServer {
     /// Where it listens.
@@ -320,7 +322,7 @@ pub struct EchoServer {
     /// What it saw.
     pub probe: Probe,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl EchoServer {
@@ -335,35 +337,61 @@ impl EchoServer {
     ///
     /// Panics if `addr` cannot be bound.
     pub async fn start_on(addr: SocketAddr) -> Self {
-        let listener = TcpListener::bind(addr).await.expect("bind echo server");
-        let addr = listener.local_addr().expect("bound address");
+        let std_listener = std::net::TcpListener::bind(addr).expect("bind echo server");
+        std_listener.set_nonblocking(true).expect("nonblocking listener");
+        let addr = std_listener.local_addr().expect("bound address");
         let probe = Probe::default();
         let (stop, stopped) = oneshot::channel::<()>();
-        let svc = pb::echo_server::EchoServer::new(Echo::new(probe.clone()));
-        let incoming = TcpListenerStream::new(listener);
-        let task = tokio::spawn(async move {
-            let _ = Server::builder()
-                .tcp_nodelay(true)
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Self { addr, probe, stop: Some(stop), task }
+        let svc = pb::echo_server::EchoServer::new(Echo::new(probe.clone()))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let thread = std::thread::Builder::new()
+            .name("echo-server".to_owned())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("echo server runtime");
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(std_listener).expect("tokio listener");
+                    let incoming = TcpListenerStream::new(listener);
+                    let serve = Server::builder()
+                        .tcp_nodelay(true)
+                        .add_service(svc)
+                        .serve_with_incoming(incoming);
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stopped => {}
+                    }
+                });
+                // Dropping the runtime drops every connection task.
+                rt.shutdown_background();
+            })
+            .expect("spawn echo server thread");
+        Self { addr, probe, stop: Some(stop), thread: Some(thread) }
     }
 
-    /// Stops the server: every connection is closed, and the port is free.
+    /// Stops the server at once: its listener and every connection close,
+    /// as if the process died.
     pub async fn stop(mut self) {
-        self.task.abort();
-        let _ = (&mut self.task).await;
-        self.stop.take();
+        self.halt();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    fn halt(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
 impl Drop for EchoServer {
     fn drop(&mut self) {
-        self.task.abort();
+        self.halt();
     }
 }
 
@@ -374,4 +402,6 @@ pub fn client(addr: SocketAddr) -> EchoClient<Channel> {
         .tcp_nodelay(true)
         .connect_lazy();
     EchoClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
 }

@@ -1,0 +1,188 @@
+//! Shared builders: a real echo server, a real sluice (through `sluice::run`,
+//! as `main` uses it), a real tonic client, and a raw h2 client for
+//! frame-level facts.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::Request;
+use prost::Message;
+use sluice::{Config, Running};
+use sluice_testkit::{EchoClient, EchoServer, Req};
+use tonic::transport::Channel;
+
+/// How long any single wait in a test may take before it fails: generous,
+/// so a loaded CI machine does not flake, yet a hang fails the test.
+pub(crate) const LIMIT: Duration = Duration::from_secs(10);
+
+pub(crate) fn trace_init() {
+    let _ = tracing_subscriber_init();
+}
+
+fn tracing_subscriber_init() -> Result<(), ()> {
+    sluice::telemetry::init(&sluice::config::LogConfig {
+        level: std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        format: sluice::config::LogFormat::Text,
+    });
+    Ok(())
+}
+
+/// A config forwarding to `upstream`, listening on a free loopback port.
+pub(crate) fn config(upstream: SocketAddr) -> Config {
+    let mut config = Config::embedded();
+    config.server.listen = "127.0.0.1:0".parse().expect("literal address");
+    config.upstream.address = upstream.to_string().parse().expect("socket address");
+    config
+}
+
+/// An echo server, a sluice in front of it, and a tonic client of sluice.
+pub(crate) struct Proxied {
+    pub(crate) upstream: EchoServer,
+    pub(crate) sluice: Running,
+    pub(crate) client: EchoClient<Channel>,
+}
+
+pub(crate) async fn proxied() -> Proxied {
+    trace_init();
+    let upstream = EchoServer::start().await;
+    let sluice = sluice::run(&config(upstream.addr)).await.expect("sluice starts");
+    let client = sluice_testkit::client(sluice.listen_addr());
+    Proxied {
+        upstream,
+        sluice,
+        client,
+    }
+}
+
+pub(crate) async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
+}
+
+/// A raw h2 connection to `addr`, for frame-level assertions.
+pub(crate) async fn raw_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    raw_client_with(addr, h2::client::Builder::new()).await
+}
+
+pub(crate) async fn raw_client_with(
+    addr: SocketAddr,
+    builder: h2::client::Builder,
+) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = builder.handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// The head of a gRPC call to `/sluice.test.Echo/{method}`.
+pub(crate) fn grpc_head(method: &str) -> Request<()> {
+    Request::post(format!("http://sluice.test/sluice.test.Echo/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("valid request")
+}
+
+/// One length-prefixed, uncompressed gRPC message.
+pub(crate) fn grpc_frame(req: &Req) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + req.encoded_len());
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(req.encoded_len()).expect("small message"));
+    req.encode(&mut buf).expect("encode into a buffer");
+    buf.freeze()
+}
+
+/// Payload bytes that differ at every position, so a reordered or shifted
+/// byte is caught.
+pub(crate) fn pattern(len: usize, seed: u8) -> Bytes {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// What a [`RawUpstream`] does with each stream it accepts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Behaviour {
+    /// Never answers.
+    Hang,
+    /// Sends response headers, then nothing.
+    HeadersThenHang,
+    /// Resets the stream with this reason before any response.
+    ResetBeforeHeaders(h2::Reason),
+    /// Sends response headers, then resets with this reason.
+    ResetAfterHeaders(h2::Reason),
+}
+
+/// A bare h2 server standing in for an upstream, to do what a well-behaved
+/// gRPC server never does (reset streams) and to report the RST_STREAM
+/// reason each stream received from sluice.
+pub(crate) struct RawUpstream {
+    pub(crate) addr: SocketAddr,
+    /// The reset reason each hanging stream saw, in order.
+    pub(crate) resets: tokio::sync::mpsc::UnboundedReceiver<h2::Reason>,
+    /// Request headers of each stream, in order.
+    pub(crate) heads: tokio::sync::mpsc::UnboundedReceiver<http::HeaderMap>,
+}
+
+impl RawUpstream {
+    pub(crate) async fn start(behaviour: Behaviour) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (reset_tx, resets) = tokio::sync::mpsc::unbounded_channel();
+        let (head_tx, heads) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let reset_tx = reset_tx.clone();
+                let head_tx = head_tx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let _ = head_tx.send(req.headers().clone());
+                        let reset_tx = reset_tx.clone();
+                        tokio::spawn(async move {
+                            let _request_body = req.into_body();
+                            let ok = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .expect("response");
+                            match behaviour {
+                                Behaviour::ResetBeforeHeaders(reason) => respond.send_reset(reason),
+                                Behaviour::ResetAfterHeaders(reason) => {
+                                    let mut tx = respond.send_response(ok, false).expect("send headers");
+                                    tx.send_reset(reason);
+                                }
+                                Behaviour::Hang => {
+                                    let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                                    let _ = reset_tx.send(reason.expect("reset reason"));
+                                }
+                                Behaviour::HeadersThenHang => {
+                                    let mut tx = respond.send_response(ok, false).expect("send headers");
+                                    let reason = std::future::poll_fn(|cx| tx.poll_reset(cx)).await;
+                                    let _ = reset_tx.send(reason.expect("reset reason"));
+                                }
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        Self { addr, resets, heads }
+    }
+}
+
+/// Polls `cond` until it holds, for state that has no event to wait on
+/// (counters settling after connections close).
+pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
