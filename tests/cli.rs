@@ -1,0 +1,169 @@
+//! The command line is the contract external harnesses drive:
+//! `sluice --listen ADDR --upstream ADDR`, the bound address on one log
+//! line, exit 0 on SIGTERM, exit 64 on a bad config, and `sluice check`.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use sluice_testkit::{EchoServer, Req};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn sluice() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// Kills the child when dropped, so a failing test leaves no process.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `sluice` with `args` and reads stderr until the line that names
+/// the bound listen address.
+fn spawn(args: &[&str]) -> (Proc, SocketAddr) {
+    let mut child = sluice()
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn sluice");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("sluice exited before logging its address")
+            .expect("read stderr");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().expect("an address");
+            break addr.parse().expect("a socket address");
+        }
+    };
+    // Keep draining stderr so sluice never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), addr)
+}
+
+fn terminate(proc: &mut Proc) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &proc.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        if let Some(status) = proc.0.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "sluice did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_and_upstream_flags_serve_h2c_and_sigterm_exits_zero() {
+    let upstream = EchoServer::start().await;
+    let up = upstream.addr.to_string();
+    let (mut proc, addr) = spawn(&["--listen", "127.0.0.1:0", "--upstream", &up]);
+    assert_ne!(addr.port(), 0, "the real bound port is logged");
+    let mut client = sluice_testkit::client(addr);
+    let reply = tokio::time::timeout(LIMIT, client.unary(Req { seq: 42, ..Req::default() }))
+        .await
+        .expect("in time")
+        .expect("call through the sluice process");
+    assert_eq!(reply.into_inner().seq, 42);
+    assert_eq!(upstream.probe.counts().completed, 1);
+    let status = tokio::task::spawn_blocking(move || terminate(&mut proc))
+        .await
+        .expect("join");
+    assert_eq!(status.code(), Some(0));
+}
+
+fn write_config(text: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::with(text)
+}
+
+/// A config file in the target directory, removed on drop (no fixed /tmp
+/// name, nothing left behind).
+mod tempfile_path {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub(crate) struct TempPath(pub(crate) PathBuf);
+
+    impl TempPath {
+        pub(crate) fn with(text: &str) -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let path = dir.join(format!(
+                "cli-{}-{}.toml",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&path, text).expect("write config");
+            Self(path)
+        }
+
+        pub(crate) fn as_str(&self) -> &str {
+            self.0.to_str().expect("utf-8 path")
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[test]
+fn a_bad_config_exits_64_naming_the_key_and_line() {
+    let file = write_config("[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nconnect_timeout = \"soon\"\n");
+    let out = sluice()
+        .args(["--config", file.as_str()])
+        .output()
+        .expect("run sluice");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("upstream.connect_timeout"), "{stderr}");
+    assert!(stderr.contains(":5:"), "line 5 named: {stderr}");
+}
+
+#[test]
+fn check_accepts_a_good_file_and_refuses_a_bad_one() {
+    let good = write_config("[upstream]\naddress = \"127.0.0.1:9\"\n");
+    let out = sluice().args(["check", good.as_str()]).output().expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("127.0.0.1:9"), "{stdout}");
+
+    let bad = write_config("[server]\nmax_concurrent_streams = -1\n");
+    let out = sluice().args(["check", bad.as_str()]).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.max_concurrent_streams"), "{stderr}");
+    assert!(stderr.contains(":2:"), "{stderr}");
+}
+
+#[test]
+fn check_accepts_every_example_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for entry in std::fs::read_dir(dir).expect("config/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = sluice().arg("check").arg(&path).output().expect("run");
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
