@@ -1,0 +1,373 @@
+//! End-to-end load: a tonic client → sluice → a tonic echo server, and the
+//! same client → the echo server directly, in one run on loopback. Prints
+//! RPC/s (MB/s), p50/p99 and the ratio through-sluice ÷ direct, plus
+//! sluice's RSS under load, its CPU time per call, and its memory per idle
+//! downstream connection.
+//!
+//! sluice runs as the real release binary (a child process), so its RSS and
+//! CPU are its own. Every phase is bounded in time; the whole run takes
+//! about a minute. `SLUICE_BENCH_SECS` changes the length of each phase.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sluice_testkit::{EchoClient, EchoServer, Req};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const CONNECTIONS: usize = 4;
+const UNARY_IN_FLIGHT: usize = 256;
+const UNARY_PAYLOAD: usize = 256;
+const STREAMS: usize = 8;
+const BIDI_STREAMS: usize = 64;
+const IDLE_CONNECTIONS: usize = 500;
+
+fn phase() -> Duration {
+    let secs = std::env::var("SLUICE_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// The sluice child process; killed on drop.
+struct Sluice {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Sluice {
+    fn start(upstream: SocketAddr) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                &upstream.to_string(),
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn sluice");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines.next().expect("sluice exited").expect("stderr");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .expect("address")
+                    .parse()
+                    .expect("socket address");
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    fn proc_status(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("field present")
+    }
+
+    /// Resident set size, KiB.
+    fn rss_kib(&self) -> u64 {
+        self.proc_status("VmRSS:")
+    }
+
+    /// User + system CPU time, seconds.
+    fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("read /proc stat");
+        // Fields after the command name (which is in parentheses).
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        ticks as f64 / 100.0
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clients(addr: SocketAddr) -> Vec<EchoClient<Channel>> {
+    // One tonic channel is one HTTP/2 connection.
+    (0..CONNECTIONS)
+        .map(|_| sluice_testkit::client(addr))
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Result {
+    ops_per_sec: f64,
+    mb_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    ops: u64,
+}
+
+fn percentiles(mut lat: Vec<u32>) -> (f64, f64) {
+    if lat.is_empty() {
+        return (0.0, 0.0);
+    }
+    lat.sort_unstable();
+    let at = |q: f64| f64::from(lat[((lat.len() - 1) as f64 * q) as usize]);
+    (at(0.50), at(0.99))
+}
+
+async fn unary(addr: SocketAddr, dur: Duration) -> Result {
+    let clients = clients(addr);
+    let payload = bytes::Bytes::from(vec![7u8; UNARY_PAYLOAD]);
+    // Warm the connections.
+    for c in &clients {
+        c.clone().unary(Req::default()).await.expect("warm-up");
+    }
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..UNARY_IN_FLIGHT {
+        let mut client = clients[i % CONNECTIONS].clone();
+        let payload = payload.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 14);
+            while Instant::now() < end {
+                let t = Instant::now();
+                client
+                    .unary(Req {
+                        payload: payload.clone(),
+                        ..Req::default()
+                    })
+                    .await
+                    .expect("unary");
+                lat.push(t.elapsed().as_micros() as u32);
+            }
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(lat) = tasks.join_next().await {
+        all.extend(lat.expect("task"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ops = all.len() as u64;
+    let (p50, p99) = percentiles(all);
+    Result {
+        ops_per_sec: ops as f64 / secs,
+        mb_per_sec: ops as f64 * 2.0 * UNARY_PAYLOAD as f64 / secs / 1e6,
+        p50_us: p50,
+        p99_us: p99,
+        ops,
+    }
+}
+
+async fn server_stream(addr: SocketAddr, dur: Duration, size: u32) -> Result {
+    let clients = clients(addr);
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..STREAMS {
+        let mut client = clients[i % CONNECTIONS].clone();
+        tasks.spawn(async move {
+            let mut messages = 0u64;
+            let mut gaps = Vec::new();
+            while Instant::now() < end {
+                let mut stream = client
+                    .server_stream(Req {
+                        replies: 1_000_000,
+                        reply_size: size,
+                        ..Req::default()
+                    })
+                    .await
+                    .expect("stream")
+                    .into_inner();
+                let mut t = Instant::now();
+                while Instant::now() < end {
+                    stream
+                        .message()
+                        .await
+                        .expect("message")
+                        .expect("more replies");
+                    messages += 1;
+                    gaps.push(t.elapsed().as_micros() as u32);
+                    t = Instant::now();
+                }
+            }
+            (messages, gaps)
+        });
+    }
+    let mut messages = 0;
+    let mut gaps = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (m, g) = r.expect("task");
+        messages += m;
+        gaps.extend(g);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (p50, p99) = percentiles(gaps);
+    Result {
+        ops_per_sec: messages as f64 / secs,
+        mb_per_sec: messages as f64 * f64::from(size) / secs / 1e6,
+        p50_us: p50,
+        p99_us: p99,
+        ops: messages,
+    }
+}
+
+async fn bidi(addr: SocketAddr, dur: Duration) -> Result {
+    let clients = clients(addr);
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..BIDI_STREAMS {
+        let mut client = clients[i % CONNECTIONS].clone();
+        tasks.spawn(async move {
+            let (tx, rx) = mpsc::channel(1);
+            let mut replies = client
+                .bidi(ReceiverStream::new(rx))
+                .await
+                .expect("bidi")
+                .into_inner();
+            let mut lat = Vec::with_capacity(1 << 14);
+            let mut seq = 0;
+            while Instant::now() < end {
+                let t = Instant::now();
+                tx.send(Req {
+                    seq,
+                    payload: bytes::Bytes::from_static(&[1; 64]),
+                    ..Req::default()
+                })
+                .await
+                .expect("send");
+                replies.message().await.expect("reply").expect("a reply");
+                lat.push(t.elapsed().as_micros() as u32);
+                seq += 1;
+            }
+            drop(tx);
+            while replies.message().await.ok().flatten().is_some() {}
+            lat
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(lat) = tasks.join_next().await {
+        all.extend(lat.expect("task"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ops = all.len() as u64;
+    let (p50, p99) = percentiles(all);
+    Result {
+        ops_per_sec: ops as f64 / secs,
+        mb_per_sec: ops as f64 * 128.0 / secs / 1e6,
+        p50_us: p50,
+        p99_us: p99,
+        ops,
+    }
+}
+
+/// Memory sluice needs per idle downstream connection: open many h2
+/// connections that do nothing, and divide the RSS growth.
+async fn idle_connection_cost(sluice: &Sluice) -> f64 {
+    let before = sluice.rss_kib();
+    let mut conns = Vec::with_capacity(IDLE_CONNECTIONS);
+    for _ in 0..IDLE_CONNECTIONS {
+        let tcp = tokio::net::TcpStream::connect(sluice.addr)
+            .await
+            .expect("connect");
+        let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        conns.push((send, task));
+    }
+    // Let sluice process every handshake: a ready SendRequest means the
+    // server's SETTINGS arrived.
+    for (send, _) in &mut conns {
+        let _ = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = sluice.rss_kib();
+    for (_, task) in conns {
+        task.abort();
+    }
+    (after.saturating_sub(before) as f64 * 1024.0) / IDLE_CONNECTIONS as f64
+}
+
+fn report(name: &str, direct: Result, through: Result, unit: &str) {
+    let ratio = through.ops_per_sec / direct.ops_per_sec;
+    println!(
+        "{name:<24} direct {:>9.0} {unit}/s {:>8.1} MB/s p50 {:>7.0}µs p99 {:>7.0}µs | sluice {:>9.0} {unit}/s {:>8.1} MB/s p50 {:>7.0}µs p99 {:>7.0}µs | ratio {ratio:.2}",
+        direct.ops_per_sec,
+        direct.mb_per_sec,
+        direct.p50_us,
+        direct.p99_us,
+        through.ops_per_sec,
+        through.mb_per_sec,
+        through.p50_us,
+        through.p99_us,
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument selects nothing here.
+    let dur = phase();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    client_rt.block_on(async {
+        let upstream = EchoServer::start().await;
+        let sluice = Sluice::start(upstream.addr);
+        let started = Instant::now();
+        println!(
+            "e2e: {CONNECTIONS} connections; unary {UNARY_PAYLOAD} B x {UNARY_IN_FLIGHT} in flight; \
+             {STREAMS} server streams; {BIDI_STREAMS} bidi ping-pong streams; {dur:?} per phase"
+        );
+
+        let mut peak_rss = sluice.rss_kib();
+        let direct = unary(upstream.addr, dur).await;
+        let cpu0 = sluice.cpu_secs();
+        let through = unary(sluice.addr, dur).await;
+        let cpu_per_call = (sluice.cpu_secs() - cpu0) / through.ops as f64 * 1e6;
+        peak_rss = peak_rss.max(sluice.rss_kib());
+        report("unary 256 B", direct, through, "rpc");
+        println!("{:<24} sluice CPU {cpu_per_call:.1} µs per call", "");
+
+        for (name, size) in [("server stream 1 KiB", 1024), ("server stream 64 KiB", 65536)] {
+            let direct = server_stream(upstream.addr, dur, size).await;
+            let through = server_stream(sluice.addr, dur, size).await;
+            peak_rss = peak_rss.max(sluice.rss_kib());
+            report(name, direct, through, "msg");
+        }
+
+        let direct = bidi(upstream.addr, dur).await;
+        let cpu0 = sluice.cpu_secs();
+        let through = bidi(sluice.addr, dur).await;
+        let cpu_per_rt = (sluice.cpu_secs() - cpu0) / through.ops as f64 * 1e6;
+        peak_rss = peak_rss.max(sluice.rss_kib());
+        report("bidi ping-pong 64 B", direct, through, "rt");
+        println!("{:<24} sluice CPU {cpu_per_rt:.1} µs per round trip", "");
+
+        println!("sluice RSS after load phases: {:.1} MiB (peak sampled)", peak_rss as f64 / 1024.0);
+        let per_conn = idle_connection_cost(&sluice).await;
+        println!("sluice memory per idle downstream connection: {:.1} KiB ({IDLE_CONNECTIONS} connections)", per_conn / 1024.0);
+        println!("e2e done in {:.1} s", started.elapsed().as_secs_f64());
+        drop(sluice);
+    });
+}

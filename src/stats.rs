@@ -82,6 +82,8 @@ impl Gauge {
 
 impl Drop for Gauge {
     fn drop(&mut self) {
-        self.counters.counter(self.kind).fetch_sub(1, Ordering::Relaxed);
+        self.counters
+            .counter(self.kind)
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }

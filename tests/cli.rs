@@ -66,7 +66,10 @@ fn terminate(proc: &mut Proc) -> std::process::ExitStatus {
         if let Some(status) = proc.0.try_wait().expect("wait") {
             return status;
         }
-        assert!(std::time::Instant::now() < deadline, "sluice did not exit on SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sluice did not exit on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -78,10 +81,16 @@ async fn listen_and_upstream_flags_serve_h2c_and_sigterm_exits_zero() {
     let (mut proc, addr) = spawn(&["--listen", "127.0.0.1:0", "--upstream", &up]);
     assert_ne!(addr.port(), 0, "the real bound port is logged");
     let mut client = sluice_testkit::client(addr);
-    let reply = tokio::time::timeout(LIMIT, client.unary(Req { seq: 42, ..Req::default() }))
-        .await
-        .expect("in time")
-        .expect("call through the sluice process");
+    let reply = tokio::time::timeout(
+        LIMIT,
+        client.unary(Req {
+            seq: 42,
+            ..Req::default()
+        }),
+    )
+    .await
+    .expect("in time")
+    .expect("call through the sluice process");
     assert_eq!(reply.into_inner().seq, 42);
     assert_eq!(upstream.probe.counts().completed, 1);
     let status = tokio::task::spawn_blocking(move || terminate(&mut proc))
@@ -129,7 +138,9 @@ mod tempfile_path {
 
 #[test]
 fn a_bad_config_exits_64_naming_the_key_and_line() {
-    let file = write_config("[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nconnect_timeout = \"soon\"\n");
+    let file = write_config(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nconnect_timeout = \"soon\"\n",
+    );
     let out = sluice()
         .args(["--config", file.as_str()])
         .output()
@@ -143,13 +154,19 @@ fn a_bad_config_exits_64_naming_the_key_and_line() {
 #[test]
 fn check_accepts_a_good_file_and_refuses_a_bad_one() {
     let good = write_config("[upstream]\naddress = \"127.0.0.1:9\"\n");
-    let out = sluice().args(["check", good.as_str()]).output().expect("run");
+    let out = sluice()
+        .args(["check", good.as_str()])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("127.0.0.1:9"), "{stdout}");
 
     let bad = write_config("[server]\nmax_concurrent_streams = -1\n");
-    let out = sluice().args(["check", bad.as_str()]).output().expect("run");
+    let out = sluice()
+        .args(["check", bad.as_str()])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("server.max_concurrent_streams"), "{stderr}");
@@ -163,7 +180,12 @@ fn check_accepts_every_example_config() {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = sluice().arg("check").arg(&path).output().expect("run");
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

@@ -37,7 +37,12 @@ impl ConfigError {
             .unwrap_or((1, 1));
         // toml's own message repeats the source excerpt; keep its first
         // line, which says what is wrong.
-        let message = err.message().lines().next().unwrap_or("invalid value").to_owned();
+        let message = err
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid value")
+            .to_owned();
         let key = key.filter(|k| !k.is_empty() && k != ".");
         Self::Invalid {
             file: None,
@@ -87,6 +92,9 @@ impl ConfigError {
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
     (line, column)
 }

@@ -60,7 +60,7 @@ pub const DEFAULT_UPSTREAM_DATA_FRAME_BUDGET: u32 = 16 << 20;
 pub const DEFAULT_WORKER_THREADS: usize = 2;
 
 /// The whole configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The downstream side: where sluice listens, and its HTTP/2 settings.
@@ -160,7 +160,8 @@ impl Config {
     /// A [`ConfigError`] naming the key, line and column of the first value
     /// that is malformed, unknown or out of range.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::from_toml(text, None, &e))?;
+        let de =
+            toml::Deserializer::parse(text).map_err(|e| ConfigError::from_toml(text, None, &e))?;
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             ConfigError::from_toml(text, Some(path), e.inner())
@@ -183,17 +184,6 @@ impl Config {
     /// The embedded default configuration.
     pub fn embedded() -> Self {
         Self::from_toml_str(DEFAULT_TOML).expect("the embedded default config is valid")
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            upstream: UpstreamConfig::default(),
-            runtime: RuntimeConfig::default(),
-            log: LogConfig::default(),
-        }
     }
 }
 

@@ -5,8 +5,14 @@ fn embedded_default_is_valid_and_matches_the_defaults() {
     let cfg = Config::embedded();
     assert_eq!(cfg.server.listen, DEFAULT_LISTEN.parse().expect("addr"));
     assert_eq!(cfg.upstream.address.to_string(), DEFAULT_UPSTREAM);
-    assert_eq!(cfg.server.max_concurrent_streams, DEFAULT_MAX_CONCURRENT_STREAMS);
-    assert_eq!(cfg.server.initial_stream_window, WindowSize(DEFAULT_STREAM_WINDOW));
+    assert_eq!(
+        cfg.server.max_concurrent_streams,
+        DEFAULT_MAX_CONCURRENT_STREAMS
+    );
+    assert_eq!(
+        cfg.server.initial_stream_window,
+        WindowSize(DEFAULT_STREAM_WINDOW)
+    );
     assert_eq!(cfg.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
     // An empty file means the same as the embedded one.
     let empty = Config::from_toml_str("").expect("empty config");
@@ -36,7 +42,11 @@ fn an_out_of_range_value_names_its_key_line_and_column() {
     let err = invalid("[server]\nlisten = \"127.0.0.1:1\"\nmax_frame_size = 100\n");
     assert_eq!(err.key(), Some("server.max_frame_size"));
     assert_eq!(err.position(), Some((3, 18)));
-    assert!(err.to_string().starts_with("3:18: `server.max_frame_size`:"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("3:18: `server.max_frame_size`:"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -51,11 +61,26 @@ fn bad_addresses_durations_and_sizes_are_refused() {
     for (text, key) in [
         ("[server]\nlisten = \"nowhere\"", "server.listen"),
         ("[upstream]\naddress = \"no-port\"", "upstream.address"),
-        ("[upstream]\nconnect_timeout = \"5\"", "upstream.connect_timeout"),
-        ("[upstream]\nconnect_timeout = \"0s\"", "upstream.connect_timeout"),
-        ("[upstream]\nmax_connections = 0", "upstream.max_connections"),
-        ("[server]\ninitial_stream_window = \"4GiB\"", "server.initial_stream_window"),
-        ("[server]\nmax_header_list_size = \"12 parsecs\"", "server.max_header_list_size"),
+        (
+            "[upstream]\nconnect_timeout = \"5\"",
+            "upstream.connect_timeout",
+        ),
+        (
+            "[upstream]\nconnect_timeout = \"0s\"",
+            "upstream.connect_timeout",
+        ),
+        (
+            "[upstream]\nmax_connections = 0",
+            "upstream.max_connections",
+        ),
+        (
+            "[server]\ninitial_stream_window = \"4GiB\"",
+            "server.initial_stream_window",
+        ),
+        (
+            "[server]\nmax_header_list_size = \"12 parsecs\"",
+            "server.max_header_list_size",
+        ),
         ("[log]\nformat = \"xml\"", "log.format"),
     ] {
         let err = invalid(text);
@@ -75,5 +100,8 @@ fn sizes_and_durations_accept_units() {
     assert_eq!(cfg.server.max_header_list_size, ByteSize(8192));
     assert_eq!(cfg.upstream.address.host(), "app.local");
     assert_eq!(cfg.upstream.address.port(), 8080);
-    assert_eq!(cfg.upstream.connect_timeout, std::time::Duration::from_millis(250));
+    assert_eq!(
+        cfg.upstream.connect_timeout,
+        std::time::Duration::from_millis(250)
+    );
 }

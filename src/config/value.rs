@@ -55,9 +55,7 @@ impl FromStr for HostPort {
         let (host, port) = s
             .rsplit_once(':')
             .ok_or_else(|| format!("expected host:port, got {s:?}"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("invalid port in {s:?}"))?;
+        let port: u16 = port.parse().map_err(|_| format!("invalid port in {s:?}"))?;
         let host = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
@@ -65,7 +63,10 @@ impl FromStr for HostPort {
         if host.is_empty() || (host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()) {
             return Err(format!("invalid host in {s:?}"));
         }
-        Ok(Self { host: host.to_owned(), port })
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
@@ -100,9 +101,14 @@ fn parse_size(raw: RawSize) -> Result<u64, String> {
                 "KiB" => 1 << 10,
                 "MiB" => 1 << 20,
                 "GiB" => 1 << 30,
-                other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB or GiB)")),
+                other => {
+                    return Err(format!(
+                        "unknown size unit {other:?} (use B, KiB, MiB or GiB)"
+                    ));
+                }
             };
-            n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too large"))
+            n.checked_mul(scale)
+                .ok_or_else(|| format!("{s:?} is too large"))
         }
     }
 }
@@ -160,7 +166,9 @@ pub(super) mod duration {
             "s" => Ok(Duration::from_secs(n)),
             "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
             "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-            other => Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+            other => Err(format!(
+                "unknown duration unit {other:?} (use ms, s, m or h)"
+            )),
         }
     }
 

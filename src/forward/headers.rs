@@ -7,35 +7,36 @@
 
 use http::{HeaderMap, header};
 
-/// Connection-specific fields: meaningful for one hop only.
-const HOP_BY_HOP: [header::HeaderName; 4] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::HOST,
-];
+/// Whether `name` is a connection-specific field (or `host`, which HTTP/2
+/// carries as `:authority`).
+fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::HOST
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
 
 /// Removes the fields that must not cross a hop. `te` stays only as
 /// `trailers`, the one value HTTP/2 allows and gRPC requires.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // The common gRPC request has none of these: check before touching the
-    // map, since `remove` on a missing key still hashes.
-    if headers.len() > 0 {
-        for name in &HOP_BY_HOP {
-            if headers.contains_key(name) {
-                headers.remove(name);
-            }
+    // A normal gRPC call has none of these: one scan, no hashing, and the
+    // map is touched only when there is something to remove.
+    if headers.keys().any(is_hop_by_hop) {
+        let names: Vec<_> = headers
+            .keys()
+            .filter(|n| is_hop_by_hop(n))
+            .cloned()
+            .collect();
+        for name in names {
+            headers.remove(name);
         }
-        for name in ["keep-alive", "proxy-connection"] {
-            if headers.contains_key(name) {
-                headers.remove(name);
-            }
-        }
-        if let Some(te) = headers.get(header::TE)
-            && te != "trailers"
-        {
-            headers.remove(header::TE);
-        }
+    }
+    if let Some(te) = headers.get(header::TE)
+        && te != "trailers"
+    {
+        headers.remove(header::TE);
     }
 }
 
@@ -60,7 +61,10 @@ mod tests {
         ] {
             h.insert(k, HeaderValue::from_static(v));
         }
-        h.insert("x-bin-bin", HeaderValue::from_bytes(b"\x00\xff").expect("bytes"));
+        h.insert(
+            "x-bin-bin",
+            HeaderValue::from_bytes(b"\x00\xff").expect("bytes"),
+        );
         strip_hop_by_hop(&mut h);
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();

@@ -29,8 +29,8 @@ use sluice_layers::{
 };
 use tower::Service;
 
-pub(crate) use self::stream::ResponseBody;
 use self::stream::RequestPump;
+pub(crate) use self::stream::ResponseBody;
 use crate::{
     stats::{Counters, Gauge, Kind},
     upstream::{Pool, UpstreamError},
@@ -58,7 +58,9 @@ impl ForwardError {
     pub(crate) fn status(&self) -> Option<(Code, String)> {
         match self {
             Self::UpstreamReset(_) => None,
-            Self::Upstream(_) | Self::UpstreamLost(_) => Some((Code::Unavailable, self.to_string())),
+            Self::Upstream(_) | Self::UpstreamLost(_) => {
+                Some((Code::Unavailable, self.to_string()))
+            }
         }
     }
 }

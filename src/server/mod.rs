@@ -104,7 +104,11 @@ pub(crate) async fn serve<S, B>(
     grace: Duration,
     counters: Arc<Counters>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError> + Clone + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send + 'static,
     B: Body<Data = bytes::Bytes> + Default + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -149,10 +153,8 @@ pub(crate) async fn serve<S, B>(
         }
     }
     drop(listener);
-    let drained = tokio::time::timeout(grace, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!(
             connections = conns.len(),
@@ -171,5 +173,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Accept errors that concern only the connection being accepted.
 fn is_per_connection(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted)
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    )
 }

@@ -10,17 +10,17 @@
 //! failures, further calls fail fast without dialling for a short backoff.
 
 use std::{
-    task::{Context, Poll, Waker},
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
 use bytes::Bytes;
-use h2::client::{ResponseFuture, SendRequest};
 use h2::SendStream;
+use h2::client::{ResponseFuture, SendRequest};
 use http::Request;
 use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, warn};
@@ -217,16 +217,19 @@ impl Pool {
             reason: Arc::from(reason),
         };
         let target = (inner.target.host(), inner.target.port());
-        let tcp = match tokio::time::timeout(inner.config.connect_timeout, TcpStream::connect(target)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "connect timed out after {:?}",
-                    inner.config.connect_timeout
-                )));
-            }
-        };
+        let tcp =
+            match tokio::time::timeout(inner.config.connect_timeout, TcpStream::connect(target))
+                .await
+            {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => return Err(unreachable(e.to_string())),
+                Err(_) => {
+                    return Err(unreachable(format!(
+                        "connect timed out after {:?}",
+                        inner.config.connect_timeout
+                    )));
+                }
+            };
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on an upstream connection");
         }

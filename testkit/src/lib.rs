@@ -12,8 +12,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::{net::TcpListener, sync::{mpsc, oneshot, watch}};
-use tokio_stream::{Stream, wrappers::{ReceiverStream, TcpListenerStream}};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot, watch},
+};
+use tokio_stream::{
+    Stream,
+    wrappers::{ReceiverStream, TcpListenerStream},
+};
 use tonic::{
     Request, Response, Status, Streaming,
     metadata::{MetadataMap, MetadataValue},
@@ -22,7 +28,12 @@ use tonic::{
 
 /// The generated messages, client and server of `proto/echo.proto`.
 pub mod pb {
-    #![allow(missing_docs, unreachable_pub, clippy::use_self, missing_debug_implementations)]
+    #![allow(
+        missing_docs,
+        unreachable_pub,
+        clippy::use_self,
+        missing_debug_implementations
+    )]
     tonic::include_proto!("sluice.test");
 }
 
@@ -79,7 +90,10 @@ impl Probe {
         let mut rx = self.counts.subscribe();
         match tokio::time::timeout(limit, rx.wait_for(pred)).await {
             Ok(Ok(counts)) => *counts,
-            _ => panic!("echo server never reached the expected state; saw {:?}", self.counts()),
+            _ => panic!(
+                "echo server never reached the expected state; saw {:?}",
+                self.counts()
+            ),
         }
     }
 
@@ -95,7 +109,10 @@ impl Probe {
     fn start<T>(&self, req: &Request<T>) -> CallGuard {
         *self.last_metadata.lock().expect("probe lock") = Some(req.metadata().clone());
         self.update(|c| c.started += 1);
-        CallGuard { probe: self.clone(), done: false }
+        CallGuard {
+            probe: self.clone(),
+            done: false,
+        }
     }
 }
 
@@ -151,7 +168,10 @@ fn failure(req: &Req) -> Option<Status> {
     }
     let mut metadata = MetadataMap::new();
     metadata.insert("x-trailer", MetadataValue::from_static("trailer-text"));
-    metadata.insert_bin("x-trailer-bin", MetadataValue::from_bytes(b"\x00\xff\x80trailer"));
+    metadata.insert_bin(
+        "x-trailer-bin",
+        MetadataValue::from_bytes(b"\x00\xff\x80trailer"),
+    );
     Some(Status::with_details_and_metadata(
         tonic::Code::from_i32(req.fail_code),
         req.fail_message.clone(),
@@ -162,7 +182,8 @@ fn failure(req: &Req) -> Option<Status> {
 
 fn with_headers<T>(body: T) -> Response<T> {
     let mut res = Response::new(body);
-    res.metadata_mut().insert("x-upstream", MetadataValue::from_static("echo"));
+    res.metadata_mut()
+        .insert("x-upstream", MetadataValue::from_static("echo"));
     res.metadata_mut()
         .insert_bin("x-upstream-bin", MetadataValue::from_bytes(b"\x00\x01\xff"));
     res
@@ -244,7 +265,10 @@ impl pb::echo_server::Echo for Echo {
             last = req.payload;
         }
         guard.done();
-        Ok(with_headers(Reply { payload: last, seq: count }))
+        Ok(with_headers(Reply {
+            payload: last,
+            seq: count,
+        }))
     }
 
     type BidiStream = ReplyStream;
@@ -291,7 +315,10 @@ struct DoneOnEnd {
 
 impl DoneOnEnd {
     fn new(rx: mpsc::Receiver<Result<Reply, Status>>, guard: CallGuard) -> Self {
-        Self { inner: ReceiverStream::new(rx), guard: Some(guard) }
+        Self {
+            inner: ReceiverStream::new(rx),
+            guard: Some(guard),
+        }
     }
 }
 
@@ -338,7 +365,9 @@ impl EchoServer {
     /// Panics if `addr` cannot be bound.
     pub async fn start_on(addr: SocketAddr) -> Self {
         let std_listener = std::net::TcpListener::bind(addr).expect("bind echo server");
-        std_listener.set_nonblocking(true).expect("nonblocking listener");
+        std_listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let addr = std_listener.local_addr().expect("bound address");
         let probe = Probe::default();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -370,7 +399,12 @@ impl EchoServer {
                 rt.shutdown_background();
             })
             .expect("spawn echo server thread");
-        Self { addr, probe, stop: Some(stop), thread: Some(thread) }
+        Self {
+            addr,
+            probe,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
     }
 
     /// Stops the server at once: its listener and every connection close,

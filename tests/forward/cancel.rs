@@ -12,7 +12,9 @@ async fn a_client_dropping_a_stream_cancels_the_upstream_call() {
         headers_then_hang: true,
         ..Req::default()
     };
-    let stream = within("headers", p.client.server_stream(req)).await.expect("headers");
+    let stream = within("headers", p.client.server_stream(req))
+        .await
+        .expect("headers");
     p.upstream.probe.wait_for(LIMIT, |c| c.started == 1).await;
     drop(stream);
     let counts = p.upstream.probe.wait_for(LIMIT, |c| c.cancelled == 1).await;
@@ -44,15 +46,20 @@ async fn the_upstream_receives_cancel_as_the_reset_reason() {
         let sluice = sluice::run(&config(upstream.addr)).await.expect("sluice");
         let mut h2 = raw_client(sluice.listen_addr()).await;
         let (response, mut body) = h2.send_request(grpc_head("Bidi"), false).expect("open");
-        body.send_data(grpc_frame(&Req::default()), false).expect("send");
-        within("upstream sees the call", upstream.heads.recv()).await.expect("a call");
+        body.send_data(grpc_frame(&Req::default()), false)
+            .expect("send");
+        within("upstream sees the call", upstream.heads.recv())
+            .await
+            .expect("a call");
         if matches!(behaviour, Behaviour::HeadersThenHang) {
             within("headers", response).await.expect("headers");
         } else {
             drop(response);
         }
         body.send_reset(h2::Reason::CANCEL);
-        let reason = within("upstream reset", upstream.resets.recv()).await.expect("a reset");
+        let reason = within("upstream reset", upstream.resets.recv())
+            .await
+            .expect("a reset");
         assert_eq!(reason, h2::Reason::CANCEL, "{behaviour:?}");
     }
 }
@@ -60,14 +67,18 @@ async fn the_upstream_receives_cancel_as_the_reset_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_client_connection_cancels_its_upstream_calls() {
     let mut p = proxied().await;
-    let tcp = tokio::net::TcpStream::connect(p.sluice.listen_addr()).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect(p.sluice.listen_addr())
+        .await
+        .expect("connect");
     let (mut h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
     let conn = tokio::spawn(async move {
         let _ = conn.await;
     });
     let mut calls = Vec::new();
     for _ in 0..3 {
-        let (response, mut body) = h2.send_request(grpc_head("ServerStream"), false).expect("open");
+        let (response, mut body) = h2
+            .send_request(grpc_head("ServerStream"), false)
+            .expect("open");
         body.send_data(
             grpc_frame(&Req {
                 headers_then_hang: true,
@@ -87,7 +98,9 @@ async fn a_dropped_client_connection_cancels_its_upstream_calls() {
     drop(h2);
     p.upstream.probe.wait_for(LIMIT, |c| c.cancelled == 3).await;
     // And the client's other connections are untouched.
-    let reply = within("unary", p.client.unary(Req::default())).await.expect("ok");
+    let reply = within("unary", p.client.unary(Req::default()))
+        .await
+        .expect("ok");
     assert_eq!(reply.into_inner().seq, 0);
 }
 
@@ -104,7 +117,8 @@ async fn an_upstream_reset_reaches_the_client_with_its_reason() {
         let sluice = sluice::run(&config(upstream.addr)).await.expect("sluice");
         let mut h2 = raw_client(sluice.listen_addr()).await;
         let (response, mut body) = h2.send_request(grpc_head("Unary"), false).expect("open");
-        body.send_data(grpc_frame(&Req::default()), true).expect("send");
+        body.send_data(grpc_frame(&Req::default()), true)
+            .expect("send");
         let err = match within("response", response).await {
             Err(e) => e,
             Ok(res) => {
@@ -115,9 +129,10 @@ async fn an_upstream_reset_reaches_the_client_with_its_reason() {
                 }
             }
         };
-        let expected = match behaviour {
-            Behaviour::ResetBeforeHeaders(r) | Behaviour::ResetAfterHeaders(r) => r,
-            _ => unreachable!(),
+        let (Behaviour::ResetBeforeHeaders(expected) | Behaviour::ResetAfterHeaders(expected)) =
+            behaviour
+        else {
+            unreachable!("only reset behaviours are listed")
         };
         assert_eq!(err.reason(), Some(expected), "{behaviour:?}: {err}");
     }

@@ -20,14 +20,24 @@ async fn deadline_before_headers_gives_a_trailers_only_deadline_exceeded() {
     let mut upstream = RawUpstream::start(Behaviour::Hang).await;
     let sluice = sluice::run(&config(upstream.addr)).await.expect("sluice");
     let mut h2 = raw_client(sluice.listen_addr()).await;
-    let (response, mut body) = h2.send_request(with_timeout("Unary", "200m"), false).expect("open");
-    body.send_data(grpc_frame(&Req::default()), true).expect("send");
-    let head = within("upstream call", upstream.heads.recv()).await.expect("a call");
-    assert_eq!(head["grpc-timeout"], "200m", "grpc-timeout is forwarded as sent");
+    let (response, mut body) = h2
+        .send_request(with_timeout("Unary", "200m"), false)
+        .expect("open");
+    body.send_data(grpc_frame(&Req::default()), true)
+        .expect("send");
+    let head = within("upstream call", upstream.heads.recv())
+        .await
+        .expect("a call");
+    assert_eq!(
+        head["grpc-timeout"], "200m",
+        "grpc-timeout is forwarded as sent"
+    );
     let res = within("response", response).await.expect("a response");
     assert!(res.body().is_end_stream(), "trailers-only");
     assert_eq!(res.headers()["grpc-status"], "4");
-    let reason = within("upstream reset", upstream.resets.recv()).await.expect("reset");
+    let reason = within("upstream reset", upstream.resets.recv())
+        .await
+        .expect("reset");
     assert_eq!(reason, h2::Reason::CANCEL);
 }
 
@@ -50,8 +60,14 @@ async fn deadline_during_a_stream_ends_it_with_deadline_exceeded_trailers() {
     // headers: from here on only sluice's deadline can end this call.
     let res = within("headers", response).await.expect("headers");
     let mut recv = res.into_body();
-    assert!(within("data", recv.data()).await.is_none(), "no message before the deadline");
-    let trailers = within("trailers", recv.trailers()).await.expect("trailers").expect("some");
+    assert!(
+        within("data", recv.data()).await.is_none(),
+        "no message before the deadline"
+    );
+    let trailers = within("trailers", recv.trailers())
+        .await
+        .expect("trailers")
+        .expect("some");
     assert_eq!(trailers["grpc-status"], "4");
     let counts = p.upstream.probe.wait_for(LIMIT, |c| c.cancelled == 1).await;
     assert_eq!(counts.completed, 0);

@@ -5,7 +5,9 @@ use sluice_testkit::{EchoServer, Req};
 use crate::support::*;
 
 async fn closed_port() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     listener.local_addr().expect("addr")
 }
 
@@ -20,12 +22,16 @@ async fn an_unreachable_upstream_is_unavailable_at_once() {
             .await
             .expect_err("no upstream");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        assert!(status.message().contains(&upstream.to_string()), "{status:?}");
+        assert!(
+            status.message().contains(&upstream.to_string()),
+            "{status:?}"
+        );
     }
     // Raw: the refusal is trailers-only with a content-type.
     let mut h2 = raw_client(sluice.listen_addr()).await;
     let (response, mut body) = h2.send_request(grpc_head("Unary"), false).expect("open");
-    body.send_data(grpc_frame(&Req::default()), true).expect("send");
+    body.send_data(grpc_frame(&Req::default()), true)
+        .expect("send");
     let res = within("response", response).await.expect("response");
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/grpc");
@@ -42,7 +48,10 @@ async fn an_upstream_dying_mid_stream_ends_the_call_with_unavailable() {
         ..Req::default()
     };
     // First a healthy stream, so the connection is up.
-    let mut ok = within("stream", p.client.server_stream(req)).await.expect("ok").into_inner();
+    let mut ok = within("stream", p.client.server_stream(req))
+        .await
+        .expect("ok")
+        .into_inner();
     while within("reply", ok.message()).await.expect("ok").is_some() {}
 
     let hang = Req {
@@ -66,7 +75,15 @@ async fn an_upstream_dying_mid_stream_ends_the_call_with_unavailable() {
     let mut attempts = 0;
     let reply = loop {
         attempts += 1;
-        match within("unary", p.client.unary(Req { seq: 9, ..Req::default() })).await {
+        match within(
+            "unary",
+            p.client.unary(Req {
+                seq: 9,
+                ..Req::default()
+            }),
+        )
+        .await
+        {
             Ok(reply) => break reply.into_inner(),
             Err(status) if status.code() == tonic::Code::Unavailable && attempts < 100 => {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;

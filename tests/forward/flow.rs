@@ -58,7 +58,9 @@ async fn a_stalled_reader_stalls_the_upstream_not_sluice() {
     let mut h2 = raw_client(p.sluice.listen_addr()).await;
     const REPLIES: u32 = 1024;
     const SIZE: u32 = 64 << 10;
-    let (response, mut body) = h2.send_request(grpc_head("ServerStream"), false).expect("open");
+    let (response, mut body) = h2
+        .send_request(grpc_head("ServerStream"), false)
+        .expect("open");
     body.send_data(
         grpc_frame(&Req {
             replies: REPLIES,
@@ -72,7 +74,10 @@ async fn a_stalled_reader_stalls_the_upstream_not_sluice() {
     let mut recv = res.into_body();
     // The raw client never releases capacity while it is not reading: its
     // 64 KiB stream window fills, then sluice's 1 MiB upstream window.
-    p.upstream.probe.wait_for(LIMIT, |c| c.replies_sent >= 8).await;
+    p.upstream
+        .probe
+        .wait_for(LIMIT, |c| c.replies_sent >= 8)
+        .await;
     // A stall can only be seen over time: give the upstream every chance to
     // run ahead, then check it did not.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -83,7 +88,7 @@ async fn a_stalled_reader_stalls_the_upstream_not_sluice() {
     assert!(
         ahead <= 48,
         "upstream ran {ahead} replies ({} MiB) ahead of a stalled client",
-        ahead * u64::from(SIZE) >> 20
+        (ahead * u64::from(SIZE)) >> 20
     );
 
     // Now read everything: nothing was lost while stalled.
@@ -94,8 +99,14 @@ async fn a_stalled_reader_stalls_the_upstream_not_sluice() {
         bytes += chunk.len();
         flow.release_capacity(chunk.len()).expect("release");
     }
-    let trailers = within("trailers", recv.trailers()).await.expect("trailers").expect("some");
+    let trailers = within("trailers", recv.trailers())
+        .await
+        .expect("trailers")
+        .expect("some");
     assert_eq!(trailers["grpc-status"], "0");
     // Each reply: 5-byte prefix + protobuf (tag, length, payload, seq).
-    assert!(bytes >= (REPLIES * SIZE) as usize, "only {bytes} bytes arrived");
+    assert!(
+        bytes >= (REPLIES * SIZE) as usize,
+        "only {bytes} bytes arrived"
+    );
 }

@@ -73,6 +73,11 @@ async fn ping_pong_bidi_does_not_deadlock() {
         assert_eq!(reply.seq, seq);
     }
     drop(tx); // half-close: the upstream ends its side, OK
-    assert!(within("end", replies.message()).await.expect("ok status").is_none());
+    assert!(
+        within("end", replies.message())
+            .await
+            .expect("ok status")
+            .is_none()
+    );
     assert_eq!(p.upstream.probe.counts().cancelled, 0);
 }

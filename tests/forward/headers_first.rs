@@ -16,7 +16,10 @@ async fn response_headers_reach_the_client_before_any_message() {
     let res = within("response headers", p.client.server_stream(req))
         .await
         .expect("headers arrive as a response");
-    assert_eq!(res.metadata().get("x-upstream").expect("upstream header"), "echo");
+    assert_eq!(
+        res.metadata().get("x-upstream").expect("upstream header"),
+        "echo"
+    );
     assert_eq!(
         res.metadata()
             .get_bin("x-upstream-bin")
@@ -46,5 +49,8 @@ async fn raw_client_sees_response_headers_without_end_of_stream() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/grpc");
     assert!(res.headers().get("grpc-status").is_none());
-    assert!(!res.body().is_end_stream(), "a streaming response stays open");
+    assert!(
+        !res.body().is_end_stream(),
+        "a streaming response stays open"
+    );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sluice_testkit::Req;
 use tonic::{
     codec::CompressionEncoding,
-    metadata::{MetadataValue, BinaryMetadataValue},
+    metadata::{BinaryMetadataValue, MetadataValue},
 };
 
 use crate::support::*;
@@ -17,10 +17,14 @@ async fn metadata_passes_byte_for_byte() {
     let mut p = proxied().await;
     let every_byte: Vec<u8> = (0..=255).collect();
     let mut req = tonic::Request::new(Req::default());
-    req.metadata_mut()
-        .insert("x-custom", MetadataValue::from_static("a value, with; punctuation"));
-    req.metadata_mut()
-        .insert_bin("x-every-byte-bin", BinaryMetadataValue::from_bytes(&every_byte));
+    req.metadata_mut().insert(
+        "x-custom",
+        MetadataValue::from_static("a value, with; punctuation"),
+    );
+    req.metadata_mut().insert_bin(
+        "x-every-byte-bin",
+        BinaryMetadataValue::from_bytes(&every_byte),
+    );
     req.metadata_mut()
         .append("x-repeated", MetadataValue::from_static("one"));
     req.metadata_mut()
@@ -29,13 +33,19 @@ async fn metadata_passes_byte_for_byte() {
     within("unary", p.client.unary(req)).await.expect("ok");
 
     let seen = p.upstream.probe.last_metadata().expect("metadata");
-    assert_eq!(seen.get("x-custom").expect("x-custom"), "a value, with; punctuation");
+    assert_eq!(
+        seen.get("x-custom").expect("x-custom"),
+        "a value, with; punctuation"
+    );
     let bin = seen.get_bin("x-every-byte-bin").expect("binary metadata");
     assert_eq!(bin.to_bytes().expect("base64"), every_byte);
     let repeated: Vec<_> = seen.get_all("x-repeated").iter().collect();
     assert_eq!(repeated, ["one", "two"]);
     assert_eq!(seen.get("te").expect("te"), "trailers");
-    assert_eq!(seen.get("content-type").expect("content-type"), "application/grpc");
+    assert_eq!(
+        seen.get("content-type").expect("content-type"),
+        "application/grpc"
+    );
     assert!(
         seen.get("user-agent")
             .expect("user-agent")
@@ -74,8 +84,10 @@ async fn compressed_messages_pass_untouched() {
     // than the payload, so sluice passed the upstream's bytes as they were.
     let mut h2 = raw_client(p.sluice.listen_addr()).await;
     let mut head = grpc_head("Unary");
-    head.headers_mut()
-        .insert("grpc-accept-encoding", http::HeaderValue::from_static("gzip"));
+    head.headers_mut().insert(
+        "grpc-accept-encoding",
+        http::HeaderValue::from_static("gzip"),
+    );
     let (response, mut body) = h2.send_request(head, false).expect("open");
     body.send_data(
         grpc_frame(&Req {
@@ -93,5 +105,9 @@ async fn compressed_messages_pass_untouched() {
         wire.extend_from_slice(&chunk.expect("data"));
     }
     assert_eq!(wire[0], 1, "compressed-flag set");
-    assert!(wire.len() < 4096, "{} bytes: not the upstream's compressed reply", wire.len());
+    assert!(
+        wire.len() < 4096,
+        "{} bytes: not the upstream's compressed reply",
+        wire.len()
+    );
 }

@@ -17,7 +17,9 @@ async fn calls_ending_every_way_leave_no_task_or_call_behind() {
     let p = proxied().await;
     let metrics = tokio::runtime::Handle::current().metrics();
     // Warm up: the client connection and sluice's upstream connection exist.
-    within("warm-up", p.client.clone().unary(Req::default())).await.expect("ok");
+    within("warm-up", p.client.clone().unary(Req::default()))
+        .await
+        .expect("ok");
     eventually("warm-up settles", || p.sluice.stats().calls_in_flight == 0).await;
     let baseline_tasks = metrics.num_alive_tasks();
     let baseline = p.sluice.stats();
@@ -47,9 +49,15 @@ async fn calls_ending_every_way_leave_no_task_or_call_behind() {
         c.started == c.completed + c.cancelled
     })
     .await;
-    eventually("tasks return to baseline", || metrics.num_alive_tasks() <= baseline_tasks).await;
+    eventually("tasks return to baseline", || {
+        metrics.num_alive_tasks() <= baseline_tasks
+    })
+    .await;
     let after = p.sluice.stats();
-    assert_eq!(after.downstream_connections, baseline.downstream_connections);
+    assert_eq!(
+        after.downstream_connections,
+        baseline.downstream_connections
+    );
     assert_eq!(after.upstream_connections, baseline.upstream_connections);
     let c = probe.counts();
     // Every call but the abandoned ones (one in eight, given 5 ms) must
@@ -113,9 +121,18 @@ async fn one_call(client: &mut sluice_testkit::EchoClient<tonic::transport::Chan
         // A bidi ping-pong, closed by the client.
         5 => {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let mut s = client.bidi(ReceiverStream::new(rx)).await.expect("ok").into_inner();
+            let mut s = client
+                .bidi(ReceiverStream::new(rx))
+                .await
+                .expect("ok")
+                .into_inner();
             for seq in 0..3 {
-                tx.send(Req { seq, ..Req::default() }).await.expect("open");
+                tx.send(Req {
+                    seq,
+                    ..Req::default()
+                })
+                .await
+                .expect("open");
                 s.message().await.expect("ok");
             }
             drop(tx);

@@ -45,7 +45,9 @@ pub(crate) struct Proxied {
 pub(crate) async fn proxied() -> Proxied {
     trace_init();
     let upstream = EchoServer::start().await;
-    let sluice = sluice::run(&config(upstream.addr)).await.expect("sluice starts");
+    let sluice = sluice::run(&config(upstream.addr))
+        .await
+        .expect("sluice starts");
     let client = sluice_testkit::client(sluice.listen_addr());
     Proxied {
         upstream,
@@ -130,7 +132,9 @@ pub(crate) struct RawUpstream {
 
 impl RawUpstream {
     pub(crate) async fn start(behaviour: Behaviour) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (reset_tx, resets) = tokio::sync::mpsc::unbounded_channel();
         let (head_tx, heads) = tokio::sync::mpsc::unbounded_channel();
@@ -154,15 +158,18 @@ impl RawUpstream {
                             match behaviour {
                                 Behaviour::ResetBeforeHeaders(reason) => respond.send_reset(reason),
                                 Behaviour::ResetAfterHeaders(reason) => {
-                                    let mut tx = respond.send_response(ok, false).expect("send headers");
+                                    let mut tx =
+                                        respond.send_response(ok, false).expect("send headers");
                                     tx.send_reset(reason);
                                 }
                                 Behaviour::Hang => {
-                                    let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                                    let reason =
+                                        std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
                                     let _ = reset_tx.send(reason.expect("reset reason"));
                                 }
                                 Behaviour::HeadersThenHang => {
-                                    let mut tx = respond.send_response(ok, false).expect("send headers");
+                                    let mut tx =
+                                        respond.send_response(ok, false).expect("send headers");
                                     let reason = std::future::poll_fn(|cx| tx.poll_reset(cx)).await;
                                     let _ = reset_tx.send(reason.expect("reset reason"));
                                 }
@@ -172,7 +179,11 @@ impl RawUpstream {
                 });
             }
         });
-        Self { addr, resets, heads }
+        Self {
+            addr,
+            resets,
+            heads,
+        }
     }
 }
 

@@ -21,7 +21,10 @@ fn assert_failure(status: &tonic::Status, code: tonic::Code) {
     assert_eq!(status.code(), code, "{status:?}");
     assert_eq!(status.message(), MESSAGE);
     assert_eq!(status.details(), FAILURE_DETAILS);
-    assert_eq!(status.metadata().get("x-trailer").expect("text trailer"), "trailer-text");
+    assert_eq!(
+        status.metadata().get("x-trailer").expect("text trailer"),
+        "trailer-text"
+    );
     assert_eq!(
         status
             .metadata()
@@ -49,10 +52,15 @@ async fn status_message_details_and_trailing_metadata_pass_verbatim() {
         .expect("headers")
         .into_inner();
     for seq in 0..3 {
-        let reply = within("reply", stream.message()).await.expect("ok").expect("a reply");
+        let reply = within("reply", stream.message())
+            .await
+            .expect("ok")
+            .expect("a reply");
         assert_eq!(reply.seq, seq);
     }
-    let status = within("trailers", stream.message()).await.expect_err("failure trailers");
+    let status = within("trailers", stream.message())
+        .await
+        .expect_err("failure trailers");
     assert_failure(&status, tonic::Code::ResourceExhausted);
 }
 
@@ -65,11 +73,18 @@ async fn trailers_only_answers_stay_trailers_only() {
         .expect("send");
     let res = within("response", response).await.expect("headers");
     // One HEADERS frame with END_STREAM, carrying the status.
-    assert!(res.body().is_end_stream(), "trailers-only must end with its headers");
+    assert!(
+        res.body().is_end_stream(),
+        "trailers-only must end with its headers"
+    );
     assert_eq!(res.headers()["grpc-status"], "7");
-    let message = res.headers()["grpc-message"].to_str().expect("percent-encoded ASCII");
+    let message = res.headers()["grpc-message"]
+        .to_str()
+        .expect("percent-encoded ASCII");
     assert_eq!(
-        percent_encoding::percent_decode_str(message).decode_utf8().expect("utf-8"),
+        percent_encoding::percent_decode_str(message)
+            .decode_utf8()
+            .expect("utf-8"),
         MESSAGE
     );
     assert_eq!(res.headers()["x-trailer"], "trailer-text");
@@ -81,10 +96,15 @@ async fn an_early_status_survives_the_servers_no_error_reset() {
     // The client keeps its request stream open; the upstream answers on the
     // first message and resets the rest of the request with NO_ERROR.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(failing(tonic::Code::AlreadyExists)).await.expect("queue");
-    let status = within("client stream", p.client.client_stream(ReceiverStream::new(rx)))
+    tx.send(failing(tonic::Code::AlreadyExists))
         .await
-        .expect_err("the upstream answers early with a failure");
+        .expect("queue");
+    let status = within(
+        "client stream",
+        p.client.client_stream(ReceiverStream::new(rx)),
+    )
+    .await
+    .expect_err("the upstream answers early with a failure");
     assert_failure(&status, tonic::Code::AlreadyExists);
     drop(tx);
 }

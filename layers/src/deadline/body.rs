@@ -52,9 +52,7 @@ impl<B> ResponseBody<B> {
 
 impl<B> Default for ResponseBody<B> {
     fn default() -> Self {
-        Self {
-            state: State::Done,
-        }
+        Self { state: State::Done }
     }
 }
 

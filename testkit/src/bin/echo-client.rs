@@ -16,7 +16,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..Req::default()
         })
         .await?;
-    println!("unary: {:?}", String::from_utf8_lossy(&reply.get_ref().payload));
+    println!(
+        "unary: {:?}",
+        String::from_utf8_lossy(&reply.get_ref().payload)
+    );
     let mut stream = client
         .server_stream(Req {
             replies: 3,
