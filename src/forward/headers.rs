@@ -61,10 +61,7 @@ mod tests {
         ] {
             h.insert(k, HeaderValue::from_static(v));
         }
-        h.insert(
-            "x-bin-bin",
-            HeaderValue::from_bytes(b"\x00\xff").expect("bytes"),
-        );
+        h.insert("x-bin-bin", HeaderValue::from_static("AP8="));
         strip_hop_by_hop(&mut h);
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
