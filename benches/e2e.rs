@@ -42,8 +42,16 @@ struct Sluice {
 }
 
 impl Sluice {
-    fn start(upstream: SocketAddr) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    fn start(upstream: SocketAddr, workers: Option<usize>) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        if let Some(workers) = workers {
+            let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("e2e-{}-{workers}.toml", std::process::id()));
+            std::fs::write(&path, format!("[runtime]\nworker_threads = {workers}\n"))
+                .expect("write bench config");
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -333,7 +341,8 @@ fn main() {
         .expect("client runtime");
     client_rt.block_on(async {
         let upstream = EchoServer::start().await;
-        let sluice = Sluice::start(upstream.addr);
+        let workers = std::env::var("SLUICE_BENCH_WORKERS").ok().and_then(|w| w.parse().ok());
+        let sluice = Sluice::start(upstream.addr, workers);
         let started = Instant::now();
         println!(
             "e2e: {CONNECTIONS} connections; unary {UNARY_PAYLOAD} B x {UNARY_IN_FLIGHT} in flight; \

@@ -17,7 +17,7 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
 };
 use tokio_stream::{
-    Stream,
+    Stream, StreamExt,
     wrappers::{ReceiverStream, TcpListenerStream},
 };
 use tonic::{
@@ -385,9 +385,15 @@ impl EchoServer {
                     .expect("echo server runtime");
                 rt.block_on(async move {
                     let listener = TcpListener::from_std(std_listener).expect("tokio listener");
-                    let incoming = TcpListenerStream::new(listener);
+                    // tonic's `tcp_nodelay` only reaches sockets it accepts
+                    // itself; with Nagle on, small replies wait for delayed
+                    // ACKs (40 ms) and every latency figure is wrong.
+                    let incoming = TcpListenerStream::new(listener).map(|tcp| {
+                        tcp.inspect(|tcp| {
+                            let _ = tcp.set_nodelay(true);
+                        })
+                    });
                     let serve = Server::builder()
-                        .tcp_nodelay(true)
                         .add_service(svc)
                         .serve_with_incoming(incoming);
                     tokio::select! {
