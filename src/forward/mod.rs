@@ -149,6 +149,10 @@ where
 /// passes on as RST_STREAM with the upstream's reason.
 pub(crate) fn rescue<B: Default>(err: ForwardError) -> Result<Response<B>, ForwardError> {
     match err.status() {
+        Some((Code::Internal, message)) => {
+            tracing::warn!(%message, "call failed inside sluice");
+            Ok(status::trailers_only(Code::Internal, &message))
+        }
         Some((code, message)) => {
             tracing::debug!(%message, "call refused");
             Ok(status::trailers_only(code, &message))

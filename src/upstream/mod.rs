@@ -51,6 +51,9 @@ pub(crate) enum UpstreamError {
         #[source]
         source: Arc<h2::Error>,
     },
+    /// h2 refused to send the request head: not the connection's fault.
+    #[error("cannot send the request upstream: {0}")]
+    Refused(#[source] Arc<h2::Error>),
 }
 
 /// The pool of connections to one upstream.
@@ -132,13 +135,14 @@ impl Pool {
         let (mut conn, lease) = self.checkout().await?;
         match conn.send.send_request(req, end_of_stream) {
             Ok((response, stream)) => Ok((response, stream, lease)),
-            Err(e) => {
+            Err(e) if e.is_io() || e.is_go_away() || e.is_reset() => {
                 self.inner.remove(conn.id);
                 Err(UpstreamError::Connection {
                     target: self.inner.name.clone(),
                     source: Arc::new(e),
                 })
             }
+            Err(e) => Err(UpstreamError::Refused(Arc::new(e))),
         }
     }
 
