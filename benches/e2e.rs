@@ -140,6 +140,29 @@ fn percentiles(mut lat: Vec<u32>) -> (f64, f64) {
     (at(0.50), at(0.99))
 }
 
+/// Joins tasks that each return their calls' latencies (µs) and sums them
+/// up; `bytes_per_op` counts both directions.
+async fn summarize(
+    mut tasks: tokio::task::JoinSet<Vec<u32>>,
+    start: Instant,
+    bytes_per_op: usize,
+) -> Result {
+    let mut all = Vec::new();
+    while let Some(lat) = tasks.join_next().await {
+        all.extend(lat.expect("task"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ops = all.len() as u64;
+    let (p50, p99) = percentiles(all);
+    Result {
+        ops_per_sec: ops as f64 / secs,
+        mb_per_sec: ops as f64 * bytes_per_op as f64 / secs / 1e6,
+        p50_us: p50,
+        p99_us: p99,
+        ops,
+    }
+}
+
 async fn unary(addr: SocketAddr, dur: Duration) -> Result {
     let clients = clients(addr);
     let payload = bytes::Bytes::from(vec![7u8; UNARY_PAYLOAD]);
@@ -169,20 +192,7 @@ async fn unary(addr: SocketAddr, dur: Duration) -> Result {
             lat
         });
     }
-    let mut all = Vec::new();
-    while let Some(lat) = tasks.join_next().await {
-        all.extend(lat.expect("task"));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let ops = all.len() as u64;
-    let (p50, p99) = percentiles(all);
-    Result {
-        ops_per_sec: ops as f64 / secs,
-        mb_per_sec: ops as f64 * 2.0 * UNARY_PAYLOAD as f64 / secs / 1e6,
-        p50_us: p50,
-        p99_us: p99,
-        ops,
-    }
+    summarize(tasks, start, 2 * UNARY_PAYLOAD).await
 }
 
 async fn server_stream(addr: SocketAddr, dur: Duration, size: u32) -> Result {
@@ -272,20 +282,7 @@ async fn bidi(addr: SocketAddr, dur: Duration) -> Result {
             lat
         });
     }
-    let mut all = Vec::new();
-    while let Some(lat) = tasks.join_next().await {
-        all.extend(lat.expect("task"));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let ops = all.len() as u64;
-    let (p50, p99) = percentiles(all);
-    Result {
-        ops_per_sec: ops as f64 / secs,
-        mb_per_sec: ops as f64 * 128.0 / secs / 1e6,
-        p50_us: p50,
-        p99_us: p99,
-        ops,
-    }
+    summarize(tasks, start, 128).await
 }
 
 /// Memory sluice needs per idle downstream connection: open many h2

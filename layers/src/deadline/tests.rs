@@ -43,6 +43,24 @@ fn request(timeout: Option<&'static str>) -> Request<Empty<Bytes>> {
     req
 }
 
+/// A call through [`DeadlineLayer`] with `grpc-timeout: timeout` whose
+/// response body the returned sender feeds.
+async fn streaming_call(
+    timeout: &'static str,
+) -> (
+    mpsc::Sender<Frame<Bytes>>,
+    Response<super::body::ResponseBody<ChannelBody>>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    let mut body = Some(ChannelBody(rx));
+    let svc = DeadlineLayer::new().layer(service_fn(move |_req: Request<Empty<Bytes>>| {
+        let body = body.take().expect("called once");
+        async move { Ok::<_, Infallible>(Response::new(body)) }
+    }));
+    let res = svc.oneshot(request(Some(timeout))).await.expect("response");
+    (tx, res)
+}
+
 #[tokio::test(start_paused = true)]
 async fn passes_calls_without_a_timeout_through_untouched() {
     let (mut svc, mut handle) =
@@ -89,13 +107,7 @@ async fn answers_deadline_exceeded_when_headers_are_late_and_drops_the_inner_cal
 
 #[tokio::test(start_paused = true)]
 async fn ends_a_streaming_body_with_deadline_exceeded_trailers_and_drops_it() {
-    let (tx, rx) = mpsc::channel(4);
-    let mut body = Some(ChannelBody(rx));
-    let svc = DeadlineLayer::new().layer(service_fn(move |_req: Request<Empty<Bytes>>| {
-        let body = body.take().expect("called once");
-        async move { Ok::<_, Infallible>(Response::new(body)) }
-    }));
-    let res = svc.oneshot(request(Some("1S"))).await.expect("response");
+    let (tx, res) = streaming_call("1S").await;
     let mut body = tokio_test::task::spawn(res.into_body());
 
     tx.send(Frame::data(Bytes::from_static(b"first")))
@@ -120,13 +132,7 @@ async fn ends_a_streaming_body_with_deadline_exceeded_trailers_and_drops_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_body_that_ends_in_time_keeps_its_own_trailers() {
-    let (tx, rx) = mpsc::channel(4);
-    let mut body = Some(ChannelBody(rx));
-    let svc = DeadlineLayer::new().layer(service_fn(move |_req: Request<Empty<Bytes>>| {
-        let body = body.take().expect("called once");
-        async move { Ok::<_, Infallible>(Response::new(body)) }
-    }));
-    let res = svc.oneshot(request(Some("1S"))).await.expect("response");
+    let (tx, res) = streaming_call("1S").await;
     tx.send(Frame::data(Bytes::from_static(b"x")))
         .await
         .expect("alive");
