@@ -11,6 +11,7 @@
 //! | [`grpc::status`] | a gRPC [`Code`](grpc::status::Code) enum and the one builder of trailers-only status responses |
 //! | [`grpc::timeout`] | parsing and encoding of the `grpc-timeout` header |
 //! | [`deadline`] | [`DeadlineLayer`](deadline::DeadlineLayer): enforces `grpc-timeout` on the whole call, body included |
+//! | [`drain`] | [`DrainLayer`](drain::DrainLayer): refuses new calls with `UNAVAILABLE` once draining, holds the drain open until in-flight bodies end |
 //!
 //! Every refusal a layer makes is a gRPC response (HTTP 200, `grpc-status`,
 //! percent-encoded `grpc-message`, no body), never an `Err`: a layer keeps
@@ -46,6 +47,9 @@
 //!
 //! # Ordering
 //!
+//! Put [`drain`] outermost, so that a refusal while draining costs nothing
+//! below it and every call let in is counted until its body ends.
+//!
 //! Put [`deadline`] outside every layer whose work the deadline should bound:
 //! when it fires it drops the inner future or body, which cancels whatever
 //! the layers below were doing (for sluice's forwarder: an RST_STREAM(CANCEL)
@@ -60,6 +64,7 @@
 mod macros;
 
 pub mod deadline;
+pub mod drain;
 pub mod grpc;
 
 /// A type-erased error, the currency between layers.

@@ -1,0 +1,95 @@
+//! The response future of [`Drain`](super::Drain).
+
+use std::{
+    borrow::Cow,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use http::Response;
+use pin_project_lite::pin_project;
+use tokio::sync::futures::OwnedNotified;
+
+use super::{Guard, body::ResponseBody};
+use crate::grpc::status::{self, Code};
+
+/// The `grpc-message` of a call cut off at the end of the grace period.
+pub(super) const EXPIRED_MESSAGE: &str = "sluice is shutting down: drain deadline reached";
+
+pin_project! {
+    /// Response future for [`Drain`](super::Drain): the inner future, or a
+    /// refusal.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[derive(Debug)]
+    enum State<F> {
+        Called {
+            #[pin]
+            fut: F,
+            #[pin]
+            expired: OwnedNotified,
+            guard: Option<Guard>,
+        },
+        Refused {
+            message: Cow<'static, str>,
+        },
+    }
+}
+
+// === impl ResponseFuture ===
+
+impl<F> ResponseFuture<F> {
+    pub(super) fn called(fut: F, guard: Guard) -> Self {
+        let expired = guard.shared().expired();
+        Self {
+            state: State::Called {
+                fut,
+                expired,
+                guard: Some(guard),
+            },
+        }
+    }
+
+    pub(super) fn refused(message: Cow<'static, str>) -> Self {
+        Self {
+            state: State::Refused { message },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Refused { message } => {
+                Poll::Ready(Ok(status::trailers_only(Code::Unavailable, message)))
+            }
+            StateProj::Called { fut, expired, guard } => {
+                let cut_off = guard.as_ref().is_some_and(|g| g.shared().is_expired())
+                    || expired.poll(cx).is_ready();
+                if cut_off {
+                    guard.take();
+                    return Poll::Ready(Ok(status::trailers_only(
+                        Code::Unavailable,
+                        EXPIRED_MESSAGE,
+                    )));
+                }
+                let res = ready!(fut.poll(cx))?;
+                let guard = guard.take().expect("polled after completion");
+                Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, guard))))
+            }
+        }
+    }
+}
