@@ -1,8 +1,8 @@
 //! sluice: a sidecar L7 proxy for HTTP/2 gRPC traffic.
 //!
-//! The binary is a thin shell over this library: [`run`] binds the listener,
-//! starts serving on the current tokio runtime and returns a [`Running`]
-//! handle; the integration tests use the same API.
+//! The binary is a thin shell over this library: [`run`] binds the
+//! listeners, starts serving on the current tokio runtime and returns a
+//! [`Running`] handle; the integration tests use the same API.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), sluice::RunError> {
@@ -10,13 +10,15 @@
 //! config.server.listen = "127.0.0.1:0".parse().expect("address");
 //! let running = sluice::run(&config).await?;
 //! println!("listening on {}", running.listen_addr());
-//! running.shutdown().await;
+//! let report = running.drain().await;
+//! println!("drained in {:?}", report.elapsed);
 //! # Ok(())
 //! # }
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(clippy::print_stdout)]
 
+mod admin;
 pub mod config;
 mod forward;
 mod server;
@@ -25,23 +27,45 @@ mod stats;
 pub mod telemetry;
 mod upstream;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use sluice_layers::drain;
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
 
 pub use crate::{config::Config, stats::Stats};
-use crate::{stats::Counters, upstream::Pool};
+use crate::{
+    config::{AdminListen, DrainConfig},
+    stats::Counters,
+    telemetry::metrics::{DrainState, Metrics},
+    upstream::Pool,
+};
 
-/// How long [`Running::shutdown`] lets in-flight calls finish before it
-/// closes their connections. The full drain (deadline from config, UNAVAILABLE
-/// trailers at the deadline) builds on this.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// After the drain deadline, how long connections get to deliver the
+/// UNAVAILABLE trailers of the calls that were cut off before they are
+/// closed outright: a peer that does not read must not hold sluice up.
+const FLUSH_AFTER_DEADLINE: Duration = Duration::from_millis(500);
+/// How long closing upstream connections may take once every call is done.
+const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_millis(500);
+/// Listen backlog of the proxy port.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    /// The listen address could not be bound.
+    /// An address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
@@ -56,55 +80,144 @@ pub enum RunError {
 #[derive(Debug)]
 pub struct Running {
     listen: SocketAddr,
-    stop: watch::Sender<bool>,
+    admin: Option<SocketAddr>,
+    signal: drain::Signal,
+    ready: Arc<AtomicBool>,
+    drain_requested: Arc<Notify>,
+    abort: watch::Sender<bool>,
     server: JoinHandle<()>,
+    admin_task: Option<JoinHandle<()>>,
     pool: Pool,
     counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
+    drain: DrainConfig,
 }
 
-/// Binds the listener and starts serving on the current tokio runtime.
+/// How a drain went.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// From the start of the drain to the last connection closed.
+    pub elapsed: Duration,
+    /// Calls and connections still open at the drain deadline, which were
+    /// ended with UNAVAILABLE.
+    pub cut_off: usize,
+}
+
+/// Binds the listeners and starts serving on the current tokio runtime.
 ///
 /// # Errors
 ///
-/// [`RunError::Bind`] when the listen address cannot be bound.
+/// [`RunError::Bind`] when the proxy or admin address cannot be bound.
 pub async fn run(config: &Config) -> Result<Running, RunError> {
-    run_with_grace(config, DEFAULT_SHUTDOWN_GRACE).await
-}
-
-async fn run_with_grace(config: &Config, grace: Duration) -> Result<Running, RunError> {
-    let addr = config.server.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { addr, source })?;
-    let listen = listener
-        .local_addr()
-        .map_err(|source| RunError::Bind { addr, source })?;
+    let listener = bind(config.server.listen, config.server.reuse_port)?;
+    let listen = local_addr(&listener, config.server.listen)?;
     let counters = Arc::new(Counters::default());
+    let metrics = Arc::new(Metrics::new());
     let pool = Pool::new(config.upstream.clone(), counters.clone());
-    let stack = stack::build(pool.clone(), counters.clone());
-    let (stop, stopped) = watch::channel(false);
+    let (signal, watch) = drain::channel();
+    let stack = stack::build(pool.clone(), counters.clone(), watch.clone());
+    let (abort, aborted) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(true));
+    let drain_requested = Arc::new(Notify::new());
+
+    let (admin, admin_task) = match config.admin.listen {
+        AdminListen::Off => (None, None),
+        AdminListen::On(addr) => {
+            let admin_listener = bind_admin(addr).await?;
+            let bound = local_addr(&admin_listener, addr)?;
+            let state = Arc::new(admin::State {
+                ready: ready.clone(),
+                drain_requested: drain_requested.clone(),
+                metrics: metrics.clone(),
+                counters: counters.clone(),
+                pool: pool.clone(),
+                ready_requires_upstream: config.admin.ready_requires_upstream,
+            });
+            (Some(bound), Some(tokio::spawn(admin::serve(admin_listener, state))))
+        }
+    };
+
     let server = tokio::spawn(server::serve(
         listener,
         server::http2_builder(&config.server),
-        server::Handler::new(stack),
-        stopped,
-        grace,
+        server::Handler::new(stack, metrics.clone()),
+        watch,
+        aborted,
         counters.clone(),
     ));
     Ok(Running {
         listen,
-        stop,
+        admin,
+        signal,
+        ready,
+        drain_requested,
+        abort,
         server,
+        admin_task,
         pool,
         counters,
+        metrics,
+        drain: config.drain.clone(),
     })
 }
 
+fn bind(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, RunError> {
+    let err = |source| RunError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuseport(true).map_err(err)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// Binds the admin address. When the *default* admin port is taken (another
+/// sluice on the same host, both on defaults), falls back to a free port and
+/// says so, rather than refusing to start; an address the config chose
+/// itself must be bound as asked.
+async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, RunError> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && addr.to_string() == config::DEFAULT_ADMIN_LISTEN =>
+        {
+            let fallback = SocketAddr::new(addr.ip(), 0);
+            warn!(%addr, "default admin port in use; admin server on a free port instead");
+            TcpListener::bind(fallback)
+                .await
+                .map_err(|source| RunError::Bind { addr: fallback, source })
+        }
+        Err(source) => Err(RunError::Bind { addr, source }),
+    }
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, RunError> {
+    listener
+        .local_addr()
+        .map_err(|source| RunError::Bind { addr, source })
+}
+
 impl Running {
-    /// The address the listener is bound to (the real port when the config
-    /// said port 0).
+    /// The address the proxy listener is bound to (the real port when the
+    /// config said port 0).
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
+    }
+
+    /// The address the admin server is bound to, unless it is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
     }
 
     /// What sluice holds open right now.
@@ -112,13 +225,72 @@ impl Running {
         self.counters.snapshot()
     }
 
-    /// Stops: no new connections, GOAWAY to every connection, in-flight
-    /// calls finish for up to [`DEFAULT_SHUTDOWN_GRACE`]; then upstream
-    /// connections close once idle.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let _ = self.server.await;
+    /// Whether `/ready` answers 200 (before any upstream check).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Resolves when `POST /drain` arrives on the admin server.
+    pub async fn drain_requested(&self) {
+        self.drain_requested.notified().await;
+    }
+
+    /// Drains and stops:
+    /// 1. `/ready` answers 503 at once; calls are still served for
+    ///    `drain.pre_delay`;
+    /// 2. the listener closes and every connection gets GOAWAY (in two
+    ///    steps); new calls that still arrive are refused with UNAVAILABLE;
+    /// 3. calls in flight run until `drain.deadline`; then every call still
+    ///    open ends with UNAVAILABLE trailers, and connections that cannot
+    ///    take them are closed shortly after;
+    /// 4. upstream connections close last.
+    ///
+    /// Never takes much longer than `pre_delay + deadline + 1 s`, whatever
+    /// the peers do.
+    pub async fn drain(mut self) -> DrainReport {
+        let start = Instant::now();
+        self.ready.store(false, Ordering::Release);
+        self.metrics.set_drain_state(DrainState::Draining);
+        if !self.drain.pre_delay.is_zero() {
+            info!(delay = ?self.drain.pre_delay, "not ready; serving on until the pre-drain delay ends");
+            tokio::time::sleep(self.drain.pre_delay).await;
+        }
+        info!(deadline = ?self.drain.deadline, "draining: GOAWAY sent, finishing in-flight calls");
+        let cut_off = match self.signal.drain_within(self.drain.deadline).await {
+            Ok(()) => 0,
+            Err(timed_out) => {
+                self.metrics.set_drain_state(DrainState::Expired);
+                warn!(
+                    open = timed_out.in_flight(),
+                    "drain deadline reached; ending open calls with UNAVAILABLE"
+                );
+                if tokio::time::timeout(FLUSH_AFTER_DEADLINE, &mut self.server)
+                    .await
+                    .is_err()
+                {
+                    let _ = self.abort.send(true);
+                }
+                timed_out.in_flight()
+            }
+        };
+        let _ = (&mut self.server).await;
         self.pool.close();
+        let closing = Instant::now();
+        while self.counters.snapshot().upstream_connections > 0 && closing.elapsed() < UPSTREAM_CLOSE_WAIT {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(admin) = self.admin_task.take() {
+            admin.abort();
+        }
+        DrainReport {
+            elapsed: start.elapsed(),
+            cut_off,
+        }
+    }
+
+    /// Stops as [`Running::drain`] does.
+    pub async fn shutdown(self) {
+        self.drain().await;
     }
 }
 

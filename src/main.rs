@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use sluice::config::{Config, ConfigError, HostPort};
+use sluice::config::{AdminListen, Config, ConfigError, HostPort};
 use tracing::{info, warn};
 
 /// Exit code for a configuration that cannot be used (sysexits EX_USAGE).
@@ -28,6 +28,10 @@ struct Cli {
     /// Upstream `host:port`, overriding `upstream.address`.
     #[arg(long, value_name = "ADDR")]
     upstream: Option<HostPort>,
+    /// Admin server address (`/live`, `/ready`, `/metrics`, `POST /drain`),
+    /// or `off`; overrides `admin.listen`. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR|off")]
+    admin: Option<AdminListen>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -75,6 +79,9 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
     if let Some(upstream) = &cli.upstream {
         config.upstream.address = upstream.clone();
     }
+    if let Some(admin) = cli.admin {
+        config.admin.listen = admin;
+    }
     Ok(config)
 }
 
@@ -102,23 +109,33 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
+    let admin = running
+        .admin_addr()
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
     info!(
         listen = %running.listen_addr(),
         upstream = %config.upstream.address,
-        "sluice listening on {} (h2c), forwarding to {}",
+        admin = %admin,
+        "sluice listening on {} (h2c), forwarding to {}, admin on {admin}",
         running.listen_addr(),
         config.upstream.address,
     );
-    shutdown_signal().await;
-    info!("shutdown signal received; finishing in-flight calls");
+    tokio::select! {
+        () = shutdown_signal() => info!("shutdown signal received; draining"),
+        () = running.drain_requested() => info!("POST /drain received; draining"),
+    }
     // A second signal exits at once.
     tokio::spawn(async {
         shutdown_signal().await;
         warn!("second shutdown signal; exiting now");
         std::process::exit(0);
     });
-    running.shutdown().await;
-    info!("sluice stopped");
+    let report = running.drain().await;
+    info!(
+        elapsed = ?report.elapsed,
+        cut_off = report.cut_off,
+        "sluice stopped"
+    );
     ExitCode::SUCCESS
 }
 

@@ -56,6 +56,12 @@ pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 4;
 /// messages faster than a client drains them hits it, taking every call on
 /// the connection down. 16 MiB allows ~67 000 buffered tiny frames.
 pub const DEFAULT_UPSTREAM_DATA_FRAME_BUDGET: u32 = 16 << 20;
+/// Drain deadline: 30 s, Kubernetes' default terminationGracePeriodSeconds.
+/// Long-lived streams (Talos drains for 30 minutes) set it higher.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// Where the admin server listens: loopback only, since `POST /drain` stops
+/// the proxy.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
 /// Runtime worker threads: one, a current-thread runtime. Measured with
 /// `benches/e2e.rs` on the 2-core machine, sluice sharing the cores with
 /// its client and application: 11.7 µs of CPU per unary call and 3.2 µs per
@@ -77,6 +83,44 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Shutdown: readiness, GOAWAY, grace period.
+    pub drain: DrainConfig,
+    /// The admin HTTP server: `/live`, `/ready`, `/metrics`, `POST /drain`.
+    pub admin: AdminConfig,
+}
+
+/// `[drain]`: what happens on SIGTERM or `POST /drain`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// After `/ready` turns false, keep serving normally this long before
+    /// telling connections to go (lets Kubernetes remove the endpoint).
+    #[serde(with = "value::duration_or_zero")]
+    pub pre_delay: Duration,
+    /// How long calls in flight may run once connections were told to go;
+    /// at the deadline every call still open ends with UNAVAILABLE.
+    #[serde(with = "value::duration")]
+    pub deadline: Duration,
+}
+
+/// `[admin]`: the admin HTTP/1.1 server.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin server, or `"off"`.
+    pub listen: AdminListen,
+    /// Whether `/ready` also requires a reachable upstream (a connection
+    /// open, or a dial that succeeds within `upstream.connect_timeout`).
+    pub ready_requires_upstream: bool,
+}
+
+/// Where the admin server listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminListen {
+    /// No admin server.
+    Off,
+    /// This address (port 0 picks a free port).
+    On(SocketAddr),
 }
 
 /// `[server]`: the downstream listener and its HTTP/2 settings.
@@ -96,6 +140,9 @@ pub struct ServerConfig {
     pub max_frame_size: FrameSize,
     /// SETTINGS_MAX_HEADER_LIST_SIZE advertised to each client.
     pub max_header_list_size: ByteSize,
+    /// Bind the listener with SO_REUSEPORT, so that a new sluice can bind
+    /// the same port before the old one drains (zero-gap restarts).
+    pub reuse_port: bool,
 }
 
 /// `[upstream]`: the one upstream every call goes to, and how to reach it.
@@ -202,6 +249,7 @@ impl Default for ServerConfig {
             initial_connection_window: WindowSize(DEFAULT_CONNECTION_WINDOW),
             max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
             max_header_list_size: ByteSize(DEFAULT_MAX_HEADER_LIST_SIZE),
+            reuse_port: false,
         }
     }
 }
@@ -217,6 +265,43 @@ impl Default for UpstreamConfig {
             max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
             data_frame_budget: ByteSize(DEFAULT_UPSTREAM_DATA_FRAME_BUDGET),
         }
+    }
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            pre_delay: Duration::ZERO,
+            deadline: DEFAULT_DRAIN_DEADLINE,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: AdminListen::On(DEFAULT_ADMIN_LISTEN.parse().expect("literal address")),
+            ready_requires_upstream: false,
+        }
+    }
+}
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        s.parse()
+            .map(Self::On)
+            .map_err(|_| format!("expected an address like 127.0.0.1:15090, or \"off\"; got {s:?}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

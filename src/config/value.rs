@@ -182,6 +182,18 @@ pub(super) mod duration {
     }
 }
 
+/// Durations that may be zero (`"0s"` turns a delay off).
+pub(super) mod duration_or_zero {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de};
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::duration::parse(&s).map_err(de::Error::custom)
+    }
+}
+
 /// Counts that must be at least one.
 pub(super) mod positive {
     use serde::{Deserialize, Deserializer, de};

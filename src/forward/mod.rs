@@ -33,6 +33,7 @@ use self::stream::RequestPump;
 pub(crate) use self::stream::ResponseBody;
 use crate::{
     stats::{Counters, Gauge, Kind},
+    telemetry::metrics::{Metrics, RefusalReason},
     upstream::{Pool, UpstreamError},
 };
 
@@ -147,14 +148,16 @@ where
 /// Turns a forwarding error into what the client gets: a trailers-only gRPC
 /// status, or (for an upstream reset) the same error, which the server
 /// passes on as RST_STREAM with the upstream's reason.
-pub(crate) fn rescue<B: Default>(err: ForwardError) -> Result<Response<B>, ForwardError> {
+pub(crate) fn rescue<B: Default>(err: ForwardError, metrics: &Metrics) -> Result<Response<B>, ForwardError> {
     match err.status() {
         Some((Code::Internal, message)) => {
             tracing::warn!(%message, "call failed inside sluice");
+            metrics.refused(RefusalReason::internal);
             Ok(status::trailers_only(Code::Internal, &message))
         }
         Some((code, message)) => {
             tracing::debug!(%message, "call refused");
+            metrics.refused(RefusalReason::upstream_unavailable);
             Ok(status::trailers_only(code, &message))
         }
         None => Err(err),

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+
 use http::{Request, Response};
 use http_body::Body;
 use hyper::{body::Incoming, server::conn::http2};
@@ -18,10 +19,13 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tower::{Service, ServiceExt, util::Oneshot};
 use tracing::{debug, warn};
 
+use sluice_layers::drain::Watch;
+
 use crate::{
     config::ServerConfig,
     forward::{self, ForwardError},
     stats::{Counters, Gauge, Kind},
+    telemetry::metrics::Metrics,
 };
 
 /// How long to wait before accepting again after an accept error that is
@@ -48,11 +52,12 @@ pub(crate) fn http2_builder(config: &ServerConfig) -> http2::Builder<TokioExecut
 #[derive(Clone, Debug)]
 pub(crate) struct Handler<S> {
     svc: S,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Handler<S> {
-    pub(crate) fn new(svc: S) -> Self {
-        Self { svc }
+    pub(crate) fn new(svc: S, metrics: Arc<Metrics>) -> Self {
+        Self { svc, metrics }
     }
 }
 
@@ -68,6 +73,7 @@ where
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         Rescue {
             inner: self.svc.clone().oneshot(req),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -78,6 +84,7 @@ pin_project! {
     pub(crate) struct Rescue<F> {
         #[pin]
         inner: F,
+        metrics: Arc<Metrics>,
     }
 }
 
@@ -89,60 +96,47 @@ where
     type Output = Result<Response<B>, ForwardError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(ready!(self.project().inner.poll(cx)).or_else(forward::rescue))
+        let this = self.project();
+        let metrics = this.metrics;
+        Poll::Ready(ready!(this.inner.poll(cx)).or_else(|e| forward::rescue(e, metrics)))
     }
 }
 
-/// Accepts connections until `stop` turns true, then asks every connection
-/// to finish (GOAWAY, in-flight streams complete) and waits up to `grace`
-/// for them before closing what is left.
+/// Accepts connections until the drain begins; then tells every
+/// connection to go (GOAWAY in two steps, in-flight streams complete) and
+/// waits for them to close, unless `abort` turns true first (the drain
+/// deadline passed and the flush window ran out), which closes them at once.
+///
+/// Each connection task holds a drain guard until its connection closes.
 pub(crate) async fn serve<S, B>(
     listener: TcpListener,
     builder: http2::Builder<TokioExecutor>,
     handler: Handler<S>,
-    mut stop: watch::Receiver<bool>,
-    grace: Duration,
+    watch: Watch,
+    mut abort: watch::Receiver<bool>,
     counters: Arc<Counters>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     B: Body<Data = bytes::Bytes> + Default + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = Arc::new(builder);
     let mut conns = JoinSet::new();
+    let draining = watch.clone().signaled();
+    tokio::pin!(draining);
     loop {
         tokio::select! {
-            () = stopped(&mut stop) => break,
+            _ = &mut draining => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     if let Err(e) = tcp.set_nodelay(true) {
                         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                     }
-                    let builder = builder.clone();
-                    let handler = handler.clone();
-                    let mut stop = stop.clone();
+                    let conn = builder.serve_connection(TokioIo::new(tcp), handler.clone());
                     let gauge = Gauge::hold(&counters, Kind::DownstreamConnection);
-                    conns.spawn(async move {
-                        let _gauge = gauge;
-                        let conn = builder.serve_connection(TokioIo::new(tcp), handler);
-                        tokio::pin!(conn);
-                        let result = tokio::select! {
-                            result = conn.as_mut() => result,
-                            () = stopped(&mut stop) => {
-                                conn.as_mut().graceful_shutdown();
-                                conn.await
-                            }
-                        };
-                        if let Err(e) = result {
-                            debug!(%peer, error = %e, "downstream connection ended with an error");
-                        }
-                    });
+                    conns.spawn(connection(conn, watch.clone(), gauge, peer));
                 }
                 Err(e) if is_per_connection(&e) => debug!(error = %e, "accept failed"),
                 Err(e) => {
@@ -152,22 +146,49 @@ pub(crate) async fn serve<S, B>(
             },
         }
     }
+    // Stop accepting: new connections are refused by the kernel from here.
     drop(listener);
-    let drained =
-        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        warn!(
-            connections = conns.len(),
-            ?grace,
-            "connections still open after the shutdown grace period; closing them"
-        );
-        conns.shutdown().await;
+    tokio::select! {
+        () = async { while conns.join_next().await.is_some() {} } => {}
+        () = stopped(&mut abort) => {
+            warn!(connections = conns.len(), "closing connections still open after the drain deadline");
+            conns.shutdown().await;
+        }
     }
 }
 
-/// Resolves once `stop` says true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
+/// Serves one connection; when the drain begins, sends GOAWAY and keeps
+/// serving the streams already open until they finish.
+async fn connection<S, B>(
+    conn: http2::Connection<TokioIo<tokio::net::TcpStream>, Handler<S>, TokioExecutor>,
+    watch: Watch,
+    _gauge: Gauge,
+    peer: std::net::SocketAddr,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = bytes::Bytes> + Default + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _guard = watch.guard();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _signaled = watch.signaled() => {
+            // h2 sends GOAWAY(2^31-1), then after a PING round trip the real
+            // last stream id, so no request already on the wire is lost.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "downstream connection ended with an error");
+    }
+}
+
+/// Resolves once `flag` says true (or its sender is gone).
+async fn stopped(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
 }
 
 /// Accept errors that concern only the connection being accepted.

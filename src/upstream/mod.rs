@@ -146,6 +146,17 @@ impl Pool {
         }
     }
 
+    /// Whether the upstream can be reached: a connection is open, or one can
+    /// be dialled now (the connection is kept for the next call).
+    pub(crate) async fn reachable(&self) -> bool {
+        // `pick` prunes dead connections; any left is open, if busy.
+        if self.inner.pick(false).is_some() || !self.inner.conns.lock().expect("pool lock").is_empty() {
+            return true;
+        }
+        let epoch = self.inner.dial_epoch.load(Ordering::Acquire);
+        self.dial(epoch).await.is_ok()
+    }
+
     /// Closes every connection once its streams are done: the connections
     /// send GOAWAY and end when idle.
     pub(crate) fn close(&self) {

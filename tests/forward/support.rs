@@ -32,6 +32,7 @@ pub(crate) fn config(upstream: SocketAddr) -> Config {
     let mut config = Config::embedded();
     config.server.listen = "127.0.0.1:0".parse().expect("literal address");
     config.upstream.address = upstream.to_string().parse().expect("socket address");
+    config.admin.listen = sluice::config::AdminListen::On("127.0.0.1:0".parse().expect("address"));
     config
 }
 

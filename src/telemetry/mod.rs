@@ -1,4 +1,6 @@
-//! Logging setup: `tracing` to stderr, as text or JSON lines.
+//! Logging (`tracing` to stderr, as text or JSON lines) and metrics.
+
+pub(crate) mod metrics;
 
 use std::io::IsTerminal;
 

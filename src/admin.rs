@@ -1,0 +1,101 @@
+//! The admin server: plain HTTP/1.1 on its own address.
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /live` | 200 while the process runs |
+//! | `GET /ready` | 200 when serving; 503 while draining (and, if configured, while no upstream is reachable) |
+//! | `GET /metrics` | Prometheus text exposition |
+//! | `POST /drain` | 202, and the drain begins |
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Notify};
+use tracing::debug;
+
+use crate::{stats::Counters, telemetry::metrics::Metrics, upstream::Pool};
+
+/// What the admin routes read and poke.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) ready: Arc<AtomicBool>,
+    pub(crate) drain_requested: Arc<Notify>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) pool: Pool,
+    pub(crate) ready_requires_upstream: bool,
+}
+
+/// Serves admin connections until the task is aborted.
+pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(state.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc);
+            if let Err(e) = conn.await {
+                debug!(error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let res = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            if !state.ready.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if state.ready_requires_upstream && !state.pool.reachable().await {
+                text(StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut res = Response::new(Full::new(Bytes::from(state.metrics.encode(&state.counters))));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            res
+        }
+        (&Method::POST, "/drain") => {
+            state.drain_requested.notify_one();
+            text(StatusCode::ACCEPTED, "draining\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/drain") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /metrics, POST /drain\n"),
+    };
+    Ok(res)
+}

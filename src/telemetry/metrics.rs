@@ -1,0 +1,124 @@
+//! Prometheus metrics, encoded by `prometheus-client`.
+//!
+//! Handles are resolved once and shared; per call the cost is a label
+//! lookup and a few atomic adds.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::stats::Counters;
+
+/// Why sluice refused a call itself.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub(crate) enum RefusalReason {
+    /// Draining: the client should retry elsewhere.
+    draining,
+    /// The upstream could not be reached or was lost.
+    upstream_unavailable,
+    /// Something unexpected inside sluice.
+    internal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RefusalLabels {
+    pub(crate) reason: RefusalReason,
+}
+
+/// Where the drain is: 0 serving, 1 draining, 2 deadline passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i64)]
+pub(crate) enum DrainState {
+    Serving = 0,
+    Draining = 1,
+    Expired = 2,
+}
+
+/// Every metric sluice exports.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    downstream_connections: Gauge,
+    upstream_connections: Gauge,
+    calls_in_flight: Gauge,
+    pub(crate) refusals: Family<RefusalLabels, Counter>,
+    drain_state: Gauge,
+    drain_state_value: AtomicU64,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let downstream_connections = Gauge::default();
+        registry.register(
+            "downstream_connections",
+            "Downstream (client) connections being served",
+            downstream_connections.clone(),
+        );
+        let upstream_connections = Gauge::default();
+        registry.register(
+            "upstream_connections",
+            "Upstream connections open",
+            upstream_connections.clone(),
+        );
+        let calls_in_flight = Gauge::default();
+        registry.register(
+            "calls_in_flight",
+            "Calls forwarded and not yet finished",
+            calls_in_flight.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Calls sluice answered itself instead of forwarding, by reason",
+            refusals.clone(),
+        );
+        let drain_state = Gauge::default();
+        registry.register(
+            "drain_state",
+            "0 serving, 1 draining, 2 drain deadline passed",
+            drain_state.clone(),
+        );
+        Self {
+            registry,
+            downstream_connections,
+            upstream_connections,
+            calls_in_flight,
+            refusals,
+            drain_state,
+            drain_state_value: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn refused(&self, reason: RefusalReason) {
+        self.refusals.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    pub(crate) fn set_drain_state(&self, state: DrainState) {
+        self.drain_state_value.store(state as u64, Ordering::Relaxed);
+        self.drain_state.set(state as i64);
+    }
+
+    /// The Prometheus text exposition, with live gauges read at scrape time.
+    pub(crate) fn encode(&self, counters: &Counters) -> String {
+        let stats = counters.snapshot();
+        self.downstream_connections.set(gauge(stats.downstream_connections));
+        self.upstream_connections.set(gauge(stats.upstream_connections));
+        self.calls_in_flight.set(gauge(stats.calls_in_flight));
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
