@@ -66,7 +66,10 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     res
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let res = match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -79,7 +82,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
             }
         }
         (&Method::GET, "/metrics") => {
-            let mut res = Response::new(Full::new(Bytes::from(state.metrics.encode(&state.counters))));
+            let mut res = Response::new(Full::new(Bytes::from(
+                state.metrics.encode(&state.counters),
+            )));
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(
@@ -95,7 +100,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         (_, "/live" | "/ready" | "/metrics" | "/drain") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready, /metrics, POST /drain\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /live, /ready, /metrics, POST /drain\n",
+        ),
     };
     Ok(res)
 }

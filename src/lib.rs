@@ -134,7 +134,10 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                 pool: pool.clone(),
                 ready_requires_upstream: config.admin.ready_requires_upstream,
             });
-            (Some(bound), Some(tokio::spawn(admin::serve(admin_listener, state))))
+            (
+                Some(bound),
+                Some(tokio::spawn(admin::serve(admin_listener, state))),
+            )
         }
     };
 
@@ -196,7 +199,10 @@ async fn bind_admin(addr: SocketAddr) -> Result<TcpListener, RunError> {
             warn!(%addr, "default admin port in use; admin server on a free port instead");
             TcpListener::bind(fallback)
                 .await
-                .map_err(|source| RunError::Bind { addr: fallback, source })
+                .map_err(|source| RunError::Bind {
+                    addr: fallback,
+                    source,
+                })
         }
         Err(source) => Err(RunError::Bind { addr, source }),
     }
@@ -256,6 +262,7 @@ impl Running {
             tokio::time::sleep(self.drain.pre_delay).await;
         }
         info!(deadline = ?self.drain.deadline, "draining: GOAWAY sent, finishing in-flight calls");
+        let mut server_done = false;
         let cut_off = match self.signal.drain_within(self.drain.deadline).await {
             Ok(()) => 0,
             Err(timed_out) => {
@@ -264,19 +271,23 @@ impl Running {
                     open = timed_out.in_flight(),
                     "drain deadline reached; ending open calls with UNAVAILABLE"
                 );
-                if tokio::time::timeout(FLUSH_AFTER_DEADLINE, &mut self.server)
-                    .await
-                    .is_err()
-                {
-                    let _ = self.abort.send(true);
+                match tokio::time::timeout(FLUSH_AFTER_DEADLINE, &mut self.server).await {
+                    Ok(_) => server_done = true,
+                    Err(_) => {
+                        let _ = self.abort.send(true);
+                    }
                 }
                 timed_out.in_flight()
             }
         };
-        let _ = (&mut self.server).await;
+        if !server_done {
+            let _ = (&mut self.server).await;
+        }
         self.pool.close();
         let closing = Instant::now();
-        while self.counters.snapshot().upstream_connections > 0 && closing.elapsed() < UPSTREAM_CLOSE_WAIT {
+        while self.counters.snapshot().upstream_connections > 0
+            && closing.elapsed() < UPSTREAM_CLOSE_WAIT
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if let Some(admin) = self.admin_task.take() {

@@ -301,7 +301,9 @@ impl std::str::FromStr for AdminListen {
 
 impl<'de> Deserialize<'de> for AdminListen {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 

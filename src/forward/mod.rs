@@ -148,7 +148,10 @@ where
 /// Turns a forwarding error into what the client gets: a trailers-only gRPC
 /// status, or (for an upstream reset) the same error, which the server
 /// passes on as RST_STREAM with the upstream's reason.
-pub(crate) fn rescue<B: Default>(err: ForwardError, metrics: &Metrics) -> Result<Response<B>, ForwardError> {
+pub(crate) fn rescue<B: Default>(
+    err: ForwardError,
+    metrics: &Metrics,
+) -> Result<Response<B>, ForwardError> {
     match err.status() {
         Some((Code::Internal, message)) => {
             tracing::warn!(%message, "call failed inside sluice");

@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-
 use http::{Request, Response};
 use http_body::Body;
 use hyper::{body::Incoming, server::conn::http2};
@@ -116,7 +115,11 @@ pub(crate) async fn serve<S, B>(
     mut abort: watch::Receiver<bool>,
     counters: Arc<Counters>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError> + Clone + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send + 'static,
     B: Body<Data = bytes::Bytes> + Default + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -165,7 +168,11 @@ async fn connection<S, B>(
     _gauge: Gauge,
     peer: std::net::SocketAddr,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError> + Clone + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send + 'static,
     B: Body<Data = bytes::Bytes> + Default + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

@@ -102,15 +102,18 @@ impl Metrics {
     }
 
     pub(crate) fn set_drain_state(&self, state: DrainState) {
-        self.drain_state_value.store(state as u64, Ordering::Relaxed);
+        self.drain_state_value
+            .store(state as u64, Ordering::Relaxed);
         self.drain_state.set(state as i64);
     }
 
     /// The Prometheus text exposition, with live gauges read at scrape time.
     pub(crate) fn encode(&self, counters: &Counters) -> String {
         let stats = counters.snapshot();
-        self.downstream_connections.set(gauge(stats.downstream_connections));
-        self.upstream_connections.set(gauge(stats.upstream_connections));
+        self.downstream_connections
+            .set(gauge(stats.downstream_connections));
+        self.upstream_connections
+            .set(gauge(stats.upstream_connections));
         self.calls_in_flight.set(gauge(stats.calls_in_flight));
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

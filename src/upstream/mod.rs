@@ -150,7 +150,9 @@ impl Pool {
     /// be dialled now (the connection is kept for the next call).
     pub(crate) async fn reachable(&self) -> bool {
         // `pick` prunes dead connections; any left is open, if busy.
-        if self.inner.pick(false).is_some() || !self.inner.conns.lock().expect("pool lock").is_empty() {
+        if self.inner.pick(false).is_some()
+            || !self.inner.conns.lock().expect("pool lock").is_empty()
+        {
             return true;
         }
         let epoch = self.inner.dial_epoch.load(Ordering::Acquire);

@@ -5,6 +5,7 @@ mod support;
 
 mod cancel;
 mod deadline;
+mod drain;
 mod errors;
 mod flow;
 mod half_close;

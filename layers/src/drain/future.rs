@@ -76,7 +76,11 @@ where
             StateProj::Refused { message } => {
                 Poll::Ready(Ok(status::trailers_only(Code::Unavailable, message)))
             }
-            StateProj::Called { fut, expired, guard } => {
+            StateProj::Called {
+                fut,
+                expired,
+                guard,
+            } => {
                 let cut_off = guard.as_ref().is_some_and(|g| g.shared().is_expired())
                     || expired.poll(cx).is_ready();
                 if cut_off {

@@ -6,7 +6,9 @@ use std::{
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::{DrainLayer, Watch, body::ResponseBody, future::ResponseFuture, layer::DEFAULT_MESSAGE};
+use super::{
+    DrainLayer, Watch, body::ResponseBody, future::ResponseFuture, layer::DEFAULT_MESSAGE,
+};
 
 /// Middleware that refuses calls with `UNAVAILABLE` while draining, and
 /// holds a drain [`Guard`](super::Guard) for every call it lets through

@@ -133,11 +133,16 @@ impl Signal {
     /// period ran out.
     pub async fn drain_within(self, grace: Duration) -> Result<(), DrainTimedOut> {
         self.shared.begin();
-        if tokio::time::timeout(grace, self.shared.idle()).await.is_ok() {
+        if tokio::time::timeout(grace, self.shared.idle())
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         let in_flight = self.shared.in_flight.load(Ordering::Acquire);
-        self.shared.phase.store(Phase::Expired as u8, Ordering::Release);
+        self.shared
+            .phase
+            .store(Phase::Expired as u8, Ordering::Release);
         self.shared.expire.notify_waiters();
         Err(DrainTimedOut::new(in_flight))
     }

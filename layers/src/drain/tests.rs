@@ -36,8 +36,9 @@ impl Body for ChannelBody {
 #[tokio::test]
 async fn passes_calls_through_before_drain() {
     let (_signal, watch) = channel();
-    let (mut svc, mut handle) =
-        mock::spawn_layer::<Request<&'static str>, Response<Empty<Bytes>>, _>(DrainLayer::new(watch));
+    let (mut svc, mut handle) = mock::spawn_layer::<Request<&'static str>, Response<Empty<Bytes>>, _>(
+        DrainLayer::new(watch),
+    );
     handle.allow(1);
     assert_ready_ok!(svc.poll_ready());
     let fut = svc.call(Request::new("hello"));
@@ -51,12 +52,16 @@ async fn passes_calls_through_before_drain() {
 #[tokio::test]
 async fn refuses_new_calls_with_unavailable_once_draining() {
     let (signal, watch) = channel();
-    let (mut svc, mut handle) =
-        mock::spawn_layer::<Request<&'static str>, Response<Empty<Bytes>>, _>(DrainLayer::new(watch.clone()));
+    let (mut svc, mut handle) = mock::spawn_layer::<Request<&'static str>, Response<Empty<Bytes>>, _>(
+        DrainLayer::new(watch.clone()),
+    );
     signal.drain().await;
     assert!(watch.is_draining());
     assert_ready_ok!(svc.poll_ready());
-    let res = svc.call(Request::new("late")).await.expect("a refusal is a response");
+    let res = svc
+        .call(Request::new("late"))
+        .await
+        .expect("a refusal is a response");
     assert_eq!(status::code_of(res.headers()), Some(Code::Unavailable));
     assert!(res.body().is_end_stream(), "trailers-only");
     // The inner service never saw the call.
@@ -67,8 +72,9 @@ async fn refuses_new_calls_with_unavailable_once_draining() {
 #[tokio::test]
 async fn is_ready_while_draining_even_if_inner_is_not() {
     let (signal, watch) = channel();
-    let (mut svc, mut handle) =
-        mock::spawn_layer::<Request<&'static str>, Response<Empty<Bytes>>, _>(DrainLayer::new(watch));
+    let (mut svc, mut handle) = mock::spawn_layer::<Request<&'static str>, Response<Empty<Bytes>>, _>(
+        DrainLayer::new(watch),
+    );
     handle.allow(0);
     assert_pending!(svc.poll_ready());
     signal.drain().await;
@@ -91,11 +97,15 @@ async fn drain_waits_for_in_flight_response_body() {
     assert_pending!(drain.poll());
     // Response headers came back long ago; the stream is still open.
     let mut body = task::spawn(res.into_body());
-    tx.send(Frame::data(Bytes::from_static(b"m"))).await.expect("open");
+    tx.send(Frame::data(Bytes::from_static(b"m")))
+        .await
+        .expect("open");
     assert_ready!(body.enter(|cx, b| b.poll_frame(cx)));
     assert_pending!(drain.poll());
     // The end of the stream releases the drain.
-    tx.send(Frame::trailers(status::trailers(Code::Ok, ""))).await.expect("open");
+    tx.send(Frame::trailers(status::trailers(Code::Ok, "")))
+        .await
+        .expect("open");
     drop(tx);
     assert_ready!(body.enter(|cx, b| b.poll_frame(cx))); // trailers
     assert!(assert_ready!(body.enter(|cx, b| b.poll_frame(cx))).is_none());
