@@ -116,7 +116,12 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     let metrics = Arc::new(Metrics::new());
     let pool = Pool::new(config.upstream.clone(), counters.clone());
     let (signal, watch) = drain::channel();
-    let stack = stack::build(pool.clone(), counters.clone(), watch.clone());
+    let stack = stack::build(
+        pool.clone(),
+        counters.clone(),
+        watch.clone(),
+        metrics.clone(),
+    );
     let (abort, aborted) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
     let drain_requested = Arc::new(Notify::new());
@@ -144,7 +149,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     let server = tokio::spawn(server::serve(
         listener,
         server::http2_builder(&config.server),
-        server::Handler::new(stack, metrics.clone()),
+        server::Handler::new(stack),
         watch,
         aborted,
         counters.clone(),

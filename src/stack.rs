@@ -8,17 +8,33 @@ use sluice_layers::{
 };
 use tower::ServiceBuilder;
 
-use crate::{forward::Forward, stats::Counters, upstream::Pool};
+use crate::{
+    forward::{Forward, Rescue},
+    stats::Counters,
+    telemetry::{calls::CallMetrics, metrics::Metrics},
+    upstream::Pool,
+};
 
 /// The stack between the server and the upstream.
-pub(crate) type Stack = Drain<Deadline<Forward>>;
+pub(crate) type Stack = CallMetrics<Rescue<Drain<Deadline<Forward>>>>;
 
-pub(crate) fn build(pool: Pool, counters: Arc<Counters>, drain: Watch) -> Stack {
+pub(crate) fn build(
+    pool: Pool,
+    counters: Arc<Counters>,
+    drain: Watch,
+    metrics: Arc<Metrics>,
+) -> Stack {
     ServiceBuilder::new()
+        // Count every call (refusals included) by service, method and
+        // status, with latency, messages and bytes each way.
+        .layer_fn(|inner| CallMetrics::new(inner, metrics.clone(), drain.clone()))
+        // The one place errors become gRPC statuses (or, for an upstream
+        // reset, stay errors that the server turns into RST_STREAM).
+        .layer_fn(|inner| Rescue::new(inner, metrics.clone()))
         // Once draining, refuse new calls with UNAVAILABLE (clients retry
         // elsewhere); hold the drain open until each admitted call's body
         // ends; at the drain deadline, end open calls with UNAVAILABLE.
-        .layer(DrainLayer::new(drain))
+        .layer(DrainLayer::new(drain.clone()))
         // Enforce grpc-timeout over the whole call, body included: at the
         // deadline the client gets DEADLINE_EXCEEDED and dropping the
         // forwarder's future or body cancels the upstream stream.

@@ -145,13 +145,67 @@ where
     Ok(Response::from_parts(parts, ResponseBody::new(recv, lease)))
 }
 
-/// Turns a forwarding error into what the client gets: a trailers-only gRPC
-/// status, or (for an upstream reset) the same error, which the server
-/// passes on as RST_STREAM with the upstream's reason.
-pub(crate) fn rescue<B: Default>(
-    err: ForwardError,
-    metrics: &Metrics,
-) -> Result<Response<B>, ForwardError> {
+/// The one place leftover errors become what the client gets: a
+/// trailers-only gRPC status, or (for an upstream reset) the same error,
+/// which the server passes on as RST_STREAM with the upstream's reason.
+#[derive(Clone, Debug)]
+pub(crate) struct Rescue<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Rescue<S> {
+    pub(crate) fn new(inner: S, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl<S, R, B> Service<R> for Rescue<S>
+where
+    S: Service<R, Response = Response<B>, Error = ForwardError>,
+    B: Default,
+{
+    type Response = Response<B>;
+    type Error = ForwardError;
+    type Future = RescueFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        RescueFuture {
+            inner: self.inner.call(req),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Rescue`].
+    #[derive(Debug)]
+    pub(crate) struct RescueFuture<F> {
+        #[pin]
+        inner: F,
+        metrics: Arc<Metrics>,
+    }
+}
+
+impl<F, B> Future for RescueFuture<F>
+where
+    F: Future<Output = Result<Response<B>, ForwardError>>,
+    B: Default,
+{
+    type Output = Result<Response<B>, ForwardError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        Poll::Ready(result.or_else(|e| rescue(e, this.metrics)))
+    }
+}
+
+fn rescue<B: Default>(err: ForwardError, metrics: &Metrics) -> Result<Response<B>, ForwardError> {
     match err.status() {
         Some((Code::Internal, message)) => {
             tracing::warn!(%message, "call failed inside sluice");

@@ -1,19 +1,12 @@
 //! The downstream side: accept loop, HTTP/2 settings, and the edge where
 //! errors become gRPC statuses.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll, ready},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use http::{Request, Response};
 use http_body::Body;
 use hyper::{body::Incoming, server::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use pin_project_lite::pin_project;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tower::{Service, ServiceExt, util::Oneshot};
 use tracing::{debug, warn};
@@ -22,9 +15,8 @@ use sluice_layers::drain::Watch;
 
 use crate::{
     config::ServerConfig,
-    forward::{self, ForwardError},
+    forward::ForwardError,
     stats::{Counters, Gauge, Kind},
-    telemetry::metrics::Metrics,
 };
 
 /// How long to wait before accepting again after an accept error that is
@@ -45,59 +37,29 @@ pub(crate) fn http2_builder(config: &ServerConfig) -> http2::Builder<TokioExecut
     b
 }
 
-/// Adapts the tower stack to hyper: each call runs the stack once, and an
-/// error becomes a trailers-only gRPC status, except an upstream reset,
-/// which hyper passes on as RST_STREAM with the upstream's reason.
+/// Adapts the tower stack to hyper: each call runs the stack once
+/// (`Oneshot` polls readiness, then calls).
 #[derive(Clone, Debug)]
 pub(crate) struct Handler<S> {
     svc: S,
-    metrics: Arc<Metrics>,
 }
 
 impl<S> Handler<S> {
-    pub(crate) fn new(svc: S, metrics: Arc<Metrics>) -> Self {
-        Self { svc, metrics }
+    pub(crate) fn new(svc: S) -> Self {
+        Self { svc }
     }
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Handler<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = ForwardError> + Clone,
-    B: Default,
 {
     type Response = Response<B>;
     type Error = ForwardError;
-    type Future = Rescue<Oneshot<S, Request<Incoming>>>;
+    type Future = Oneshot<S, Request<Incoming>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        Rescue {
-            inner: self.svc.clone().oneshot(req),
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-pin_project! {
-    /// Maps the stack's errors to gRPC statuses (see [`forward::rescue`]).
-    #[derive(Debug)]
-    pub(crate) struct Rescue<F> {
-        #[pin]
-        inner: F,
-        metrics: Arc<Metrics>,
-    }
-}
-
-impl<F, B> Future for Rescue<F>
-where
-    F: Future<Output = Result<Response<B>, ForwardError>>,
-    B: Default,
-{
-    type Output = Result<Response<B>, ForwardError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let metrics = this.metrics;
-        Poll::Ready(ready!(this.inner.poll(cx)).or_else(|e| forward::rescue(e, metrics)))
+        self.svc.clone().oneshot(req)
     }
 }
 
@@ -121,7 +83,7 @@ pub(crate) async fn serve<S, B>(
         + Sync
         + 'static,
     S::Future: Send + 'static,
-    B: Body<Data = bytes::Bytes> + Default + Send + 'static,
+    B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = Arc::new(builder);
@@ -174,7 +136,7 @@ async fn connection<S, B>(
         + Sync
         + 'static,
     S::Future: Send + 'static,
-    B: Body<Data = bytes::Bytes> + Default + Send + 'static,
+    B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let _guard = watch.guard();

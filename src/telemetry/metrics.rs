@@ -3,14 +3,13 @@
 //! Handles are resolved once and shared; per call the cost is a label
 //! lookup and a few atomic adds.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
+use super::calls::CallFamilies;
 use crate::stats::Counters;
 
 /// Why sluice refused a call itself.
@@ -30,11 +29,10 @@ pub(crate) struct RefusalLabels {
     pub(crate) reason: RefusalReason,
 }
 
-/// Where the drain is: 0 serving, 1 draining, 2 deadline passed.
+/// Where the drain is (0, serving, is the gauge's initial value).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i64)]
 pub(crate) enum DrainState {
-    Serving = 0,
     Draining = 1,
     Expired = 2,
 }
@@ -48,7 +46,7 @@ pub(crate) struct Metrics {
     calls_in_flight: Gauge,
     pub(crate) refusals: Family<RefusalLabels, Counter>,
     drain_state: Gauge,
-    drain_state_value: AtomicU64,
+    pub(crate) calls: CallFamilies,
 }
 
 // === impl Metrics ===
@@ -86,6 +84,37 @@ impl Metrics {
             "0 serving, 1 draining, 2 drain deadline passed",
             drain_state.clone(),
         );
+        let calls = CallFamilies::new();
+        registry.register(
+            "calls",
+            "Calls by service, method and gRPC status",
+            calls.calls.clone(),
+        );
+        registry.register(
+            "call_duration_seconds",
+            "Call duration, from request headers to the end of the response",
+            calls.duration.clone(),
+        );
+        registry.register(
+            "request_messages",
+            "gRPC request messages",
+            calls.request_messages.clone(),
+        );
+        registry.register(
+            "response_messages",
+            "gRPC response messages",
+            calls.response_messages.clone(),
+        );
+        registry.register(
+            "request_bytes",
+            "Request DATA bytes (framing included)",
+            calls.request_bytes.clone(),
+        );
+        registry.register(
+            "response_bytes",
+            "Response DATA bytes (framing included)",
+            calls.response_bytes.clone(),
+        );
         Self {
             registry,
             downstream_connections,
@@ -93,7 +122,7 @@ impl Metrics {
             calls_in_flight,
             refusals,
             drain_state,
-            drain_state_value: AtomicU64::new(0),
+            calls,
         }
     }
 
@@ -102,8 +131,6 @@ impl Metrics {
     }
 
     pub(crate) fn set_drain_state(&self, state: DrainState) {
-        self.drain_state_value
-            .store(state as u64, Ordering::Relaxed);
         self.drain_state.set(state as i64);
     }
 

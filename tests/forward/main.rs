@@ -12,4 +12,5 @@ mod half_close;
 mod headers_first;
 mod hygiene;
 mod leaks;
+mod metrics;
 mod trailers;

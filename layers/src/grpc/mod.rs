@@ -1,6 +1,7 @@
 //! What the layers share about gRPC on HTTP/2: status codes and the
 //! trailers-only responses built from them, and the `grpc-timeout` header.
 
+pub mod framing;
 pub mod status;
 pub mod timeout;
 

@@ -1,0 +1,424 @@
+//! Per-call metrics: calls by service, method and gRPC status, latency,
+//! request and response messages and bytes; refusals while draining.
+//!
+//! The outermost layer of the stack, so it sees every call, refusals
+//! included. A call is recorded once, when its response body ends or is
+//! dropped: that is when a gRPC call ends.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+};
+use sluice_layers::{
+    drain::Watch,
+    grpc::{
+        framing::MessageCounter,
+        status::{self, Code},
+    },
+};
+use tower::Service;
+
+use super::metrics::{Metrics, RefusalReason};
+
+/// Distinct `/service/method` paths tracked; calls to further paths are
+/// counted as service `other`, so a client inventing method names cannot
+/// grow sluice's memory or the scrape without bound.
+const MAX_TRACKED_PATHS: usize = 1000;
+
+/// A label value shared by reference count, so labelling a call allocates
+/// nothing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct Label(Arc<str>);
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct MethodLabels {
+    service: Label,
+    method: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CallLabels {
+    service: Label,
+    method: Label,
+    grpc_code: Label,
+}
+
+/// The per-call metric families.
+#[derive(Debug)]
+pub(crate) struct CallFamilies {
+    pub(crate) calls: Family<CallLabels, Counter>,
+    pub(crate) duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    pub(crate) request_messages: Family<MethodLabels, Counter>,
+    pub(crate) response_messages: Family<MethodLabels, Counter>,
+    pub(crate) request_bytes: Family<MethodLabels, Counter>,
+    pub(crate) response_bytes: Family<MethodLabels, Counter>,
+    paths: Mutex<HashMap<Box<str>, Arc<Handles>>>,
+    other: Arc<Handles>,
+}
+
+/// Pre-resolved handles for one path.
+#[derive(Debug)]
+struct Handles {
+    labels: MethodLabels,
+    duration: Histogram,
+    request_messages: Counter,
+    response_messages: Counter,
+    request_bytes: Counter,
+    response_bytes: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. ~65 s in doublings: sidecar hops to long streams.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_25, 2.0, 19,
+    ))
+}
+
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+fn code_label(code: Code) -> Label {
+    thread_local! {
+        static LABELS: Vec<Label> = CODE_NAMES.iter().map(|n| Label(Arc::from(*n))).collect();
+    }
+    LABELS.with(|labels| labels[usize::try_from(code.as_i32()).unwrap_or(2)].clone())
+}
+
+// === impl CallFamilies ===
+
+impl CallFamilies {
+    pub(crate) fn new() -> Self {
+        let duration = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let mut this = Self {
+            calls: Family::default(),
+            duration,
+            request_messages: Family::default(),
+            response_messages: Family::default(),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
+            paths: Mutex::default(),
+            other: Arc::new(Handles::placeholder()),
+        };
+        this.other = this.resolve(MethodLabels {
+            service: Label(Arc::from("other")),
+            method: Label(Arc::from("other")),
+        });
+        this
+    }
+
+    fn resolve(&self, labels: MethodLabels) -> Arc<Handles> {
+        Arc::new(Handles {
+            duration: self.duration.get_or_create(&labels).clone(),
+            request_messages: self.request_messages.get_or_create(&labels).clone(),
+            response_messages: self.response_messages.get_or_create(&labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+            labels,
+        })
+    }
+
+    fn handles(&self, path: &str) -> Arc<Handles> {
+        let mut paths = self.paths.lock().expect("metrics lock");
+        if let Some(h) = paths.get(path) {
+            return h.clone();
+        }
+        if paths.len() >= MAX_TRACKED_PATHS {
+            return self.other.clone();
+        }
+        let (service, method) = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .unwrap_or(("unknown", "unknown"));
+        let handles = self.resolve(MethodLabels {
+            service: Label(Arc::from(service)),
+            method: Label(Arc::from(method)),
+        });
+        paths.insert(path.into(), handles.clone());
+        handles
+    }
+}
+
+impl Handles {
+    fn placeholder() -> Self {
+        let empty = Label(Arc::from(""));
+        Self {
+            labels: MethodLabels {
+                service: empty.clone(),
+                method: empty,
+            },
+            duration: latency_histogram(),
+            request_messages: Counter::default(),
+            response_messages: Counter::default(),
+            request_bytes: Counter::default(),
+            response_bytes: Counter::default(),
+        }
+    }
+}
+
+/// The per-call metrics middleware.
+#[derive(Clone, Debug)]
+pub(crate) struct CallMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    drain: Watch,
+}
+
+impl<S> CallMetrics<S> {
+    pub(crate) fn new(inner: S, metrics: Arc<Metrics>, drain: Watch) -> Self {
+        Self {
+            inner,
+            metrics,
+            drain,
+        }
+    }
+}
+
+/// One call's record, written once when the call ends.
+#[derive(Debug)]
+struct Call {
+    metrics: Arc<Metrics>,
+    handles: Arc<Handles>,
+    start: Instant,
+    code: Option<Code>,
+    recorded: bool,
+}
+
+impl Call {
+    fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let h = &self.handles;
+        self.metrics
+            .calls
+            .calls
+            .get_or_create(&CallLabels {
+                service: h.labels.service.clone(),
+                method: h.labels.method.clone(),
+                grpc_code: code_label(code),
+            })
+            .inc();
+        h.duration.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // A body dropped before its end: the client went away.
+        let code = self.code.unwrap_or(Code::Cancelled);
+        self.finish(code);
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CallMetrics<S>
+where
+    S: Service<Request<MeteredRequest<ReqBody>>, Response = Response<ResBody>>,
+{
+    type Response = Response<MeteredResponse<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let handles = self.metrics.calls.handles(req.uri().path());
+        let draining = self.drain.is_draining();
+        let req = req.map(|body| MeteredRequest {
+            body,
+            counter: MessageCounter::default(),
+            handles: handles.clone(),
+        });
+        ResponseFuture {
+            inner: self.inner.call(req),
+            call: Some(Call {
+                metrics: self.metrics.clone(),
+                handles,
+                start: Instant::now(),
+                code: None,
+                recorded: false,
+            }),
+            draining,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`CallMetrics`].
+    #[derive(Debug)]
+    pub(crate) struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<Call>,
+        draining: bool,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<MeteredResponse<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let mut call = this.call.take().expect("polled after completion");
+        match result {
+            Ok(res) => {
+                // A trailers-only answer carries its status in the headers.
+                if let Some(code) = status::code_of(res.headers()) {
+                    call.code = Some(code);
+                    if *this.draining && code == Code::Unavailable {
+                        call.metrics.refused(RefusalReason::draining);
+                    }
+                }
+                Poll::Ready(Ok(res.map(|body| MeteredResponse {
+                    body,
+                    counter: MessageCounter::default(),
+                    call,
+                })))
+            }
+            Err(e) => {
+                // An error here becomes RST_STREAM: the client sees a
+                // cancellation or an unavailable upstream.
+                call.code = Some(Code::Cancelled);
+                Poll::Ready(Err(e))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A request body that counts messages and bytes as they pass.
+    #[derive(Debug)]
+    pub(crate) struct MeteredRequest<B> {
+        #[pin]
+        body: B,
+        counter: MessageCounter,
+        handles: Arc<Handles>,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for MeteredRequest<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.body.poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            this.handles.request_bytes.inc_by(data.len() as u64);
+            let n = this.counter.push(data);
+            if n > 0 {
+                this.handles.request_messages.inc_by(n as u64);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project! {
+    /// A response body that counts messages and bytes, reads the status
+    /// from the trailers, and records the call when it ends or is dropped.
+    #[derive(Debug)]
+    pub(crate) struct MeteredResponse<B> {
+        #[pin]
+        body: B,
+        counter: MessageCounter,
+        call: Call,
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for MeteredResponse<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.body.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    this.call.handles.response_bytes.inc_by(data.len() as u64);
+                    let n = this.counter.push(data);
+                    if n > 0 {
+                        this.call.handles.response_messages.inc_by(n as u64);
+                    }
+                } else if let Some(trailers) = f.trailers_ref() {
+                    this.call.code = Some(status::code_of(trailers).unwrap_or(Code::Unknown));
+                }
+            }
+            Some(Err(_)) => this.call.code = Some(Code::Cancelled),
+            None => {
+                let code = this.call.code.unwrap_or(Code::Unknown);
+                this.call.finish(code);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
