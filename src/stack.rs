@@ -31,10 +31,12 @@ pub(crate) fn build(
         // The one place errors become gRPC statuses (or, for an upstream
         // reset, stay errors that the server turns into RST_STREAM).
         .layer_fn(|inner| Rescue::new(inner, metrics.clone()))
-        // Once draining, refuse new calls with UNAVAILABLE (clients retry
-        // elsewhere); hold the drain open until each admitted call's body
-        // ends; at the drain deadline, end open calls with UNAVAILABLE.
-        .layer(DrainLayer::new(drain.clone()))
+        // Hold the drain open until each call's body ends; at the drain
+        // deadline, end open calls with UNAVAILABLE. Calls that arrive
+        // while draining are admitted: they were opened before the client
+        // saw the final GOAWAY, which promised to process them; later ones
+        // h2 refuses itself (REFUSED_STREAM, retried by clients).
+        .layer(DrainLayer::new(drain.clone()).admit_while_draining(true))
         // Enforce grpc-timeout over the whole call, body included: at the
         // deadline the client gets DEADLINE_EXCEEDED and dropping the
         // forwarder's future or body cancels the upstream stream.

@@ -20,6 +20,7 @@ pub struct Drain<S> {
     inner: S,
     watch: Watch,
     message: Cow<'static, str>,
+    admit: bool,
 }
 
 // === impl Drain ===
@@ -27,15 +28,20 @@ pub struct Drain<S> {
 impl<S> Drain<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, watch: Watch) -> Self {
-        Self::with_message(inner, watch, Cow::Borrowed(DEFAULT_MESSAGE))
+        Self::with_options(inner, watch, Cow::Borrowed(DEFAULT_MESSAGE), false)
     }
 
-    pub(super) fn with_message(inner: S, watch: Watch, message: Cow<'static, str>) -> Self {
+    pub(super) fn with_options(inner: S, watch: Watch, message: Cow<'static, str>, admit: bool) -> Self {
         Self {
             inner,
             watch,
             message,
+            admit,
         }
+    }
+
+    fn refusing(&self) -> bool {
+        !self.admit && self.watch.is_draining()
     }
 
     /// Returns a [`DrainLayer`] (same as [`DrainLayer::new`]).
@@ -58,16 +64,17 @@ where
     /// refusal must not wait on a saturated inner service); otherwise the
     /// inner service's readiness.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if self.watch.is_draining() {
+        if self.refusing() {
             return Poll::Ready(Ok(()));
         }
         self.inner.poll_ready(cx)
     }
 
-    /// Refuses with a trailers-only `UNAVAILABLE` while draining; otherwise
-    /// takes a guard and calls the inner service.
+    /// Refuses with a trailers-only `UNAVAILABLE` while draining (unless
+    /// [`DrainLayer::admit_while_draining`]); otherwise takes a guard and
+    /// calls the inner service.
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if self.watch.is_draining() {
+        if self.refusing() {
             return ResponseFuture::refused(self.message.clone());
         }
         let guard = self.watch.guard();

@@ -175,3 +175,25 @@ async fn a_call_waiting_for_headers_at_the_deadline_gets_unavailable() {
     let res = assert_ready!(call.poll()).expect("a response");
     assert_eq!(status::code_of(res.headers()), Some(Code::Unavailable));
 }
+
+#[tokio::test]
+async fn admit_while_draining_lets_calls_in_and_guards_them() {
+    let (signal, watch) = channel();
+    let (tx, rx) = mpsc::channel(1);
+    let mut body = Some(ChannelBody(rx));
+    let svc = DrainLayer::new(watch.clone())
+        .admit_while_draining(true)
+        .layer(service_fn(move |_: Request<()>| {
+            let body = body.take().expect("called once");
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }));
+    let mut drain = task::spawn(signal.drain());
+    assert_ready!(drain.poll()); // nothing in flight yet
+    assert!(watch.is_draining());
+    let res = svc.oneshot(Request::new(())).await.expect("admitted");
+    assert_eq!(status::code_of(res.headers()), None);
+    assert_eq!(watch.in_flight(), 1);
+    drop(tx);
+    drop(res);
+    assert_eq!(watch.in_flight(), 0);
+}
