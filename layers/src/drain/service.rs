@@ -31,7 +31,12 @@ impl<S> Drain<S> {
         Self::with_options(inner, watch, Cow::Borrowed(DEFAULT_MESSAGE), false)
     }
 
-    pub(super) fn with_options(inner: S, watch: Watch, message: Cow<'static, str>, admit: bool) -> Self {
+    pub(super) fn with_options(
+        inner: S,
+        watch: Watch,
+        message: Cow<'static, str>,
+        admit: bool,
+    ) -> Self {
         Self {
             inner,
             watch,
