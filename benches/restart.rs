@@ -122,7 +122,7 @@ fn main() {
                     n += 1;
                     let mut attempt = 0;
                     let result = loop {
-                    let result = if n % 2 == 0 {
+                    let result = if n.is_multiple_of(2) {
                         client.unary(Req { seq: n, ..Req::default() }).await.map(|_| ())
                     } else {
                         async {
