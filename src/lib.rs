@@ -121,6 +121,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         counters.clone(),
         watch.clone(),
         metrics.clone(),
+        &config.upstream.address.to_string(),
     );
     let (abort, aborted) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));

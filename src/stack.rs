@@ -8,23 +8,40 @@ use sluice_layers::{
 };
 use tower::ServiceBuilder;
 
+use tower_http::{
+    classify::{GrpcErrorsAsFailures, SharedClassifier},
+    trace::Trace,
+};
+
 use crate::{
     forward::{Forward, Rescue},
     stats::Counters,
-    telemetry::{calls::CallMetrics, metrics::Metrics},
+    telemetry::{calls::CallMetrics, metrics::Metrics, trace},
     upstream::Pool,
 };
 
 /// The stack between the server and the upstream.
-pub(crate) type Stack = CallMetrics<Rescue<Drain<Deadline<Forward>>>>;
+pub(crate) type Stack = Trace<
+    CallMetrics<Rescue<Drain<Deadline<Forward>>>>,
+    SharedClassifier<GrpcErrorsAsFailures>,
+    trace::MakeSpan,
+    (),
+    (),
+    (),
+    trace::OnEos,
+    trace::OnFailure,
+>;
 
 pub(crate) fn build(
     pool: Pool,
     counters: Arc<Counters>,
     drain: Watch,
     metrics: Arc<Metrics>,
+    upstream: &str,
 ) -> Stack {
     ServiceBuilder::new()
+        // A DEBUG span per call: method, upstream, grpc-status, duration.
+        .layer(trace::layer(upstream))
         // Count every call (refusals included) by service, method and
         // status, with latency, messages and bytes each way.
         .layer_fn(|inner| CallMetrics::new(inner, metrics.clone(), drain.clone()))

@@ -32,8 +32,9 @@ impl Drop for Proc {
 fn spawn(args: &[&str]) -> (Proc, SocketAddr) {
     let mut child = sluice()
         .args(args)
-        .env("RUST_LOG", "info")
-        .env_remove("NO_COLOR")
+        // Set but empty, as some harnesses leave it: the address line must
+        // still be logged.
+        .env("RUST_LOG", "")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()

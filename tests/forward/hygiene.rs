@@ -30,6 +30,14 @@ async fn metadata_passes_byte_for_byte() {
     req.metadata_mut()
         .append("x-repeated", MetadataValue::from_static("two"));
     req.set_timeout(Duration::from_secs(30));
+    // W3C trace context passes through for the application to continue.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    req.metadata_mut()
+        .insert("traceparent", MetadataValue::from_static(traceparent));
+    req.metadata_mut().insert(
+        "tracestate",
+        MetadataValue::from_static("congo=t61rcWkgMzE"),
+    );
     within("unary", p.client.unary(req)).await.expect("ok");
 
     let seen = p.upstream.probe.last_metadata().expect("metadata");
@@ -55,6 +63,11 @@ async fn metadata_passes_byte_for_byte() {
         "{seen:?}"
     );
     assert!(seen.get("grpc-timeout").is_some(), "{seen:?}");
+    assert_eq!(seen.get("traceparent").expect("traceparent"), traceparent);
+    assert_eq!(
+        seen.get("tracestate").expect("tracestate"),
+        "congo=t61rcWkgMzE"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,90 @@
+//! A tracing span per call: tower-http's gRPC-aware `TraceLayer`, with our
+//! own fields (method, upstream, grpc-status, duration).
+//!
+//! The span is at DEBUG level: with the default `info` filter, creating it
+//! is a cached callsite check and nothing more.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderMap, Request};
+use tower_http::{
+    classify::{GrpcErrorsAsFailures, GrpcFailureClass, SharedClassifier},
+    trace::TraceLayer,
+};
+use tracing::{Span, field};
+
+/// The layer type sluice uses.
+pub(crate) type CallTrace =
+    TraceLayer<SharedClassifier<GrpcErrorsAsFailures>, MakeSpan, (), (), (), OnEos, OnFailure>;
+
+/// Makes each call's span.
+#[derive(Clone, Debug)]
+pub(crate) struct MakeSpan {
+    upstream: Arc<str>,
+}
+
+impl<B> tower_http::trace::MakeSpan<B> for MakeSpan {
+    fn make_span(&mut self, req: &Request<B>) -> Span {
+        tracing::debug_span!(
+            "call",
+            method = %req.uri().path(),
+            upstream = %self.upstream,
+            grpc_status = field::Empty,
+            duration_ms = field::Empty,
+        )
+    }
+}
+
+/// Records the status of a call that ended with trailers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OnEos;
+
+impl tower_http::trace::OnEos for OnEos {
+    fn on_eos(self, trailers: Option<&HeaderMap>, duration: Duration, span: &Span) {
+        let status = trailers
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none");
+        span.record("grpc_status", status);
+        span.record("duration_ms", duration.as_secs_f64() * 1000.0);
+        tracing::debug!(parent: span, grpc_status = status, ?duration, "call ended");
+    }
+}
+
+/// Records calls that failed: a non-OK status, or an error.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OnFailure;
+
+impl tower_http::trace::OnFailure<GrpcFailureClass> for OnFailure {
+    fn on_failure(&mut self, failure: GrpcFailureClass, duration: Duration, span: &Span) {
+        span.record("duration_ms", duration.as_secs_f64() * 1000.0);
+        match failure {
+            GrpcFailureClass::Status(status) => {
+                span.record("grpc_status", status.code_raw());
+                tracing::debug!(
+                    parent: span,
+                    grpc_status = status.code_raw(),
+                    message = status.message().unwrap_or_default(),
+                    ?duration,
+                    "call failed"
+                );
+            }
+            other => {
+                tracing::debug!(parent: span, failure = %other, ?duration, "call failed");
+            }
+        }
+    }
+}
+
+/// The per-call tracing layer.
+pub(crate) fn layer(upstream: &str) -> CallTrace {
+    TraceLayer::new_for_grpc()
+        .make_span_with(MakeSpan {
+            upstream: Arc::from(upstream),
+        })
+        .on_request(())
+        .on_response(())
+        .on_body_chunk(())
+        .on_eos(OnEos)
+        .on_failure(OnFailure)
+}
