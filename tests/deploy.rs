@@ -23,13 +23,26 @@ fn compose_gives_sluice_longer_than_its_drain_deadline() {
     let docs = load("docker-compose.yml");
     let sluice = &docs[0]["services"]["sluice"];
     assert_eq!(sluice["network_mode"].as_str(), Some("service:app"));
-    let grace = seconds(sluice["stop_grace_period"].as_str().expect("stop_grace_period"));
+    let grace = seconds(
+        sluice["stop_grace_period"]
+            .as_str()
+            .expect("stop_grace_period"),
+    );
     let deadline = sluice::config::DEFAULT_DRAIN_DEADLINE.as_secs();
-    assert!(grace > deadline, "stop_grace_period {grace}s <= drain deadline {deadline}s");
-    let probe = sluice["healthcheck"]["test"][1].as_str().expect("healthcheck command");
+    assert!(
+        grace > deadline,
+        "stop_grace_period {grace}s <= drain deadline {deadline}s"
+    );
+    let probe = sluice["healthcheck"]["test"][1]
+        .as_str()
+        .expect("healthcheck command");
     assert!(probe.contains("/ready"), "{probe}");
     // The application outlives the drain too.
-    let app = seconds(docs[0]["services"]["app"]["stop_grace_period"].as_str().expect("app grace"));
+    let app = seconds(
+        docs[0]["services"]["app"]["stop_grace_period"]
+            .as_str()
+            .expect("app grace"),
+    );
     assert!(app >= grace);
 }
 
@@ -44,14 +57,23 @@ fn kubernetes_manifest_fits_the_drain_and_its_config_is_valid() {
     let config_text = by_kind("ConfigMap")["data"]["sluice.toml"]
         .as_str()
         .expect("sluice.toml in the ConfigMap");
-    let config = sluice::Config::from_toml_str(config_text).expect("the embedded sluice config is valid");
+    let config =
+        sluice::Config::from_toml_str(config_text).expect("the embedded sluice config is valid");
     let drain = config.drain.pre_delay + config.drain.deadline;
 
     let pod = &by_kind("Deployment")["spec"]["template"]["spec"];
     let grace = Duration::from_secs(
-        u64::try_from(pod["terminationGracePeriodSeconds"].as_i64().expect("grace period")).expect("positive"),
+        u64::try_from(
+            pod["terminationGracePeriodSeconds"]
+                .as_i64()
+                .expect("grace period"),
+        )
+        .expect("positive"),
     );
-    assert!(grace > drain, "terminationGracePeriodSeconds {grace:?} <= drain {drain:?}");
+    assert!(
+        grace > drain,
+        "terminationGracePeriodSeconds {grace:?} <= drain {drain:?}"
+    );
 
     let containers = pod["containers"].as_vec().expect("containers");
     let find = |name: &str| {
@@ -61,13 +83,24 @@ fn kubernetes_manifest_fits_the_drain_and_its_config_is_valid() {
             .unwrap_or_else(|| panic!("no container {name}"))
     };
     let sluice = find("sluice");
-    assert_eq!(sluice["readinessProbe"]["httpGet"]["path"].as_str(), Some("/ready"));
-    assert_eq!(sluice["livenessProbe"]["httpGet"]["path"].as_str(), Some("/live"));
+    assert_eq!(
+        sluice["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/ready")
+    );
+    assert_eq!(
+        sluice["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/live")
+    );
     // The application keeps serving until sluice's drain is over.
     let pre_stop = find("app")["lifecycle"]["preStop"]["exec"]["command"]
         .as_vec()
         .expect("app preStop");
-    let sleep = Duration::from_secs(pre_stop[1].as_str().and_then(|s| s.parse().ok()).expect("sleep seconds"));
+    let sleep = Duration::from_secs(
+        pre_stop[1]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("sleep seconds"),
+    );
     assert!(sleep > drain && sleep < grace, "preStop sleep {sleep:?}");
     // The kubelet probes the pod IP: the admin port must not be loopback.
     match config.admin.listen {

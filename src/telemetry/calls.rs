@@ -9,7 +9,7 @@ use std::{
     collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -80,6 +80,8 @@ pub(crate) struct CallFamilies {
 #[derive(Debug)]
 struct Handles {
     labels: MethodLabels,
+    /// `calls_total` per gRPC code, resolved on first use.
+    codes: [OnceLock<Counter>; 17],
     duration: Histogram,
     request_messages: Counter,
     response_messages: Counter,
@@ -147,6 +149,7 @@ impl CallFamilies {
 
     fn resolve(&self, labels: MethodLabels) -> Arc<Handles> {
         Arc::new(Handles {
+            codes: Default::default(),
             duration: self.duration.get_or_create(&labels).clone(),
             request_messages: self.request_messages.get_or_create(&labels).clone(),
             response_messages: self.response_messages.get_or_create(&labels).clone(),
@@ -185,6 +188,7 @@ impl Handles {
                 service: empty.clone(),
                 method: empty,
             },
+            codes: Default::default(),
             duration: latency_histogram(),
             request_messages: Counter::default(),
             response_messages: Counter::default(),
@@ -228,13 +232,18 @@ impl Call {
             return;
         }
         let h = &self.handles;
-        self.metrics
-            .calls
-            .calls
-            .get_or_create(&CallLabels {
-                service: h.labels.service.clone(),
-                method: h.labels.method.clone(),
-                grpc_code: code_label(code),
+        let slot = usize::try_from(code.as_i32()).map_or(2, |i| i.min(16));
+        h.codes[slot]
+            .get_or_init(|| {
+                self.metrics
+                    .calls
+                    .calls
+                    .get_or_create(&CallLabels {
+                        service: h.labels.service.clone(),
+                        method: h.labels.method.clone(),
+                        grpc_code: code_label(code),
+                    })
+                    .clone()
             })
             .inc();
         h.duration.observe(self.start.elapsed().as_secs_f64());
