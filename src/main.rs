@@ -57,7 +57,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    sluice::telemetry::init(&config.log);
+    let _telemetry = match sluice::telemetry::init(&config.log, &config.trace) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let runtime = match sluice::runtime(&config) {
         Ok(rt) => rt,
         Err(e) => {

@@ -190,3 +190,104 @@ fn check_accepts_every_example_config() {
         }
     }
 }
+
+/// A fake OTLP/HTTP collector: answers every POST with 200 and hands each
+/// request body to the test.
+async fn fake_collector() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut byte = [0u8; 1];
+                        if tcp.read_exact(&mut byte).await.is_err() {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    if tcp.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let _ = tx.send((head, body));
+                    let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if tcp.write_all(ok.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
+    let upstream = EchoServer::start().await;
+    let (collector, mut exports) = fake_collector().await;
+    let file = write_config(&format!(
+        "[trace]\notlp_endpoint = \"http://{collector}/v1/traces\"\nservice_name = \"sluice-under-test\"\n\n\
+         [admin]\nlisten = \"off\"\n"
+    ));
+    let up = upstream.addr.to_string();
+    let (mut proc, addr) = spawn(&[
+        "--config",
+        file.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up,
+    ]);
+    let mut client = sluice_testkit::client(addr);
+    for _ in 0..3 {
+        tokio::time::timeout(LIMIT, client.unary(Req::default()))
+            .await
+            .expect("in time")
+            .expect("call");
+    }
+    // Spans are batched; stopping sluice flushes them.
+    let status = tokio::task::spawn_blocking(move || terminate(&mut proc))
+        .await
+        .expect("join");
+    assert_eq!(status.code(), Some(0));
+    let (head, body) = tokio::time::timeout(LIMIT, exports.recv())
+        .await
+        .expect("an export within the limit")
+        .expect("an export");
+    assert!(head.starts_with("post /v1/traces"), "{head}");
+    assert!(head.contains("application/x-protobuf"), "{head}");
+    // Protobuf keeps strings as UTF-8: the span's method and the service
+    // name are in there verbatim.
+    let has = |needle: &str| body.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(has("/sluice.test.Echo/Unary"), "no call span in the export");
+    assert!(has("sluice-under-test"), "no service.name in the export");
+}
+
+#[test]
+fn a_malformed_otlp_endpoint_is_a_config_error() {
+    let bad = write_config("[trace]\notlp_endpoint = \"collector:4318\"\n");
+    let out = sluice()
+        .args(["check", bad.as_str()])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("trace.otlp_endpoint"), "{stderr}");
+}

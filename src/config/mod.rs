@@ -87,7 +87,24 @@ pub struct Config {
     pub drain: DrainConfig,
     /// The admin HTTP server: `/live`, `/ready`, `/metrics`, `POST /drain`.
     pub admin: AdminConfig,
+    /// OpenTelemetry span export.
+    pub trace: TraceConfig,
 }
+
+/// `[trace]`: OpenTelemetry export of each call's span. Off unless an
+/// endpoint is given; off costs nothing per call.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceConfig {
+    /// OTLP/HTTP traces endpoint, e.g. `http://otel-collector:4318/v1/traces`.
+    pub otlp_endpoint: Option<OtlpEndpoint>,
+    /// The `service.name` resource of exported spans.
+    pub service_name: String,
+}
+
+/// An `http://` or `https://` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtlpEndpoint(pub String);
 
 /// `[drain]`: what happens on SIGTERM or `POST /drain`.
 #[derive(Clone, Debug, Deserialize)]
@@ -304,6 +321,30 @@ impl<'de> Deserialize<'de> for AdminListen {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "sluice".to_owned(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OtlpEndpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| serde::de::Error::custom(format!("not a URL: {e}")))?;
+        match (uri.scheme_str(), uri.host()) {
+            (Some("http" | "https"), Some(_)) => Ok(Self(s)),
+            _ => Err(serde::de::Error::custom(
+                "expected an http:// or https:// URL with a host",
+            )),
+        }
     }
 }
 

@@ -6,13 +6,50 @@ pub(crate) mod trace;
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use tracing::Level;
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry, filter::Targets, layer::SubscriberExt as _,
+    util::SubscriberInitExt as _,
+};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, TraceConfig};
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides the
-/// config's level. Calling it twice leaves the first one in place.
-pub fn init(config: &LogConfig) {
+/// Keeps the OpenTelemetry exporter alive; dropping it flushes the spans
+/// still buffered.
+#[derive(Debug, Default)]
+#[must_use = "dropping the guard stops span export"]
+pub struct TelemetryGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("sluice: flushing spans failed: {e}");
+        }
+    }
+}
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up OTLP export: {0}")]
+pub struct TelemetryError(#[from] opentelemetry_otlp::ExporterBuildError);
+
+/// Installs the global subscriber: log lines to stderr, and (when
+/// `trace.otlp_endpoint` is set) each call's span exported over OTLP/HTTP.
+/// `RUST_LOG`, when set and not empty, overrides the config's log level.
+/// Calling it twice leaves the first subscriber in place.
+///
+/// Call it outside any tokio runtime: the exporter runs its own thread.
+///
+/// # Errors
+///
+/// [`TelemetryError`] when the OTLP exporter cannot be built.
+pub fn init(log: &LogConfig, trace: &TraceConfig) -> Result<TelemetryGuard, TelemetryError> {
     // An empty RUST_LOG counts as unset: it must not silence the one log
     // line that says where sluice listens.
     let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
@@ -20,14 +57,54 @@ pub fn init(config: &LogConfig) {
         .filter(|v| !v.trim().is_empty())
         .and_then(|v| EnvFilter::try_new(v).ok());
     let filter = from_env
-        .or_else(|| EnvFilter::try_new(&config.level).ok())
+        .or_else(|| EnvFilter::try_new(&log.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let ansi = std::io::stderr().is_terminal();
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = match log.format {
+        LogFormat::Text => Box::new(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        ),
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        ),
     };
+    let mut guard = TelemetryGuard::default();
+    let otel = match &trace.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint.0.clone())
+                .build()?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(trace.service_name.clone())
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer("sluice");
+            guard.provider = Some(provider);
+            // Call spans are DEBUG so that logs stay quiet; the exporter
+            // takes them whatever the log level.
+            let calls = Targets::new().with_target("sluice::telemetry::trace", Level::DEBUG);
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(calls),
+            )
+        }
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Ok(guard)
 }

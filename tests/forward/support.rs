@@ -20,10 +20,13 @@ pub(crate) fn trace_init() {
 }
 
 fn tracing_subscriber_init() -> Result<(), ()> {
-    sluice::telemetry::init(&sluice::config::LogConfig {
-        level: std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        format: sluice::config::LogFormat::Text,
-    });
+    let _ = sluice::telemetry::init(
+        &sluice::config::LogConfig {
+            level: std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            format: sluice::config::LogFormat::Text,
+        },
+        &sluice::config::TraceConfig::default(),
+    );
     Ok(())
 }
 
