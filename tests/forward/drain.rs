@@ -228,3 +228,38 @@ async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Option<F::Output> {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_can_require_a_reachable_upstream() {
+    trace_init();
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut cfg = config(closed);
+    cfg.admin.ready_requires_upstream = true;
+    let down = sluice::run(&cfg).await.expect("sluice");
+    let (status, body) = admin(down.admin_addr().expect("admin"), "GET", "/ready").await;
+    assert_eq!((status, body.as_str()), (503, "upstream unreachable\n"));
+
+    let upstream = EchoServer::start().await;
+    let mut cfg = config(upstream.addr);
+    cfg.admin.ready_requires_upstream = true;
+    let up = sluice::run(&cfg).await.expect("sluice");
+    assert_eq!(
+        admin(up.admin_addr().expect("admin"), "GET", "/ready")
+            .await
+            .0,
+        200
+    );
+    // Without the switch, an unreachable upstream does not make sluice unready.
+    let plain = sluice::run(&config(closed)).await.expect("sluice");
+    assert_eq!(
+        admin(plain.admin_addr().expect("admin"), "GET", "/ready")
+            .await
+            .0,
+        200
+    );
+}
