@@ -121,6 +121,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         counters.clone(),
         watch.clone(),
         metrics.clone(),
+        &config.server,
         &config.upstream.address.to_string(),
     );
     let (abort, aborted) = watch::channel(false);
@@ -151,6 +152,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         listener,
         server::http2_builder(&config.server),
         server::Handler::new(stack),
+        server::Limits::from_config(&config.server),
         watch,
         aborted,
         counters.clone(),

@@ -14,7 +14,8 @@ use tower_http::{
 };
 
 use crate::{
-    forward::{Forward, Rescue},
+    config::{NonGrpc, ServerConfig},
+    forward::{Admission, Forward, Rescue},
     stats::Counters,
     telemetry::{calls::CallMetrics, metrics::Metrics, trace},
     upstream::Pool,
@@ -22,7 +23,7 @@ use crate::{
 
 /// The stack between the server and the upstream.
 pub(crate) type Stack = Trace<
-    CallMetrics<Rescue<Drain<Deadline<Forward>>>>,
+    CallMetrics<Rescue<Admission<Drain<Deadline<Forward>>>>>,
     SharedClassifier<GrpcErrorsAsFailures>,
     trace::MakeSpan,
     (),
@@ -37,6 +38,7 @@ pub(crate) fn build(
     counters: Arc<Counters>,
     drain: Watch,
     metrics: Arc<Metrics>,
+    server: &ServerConfig,
     upstream: &str,
 ) -> Stack {
     ServiceBuilder::new()
@@ -48,6 +50,17 @@ pub(crate) fn build(
         // The one place errors become gRPC statuses (or, for an upstream
         // reset, stay errors that the server turns into RST_STREAM).
         .layer_fn(|inner| Rescue::new(inner, metrics.clone()))
+        // Refuse what must not be forwarded: non-gRPC HTTP/2 (415) and
+        // calls past the global in-flight bound (RESOURCE_EXHAUSTED).
+        .layer_fn(|inner| {
+            Admission::new(
+                inner,
+                counters.clone(),
+                metrics.clone(),
+                server.max_in_flight,
+                server.non_grpc == NonGrpc::Refuse,
+            )
+        })
         // Hold the drain open until each call's body ends; at the drain
         // deadline, end open calls with UNAVAILABLE. Calls that arrive
         // while draining are admitted: they were opened before the client
@@ -59,5 +72,5 @@ pub(crate) fn build(
         // forwarder's future or body cancels the upstream stream.
         .layer(DeadlineLayer::new())
         // One upstream h2 stream per call.
-        .service(Forward::new(pool, counters))
+        .service(Forward::new(pool, counters.clone()))
 }

@@ -56,6 +56,39 @@ pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 4;
 /// messages faster than a client drains them hits it, taking every call on
 /// the connection down. 16 MiB allows ~67 000 buffered tiny frames.
 pub const DEFAULT_UPSTREAM_DATA_FRAME_BUDGET: u32 = 16 << 20;
+/// Time a new connection gets to send the HTTP/2 preface and its first
+/// request: 10 s, as linkerd's protocol-detection timeout. A client that
+/// trickles the preface a byte at a time (slowloris) is closed after it.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no call in flight for this long gets GOAWAY(NO_ERROR)
+/// and is closed: 5 min, long enough that clients between bursts keep their
+/// connection, short enough that abandoned ones do not pile up.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// HTTP/2 PING interval on idle-looking connections, both sides: 20 s, what
+/// gRPC's keepalive guidance uses, well under common NAT/LB idle cutoffs.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// A PING unanswered for this long marks the peer dead and closes the
+/// connection (gRPC's default keepalive timeout).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Downstream connections served at once; beyond it a new connection gets
+/// GOAWAY and is closed. 10 000 connections cost ~150 MiB at 15 KiB each,
+/// far beyond a sidecar's clients but still bounded.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Calls in flight at once across all connections; beyond it a call is
+/// answered RESOURCE_EXHAUSTED. 100 000, linkerd's in-flight default.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 100_000;
+/// Streams a client may open and reset before sluice accepts them, per
+/// connection, before the connection gets GOAWAY(ENHANCE_YOUR_CALM): h2's
+/// own CVE-2023-44487 defence, at its default of 20.
+pub const DEFAULT_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Client-cancelled calls allowed per connection per second before the
+/// connection is told to go: catches rapid reset on streams that were
+/// already accepted, which h2's pending-accept count cannot see. A busy
+/// client that hedges or abandons calls can cancel hundreds a second (the
+/// leak test cancels ~500/s on one connection); rapid-reset attacks run at
+/// tens of thousands. 1 000 sits between.
+pub const DEFAULT_MAX_RESETS_PER_SECOND: u32 = 1000;
+
 /// Drain deadline: 30 s, Kubernetes' default terminationGracePeriodSeconds.
 /// Long-lived streams (Talos drains for 30 minutes) set it higher.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -160,6 +193,42 @@ pub struct ServerConfig {
     /// Bind the listener with SO_REUSEPORT, so that a new sluice can bind
     /// the same port before the old one drains (zero-gap restarts).
     pub reuse_port: bool,
+    /// Time allowed for the preface and the first request.
+    #[serde(with = "value::duration")]
+    pub handshake_timeout: Duration,
+    /// A connection with no call in flight this long is closed with GOAWAY.
+    #[serde(with = "value::duration")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING interval to each client.
+    #[serde(with = "value::duration")]
+    pub keepalive_interval: Duration,
+    /// Unanswered PING timeout before a client is considered dead.
+    #[serde(with = "value::duration")]
+    pub keepalive_timeout: Duration,
+    /// Downstream connections served at once.
+    #[serde(deserialize_with = "value::positive::deserialize")]
+    pub max_connections: usize,
+    /// Calls in flight at once, all connections together.
+    #[serde(deserialize_with = "value::positive::deserialize")]
+    pub max_in_flight: usize,
+    /// Streams reset before being accepted, per connection, before GOAWAY.
+    pub max_pending_accept_resets: usize,
+    /// Client-cancelled calls per connection per second before GOAWAY.
+    #[serde(deserialize_with = "value::positive::deserialize")]
+    pub max_resets_per_second: u32,
+    /// What to do with HTTP/2 requests that are not gRPC.
+    pub non_grpc: NonGrpc,
+}
+
+/// What sluice does with an HTTP/2 request whose content-type is not gRPC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonGrpc {
+    /// Answer 415 Unsupported Media Type, as the gRPC spec asks.
+    #[default]
+    Refuse,
+    /// Forward it like any call.
+    Forward,
 }
 
 /// `[upstream]`: the one upstream every call goes to, and how to reach it.
@@ -183,6 +252,12 @@ pub struct UpstreamConfig {
     /// Framing overhead allowed for buffered small DATA frames from the
     /// upstream (see [`DEFAULT_UPSTREAM_DATA_FRAME_BUDGET`]).
     pub data_frame_budget: ByteSize,
+    /// HTTP/2 PING interval to the upstream.
+    #[serde(with = "value::duration")]
+    pub keepalive_interval: Duration,
+    /// Unanswered PING timeout before the upstream connection is dropped.
+    #[serde(with = "value::duration")]
+    pub keepalive_timeout: Duration,
 }
 
 /// `[runtime]`: the tokio runtime.
@@ -267,6 +342,15 @@ impl Default for ServerConfig {
             max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
             max_header_list_size: ByteSize(DEFAULT_MAX_HEADER_LIST_SIZE),
             reuse_port: false,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_pending_accept_resets: DEFAULT_MAX_PENDING_ACCEPT_RESETS,
+            max_resets_per_second: DEFAULT_MAX_RESETS_PER_SECOND,
+            non_grpc: NonGrpc::Refuse,
         }
     }
 }
@@ -281,6 +365,8 @@ impl Default for UpstreamConfig {
             initial_connection_window: WindowSize(DEFAULT_CONNECTION_WINDOW),
             max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
             data_frame_budget: ByteSize(DEFAULT_UPSTREAM_DATA_FRAME_BUDGET),
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         }
     }
 }

@@ -145,6 +145,103 @@ where
     Ok(Response::from_parts(parts, ResponseBody::new(recv, lease)))
 }
 
+/// Refuses, before any upstream work, what sluice will not forward: HTTP/2
+/// requests that are not gRPC (415, as the gRPC spec asks, unless
+/// `server.non_grpc = "forward"`), and calls beyond `server.max_in_flight`
+/// (trailers-only RESOURCE_EXHAUSTED).
+#[derive(Clone, Debug)]
+pub(crate) struct Admission<S> {
+    inner: S,
+    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
+    max_in_flight: usize,
+    refuse_non_grpc: bool,
+}
+
+impl<S> Admission<S> {
+    pub(crate) fn new(
+        inner: S,
+        counters: Arc<Counters>,
+        metrics: Arc<Metrics>,
+        max_in_flight: usize,
+        refuse_non_grpc: bool,
+    ) -> Self {
+        Self {
+            inner,
+            counters,
+            metrics,
+            max_in_flight,
+            refuse_non_grpc,
+        }
+    }
+}
+
+impl<S, ReqBody, B> Service<Request<ReqBody>> for Admission<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<B>>,
+    B: Default,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = AdmissionFuture<S::Future, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        if self.refuse_non_grpc {
+            let grpc = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(sluice_layers::grpc::is_grpc_content_type);
+            if !grpc {
+                self.metrics.refused(RefusalReason::not_grpc);
+                let mut res = Response::new(B::default());
+                *res.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+                return AdmissionFuture::Refused { res: Some(res) };
+            }
+        }
+        if self.counters.snapshot().calls_in_flight >= self.max_in_flight {
+            self.metrics.refused(RefusalReason::overloaded);
+            let res = status::trailers_only(
+                Code::ResourceExhausted,
+                "sluice is at server.max_in_flight calls; retry later",
+            );
+            return AdmissionFuture::Refused { res: Some(res) };
+        }
+        AdmissionFuture::Called {
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Admission`]: a refusal, or the inner call.
+    #[project = AdmissionProj]
+    #[derive(Debug)]
+    pub(crate) enum AdmissionFuture<F, B> {
+        Refused { res: Option<Response<B>> },
+        Called { #[pin] fut: F },
+    }
+}
+
+impl<F, B, E> Future for AdmissionFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AdmissionProj::Refused { res } => {
+                Poll::Ready(Ok(res.take().expect("polled after completion")))
+            }
+            AdmissionProj::Called { fut } => fut.poll(cx),
+        }
+    }
+}
+
 /// The one place leftover errors become what the client gets: a
 /// trailers-only gRPC status, or (for an upstream reset) the same error,
 /// which the server passes on as RST_STREAM with the upstream's reason.

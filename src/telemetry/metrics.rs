@@ -22,6 +22,10 @@ pub(crate) enum RefusalReason {
     upstream_unavailable,
     /// Something unexpected inside sluice.
     internal,
+    /// An HTTP/2 request that is not gRPC (answered 415).
+    not_grpc,
+    /// Past `server.max_in_flight` (answered RESOURCE_EXHAUSTED).
+    overloaded,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
