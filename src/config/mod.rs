@@ -67,6 +67,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// HTTP/2 PING interval on idle-looking connections, both sides: 20 s, what
 /// gRPC's keepalive guidance uses, well under common NAT/LB idle cutoffs.
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// HTTP/2 PING interval to the upstream, sent only while calls are in
+/// flight: 5 min, the minimum grpc-go and gRPC C-core servers allow by
+/// default; pinging more often earns GOAWAY(too_many_pings) from them.
+pub const DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(300);
 /// A PING unanswered for this long marks the peer dead and closes the
 /// connection (gRPC's default keepalive timeout).
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -252,7 +256,7 @@ pub struct UpstreamConfig {
     /// Framing overhead allowed for buffered small DATA frames from the
     /// upstream (see [`DEFAULT_UPSTREAM_DATA_FRAME_BUDGET`]).
     pub data_frame_budget: ByteSize,
-    /// HTTP/2 PING interval to the upstream.
+    /// HTTP/2 PING interval to the upstream, while calls are in flight.
     #[serde(with = "value::duration")]
     pub keepalive_interval: Duration,
     /// Unanswered PING timeout before the upstream connection is dropped.
@@ -365,7 +369,7 @@ impl Default for UpstreamConfig {
             initial_connection_window: WindowSize(DEFAULT_CONNECTION_WINDOW),
             max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
             data_frame_budget: ByteSize(DEFAULT_UPSTREAM_DATA_FRAME_BUDGET),
-            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_interval: DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         }
     }

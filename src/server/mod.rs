@@ -219,6 +219,10 @@ async fn connection<S, B>(
             debug!(%peer, "HTTP/1 request on the h2c port; answering 505");
             return sniff::refuse_http1(tcp).await;
         }
+        Ok(Ok(sniff::Protocol::NotSettingsFirst)) => {
+            debug!(%peer, "first frame after the preface is not SETTINGS; GOAWAY(PROTOCOL_ERROR)");
+            return sniff::refuse_bad_preface(tcp).await;
+        }
         Ok(Ok(sniff::Protocol::Closed) | Err(_)) => return,
         Err(_) => {
             debug!(%peer, "no HTTP/2 preface within the handshake timeout; closing");

@@ -11,6 +11,9 @@ use tokio::{
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The preface plus the header of the first frame, which must be SETTINGS.
+const SNIFF_LEN: usize = PREFACE.len() + 9;
+const SETTINGS: u8 = 0x4;
 /// Pause between peeks while the preface arrives in pieces: peeking again
 /// at once would spin on the bytes already there.
 const PARTIAL_PAUSE: Duration = Duration::from_millis(5);
@@ -26,29 +29,61 @@ pub(super) enum Protocol {
     Http2,
     /// An HTTP/1.x request line.
     Http1,
+    /// The preface, then a first frame that is not SETTINGS: a connection
+    /// error PROTOCOL_ERROR (RFC 9113 §3.4), which h2 does not check.
+    NotSettingsFirst,
     /// The peer closed before saying anything.
     Closed,
 }
 
 /// Peeks until the first bytes decide the protocol.
 pub(super) async fn sniff(tcp: &TcpStream) -> std::io::Result<Protocol> {
-    let mut buf = [0u8; PREFACE.len()];
+    let mut buf = [0u8; SNIFF_LEN];
     loop {
         let n = tcp.peek(&mut buf).await?;
         if n == 0 {
             return Ok(Protocol::Closed);
         }
-        if buf[..n] != PREFACE[..n] {
+        let preface = n.min(PREFACE.len());
+        if buf[..preface] != PREFACE[..preface] {
             return Ok(if looks_like_http1(&buf[..n]) {
                 Protocol::Http1
             } else {
                 Protocol::Http2
             });
         }
-        if n == PREFACE.len() {
-            return Ok(Protocol::Http2);
+        if n == SNIFF_LEN {
+            return Ok(if buf[PREFACE.len() + 3] == SETTINGS {
+                Protocol::Http2
+            } else {
+                Protocol::NotSettingsFirst
+            });
         }
         tokio::time::sleep(PARTIAL_PAUSE).await;
+    }
+}
+
+/// Answers a connection whose first frame is not SETTINGS: the server
+/// preface (an empty SETTINGS), then GOAWAY(PROTOCOL_ERROR, last stream 0).
+pub(super) async fn refuse_bad_preface(mut tcp: TcpStream) {
+    const GOAWAY: u8 = 0x7;
+    const PROTOCOL_ERROR: u32 = 0x1;
+    let mut out = Vec::with_capacity(9 + 17);
+    out.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&[0, 0, 8, GOAWAY, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&PROTOCOL_ERROR.to_be_bytes());
+    let _ = tcp.write_all(&out).await;
+    let _ = tcp.shutdown().await;
+    // Drain what the peer already sent, so closing is a FIN, not a reset
+    // that could destroy the GOAWAY before it is read.
+    let mut sink = [0u8; 4096];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut sink)).await
+    {
+        if n == 0 {
+            break;
+        }
     }
 }
 

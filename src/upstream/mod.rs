@@ -269,9 +269,14 @@ impl Pool {
         let gauge = Gauge::hold(&inner.counters, Kind::UpstreamConnection);
         let pool = Arc::downgrade(&self.inner);
         let name = inner.name.clone();
+        let keepalive = (
+            inner.config.keepalive_interval,
+            inner.config.keepalive_timeout,
+        );
+        let in_flight = conn.in_flight.clone();
         tokio::spawn(async move {
             let _gauge = gauge;
-            if let Err(e) = connection.await {
+            if let Err(e) = drive(connection, keepalive, &in_flight, &name).await {
                 if e.is_io() || e.is_go_away() {
                     debug!(upstream = %name, error = %e, "upstream connection closed");
                 } else {
@@ -284,6 +289,44 @@ impl Pool {
         });
         debug!(upstream = %inner.name, id, "upstream connection open");
         Ok(conn)
+    }
+}
+
+/// Drives an upstream connection, pinging it every `interval` while calls
+/// are in flight; a PING unanswered within `timeout` means the upstream is
+/// gone (a dead host, a silent network drop), and the connection is
+/// dropped so its calls fail with UNAVAILABLE instead of hanging.
+async fn drive(
+    mut connection: h2::client::Connection<TcpStream, Bytes>,
+    (interval, timeout): (Duration, Duration),
+    in_flight: &AtomicUsize,
+    name: &str,
+) -> Result<(), h2::Error> {
+    let mut pinger = connection.ping_pong();
+    let mut next = Instant::now() + interval;
+    loop {
+        tokio::select! {
+            result = &mut connection => return result,
+            () = tokio::time::sleep_until(next), if pinger.is_some() => {
+                next = Instant::now() + interval;
+                if in_flight.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let Some(pinger) = pinger.as_mut() else { continue };
+                let pong = tokio::time::timeout(timeout, pinger.ping(h2::Ping::opaque()));
+                tokio::select! {
+                    result = &mut connection => return result,
+                    answered = pong => match answered {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {
+                            warn!(upstream = %name, ?timeout, "upstream did not answer PING; dropping the connection");
+                            return Ok(());
+                        }
+                    },
+                }
+            }
+        }
     }
 }
 

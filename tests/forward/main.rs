@@ -10,7 +10,11 @@ mod errors;
 mod flow;
 mod half_close;
 mod headers_first;
+mod hostile;
 mod hygiene;
 mod leaks;
 mod metrics;
+// Shared with tests/memory.rs, which uses the parts this binary does not.
+#[allow(dead_code)]
+mod raw;
 mod trailers;

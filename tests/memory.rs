@@ -1,0 +1,261 @@
+//! Issue #4, the attacks whose cost is memory: sluice's RSS must stay
+//! within 16 MiB of where it started while each runs. A test binary of its
+//! own, its tests run one at a time, so `/proc/self/status` measures the
+//! attack and not a neighbouring test.
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "forward/raw.rs"]
+mod raw;
+#[allow(dead_code, unreachable_pub)]
+#[path = "forward/support.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use prost::Message;
+use sluice::{Config, Running};
+use sluice_testkit::{EchoServer, Req};
+
+use crate::{raw::*, support::*};
+
+const MIB: u64 = 1 << 20;
+
+/// One attack at a time in this process.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn setup(tune: impl FnOnce(&mut Config)) -> (EchoServer, Running) {
+    trace_init();
+    let upstream = EchoServer::start().await;
+    let mut config = config(upstream.addr);
+    tune(&mut config);
+    let sluice = sluice::run(&config).await.expect("sluice");
+    (upstream, sluice)
+}
+
+fn grpc_message(req: &Req) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(req.encoded_len()).expect("small"));
+    req.encode(&mut buf).expect("encode");
+    buf.to_vec()
+}
+
+async fn normal_calls(addr: std::net::SocketAddr, n: usize) {
+    let mut client = sluice_testkit::client(addr);
+    for seq in 0..n as u64 {
+        let reply = within(
+            "normal call",
+            client.unary(Req {
+                seq,
+                ..Req::default()
+            }),
+        )
+        .await
+        .expect("a normal client is served");
+        assert_eq!(reply.into_inner().seq, seq);
+    }
+}
+
+// 1. Rapid reset (CVE-2023-44487).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_is_cut_off_with_enhance_your_calm() {
+    let _serial = SERIAL.lock().await;
+    let (upstream, sluice) = setup(|_| {}).await;
+    let addr = sluice.listen_addr();
+    let rss_before = rss();
+    let normal = tokio::spawn(async move {
+        let mut client = sluice_testkit::client(addr);
+        let (mut ok, mut total) = (0u32, 0u32);
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end {
+            total += 1;
+            if tokio::time::timeout(Duration::from_secs(1), client.unary(Req::default()))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                ok += 1;
+            }
+        }
+        (ok, total)
+    });
+
+    let mut raw = Raw::handshake(addr).await;
+    let message = frame(DATA, END_STREAM, 0, &grpc_message(&Req::default()));
+    let mut sent = 0u32;
+    let mut stream = 1u32;
+    let started = Instant::now();
+    'attack: while sent < 20_000 && started.elapsed() < Duration::from_secs(3) {
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            batch.extend(frame(
+                HEADERS,
+                END_HEADERS,
+                stream,
+                &block_of(&grpc_fields("Unary")),
+            ));
+            let mut data = message.clone();
+            data[5..9].copy_from_slice(&stream.to_be_bytes());
+            batch.extend(data);
+            batch.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+            stream += 2;
+            sent += 1;
+        }
+        if !raw.try_send(&batch, Duration::from_secs(1)).await {
+            break 'attack;
+        }
+    }
+    let after_attack = rss();
+    let goaway = raw.goaway().await.expect("the attacker gets GOAWAY");
+    assert_eq!(goaway.error_code(), ENHANCE_YOUR_CALM, "{goaway:?}");
+    assert!(
+        sent < 20_000,
+        "the connection was cut off before the attack ended"
+    );
+
+    let (ok, total) = normal.await.expect("normal client");
+    assert!(
+        f64::from(ok) >= 0.9 * f64::from(total),
+        "normal client: {ok}/{total}"
+    );
+    let counts = upstream.probe.counts();
+    let attack_calls = counts.started.saturating_sub(u64::from(total));
+    assert!(
+        attack_calls * 20 <= u64::from(sent),
+        "{attack_calls} of {sent} reset streams reached the upstream"
+    );
+    assert!(sluice.stats().upstream_connections <= 1);
+    let grown = after_attack.saturating_sub(rss_before);
+    assert!(
+        grown < 16 * MIB,
+        "RSS grew {} MiB during the attack",
+        grown / MIB
+    );
+}
+
+// 3. Oversized header lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mib_header_list_is_refused_and_never_forwarded() {
+    let _serial = SERIAL.lock().await;
+    let (upstream, sluice) = setup(|_| {}).await;
+    let rss_before = rss();
+    let big_value = vec![b'v'; 1 << 20];
+    let many: Vec<(Vec<u8>, Vec<u8>)> = (0..10_000)
+        .map(|i| (format!("x-field-{i}").into_bytes(), vec![b'f'; 100]))
+        .collect();
+    for (what, extra) in [
+        ("one 1 MiB value", vec![(b"x-big".to_vec(), big_value)]),
+        ("10 000 fields", many),
+    ] {
+        let mut raw = Raw::handshake(sluice.listen_addr()).await;
+        let mut fields = grpc_fields("Unary");
+        fields.extend(extra);
+        let block = block_of(&fields);
+        let chunks: Vec<&[u8]> = block.chunks(16_384).collect();
+        let last = chunks.len() - 1;
+        let mut stopped = false;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let (kind, flags) = match i {
+                0 => (
+                    HEADERS,
+                    END_STREAM | if last == 0 { END_HEADERS } else { 0 },
+                ),
+                i if i == last => (CONTINUATION, END_HEADERS),
+                _ => (CONTINUATION, 0),
+            };
+            if !raw
+                .try_send(&frame(kind, flags, 1, chunk), Duration::from_secs(1))
+                .await
+            {
+                stopped = true;
+                break;
+            }
+        }
+        // The answer: a 431 response, a reset, or GOAWAY; never a forward.
+        let answer = raw
+            .until(|f| matches!(f.kind, HEADERS | RST_STREAM | GOAWAY))
+            .await;
+        assert!(answer.is_some() || stopped, "{what}: no answer at all");
+    }
+    normal_calls(sluice.listen_addr(), 2).await;
+    assert_eq!(upstream.probe.counts().started, 2);
+    assert!(rss().saturating_sub(rss_before) < 16 * MIB);
+}
+
+// 4. SETTINGS and PING floods from a peer that never reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_and_ping_floods_stay_bounded() {
+    let _serial = SERIAL.lock().await;
+    let (_upstream, sluice) = setup(|_| {}).await;
+    let rss_before = rss();
+    let mut pings = Vec::new();
+    for i in 0..1000u64 {
+        pings.extend(frame(PING, 0, 0, &i.to_be_bytes()));
+    }
+    let settings = frame(SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0]);
+    let mut flood_settings = Vec::new();
+    for _ in 0..1000 {
+        flood_settings.extend_from_slice(&settings);
+    }
+    let mut raw = Raw::handshake(sluice.listen_addr()).await;
+    let end = Instant::now() + Duration::from_secs(2);
+    let mut batches = 0;
+    while Instant::now() < end && batches < 400 {
+        let batch = if batches % 2 == 0 {
+            &pings
+        } else {
+            &flood_settings
+        };
+        if !raw.try_send(batch, Duration::from_millis(200)).await {
+            break; // sluice stopped reading: throttled
+        }
+        batches += 1;
+    }
+    // Other clients are served meanwhile.
+    normal_calls(sluice.listen_addr(), 3).await;
+    assert!(
+        rss().saturating_sub(rss_before) < 16 * MIB,
+        "grew {} MiB",
+        (rss() - rss_before) / MIB
+    );
+}
+
+// 5. Zero-window readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_window_readers_do_not_pull_responses_into_memory() {
+    let _serial = SERIAL.lock().await;
+    let (upstream, sluice) = setup(|_| {}).await;
+    let rss_before = rss();
+    let mut raw = Raw::connect(sluice.listen_addr()).await;
+    raw.send(PREFACE).await;
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: no stream may receive anything.
+    raw.send(&frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0])).await;
+    raw.until(|f| f.kind == SETTINGS && f.flags & ACK == 0)
+        .await
+        .expect("settings");
+    raw.send(&frame(SETTINGS, ACK, 0, &[])).await;
+    let req = Req {
+        replies: 1024,
+        reply_size: 64 << 10,
+        ..Req::default()
+    };
+    for i in 0..20u32 {
+        let stream = 1 + 2 * i;
+        raw.request(stream, "ServerStream", false).await;
+        raw.send(&frame(DATA, END_STREAM, stream, &grpc_message(&req)))
+            .await;
+    }
+    upstream.probe.wait_for(LIMIT, |c| c.started == 20).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // give it every chance to over-read
+    let sent = upstream.probe.counts().replies_sent;
+    // 20 streams x 1 MiB stream windows, capped by the 4 MiB upstream
+    // connection window: ~64 replies of 64 KiB, plus tonic's buffering.
+    assert!(
+        sent <= 160,
+        "upstream sent {sent} replies ({} MiB) to zero-window readers",
+        sent / 16
+    );
+    assert!(rss().saturating_sub(rss_before) < 16 * MIB);
+    drop(raw);
+    normal_calls(sluice.listen_addr(), 1).await;
+}
