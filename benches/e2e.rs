@@ -8,12 +8,14 @@
 //! CPU are its own. Every phase is bounded in time; the whole run takes
 //! about a minute. `SLUICE_BENCH_SECS` changes the length of each phase.
 
+mod support;
+
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use support::{SluiceProcess, percentile};
 
 use sluice_testkit::{EchoClient, EchoServer, Req};
 use tokio::sync::mpsc;
@@ -35,84 +37,27 @@ fn phase() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-/// The sluice child process; killed on drop.
-struct Sluice {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Sluice {
-    fn start(upstream: SocketAddr, workers: Option<usize>) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        if let Some(workers) = workers {
-            let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("e2e-{}-{workers}.toml", std::process::id()));
-            std::fs::write(&path, format!("[runtime]\nworker_threads = {workers}\n"))
-                .expect("write bench config");
-            cmd.arg("--config").arg(path);
-        }
-        let mut child = cmd
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                &upstream.to_string(),
-            ])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn sluice");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines.next().expect("sluice exited").expect("stderr");
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .expect("address")
-                    .parse()
-                    .expect("socket address");
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
+/// Starts sluice in front of `upstream`, with `workers` runtime threads
+/// when given (through a config file), else its defaults.
+fn start_sluice(upstream: SocketAddr, workers: Option<usize>) -> SluiceProcess {
+    let up = upstream.to_string();
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up,
+        "--admin",
+        "off",
+    ];
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("e2e-{}.toml", std::process::id()));
+    let path_text = path.to_string_lossy().into_owned();
+    if let Some(workers) = workers {
+        std::fs::write(&path, format!("[runtime]\nworker_threads = {workers}\n"))
+            .expect("write bench config");
+        args.extend(["--config", &path_text]);
     }
-
-    fn proc_status(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("field present")
-    }
-
-    /// Resident set size, KiB.
-    fn rss_kib(&self) -> u64 {
-        self.proc_status("VmRSS:")
-    }
-
-    /// User + system CPU time, seconds.
-    fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .expect("read /proc stat");
-        // Fields after the command name (which is in parentheses).
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 =
-            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-        ticks as f64 / 100.0
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    SluiceProcess::start(&args)
 }
 
 fn clients(addr: SocketAddr) -> Vec<EchoClient<Channel>> {
@@ -132,12 +77,7 @@ struct Result {
 }
 
 fn percentiles(mut lat: Vec<u32>) -> (f64, f64) {
-    if lat.is_empty() {
-        return (0.0, 0.0);
-    }
-    lat.sort_unstable();
-    let at = |q: f64| f64::from(lat[((lat.len() - 1) as f64 * q) as usize]);
-    (at(0.50), at(0.99))
+    (percentile(&mut lat, 0.50), percentile(&mut lat, 0.99))
 }
 
 /// Joins tasks that each return their calls' latencies (µs) and sums them
@@ -287,7 +227,7 @@ async fn bidi(addr: SocketAddr, dur: Duration) -> Result {
 
 /// Memory sluice needs per idle downstream connection: open many h2
 /// connections that do nothing, and divide the RSS growth.
-async fn idle_connection_cost(sluice: &Sluice) -> f64 {
+async fn idle_connection_cost(sluice: &SluiceProcess) -> f64 {
     let before = sluice.rss_kib();
     let mut conns = Vec::with_capacity(IDLE_CONNECTIONS);
     for _ in 0..IDLE_CONNECTIONS {
@@ -339,7 +279,7 @@ fn main() {
     client_rt.block_on(async {
         let upstream = EchoServer::start().await;
         let workers = std::env::var("SLUICE_BENCH_WORKERS").ok().and_then(|w| w.parse().ok());
-        let sluice = Sluice::start(upstream.addr, workers);
+        let sluice = start_sluice(upstream.addr, workers);
         let started = Instant::now();
         println!(
             "e2e: {CONNECTIONS} connections; unary {UNARY_PAYLOAD} B x {UNARY_IN_FLIGHT} in flight; \

@@ -8,10 +8,10 @@
 //! (tonic channels, which reconnect as gRPC clients do) finish their calls
 //! on the old connection and open new ones to the new process.
 
+mod support;
+
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -20,6 +20,7 @@ use std::{
 };
 
 use sluice_testkit::{EchoServer, Req};
+use support::SluiceProcess;
 
 const RESTARTS: usize = 20;
 /// Transparent retries per call, as gRPC clients do for a call the
@@ -30,49 +31,25 @@ const CHANNELS: usize = 4;
 /// Upper bound on the whole run.
 const RUN_LIMIT: Duration = Duration::from_secs(90);
 
-fn start_sluice(config: &std::path::Path) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn sluice");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("sluice exited at start")
-            .expect("stderr");
-        if line.contains("listening on ") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    child
+fn start_sluice(config: &std::path::Path) -> SluiceProcess {
+    SluiceProcess::start(&["--config", &config.to_string_lossy()])
 }
 
-fn terminate(child: &mut Child) -> Duration {
-    let start = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(0), "sluice exits 0 after a drain");
-    start.elapsed()
-}
-
-/// Whether the client's transport never sent the call: hyper cancelled it
-/// because the connection had received GOAWAY before the request left.
+/// Whether the server never processed the call, so that a gRPC client
+/// retries it transparently (gRFC A6): hyper cancelled it before it left
+/// (the connection had just received GOAWAY), or the server's GOAWAY named
+/// a last stream id below it (h2 fails exactly those streams with a
+/// remote GOAWAY error, and only those).
 fn was_never_sent(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(err) = source {
-        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
-            return hyper.is_canceled();
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>()
+            && hyper.is_canceled()
+        {
+            return true;
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote();
         }
         source = err.source();
     }
@@ -176,7 +153,7 @@ fn main() {
             .await
             .expect("start");
             let mut old = std::mem::replace(&mut current, next);
-            let drain = tokio::task::spawn_blocking(move || terminate(&mut old))
+            let drain = tokio::task::spawn_blocking(move || old.terminate())
                 .await
                 .expect("terminate");
             drains.push(drain);
@@ -184,7 +161,7 @@ fn main() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         stop.store(true, Ordering::Relaxed);
         while load.join_next().await.is_some() {}
-        let _ = tokio::task::spawn_blocking(move || terminate(&mut current)).await;
+        let _ = tokio::task::spawn_blocking(move || current.terminate()).await;
         let _ = std::fs::remove_file(&config);
 
         drains.sort();
@@ -195,7 +172,7 @@ fn main() {
             started.elapsed().as_secs_f64()
         );
         println!(
-            "calls: {} ok, {} failed ({} attempts never left the client and were retried \
+            "calls: {} ok, {} failed ({} attempts the server never processed were retried \
              transparently, as grpc-go/grpc-java/grpcio do; tonic does not)",
             ok.load(Ordering::Relaxed),
             failed.load(Ordering::Relaxed),

@@ -181,7 +181,10 @@ async fn a_one_mib_header_list_is_refused_and_never_forwarded() {
             .await;
         assert!(answer.is_some() || stopped, "{what}: no answer at all");
     }
-    assert!(upstream.heads.try_recv().is_err(), "an oversized header list was forwarded");
+    assert!(
+        upstream.heads.try_recv().is_err(),
+        "an oversized header list was forwarded"
+    );
     assert!(rss().saturating_sub(rss_before) < 16 * MIB);
 }
 

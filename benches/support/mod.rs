@@ -1,0 +1,104 @@
+//! What the process-level benches share: sluice as a real child process,
+//! with its address read from its log line and its RSS and CPU read from
+//! /proc. Each bench uses the part it needs.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A sluice child process; killed on drop.
+pub(crate) struct SluiceProcess {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
+}
+
+impl SluiceProcess {
+    /// Starts `sluice ARGS…` and waits for the line naming its addresses.
+    pub(crate) fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn sluice");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let line = loop {
+            let line = lines
+                .next()
+                .expect("sluice exited at start")
+                .expect("stderr");
+            if line.contains("listening on ") {
+                break line;
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .expect("listen address");
+        Self { child, addr }
+    }
+
+    fn status_field(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc status")
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("field present")
+    }
+
+    /// Resident set size, KiB.
+    pub(crate) fn rss_kib(&self) -> u64 {
+        self.status_field("VmRSS:")
+    }
+
+    /// User + system CPU time, seconds.
+    pub(crate) fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("/proc stat");
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        ticks as f64 / 100.0
+    }
+
+    /// SIGTERM, then waits for the exit; returns the time it took.
+    pub(crate) fn terminate(&mut self) -> Duration {
+        let start = Instant::now();
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+        let status = self.child.wait().expect("wait");
+        assert_eq!(status.code(), Some(0), "sluice exits 0 after a drain");
+        start.elapsed()
+    }
+}
+
+impl Drop for SluiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// p-th percentile of `values` (sorted in place).
+pub(crate) fn percentile(values: &mut [u32], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_unstable();
+    f64::from(values[((values.len() - 1) as f64 * p) as usize])
+}
