@@ -496,3 +496,53 @@ async fn connections_past_the_limit_get_goaway_and_calls_past_it_resource_exhaus
     assert_eq!(upstream.probe.counts().started, 2);
     drop(hanging);
 }
+
+// 1. Rapid reset on streams sluice already accepted and forwarded, which
+// h2's pending-accept count cannot see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resetting_accepted_calls_too_fast_gets_goaway() {
+    let (upstream, sluice) = setup(|c| c.server.max_resets_per_second = 20).await;
+    let mut raw = Raw::handshake(sluice.listen_addr()).await;
+    let hang = grpc_message(&Req {
+        headers_then_hang: true,
+        ..Req::default()
+    });
+    let mut reset = 0;
+    let mut goaway = None;
+    for i in 0..60u32 {
+        let stream = 1 + 2 * i;
+        raw.request(stream, "ServerStream", false).await;
+        raw.send(&frame(DATA, END_STREAM, stream, &hang)).await;
+        // Wait until the call is accepted and answered, then cancel it.
+        let answer = raw
+            .until(|f| f.kind == GOAWAY || (f.kind == HEADERS && f.stream == stream))
+            .await
+            .expect("an answer");
+        if answer.kind == GOAWAY {
+            goaway = Some(answer);
+            break;
+        }
+        if !raw
+            .try_send(
+                &frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()),
+                Duration::from_secs(1),
+            )
+            .await
+        {
+            break;
+        }
+        reset += 1;
+    }
+    let goaway = match goaway {
+        Some(g) => g,
+        None => raw
+            .goaway()
+            .await
+            .expect("GOAWAY for a client resetting too fast"),
+    };
+    assert!(reset > 20 && reset < 60, "cut off after {reset} resets");
+    assert!(goaway.last_stream_id() > 0, "{goaway:?}");
+    // Every reset call reached the upstream and was cancelled there.
+    upstream.probe.wait_for(LIMIT, |c| c.cancelled >= 20).await;
+    normal_calls(sluice.listen_addr(), 1).await;
+}
