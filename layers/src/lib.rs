@@ -66,6 +66,7 @@ mod macros;
 pub mod deadline;
 pub mod drain;
 pub mod grpc;
+pub mod peek;
 
 /// A type-erased error, the currency between layers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -4,6 +4,7 @@
 pub mod framing;
 pub mod status;
 pub mod timeout;
+pub mod wire;
 
 /// The `content-type` of every gRPC call this crate produces.
 pub const CONTENT_TYPE: &str = "application/grpc";

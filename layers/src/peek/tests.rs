@@ -1,0 +1,185 @@
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::sync::{mpsc, oneshot};
+use tower::{Layer, ServiceExt, service_fn};
+
+use super::{PeekLayer, Peeked, PeekedMessage, ReplayBody};
+use crate::grpc::status::{self, Code};
+
+/// A request body fed from a channel, one chunk per frame.
+#[derive(Debug)]
+struct Chunks(mpsc::Receiver<Bytes>);
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+fn message(flag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![flag];
+    m.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// An inner service that reports what it saw: the peeked messages and the
+/// whole body it received.
+fn recorder<B>(
+    seen: oneshot::Sender<(Vec<PeekedMessage>, Bytes)>,
+) -> impl tower::Service<
+    Request<ReplayBody<B>>,
+    Response = Response<Empty<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Debug,
+{
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Some(seen)));
+    service_fn(move |req: Request<ReplayBody<B>>| {
+        let seen = seen.clone();
+        async move {
+            let peeked = req
+                .extensions()
+                .get::<Peeked>()
+                .expect("peeked")
+                .messages()
+                .to_vec();
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            if let Some(tx) = seen.lock().expect("lock").take() {
+                let _ = tx.send((peeked, body));
+            }
+            Ok(Response::new(Empty::new()))
+        }
+    })
+}
+
+#[tokio::test]
+async fn peeks_a_message_split_across_chunks_and_replays_every_byte() {
+    let mut wire = message(0, b"first message");
+    wire.extend(message(0, b"second"));
+    let (tx, rx) = mpsc::channel(16);
+    for chunk in wire.chunks(3) {
+        tx.send(Bytes::copy_from_slice(chunk))
+            .await
+            .expect("queued");
+    }
+    drop(tx);
+    let (seen_tx, seen) = oneshot::channel();
+    let svc = PeekLayer::new().layer(recorder::<Chunks>(seen_tx));
+    svc.oneshot(Request::new(Chunks(rx))).await.expect("ok");
+    let (peeked, body) = seen.await.expect("inner called");
+    assert_eq!(
+        peeked,
+        [PeekedMessage::new(Bytes::from_static(b"first message"))]
+    );
+    assert_eq!(&body[..], &wire[..], "every byte replayed, in order");
+}
+
+#[tokio::test]
+async fn the_rest_of_the_stream_is_not_read_before_the_call() {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(Bytes::from(message(0, b"one")))
+        .await
+        .expect("queued");
+    let (called_tx, called) = oneshot::channel();
+    let called_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(called_tx)));
+    let svc = PeekLayer::new().layer(service_fn(move |req: Request<ReplayBody<Chunks>>| {
+        if let Some(tx) = called_tx.lock().expect("lock").take() {
+            let _ = tx.send(());
+        }
+        async move {
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            Ok::<_, Infallible>(Response::new(Full::new(body)))
+        }
+    }));
+    let call = tokio::spawn(svc.oneshot(Request::new(Chunks(rx))));
+    // The inner service is called while the client is still sending.
+    called.await.expect("called after the first message only");
+    tx.send(Bytes::from(message(0, b"two")))
+        .await
+        .expect("stream still open");
+    drop(tx);
+    let res = call.await.expect("task").expect("ok");
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], [message(0, b"one"), message(0, b"two")].concat());
+}
+
+#[tokio::test]
+async fn a_stream_with_no_message_still_proceeds() {
+    let (seen_tx, seen) = oneshot::channel();
+    let svc = PeekLayer::new().layer(recorder::<Empty<Bytes>>(seen_tx));
+    svc.oneshot(Request::new(Empty::new())).await.expect("ok");
+    let (peeked, body) = seen.await.expect("inner called");
+    assert!(peeked.is_empty());
+    assert!(body.is_empty());
+}
+
+#[tokio::test]
+async fn compressed_messages_are_marked() {
+    let (seen_tx, seen) = oneshot::channel();
+    let svc = PeekLayer::new().layer(recorder::<Full<Bytes>>(seen_tx));
+    let wire = Bytes::from(message(1, b"gzipped"));
+    svc.oneshot(Request::new(Full::new(wire)))
+        .await
+        .expect("ok");
+    let (peeked, _) = seen.await.expect("inner called");
+    assert!(peeked[0].compressed());
+}
+
+#[tokio::test]
+async fn over_the_budget_is_refused_with_resource_exhausted() {
+    let (seen_tx, seen) = oneshot::channel();
+    let svc = PeekLayer::new()
+        .max_bytes(100)
+        .layer(recorder::<Full<Bytes>>(seen_tx));
+    let wire = Bytes::from(message(0, &[7; 200]));
+    let res = svc
+        .oneshot(Request::new(Full::new(wire)))
+        .await
+        .expect("a refusal is a response");
+    assert_eq!(
+        status::code_of(res.headers()),
+        Some(Code::ResourceExhausted)
+    );
+    assert!(seen.await.is_err(), "the inner service was never called");
+}
+
+#[tokio::test]
+async fn the_first_message_can_be_replaced() {
+    let mut wire = message(0, b"original");
+    wire.extend(message(0, b"kept"));
+    let svc = PeekLayer::new().layer(service_fn(
+        |req: Request<ReplayBody<Full<Bytes>>>| async move {
+            let mut body = req.into_body();
+            body.replace_first_message(&Bytes::from_static(b"rewritten!"));
+            let bytes = body.collect().await.expect("body").to_bytes();
+            Ok::<_, Infallible>(Response::new(Full::new(bytes)))
+        },
+    ));
+    let res = svc
+        .oneshot(Request::new(Full::new(Bytes::from(wire))))
+        .await
+        .expect("ok");
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        &body[..],
+        [message(0, b"rewritten!"), message(0, b"kept")].concat()
+    );
+}
