@@ -1,10 +1,10 @@
 //! Reading one field of a protobuf message without its descriptor.
 //!
-//! A [`FieldPath`] such as `1.2` names field 2 of the message held in field
-//! 1. [`find`] walks the message's wire format just far enough to reach it,
-//! without copying, and treats malformed bytes as "not there": a router that
-//! matches on message contents must never panic or fail a call because a
-//! client sent garbage.
+//! A [`FieldPath`] such as `1.2` names field 2 of the message held in
+//! field 1. The [`find`] function walks the message's wire format just far
+//! enough to reach it, without copying, and treats malformed bytes as "not
+//! there": a router that matches on message contents must never panic or
+//! fail a call because a client sent garbage.
 //!
 //! ```
 //! use sluice_layers::grpc::wire::{FieldPath, Value, find};
