@@ -11,6 +11,10 @@
 //! | [`grpc::status`] | a gRPC [`Code`](grpc::status::Code) enum and the one builder of trailers-only status responses |
 //! | [`grpc::timeout`] | parsing and encoding of the `grpc-timeout` header |
 //! | [`deadline`] | [`DeadlineLayer`](deadline::DeadlineLayer): enforces `grpc-timeout` on the whole call, body included |
+//! | [`grpc::framing`] | counting length-prefixed messages over DATA chunks of any size |
+//! | [`grpc::wire`] | reading one protobuf field by path (`1.2`) without a descriptor |
+//! | [`peek`] | [`PeekLayer`](peek::PeekLayer): the first request messages, readable and replayed |
+//! | [`direct`] | [`DirectLayer`](direct::DirectLayer): a [`Director`](direct::Director) picks each call's route, or refuses it |
 //! | [`drain`] | [`DrainLayer`](drain::DrainLayer): refuses new calls with `UNAVAILABLE` once draining, holds the drain open until in-flight bodies end |
 //!
 //! Every refusal a layer makes is a gRPC response (HTTP 200, `grpc-status`,
@@ -48,7 +52,8 @@
 //! # Ordering
 //!
 //! Put [`drain`] outermost, so that a refusal while draining costs nothing
-//! below it and every call let in is counted until its body ends.
+//! below it and every call let in is counted until its body ends. Put
+//! [`peek`] above [`direct`], so the director sees the peeked messages.
 //!
 //! Put [`deadline`] outside every layer whose work the deadline should bound:
 //! when it fires it drops the inner future or body, which cancels whatever
@@ -64,6 +69,7 @@
 mod macros;
 
 pub mod deadline;
+pub mod direct;
 pub mod drain;
 pub mod grpc;
 pub mod peek;
