@@ -21,6 +21,7 @@
 mod admin;
 pub mod config;
 mod forward;
+mod route;
 mod server;
 mod stack;
 mod stats;
@@ -49,7 +50,7 @@ use crate::{
     config::{AdminListen, DrainConfig},
     stats::Counters,
     telemetry::metrics::{DrainState, Metrics},
-    upstream::Pool,
+    upstream::Groups,
 };
 
 /// After the drain deadline, how long connections get to deliver the
@@ -87,7 +88,7 @@ pub struct Running {
     abort: watch::Sender<bool>,
     server: JoinHandle<()>,
     admin_task: Option<JoinHandle<()>>,
-    pool: Pool,
+    groups: Arc<Groups>,
     counters: Arc<Counters>,
     metrics: Arc<Metrics>,
     drain: DrainConfig,
@@ -114,10 +115,13 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     let listen = local_addr(&listener, config.server.listen)?;
     let counters = Arc::new(Counters::default());
     let metrics = Arc::new(Metrics::new());
-    let pool = Pool::new(config.upstream.clone(), counters.clone());
+    let groups = Arc::new(Groups::from_config(config, &counters));
+    let routes = route::Routes::from_config(config);
     let (signal, watch) = drain::channel();
     let stack = stack::build(
-        pool.clone(),
+        groups.clone(),
+        routes,
+        config.routing.peek_max_bytes.0 as usize,
         counters.clone(),
         watch.clone(),
         metrics.clone(),
@@ -138,7 +142,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                 drain_requested: drain_requested.clone(),
                 metrics: metrics.clone(),
                 counters: counters.clone(),
-                pool: pool.clone(),
+                pool: groups.default_pool().clone(),
                 ready_requires_upstream: config.admin.ready_requires_upstream,
             });
             (
@@ -166,7 +170,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         abort,
         server,
         admin_task,
-        pool,
+        groups,
         counters,
         metrics,
         drain: config.drain.clone(),
@@ -291,7 +295,7 @@ impl Running {
         if !server_done {
             let _ = (&mut self.server).await;
         }
-        self.pool.close();
+        self.groups.close();
         let closing = Instant::now();
         while self.counters.snapshot().upstream_connections > 0
             && closing.elapsed() < UPSTREAM_CLOSE_WAIT
@@ -311,6 +315,12 @@ impl Running {
     pub async fn shutdown(self) {
         self.drain().await;
     }
+}
+
+/// One line per route of `config`, and what happens when none matches: what
+/// `sluice check` prints.
+pub fn describe_routes(config: &Config) -> Vec<String> {
+    route::Routes::describe(config)
 }
 
 /// Builds the tokio runtime the config asks for: a current-thread runtime

@@ -97,7 +97,14 @@ fn check(file: &std::path::Path) -> ExitCode {
             println!("{}: ok", file.display());
             println!("  listen    {} (h2c)", config.server.listen);
             println!("  upstream  {}", config.upstream.address);
-            println!("  routes    every call → {}", config.upstream.address);
+            for (name, group) in &config.upstreams {
+                let endpoints: Vec<String> =
+                    group.endpoints.iter().map(ToString::to_string).collect();
+                println!("  group     {name}: {}", endpoints.join(", "));
+            }
+            for line in sluice::describe_routes(&config) {
+                println!("  {line}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

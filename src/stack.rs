@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use sluice_layers::{
     deadline::{Deadline, DeadlineLayer},
+    direct::{Direct, DirectLayer},
     drain::{Drain, DrainLayer, Watch},
+    peek::{Peek, PeekLayer},
 };
 use tower::ServiceBuilder;
 
@@ -16,14 +18,15 @@ use tower_http::{
 use crate::{
     config::{NonGrpc, ServerConfig},
     forward::{Admission, Forward, Rescue},
+    route::Routes,
     stats::Counters,
     telemetry::{calls::CallMetrics, metrics::Metrics, trace},
-    upstream::Pool,
+    upstream::Groups,
 };
 
 /// The stack between the server and the upstream.
 pub(crate) type Stack = Trace<
-    CallMetrics<Rescue<Admission<Drain<Deadline<Forward>>>>>,
+    CallMetrics<Rescue<Admission<Drain<Peek<Direct<Deadline<Forward>, Routes>>>>>>,
     SharedClassifier<GrpcErrorsAsFailures>,
     trace::MakeSpan,
     (),
@@ -34,7 +37,9 @@ pub(crate) type Stack = Trace<
 >;
 
 pub(crate) fn build(
-    pool: Pool,
+    groups: Arc<Groups>,
+    routes: Routes,
+    peek_max_bytes: usize,
     counters: Arc<Counters>,
     drain: Watch,
     metrics: Arc<Metrics>,
@@ -67,10 +72,20 @@ pub(crate) fn build(
         // saw the final GOAWAY, which promised to process them; later ones
         // h2 refuses itself (REFUSED_STREAM, retried by clients).
         .layer(DrainLayer::new(drain.clone()).admit_while_draining(true))
+        // Read the first request message when a route matches on it (and
+        // nothing otherwise); it is replayed to the upstream untouched.
+        .layer(
+            PeekLayer::new()
+                .max_messages(usize::from(routes.needs_peek()))
+                .max_bytes(peek_max_bytes),
+        )
+        // Pick each call's upstream group from the config's routes, or
+        // refuse it with the status the route names.
+        .layer(DirectLayer::new(routes))
         // Enforce grpc-timeout over the whole call, body included: at the
         // deadline the client gets DEADLINE_EXCEEDED and dropping the
         // forwarder's future or body cancels the upstream stream.
         .layer(DeadlineLayer::new())
         // One upstream h2 stream per call.
-        .service(Forward::new(pool, counters.clone()))
+        .service(Forward::new(groups, counters.clone()))
 }

@@ -53,6 +53,17 @@ impl ConfigError {
         }
     }
 
+    pub(super) fn at(text: &str, offset: usize, key: String, message: String) -> Self {
+        let (line, column) = line_column(text, offset);
+        Self::Invalid {
+            file: None,
+            key: Some(key),
+            line,
+            column,
+            message,
+        }
+    }
+
     pub(super) fn in_file(self, path: &Path) -> Self {
         match self {
             Self::Invalid {

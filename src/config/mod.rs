@@ -19,6 +19,9 @@ pub use self::value::{ByteSize, HostPort, WindowSize};
 /// The embedded default configuration (`config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
+/// The name of the group `[upstream]` defines.
+pub const DEFAULT_GROUP: &str = "default";
+
 /// The listen address of the embedded default: every interface, port 15051.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15051";
 /// Where the embedded default forwards: the application in the same pod.
@@ -126,6 +129,117 @@ pub struct Config {
     pub admin: AdminConfig,
     /// OpenTelemetry span export.
     pub trace: TraceConfig,
+    /// More upstream groups, by name, besides `[upstream]` (group `default`).
+    pub upstreams: std::collections::BTreeMap<String, GroupConfig>,
+    /// Routes, tried in order; the first that matches decides.
+    pub routes: Vec<RouteConfig>,
+    /// What happens when no route matches, and how routing reads calls.
+    pub routing: RoutingConfig,
+}
+
+/// `[upstreams.NAME]`: a named group of endpoints.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// `host:port` of each endpoint.
+    pub endpoints: Vec<HostPort>,
+}
+
+/// `[[routes]]`: a match and what to do with the calls it matches. Every
+/// condition given must hold; a route with none matches every call.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A name for logs and `sluice check`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `/package.Service/Method`, with `*` matching any run of characters
+    /// (`/pkg.Svc/*`, `/pkg.*`).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// `:authority`, exactly.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Metadata conditions by key.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, TextMatch>,
+    /// A condition on a field of the first request message.
+    #[serde(default)]
+    pub field: Option<FieldMatch>,
+    /// The group to forward to (`default` is `[upstream]`).
+    #[serde(default)]
+    pub upstream: Option<toml::Spanned<String>>,
+    /// Refuse instead of forwarding.
+    #[serde(default)]
+    pub refuse: Option<RefuseConfig>,
+}
+
+/// A condition on a text value.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum TextMatch {
+    /// The value equals this.
+    Equals(String),
+    /// The value starts with this.
+    Prefix(String),
+    /// The key is present (any value).
+    Present(bool),
+}
+
+/// A condition on a field of the first request message, by protobuf field
+/// path (`1.2` = field 2 of the message in field 1), without a descriptor.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMatch {
+    /// The field path.
+    #[serde(deserialize_with = "value::field_path")]
+    pub path: sluice_layers::grpc::wire::FieldPath,
+    /// String value equals.
+    #[serde(default)]
+    pub equals: Option<String>,
+    /// String value starts with.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Integer value equals.
+    #[serde(default)]
+    pub int: Option<u64>,
+    /// The field is present.
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// A refusal: the status the client gets.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefuseConfig {
+    /// A gRPC status code name, e.g. `PERMISSION_DENIED`.
+    #[serde(deserialize_with = "value::grpc_code")]
+    pub code: sluice_layers::grpc::status::Code,
+    /// The status message.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// `[routing]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// When no route matches: `upstream` (the default group) or
+    /// `unimplemented` (refuse with UNIMPLEMENTED).
+    pub fallback: Fallback,
+    /// Bytes of request messages routing may hold to match on a field.
+    pub peek_max_bytes: ByteSize,
+}
+
+/// What happens to calls no route matches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Forward to the default group.
+    #[default]
+    Upstream,
+    /// Refuse with UNIMPLEMENTED.
+    Unimplemented,
 }
 
 /// `[trace]`: OpenTelemetry export of each call's span. Off unless an
@@ -311,10 +425,55 @@ impl Config {
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
         let de =
             toml::Deserializer::parse(text).map_err(|e| ConfigError::from_toml(text, None, &e))?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             ConfigError::from_toml(text, Some(path), e.inner())
-        })
+        })?;
+        config.validate(text)?;
+        Ok(config)
+    }
+
+    /// Checks what one value alone cannot: every route names a group that
+    /// exists, and does exactly one thing.
+    fn validate(&self, text: &str) -> Result<(), ConfigError> {
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            match (&route.upstream, &route.refuse) {
+                (Some(group), None) => {
+                    let name = group.get_ref();
+                    if name != DEFAULT_GROUP && !self.upstreams.contains_key(name) {
+                        return Err(ConfigError::at(
+                            text,
+                            group.span().start,
+                            format!("{key}.upstream"),
+                            format!("no upstream group named {name:?} (define [upstreams.{name}])"),
+                        ));
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        file: None,
+                        key: Some(key),
+                        line: 1,
+                        column: 1,
+                        message: "a route needs exactly one of `upstream` or `refuse`".to_owned(),
+                    });
+                }
+            }
+        }
+        for (name, group) in &self.upstreams {
+            if group.endpoints.is_empty() {
+                return Err(ConfigError::Invalid {
+                    file: None,
+                    key: Some(format!("upstreams.{name}.endpoints")),
+                    line: 1,
+                    column: 1,
+                    message: "a group needs at least one endpoint".to_owned(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads a configuration file.
@@ -411,6 +570,17 @@ impl<'de> Deserialize<'de> for AdminListen {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            fallback: Fallback::Upstream,
+            peek_max_bytes: ByteSize(
+                u32::try_from(sluice_layers::peek::DEFAULT_MAX_BYTES).expect("64 KiB fits"),
+            ),
+        }
     }
 }
 

@@ -210,3 +210,42 @@ pub(super) mod positive {
         Ok(n)
     }
 }
+
+/// A protobuf field path (`"1.2"`).
+pub(super) fn field_path<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<sluice_layers::grpc::wire::FieldPath, D::Error> {
+    String::deserialize(d)?.parse().map_err(de::Error::custom)
+}
+
+/// A gRPC status code by name (`"PERMISSION_DENIED"`) or number.
+pub(super) fn grpc_code<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<sluice_layers::grpc::status::Code, D::Error> {
+    use sluice_layers::grpc::status::Code;
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    let name = String::deserialize(d)?;
+    NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(&name))
+        .and_then(|i| Code::from_i32(i32::try_from(i).ok()?))
+        .ok_or_else(|| de::Error::custom(format!("unknown gRPC status code {name:?}")))
+}

@@ -32,10 +32,12 @@ use tower::Service;
 use self::stream::RequestPump;
 pub(crate) use self::stream::ResponseBody;
 use crate::{
+    config::DEFAULT_GROUP,
     stats::{Counters, Gauge, Kind},
     telemetry::metrics::{Metrics, RefusalReason},
-    upstream::{Pool, UpstreamError},
+    upstream::{Groups, UpstreamError},
 };
+use sluice_layers::direct::Route;
 
 /// Why a call could not be forwarded, with the side that failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,15 @@ pub(crate) enum ForwardError {
     /// as a reset with the same reason.
     #[error("upstream reset the call: {0}")]
     UpstreamReset(#[source] h2::Error),
+    /// The call already passed through this sluice: a routing loop.
+    #[error("routing loop: this call already passed through this sluice (sluice-via {0})")]
+    Loop(String),
+    /// The route is of a kind this forwarder does not carry out.
+    #[error("{0} routes are not supported by this forwarder")]
+    Unsupported(&'static str),
+    /// The route names no known group.
+    #[error("no upstream group named {0:?}")]
+    NoGroup(String),
 }
 
 impl ForwardError {
@@ -59,26 +70,47 @@ impl ForwardError {
     pub(crate) fn status(&self) -> Option<(Code, String)> {
         match self {
             Self::UpstreamReset(_) => None,
+            Self::Upstream(UpstreamError::Refused(_)) => Some((Code::Internal, self.to_string())),
             Self::Upstream(_) | Self::UpstreamLost(_) => {
                 Some((Code::Unavailable, self.to_string()))
             }
+            // ABORTED, as linkerd answers loops: retrying the same call
+            // would loop again, which is not FAILED_PRECONDITION's "fix the
+            // system state first".
+            Self::Loop(_) => Some((Code::Aborted, self.to_string())),
+            Self::Unsupported(_) => Some((Code::Unimplemented, self.to_string())),
+            Self::NoGroup(_) => Some((Code::Internal, self.to_string())),
         }
     }
 }
 
-/// The forwarder service: every call goes to the pool's upstream.
+/// The header that records which sluice instances a call passed through.
+const VIA: http::HeaderName = http::HeaderName::from_static("sluice-via");
+
+/// The forwarder service: each call goes to an endpoint of the group its
+/// [`Route`] names (the default group without one).
 ///
 /// Always ready: a call waits for an upstream connection inside its future,
 /// and fails with UNAVAILABLE if none can be had.
 #[derive(Clone, Debug)]
 pub(crate) struct Forward {
-    pool: Pool,
+    groups: Arc<Groups>,
     counters: Arc<Counters>,
+    /// This instance's id in `sluice-via`.
+    via: http::HeaderValue,
 }
 
 impl Forward {
-    pub(crate) fn new(pool: Pool, counters: Arc<Counters>) -> Self {
-        Self { pool, counters }
+    pub(crate) fn new(groups: Arc<Groups>, counters: Arc<Counters>) -> Self {
+        let id =
+            std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id());
+        let via =
+            http::HeaderValue::try_from(format!("{id:016x}")).expect("hex is a valid header value");
+        Self {
+            groups,
+            counters,
+            via,
+        }
     }
 }
 
@@ -98,13 +130,19 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        Box::pin(forward(self.pool.clone(), self.counters.clone(), req))
+        Box::pin(forward(
+            self.groups.clone(),
+            self.counters.clone(),
+            self.via.clone(),
+            req,
+        ))
     }
 }
 
 async fn forward<B>(
-    pool: Pool,
+    groups: Arc<Groups>,
     counters: Arc<Counters>,
+    via: http::HeaderValue,
     req: Request<B>,
 ) -> Result<Response<ResponseBody>, ForwardError>
 where
@@ -112,10 +150,29 @@ where
     B::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
+    let target = match parts.extensions.remove::<Route>() {
+        None => DEFAULT_GROUP.to_owned(),
+        Some(Route::One(destination)) => destination.target().to_owned(),
+        Some(Route::FanOut(_)) => return Err(ForwardError::Unsupported("fan-out")),
+        Some(_) => return Err(ForwardError::Unsupported("mirror")),
+    };
+    let group = groups.get(&target).ok_or(ForwardError::NoGroup(target))?;
+    if parts.headers.get_all(&VIA).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|id| id.trim_ascii() == via.as_bytes())
+    }) {
+        return Err(ForwardError::Loop(
+            String::from_utf8_lossy(via.as_bytes()).into_owned(),
+        ));
+    }
+    parts.headers.append(VIA, via);
     headers::strip_hop_by_hop(&mut parts.headers);
+    let endpoint = group.pick();
     let end_of_stream = body.is_end_stream();
     let head = Request::from_parts(parts, ());
-    let (mut response, tx, lease) = pool.send_request(head, end_of_stream).await?;
+    let sent = tokio::time::Instant::now();
+    let (mut response, tx, lease) = endpoint.pool().send_request(head, end_of_stream).await?;
 
     let mut pump = (!end_of_stream).then(|| RequestPump::new(body, tx));
     // Drive the request body while waiting for the response headers.
@@ -140,6 +197,7 @@ where
             ForwardError::UpstreamLost(e)
         }
     })?;
+    endpoint.observe(sent.elapsed());
     let (mut parts, recv) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, ResponseBody::new(recv, lease)))

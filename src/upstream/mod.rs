@@ -25,6 +25,9 @@ use http::Request;
 use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, warn};
 
+mod group;
+
+pub(crate) use self::group::Groups;
 use crate::{
     config::{HostPort, UpstreamConfig},
     stats::{Counters, Gauge, Kind},
@@ -74,6 +77,10 @@ struct Inner {
     dial_epoch: AtomicU64,
     next_id: AtomicU64,
     counters: Arc<Counters>,
+    /// Calls on this pool's connections, all together.
+    in_flight: Arc<AtomicUsize>,
+    /// Whether the last dial failed (and none succeeded since).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Debug)]
@@ -94,12 +101,14 @@ struct DialState {
 #[derive(Debug)]
 pub(crate) struct Lease {
     in_flight: Arc<AtomicUsize>,
+    pool_in_flight: Arc<AtomicUsize>,
     _call: Gauge,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pool_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -117,6 +126,8 @@ impl Pool {
                 dial_epoch: AtomicU64::new(0),
                 next_id: AtomicU64::new(0),
                 counters,
+                in_flight: Arc::default(),
+                failing: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -159,6 +170,16 @@ impl Pool {
         self.dial(epoch).await.is_ok()
     }
 
+    /// Calls in flight on this endpoint.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last attempt to reach this endpoint failed.
+    pub(crate) fn is_failing(&self) -> bool {
+        self.inner.failing.load(Ordering::Relaxed)
+    }
+
     /// Closes every connection once its streams are done: the connections
     /// send GOAWAY and end when idle.
     pub(crate) fn close(&self) {
@@ -176,8 +197,10 @@ impl Pool {
 
     fn lease(&self, conn: Conn) -> (Conn, Lease) {
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
         let lease = Lease {
             in_flight: conn.in_flight.clone(),
+            pool_in_flight: self.inner.in_flight.clone(),
             _call: Gauge::hold(&self.inner.counters, Kind::Call),
         };
         (conn, lease)
@@ -211,9 +234,11 @@ impl Pool {
         match result {
             Ok(conn) => {
                 *state = DialState::default();
+                inner.failing.store(false, Ordering::Relaxed);
                 Ok(conn)
             }
             Err(err) => {
+                inner.failing.store(true, Ordering::Relaxed);
                 state.failures = state.failures.saturating_add(1);
                 let backoff = (state.failures > 1).then(|| {
                     BACKOFF_BASE

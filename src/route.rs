@@ -1,0 +1,263 @@
+//! The built-in director: the config's `[[routes]]`, compiled once and
+//! tried in order for every call.
+
+use std::sync::Arc;
+
+use http::{HeaderName, request::Parts};
+use sluice_layers::{
+    direct::{Director, Refusal, Route},
+    grpc::{status::Code, wire},
+    peek::PeekedMessage,
+};
+
+use crate::config::{Config, DEFAULT_GROUP, Fallback, FieldMatch, RouteConfig, TextMatch};
+
+/// The routes of a config, ready to match.
+#[derive(Clone, Debug)]
+pub(crate) struct Routes {
+    routes: Arc<[Compiled]>,
+    fallback: Fallback,
+}
+
+#[derive(Debug)]
+struct Compiled {
+    method: Option<Glob>,
+    authority: Option<String>,
+    metadata: Vec<(HeaderName, TextMatch)>,
+    field: Option<FieldMatch>,
+    action: Action,
+}
+
+#[derive(Clone, Debug)]
+enum Action {
+    Forward(Route),
+    Refuse(Refusal),
+}
+
+/// A `*` pattern: literal pieces that must appear in order, the first at
+/// the start and the last at the end.
+#[derive(Debug)]
+struct Glob {
+    pieces: Vec<String>,
+}
+
+// === impl Routes ===
+
+impl Routes {
+    pub(crate) fn from_config(config: &Config) -> Self {
+        Self {
+            routes: config.routes.iter().map(compile).collect(),
+            fallback: config.routing.fallback,
+        }
+    }
+
+    /// Whether any route looks at the first message (so calls must be
+    /// peeked).
+    pub(crate) fn needs_peek(&self) -> bool {
+        self.routes.iter().any(|r| r.field.is_some())
+    }
+
+    /// One line per route, for `sluice check`.
+    pub(crate) fn describe(config: &Config) -> Vec<String> {
+        let mut lines: Vec<String> = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| describe(i, r))
+            .collect();
+        lines.push(match config.routing.fallback {
+            Fallback::Upstream => {
+                format!("otherwise → {DEFAULT_GROUP} ({})", config.upstream.address)
+            }
+            Fallback::Unimplemented => "otherwise → refuse UNIMPLEMENTED".to_owned(),
+        });
+        lines
+    }
+}
+
+fn describe(i: usize, r: &RouteConfig) -> String {
+    let mut conditions = Vec::new();
+    if let Some(m) = &r.method {
+        conditions.push(format!("method {m}"));
+    }
+    if let Some(a) = &r.authority {
+        conditions.push(format!("authority {a}"));
+    }
+    for (k, m) in &r.metadata {
+        conditions.push(format!("{k} {m:?}"));
+    }
+    if let Some(f) = &r.field {
+        conditions.push(format!(
+            "field {} {:?}",
+            f.path,
+            (&f.equals, &f.prefix, &f.int, &f.present)
+        ));
+    }
+    let when = if conditions.is_empty() {
+        "every call".to_owned()
+    } else {
+        conditions.join(" and ")
+    };
+    let then = match (&r.upstream, &r.refuse) {
+        (Some(group), _) => format!("→ {}", group.get_ref()),
+        (None, Some(refuse)) => format!("→ refuse {:?} {:?}", refuse.code, refuse.message),
+        (None, None) => "→ ?".to_owned(),
+    };
+    let name = r
+        .name
+        .as_deref()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    format!("route {i}{name}: {when} {then}")
+}
+
+fn compile(r: &RouteConfig) -> Compiled {
+    let action = match (&r.upstream, &r.refuse) {
+        (Some(group), _) => Action::Forward(Route::to(group.get_ref().as_str())),
+        (None, Some(refuse)) => Action::Refuse(Refusal::new(refuse.code, refuse.message.clone())),
+        // validate() refuses such a route; match nothing rather than panic.
+        (None, None) => Action::Refuse(Refusal::new(Code::Internal, "route without an action")),
+    };
+    Compiled {
+        method: r.method.as_deref().map(Glob::new),
+        authority: r.authority.clone(),
+        metadata: r
+            .metadata
+            .iter()
+            .filter_map(|(k, m)| {
+                Some((
+                    HeaderName::try_from(k.to_ascii_lowercase()).ok()?,
+                    m.clone(),
+                ))
+            })
+            .collect(),
+        field: r.field.clone(),
+        action,
+    }
+}
+
+impl Director for Routes {
+    fn direct(&mut self, parts: &Parts, peeked: &[PeekedMessage]) -> Result<Route, Refusal> {
+        for route in self.routes.iter() {
+            if route.matches(parts, peeked) {
+                return match &route.action {
+                    Action::Forward(r) => Ok(r.clone()),
+                    Action::Refuse(r) => Err(r.clone()),
+                };
+            }
+        }
+        match self.fallback {
+            Fallback::Upstream => Ok(Route::to(DEFAULT_GROUP)),
+            Fallback::Unimplemented => Err(Refusal::new(
+                Code::Unimplemented,
+                format!("no route for {}", parts.uri.path()),
+            )),
+        }
+    }
+}
+
+// === impl Compiled ===
+
+impl Compiled {
+    fn matches(&self, parts: &Parts, peeked: &[PeekedMessage]) -> bool {
+        if let Some(glob) = &self.method
+            && !glob.matches(parts.uri.path())
+        {
+            return false;
+        }
+        if let Some(authority) = &self.authority
+            && parts.uri.authority().map(|a| a.as_str()) != Some(authority.as_str())
+        {
+            return false;
+        }
+        for (key, m) in &self.metadata {
+            let value = parts.headers.get(key).and_then(|v| v.to_str().ok());
+            let ok = match (m, value) {
+                (TextMatch::Present(want), v) => v.is_some() == *want,
+                (TextMatch::Equals(want), Some(v)) => v == want,
+                (TextMatch::Prefix(want), Some(v)) => v.starts_with(want.as_str()),
+                (_, None) => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(field) = &self.field {
+            return field_matches(field, peeked.first());
+        }
+        true
+    }
+}
+
+/// A field condition on the first message. A compressed message never
+/// matches: its bytes are not protobuf until decompressed.
+fn field_matches(m: &FieldMatch, first: Option<&PeekedMessage>) -> bool {
+    let Some(first) = first.filter(|f| !f.compressed()) else {
+        return false;
+    };
+    let value = wire::find(first.payload(), &m.path);
+    if let Some(want) = m.present {
+        return value.is_some() == want;
+    }
+    let Some(value) = value else {
+        return false;
+    };
+    if let Some(want) = &m.equals {
+        return value.as_str() == Some(want.as_str());
+    }
+    if let Some(want) = &m.prefix {
+        return value.as_str().is_some_and(|v| v.starts_with(want.as_str()));
+    }
+    if let Some(want) = m.int {
+        return value.as_u64() == Some(want);
+    }
+    true
+}
+
+// === impl Glob ===
+
+impl Glob {
+    fn new(pattern: &str) -> Self {
+        Self {
+            pieces: pattern.split('*').map(str::to_owned).collect(),
+        }
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        let [first, middle @ .., last] = self.pieces.as_slice() else {
+            // One piece: no `*`, an exact match.
+            return self.pieces.first().is_some_and(|p| p == text);
+        };
+        let Some(mut rest) = text.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        for piece in middle {
+            match rest.find(piece.as_str()) {
+                Some(at) => rest = &rest[at + piece.len()..],
+                None => return false,
+            }
+        }
+        rest.len() >= last.len() && rest.ends_with(last.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_shell_stars() {
+        let g = |p: &str, t: &str| Glob::new(p).matches(t);
+        assert!(g("/pkg.Svc/Get", "/pkg.Svc/Get"));
+        assert!(!g("/pkg.Svc/Get", "/pkg.Svc/GetAll"));
+        assert!(g("/pkg.Svc/*", "/pkg.Svc/Get"));
+        assert!(!g("/pkg.Svc/*", "/pkg.Other/Get"));
+        assert!(g("/pkg.*", "/pkg.Svc/Get"));
+        assert!(g("*", "/anything"));
+        assert!(g("/*/Get", "/a.B/Get"));
+        assert!(!g("/*/Get", "/a.B/Put"));
+        assert!(g("/a*b*c", "/axxbyyc"));
+        assert!(!g("/a*b*c", "/axxcyyb"));
+        assert!(!g("/ab*ba", "/aba"), "pieces may not overlap");
+    }
+}
