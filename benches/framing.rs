@@ -72,5 +72,100 @@ fn deadline_layer(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, grpc_headers, deadline_layer);
+/// Matching a call against 100 routes: the call matches the last one.
+fn route_matching(c: &mut Criterion) {
+    use sluice_layers::direct::Director;
+    let mut text = String::new();
+    for i in 0..100 {
+        text.push_str(&format!(
+            "[[routes]]\nmethod = \"/svc{i}.v1.*/Get*\"\nmetadata = {{ \"x-tenant\" = {{ prefix = \"t{i}\" }} }}\nupstream = \"default\"\n"
+        ));
+    }
+    let config = sluice::Config::from_toml_str(&text).expect("100 routes");
+    let mut routes = sluice::route::Routes::from_config(&config);
+    let (parts, ()) = Request::post("http://x/svc99.v1.Things/GetThing")
+        .header("x-tenant", "t99-acme")
+        .body(())
+        .expect("request")
+        .into_parts();
+    c.bench_function("route_match_100_routes", |b| {
+        b.iter(|| routes.direct(std::hint::black_box(&parts), &[]))
+    });
+}
+
+/// Decoding a field path in a 1 KiB message, the field at the very end.
+fn field_path(c: &mut Criterion) {
+    use sluice_layers::grpc::wire;
+    let mut msg = Vec::new();
+    for i in 1..=60u8 {
+        // field i: a 12-byte string
+        msg.push((i << 3) | 2);
+        msg.push(12);
+        msg.extend_from_slice(b"abcdefghijkl");
+    }
+    // field 61: an embedded message holding field 2 = "target"
+    msg.extend_from_slice(&[0xea, 0x03, 8, 0x12, 6]);
+    msg.extend_from_slice(b"target");
+    msg.resize(msg.len().max(1024), 0);
+    let msg = &msg[..msg.len().min(1100)];
+    let path: wire::FieldPath = "61.2".parse().expect("path");
+    assert_eq!(
+        wire::find(msg, &path).and_then(|v| v.as_str()),
+        Some("target")
+    );
+    c.bench_function("field_path_in_1kib_message", |b| {
+        b.iter(|| wire::find(std::hint::black_box(msg), &path))
+    });
+}
+
+/// What the peek layer adds to a call with one 256-byte message.
+fn peek_layer(c: &mut Criterion) {
+    use http_body_util::Full;
+    use sluice_layers::peek::{PeekLayer, ReplayBody};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut message = vec![0, 0, 0, 1, 0];
+    message.extend_from_slice(&[7; 256]);
+    let message = Bytes::from(message);
+    let bare = service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let peeked =
+        PeekLayer::new().layer(service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        }));
+    let mut group = c.benchmark_group("peek_layer_per_call");
+    group.bench_function("bare_service_fn", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut svc = bare;
+            svc.ready()
+                .await
+                .expect("ready")
+                .call(Request::new(Full::new(message.clone())))
+                .await
+        })
+    });
+    group.bench_function("peek_first_message", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut svc = peeked.clone();
+            svc.ready()
+                .await
+                .expect("ready")
+                .call(Request::new(Full::new(message.clone())))
+                .await
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    grpc_headers,
+    deadline_layer,
+    route_matching,
+    field_path,
+    peek_layer
+);
 criterion_main!(benches);

@@ -21,7 +21,7 @@
 mod admin;
 pub mod config;
 mod forward;
-mod route;
+pub mod route;
 mod server;
 mod stack;
 mod stats;
@@ -116,17 +116,13 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     let counters = Arc::new(Counters::default());
     let metrics = Arc::new(Metrics::new());
     let groups = Arc::new(Groups::from_config(config, &counters));
-    let routes = route::Routes::from_config(config);
     let (signal, watch) = drain::channel();
     let stack = stack::build(
+        config,
         groups.clone(),
-        routes,
-        config.routing.peek_max_bytes.0 as usize,
         counters.clone(),
         watch.clone(),
         metrics.clone(),
-        &config.server,
-        &config.upstream.address.to_string(),
     );
     let (abort, aborted) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));

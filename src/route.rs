@@ -12,9 +12,10 @@ use sluice_layers::{
 
 use crate::config::{Config, DEFAULT_GROUP, Fallback, FieldMatch, RouteConfig, TextMatch};
 
-/// The routes of a config, ready to match.
+/// The routes of a config, ready to match: sluice's built-in
+/// [`Director`].
 #[derive(Clone, Debug)]
-pub(crate) struct Routes {
+pub struct Routes {
     routes: Arc<[Compiled]>,
     fallback: Fallback,
 }
@@ -44,7 +45,8 @@ struct Glob {
 // === impl Routes ===
 
 impl Routes {
-    pub(crate) fn from_config(config: &Config) -> Self {
+    /// Compiles the config's `[[routes]]` and `[routing]` fallback.
+    pub fn from_config(config: &Config) -> Self {
         Self {
             routes: config.routes.iter().map(compile).collect(),
             fallback: config.routing.fallback,
@@ -84,23 +86,35 @@ fn describe(i: usize, r: &RouteConfig) -> String {
         conditions.push(format!("authority {a}"));
     }
     for (k, m) in &r.metadata {
-        conditions.push(format!("{k} {m:?}"));
+        conditions.push(match m {
+            TextMatch::Equals(v) => format!("{k} = {v:?}"),
+            TextMatch::Prefix(v) => format!("{k} starts with {v:?}"),
+            TextMatch::Present(true) => format!("{k} present"),
+            TextMatch::Present(false) => format!("{k} absent"),
+        });
     }
     if let Some(f) = &r.field {
-        conditions.push(format!(
-            "field {} {:?}",
-            f.path,
-            (&f.equals, &f.prefix, &f.int, &f.present)
-        ));
+        let test = match (&f.equals, &f.prefix, f.int, f.present) {
+            (Some(v), ..) => format!("= {v:?}"),
+            (None, Some(v), ..) => format!("starts with {v:?}"),
+            (None, None, Some(n), _) => format!("= {n}"),
+            (None, None, None, Some(false)) => "absent".to_owned(),
+            _ => "present".to_owned(),
+        };
+        conditions.push(format!("first message field {} {test}", f.path));
     }
     let when = if conditions.is_empty() {
         "every call".to_owned()
     } else {
-        conditions.join(" and ")
+        format!("when {}", conditions.join(" and "))
     };
     let then = match (&r.upstream, &r.refuse) {
         (Some(group), _) => format!("→ {}", group.get_ref()),
-        (None, Some(refuse)) => format!("→ refuse {:?} {:?}", refuse.code, refuse.message),
+        (None, Some(refuse)) => format!(
+            "→ refuse with grpc-status {} {:?}",
+            refuse.code.as_i32(),
+            refuse.message
+        ),
         (None, None) => "→ ?".to_owned(),
     };
     let name = r

@@ -16,7 +16,7 @@ use tower_http::{
 };
 
 use crate::{
-    config::{NonGrpc, ServerConfig},
+    config::{Config, NonGrpc},
     forward::{Admission, Forward, Rescue},
     route::Routes,
     stats::Counters,
@@ -37,18 +37,18 @@ pub(crate) type Stack = Trace<
 >;
 
 pub(crate) fn build(
+    config: &Config,
     groups: Arc<Groups>,
-    routes: Routes,
-    peek_max_bytes: usize,
     counters: Arc<Counters>,
     drain: Watch,
     metrics: Arc<Metrics>,
-    server: &ServerConfig,
-    upstream: &str,
 ) -> Stack {
+    let server = &config.server;
+    let routes = Routes::from_config(config);
+    let peek_max_bytes = config.routing.peek_max_bytes.0 as usize;
     ServiceBuilder::new()
         // A DEBUG span per call: method, upstream, grpc-status, duration.
-        .layer(trace::layer(upstream))
+        .layer(trace::layer(&config.upstream.address.to_string()))
         // Count every call (refusals included) by service, method and
         // status, with latency, messages and bytes each way.
         .layer_fn(|inner| CallMetrics::new(inner, metrics.clone(), drain.clone()))

@@ -175,6 +175,24 @@ fn check_accepts_a_good_file_and_refuses_a_bad_one() {
 }
 
 #[test]
+fn check_prints_the_routes_it_read() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/routes.toml");
+    let out = sluice().arg("check").arg(&path).output().expect("run");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("group     billing: 127.0.0.1:50061, 127.0.0.1:50062"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("when first message field 1.2 starts with \"@hashed/\" → tenants"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("refuse with grpc-status 7"), "{stdout}");
+    assert!(stdout.contains("otherwise → default"), "{stdout}");
+}
+
+#[test]
 fn check_accepts_every_example_config() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     for entry in std::fs::read_dir(dir).expect("config/") {

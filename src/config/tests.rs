@@ -105,3 +105,35 @@ fn sizes_and_durations_accept_units() {
         std::time::Duration::from_millis(250)
     );
 }
+
+#[test]
+fn routes_are_checked_against_the_groups_with_a_position() {
+    let err = invalid(
+        "[upstreams.billing]\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\nmethod = \"/a.B/*\"\nupstream = \"biling\"\n",
+    );
+    assert_eq!(err.key(), Some("routes[0].upstream"));
+    assert_eq!(err.position(), Some((6, 12)));
+    assert!(err.to_string().contains("biling"), "{err}");
+
+    let err = invalid("[[routes]]\nmethod = \"/a.B/*\"\n");
+    assert_eq!(err.key(), Some("routes[0]"));
+
+    for (text, key) in [
+        (
+            "[[routes]]\nfield = { path = \"1..2\" }\nupstream = \"default\"",
+            "routes[0].field.path",
+        ),
+        (
+            "[[routes]]\nrefuse = { code = \"NOPE\" }",
+            "routes[0].refuse.code",
+        ),
+        ("[routing]\nfallback = \"maybe\"", "routing.fallback"),
+        (
+            "[upstreams.x]\nendpoints = [\"nohost\"]",
+            "upstreams.x.endpoints[0]",
+        ),
+    ] {
+        let err = invalid(text);
+        assert_eq!(err.key(), Some(key), "{text}: {err}");
+    }
+}

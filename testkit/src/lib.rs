@@ -142,12 +142,17 @@ impl Drop for CallGuard {
 #[derive(Clone, Debug, Default)]
 pub struct Echo {
     probe: Probe,
+    /// Added to every unary answer: a slow server.
+    base_delay: Duration,
 }
 
 impl Echo {
     /// An echo service reporting to `probe`.
     pub fn new(probe: Probe) -> Self {
-        Self { probe }
+        Self {
+            probe,
+            base_delay: Duration::ZERO,
+        }
     }
 }
 
@@ -197,8 +202,9 @@ impl pb::echo_server::Echo for Echo {
         let guard = self.probe.start(&request);
         let req = request.into_inner();
         self.probe.update(|c| c.requests_received += 1);
-        if req.delay_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(req.delay_ms)).await;
+        let delay = Duration::from_millis(req.delay_ms) + self.base_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         if let Some(status) = failure(&req) {
             guard.done();
@@ -364,6 +370,16 @@ impl EchoServer {
     ///
     /// Panics if `addr` cannot be bound.
     pub async fn start_on(addr: SocketAddr) -> Self {
+        Self::start_with(addr, Duration::ZERO).await
+    }
+
+    /// Starts an echo server on `127.0.0.1:0` that answers every unary call
+    /// `delay` late: a slow endpoint.
+    pub async fn start_slow(delay: Duration) -> Self {
+        Self::start_with("127.0.0.1:0".parse().expect("literal address"), delay).await
+    }
+
+    async fn start_with(addr: SocketAddr, base_delay: Duration) -> Self {
         let std_listener = std::net::TcpListener::bind(addr).expect("bind echo server");
         std_listener
             .set_nonblocking(true)
@@ -371,7 +387,11 @@ impl EchoServer {
         let addr = std_listener.local_addr().expect("bound address");
         let probe = Probe::default();
         let (stop, stopped) = oneshot::channel::<()>();
-        let svc = pb::echo_server::EchoServer::new(Echo::new(probe.clone()))
+        let echo = Echo {
+            probe: probe.clone(),
+            base_delay,
+        };
+        let svc = pb::echo_server::EchoServer::new(echo)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)

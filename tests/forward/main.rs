@@ -14,6 +14,7 @@ mod hostile;
 mod hygiene;
 mod leaks;
 mod metrics;
+mod routing;
 // Shared with tests/memory.rs, which uses the parts this binary does not.
 #[allow(dead_code)]
 mod raw;

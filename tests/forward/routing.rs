@@ -1,0 +1,253 @@
+//! Issue #6: config routes pick each call's upstream group from its
+//! method, metadata, authority and first message; groups balance with P2C;
+//! a loop between two sluice instances ends with ABORTED.
+
+use std::time::Duration;
+
+use sluice_testkit::{EchoServer, Req};
+use tonic::metadata::MetadataValue;
+
+use crate::support::*;
+
+fn with_routes(default: std::net::SocketAddr, extra: &str) -> sluice::Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
+         [upstream]\naddress = \"{default}\"\n{extra}"
+    );
+    sluice::Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_matcher_kind_routes_to_its_group() {
+    trace_init();
+    let (a, b, c) = (
+        EchoServer::start().await,
+        EchoServer::start().await,
+        EchoServer::start().await,
+    );
+    let config = with_routes(
+        a.addr,
+        &format!(
+            r#"
+[upstreams.b]
+endpoints = ["{b}"]
+[upstreams.c]
+endpoints = ["{c}"]
+
+[[routes]]
+name = "no uploads"
+method = "/sluice.test.Echo/ClientStream"
+refuse = {{ code = "PERMISSION_DENIED", message = "uploads are closed" }}
+
+[[routes]]
+method = "/sluice.test.Echo/Server*"
+upstream = "b"
+
+[[routes]]
+metadata = {{ "x-tenant" = {{ equals = "acme" }} }}
+upstream = "c"
+
+[[routes]]
+field = {{ path = "8", int = 42 }}
+upstream = "b"
+
+[[routes]]
+field = {{ path = "1", prefix = "vip" }}
+upstream = "c"
+
+[[routes]]
+authority = "special.test"
+upstream = "c"
+"#,
+            b = b.addr,
+            c = c.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+
+    client.unary(Req::default()).await.expect("plain unary");
+    assert_eq!(
+        a.probe.counts().completed,
+        1,
+        "no route matched: default group"
+    );
+
+    let mut s = client
+        .server_stream(Req {
+            replies: 1,
+            ..Req::default()
+        })
+        .await
+        .expect("ok")
+        .into_inner();
+    while s.message().await.expect("ok").is_some() {}
+    let mut req = tonic::Request::new(Req::default());
+    req.metadata_mut()
+        .insert("x-tenant", MetadataValue::from_static("acme"));
+    client.unary(req).await.expect("tenant");
+    client
+        .unary(Req {
+            seq: 42,
+            ..Req::default()
+        })
+        .await
+        .expect("seq 42");
+    client
+        .unary(Req {
+            payload: "vip-123".into(),
+            ..Req::default()
+        })
+        .await
+        .expect("vip");
+    // The same method with other contents still goes to the default group.
+    client
+        .unary(Req {
+            seq: 41,
+            payload: "pleb".into(),
+            ..Req::default()
+        })
+        .await
+        .expect("other");
+
+    let mut h2 = raw_client(sluice.listen_addr()).await;
+    let mut head = grpc_head("Unary");
+    *head.uri_mut() = "http://special.test/sluice.test.Echo/Unary"
+        .parse()
+        .expect("uri");
+    let (response, mut body) = h2.send_request(head, false).expect("open");
+    body.send_data(grpc_frame(&Req::default()), true)
+        .expect("send");
+    within("authority route", response).await.expect("answer");
+
+    let status = client
+        .client_stream(tokio_stream::iter(vec![Req::default()]))
+        .await
+        .expect_err("refused by route");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "uploads are closed");
+
+    b.probe.wait_for(LIMIT, |c| c.completed == 2).await; // server stream + seq 42
+    c.probe.wait_for(LIMIT, |c| c.completed == 3).await; // tenant + vip + authority
+    a.probe.wait_for(LIMIT, |c| c.completed == 2).await; // plain + other
+    let total = a.probe.counts().started + b.probe.counts().started + c.probe.counts().started;
+    assert_eq!(total, 7, "the refused call reached no upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_calls_can_be_refused_with_unimplemented() {
+    trace_init();
+    let a = EchoServer::start().await;
+    let config = with_routes(
+        a.addr,
+        "[routing]\nfallback = \"unimplemented\"\n[[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nupstream = \"default\"\n",
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    client.unary(Req::default()).await.expect("routed");
+    let status = client
+        .server_stream(Req::default())
+        .await
+        .expect_err("no route");
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert_eq!(a.probe.counts().started, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_message_streams_proceed_and_the_peek_budget_is_enforced() {
+    trace_init();
+    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
+    let config = with_routes(
+        a.addr,
+        &format!(
+            "[routing]\npeek_max_bytes = 512\n[upstreams.b]\nendpoints = [\"{}\"]\n\
+             [[routes]]\nfield = {{ path = \"8\", present = true }}\nupstream = \"b\"\n",
+            b.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    // No message at all: nothing to match, the call still goes through.
+    let reply = client
+        .client_stream(tokio_stream::iter(Vec::<Req>::new()))
+        .await
+        .expect("an empty stream is forwarded")
+        .into_inner();
+    assert_eq!(reply.seq, 0);
+    assert_eq!(a.probe.counts().completed, 1);
+    // A first message over the budget is refused, not buffered.
+    let status = client
+        .unary(Req {
+            payload: vec![b'x'; 4096].into(),
+            ..Req::default()
+        })
+        .await
+        .expect_err("over the peek budget");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    // And the field route works within it.
+    client
+        .unary(Req {
+            seq: 7,
+            ..Req::default()
+        })
+        .await
+        .expect("routed on field 8");
+    assert_eq!(b.probe.counts().completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_moves_load_away_from_a_ten_times_slower_endpoint() {
+    trace_init();
+    let fast = EchoServer::start_slow(Duration::from_millis(2)).await;
+    let slow = EchoServer::start_slow(Duration::from_millis(20)).await;
+    let placeholder = EchoServer::start().await;
+    let config = with_routes(
+        placeholder.addr,
+        &format!(
+            "[upstreams.pool]\nendpoints = [\"{}\", \"{}\"]\n[[routes]]\nupstream = \"pool\"\n",
+            fast.addr, slow.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let client = sluice_testkit::client(sluice.listen_addr());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            for _ in 0..40 {
+                client.unary(Req::default()).await.expect("ok");
+            }
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.expect("task");
+    }
+    let (f, s) = (fast.probe.counts().completed, slow.probe.counts().completed);
+    assert_eq!(f + s, 320);
+    assert!(
+        f >= 3 * s,
+        "fast endpoint got {f} calls, the 10x slower one {s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_loop_between_two_sluices_ends_with_aborted() {
+    trace_init();
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (addr_a, addr_b) = (free(), free());
+    let mut config_a = config(addr_b);
+    config_a.server.listen = addr_a;
+    let mut config_b = config(addr_a);
+    config_b.server.listen = addr_b;
+    let _a = sluice::run(&config_a).await.expect("sluice a");
+    let _b = sluice::run(&config_b).await.expect("sluice b");
+    let mut client = sluice_testkit::client(addr_a);
+    let status = within("a looping call", client.unary(Req::default()))
+        .await
+        .expect_err("a loop cannot succeed");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(status.message().contains("routing loop"), "{status:?}");
+}
