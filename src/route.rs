@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, request::Parts};
 use sluice_layers::{
-    direct::{Director, Refusal, Route},
+    direct::{Destination, Director, Refusal, Route},
     grpc::{status::Code, wire},
     peek::PeekedMessage,
 };
@@ -89,6 +89,7 @@ fn describe(i: usize, r: &RouteConfig) -> String {
         conditions.push(match m {
             TextMatch::Equals(v) => format!("{k} = {v:?}"),
             TextMatch::Prefix(v) => format!("{k} starts with {v:?}"),
+            TextMatch::Regex(re) => format!("{k} matches /{re}/"),
             TextMatch::Present(true) => format!("{k} present"),
             TextMatch::Present(false) => format!("{k} absent"),
         });
@@ -122,12 +123,22 @@ fn describe(i: usize, r: &RouteConfig) -> String {
         .as_deref()
         .map(|n| format!(" ({n})"))
         .unwrap_or_default();
-    format!("route {i}{name}: {when} {then}")
+    let cap = r
+        .timeout
+        .map(|t| format!(" (deadline capped at {t:?})"))
+        .unwrap_or_default();
+    format!("route {i}{name}: {when} {then}{cap}")
 }
 
 fn compile(r: &RouteConfig) -> Compiled {
     let action = match (&r.upstream, &r.refuse) {
-        (Some(group), _) => Action::Forward(Route::to(group.get_ref().as_str())),
+        (Some(group), _) => {
+            let mut destination = Destination::new(group.get_ref().as_str());
+            if let Some(timeout) = r.timeout {
+                destination = destination.with_timeout(timeout);
+            }
+            Action::Forward(Route::One(destination))
+        }
         (None, Some(refuse)) => Action::Refuse(Refusal::new(refuse.code, refuse.message.clone())),
         // validate() refuses such a route; match nothing rather than panic.
         (None, None) => Action::Refuse(Refusal::new(Code::Internal, "route without an action")),
@@ -190,6 +201,7 @@ impl Compiled {
                 (TextMatch::Present(want), v) => v.is_some() == *want,
                 (TextMatch::Equals(want), Some(v)) => v == want,
                 (TextMatch::Prefix(want), Some(v)) => v.starts_with(want.as_str()),
+                (TextMatch::Regex(re), Some(v)) => re.is_match(v),
                 (_, None) => false,
             };
             if !ok {

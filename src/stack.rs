@@ -85,7 +85,7 @@ pub(crate) fn build(
         // Enforce grpc-timeout over the whole call, body included: at the
         // deadline the client gets DEADLINE_EXCEEDED and dropping the
         // forwarder's future or body cancels the upstream stream.
-        .layer(DeadlineLayer::new())
+        .layer(DeadlineLayer::new().offset(config.routing.deadline_offset))
         // One upstream h2 stream per call.
         .service(Forward::new(groups, counters.clone()))
 }

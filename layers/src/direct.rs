@@ -124,6 +124,7 @@ pub enum Route {
 pub struct Destination {
     target: Arc<str>,
     first_message: Option<Bytes>,
+    timeout: Option<std::time::Duration>,
 }
 
 /// A director's refusal: the status the client gets.
@@ -180,7 +181,22 @@ impl Destination {
         Self {
             target: target.into(),
             first_message: None,
+            timeout: None,
         }
+    }
+
+    /// Caps the call's deadline at `timeout` for this destination (the
+    /// client's `grpc-timeout`, if shorter, still wins).
+    /// [`DeadlineLayer`](crate::deadline::DeadlineLayer) below enforces it.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The deadline cap, if any.
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.timeout
     }
 
     /// Sends `message` as the first request message to this destination.

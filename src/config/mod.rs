@@ -172,6 +172,11 @@ pub struct RouteConfig {
     /// Refuse instead of forwarding.
     #[serde(default)]
     pub refuse: Option<RefuseConfig>,
+    /// Caps the deadline of the calls this route forwards (the client's
+    /// `grpc-timeout`, if shorter, still wins). No cap by default: long
+    /// streams must not be cut by a surprise default.
+    #[serde(default, deserialize_with = "value::optional_duration")]
+    pub timeout: Option<Duration>,
 }
 
 /// A condition on a text value.
@@ -184,6 +189,9 @@ pub enum TextMatch {
     Prefix(String),
     /// The key is present (any value).
     Present(bool),
+    /// The value matches this regular expression (anchor it with `^…$` for
+    /// a whole-value match).
+    Regex(#[serde(deserialize_with = "value::regex")] regex::Regex),
 }
 
 /// A condition on a field of the first request message, by protobuf field
@@ -229,6 +237,10 @@ pub struct RoutingConfig {
     pub fallback: Fallback,
     /// Bytes of request messages routing may hold to match on a field.
     pub peek_max_bytes: ByteSize,
+    /// Taken off the `grpc-timeout` forwarded upstream, so the upstream
+    /// gives up (and answers) before sluice's own timer fires.
+    #[serde(with = "value::duration_or_zero")]
+    pub deadline_offset: Duration,
 }
 
 /// What happens to calls no route matches.
@@ -580,6 +592,7 @@ impl Default for RoutingConfig {
             peek_max_bytes: ByteSize(
                 u32::try_from(sluice_layers::peek::DEFAULT_MAX_BYTES).expect("64 KiB fits"),
             ),
+            deadline_offset: Duration::ZERO,
         }
     }
 }

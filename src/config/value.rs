@@ -249,3 +249,16 @@ pub(super) fn grpc_code<'de, D: Deserializer<'de>>(
         .and_then(|i| Code::from_i32(i32::try_from(i).ok()?))
         .ok_or_else(|| de::Error::custom(format!("unknown gRPC status code {name:?}")))
 }
+
+/// An optional duration (`timeout = "5s"`).
+pub(super) fn optional_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    duration::deserialize(d).map(Some)
+}
+
+/// A regular expression, compiled (and so checked) while the config is read.
+pub(super) fn regex<'de, D: Deserializer<'de>>(d: D) -> Result<regex::Regex, D::Error> {
+    let pattern = String::deserialize(d)?;
+    regex::Regex::new(&pattern).map_err(|e| de::Error::custom(format!("invalid regex: {e}")))
+}

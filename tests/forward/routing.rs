@@ -251,3 +251,50 @@ async fn a_routing_loop_between_two_sluices_ends_with_aborted() {
     assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
     assert!(status.message().contains("routing loop"), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_forward_the_budget_less_the_offset_and_routes_can_cap_them() {
+    trace_init();
+    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
+    let config = with_routes(
+        a.addr,
+        &format!(
+            "[routing]\ndeadline_offset = \"100ms\"\n[upstreams.b]\nendpoints = [\"{}\"]\n\
+             [[routes]]\nmetadata = {{ \"x-client\" = {{ regex = \"^batch-[0-9]+$\" }} }}\n\
+             upstream = \"b\"\ntimeout = \"300ms\"\n",
+            b.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+
+    // The client's 10 s reaches the upstream as 9.9 s.
+    let mut req = tonic::Request::new(Req::default());
+    req.metadata_mut()
+        .insert("grpc-timeout", MetadataValue::from_static("10S"));
+    client.unary(req).await.expect("ok");
+    let seen = a.probe.last_metadata().expect("metadata");
+    let forwarded = sluice_layers::grpc::timeout::parse(
+        &http::HeaderValue::from_bytes(seen.get("grpc-timeout").expect("forwarded").as_bytes())
+            .expect("value"),
+    );
+    assert_eq!(forwarded, Some(Duration::from_millis(9900)));
+
+    // A call matched by the capped route, with no deadline of its own, is
+    // ended by sluice at the route's 300 ms.
+    let mut req = tonic::Request::new(Req {
+        headers_then_hang: true,
+        ..Req::default()
+    });
+    req.metadata_mut()
+        .insert("x-client", MetadataValue::from_static("batch-7"));
+    let mut stream = within("headers", client.server_stream(req))
+        .await
+        .expect("headers")
+        .into_inner();
+    let status = within("the route's deadline", stream.message())
+        .await
+        .expect_err("capped by the route");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    b.probe.wait_for(LIMIT, |c| c.cancelled == 1).await;
+}

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use tower_layer::Layer;
 
 use super::Deadline;
@@ -7,7 +9,7 @@ use super::Deadline;
 /// See the [module docs](crate::deadline) for an example.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DeadlineLayer {
-    _priv: (),
+    offset: Duration,
 }
 
 // === impl DeadlineLayer ===
@@ -15,7 +17,18 @@ pub struct DeadlineLayer {
 impl DeadlineLayer {
     /// Creates a layer that enforces each call's `grpc-timeout`.
     pub const fn new() -> Self {
-        Self { _priv: () }
+        Self {
+            offset: Duration::ZERO,
+        }
+    }
+
+    /// Forwards `grpc-timeout` reduced by `offset`, so the next hop gives up
+    /// before this one and its answer (not this hop's timer) reaches the
+    /// client. This hop still enforces the full budget.
+    #[must_use]
+    pub const fn offset(mut self, offset: Duration) -> Self {
+        self.offset = offset;
+        self
     }
 }
 
@@ -23,6 +36,6 @@ impl<S> Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Deadline::new(inner)
+        Deadline::with_offset(inner, self.offset)
     }
 }

@@ -1,10 +1,16 @@
-use std::task::{Context, Poll};
+use std::{
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use http::{Request, Response};
 use tower_service::Service;
 
 use super::{DeadlineLayer, body::ResponseBody, future::ResponseFuture};
-use crate::grpc::timeout;
+use crate::{
+    direct::{Destination, Route},
+    grpc::timeout,
+};
 
 /// Middleware that ends a call with `DEADLINE_EXCEEDED` when its
 /// `grpc-timeout` runs out, whether the call is still waiting for response
@@ -14,6 +20,7 @@ use crate::grpc::timeout;
 #[derive(Clone, Debug)]
 pub struct Deadline<S> {
     inner: S,
+    offset: Duration,
 }
 
 // === impl Deadline ===
@@ -21,7 +28,11 @@ pub struct Deadline<S> {
 impl<S> Deadline<S> {
     /// Wraps `inner`.
     pub const fn new(inner: S) -> Self {
-        Self { inner }
+        Self::with_offset(inner, Duration::ZERO)
+    }
+
+    pub(super) const fn with_offset(inner: S, offset: Duration) -> Self {
+        Self { inner, offset }
     }
 
     /// Returns a [`DeadlineLayer`] (same as [`DeadlineLayer::new`]).
@@ -45,10 +56,33 @@ where
         self.inner.poll_ready(cx)
     }
 
-    /// Starts the call's timer (if it has a valid `grpc-timeout`) and calls
-    /// the inner service.
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let timer = timeout::from_headers(req.headers()).map(|t| Box::pin(tokio::time::sleep(t)));
-        ResponseFuture::new(self.inner.call(req), timer)
+    /// Starts the call's timer (if it has a valid `grpc-timeout`, or its
+    /// [`Route`](crate::direct::Route) caps the deadline), forwards the
+    /// budget less the offset, and calls the inner service.
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let cap = req
+            .extensions()
+            .get::<Route>()
+            .and_then(|r| r.destinations().next())
+            .and_then(Destination::timeout);
+        let sent = timeout::from_headers(req.headers());
+        let budget = match (sent, cap) {
+            (Some(t), Some(c)) => Some(t.min(c)),
+            (t, c) => t.or(c),
+        };
+        let Some(budget) = budget else {
+            return ResponseFuture::new(self.inner.call(req), None);
+        };
+        // The header passes as the client wrote it unless this hop changes
+        // the budget.
+        if sent != Some(budget) || !self.offset.is_zero() {
+            let forwarded = budget.saturating_sub(self.offset);
+            req.headers_mut().insert(
+                timeout::GRPC_TIMEOUT,
+                timeout::encode(forwarded.max(Duration::from_millis(1))),
+            );
+        }
+        let timer = Box::pin(tokio::time::sleep(budget));
+        ResponseFuture::new(self.inner.call(req), Some(timer))
     }
 }

@@ -145,3 +145,49 @@ async fn a_body_that_ends_in_time_keeps_its_own_trailers() {
     assert_eq!(status::code_of(&trailers), Some(Code::NotFound));
     assert_eq!(collected.to_bytes(), "x");
 }
+
+#[tokio::test(start_paused = true)]
+async fn forwards_the_budget_less_the_offset_and_caps_it_by_the_route() {
+    use crate::direct::{Destination, Route};
+    let (seen_tx, mut seen) = mpsc::channel(4);
+    let svc = DeadlineLayer::new()
+        .offset(Duration::from_millis(50))
+        .layer(service_fn(move |req: Request<Empty<Bytes>>| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                let _ = seen_tx
+                    .send(req.headers().get("grpc-timeout").cloned())
+                    .await;
+                Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+            }
+        }));
+    // The client's 1 s, less the 50 ms offset.
+    svc.clone().oneshot(request(Some("1S"))).await.expect("ok");
+    let forwarded = seen.recv().await.flatten().expect("forwarded");
+    assert_eq!(
+        crate::grpc::timeout::parse(&forwarded),
+        Some(Duration::from_millis(950))
+    );
+    // A route caps it at 200 ms (and the timer enforces the cap).
+    let mut req = request(Some("1S"));
+    req.extensions_mut().insert(Route::One(
+        Destination::new("x").with_timeout(Duration::from_millis(200)),
+    ));
+    svc.clone().oneshot(req).await.expect("ok");
+    let forwarded = seen.recv().await.flatten().expect("forwarded");
+    assert_eq!(
+        crate::grpc::timeout::parse(&forwarded),
+        Some(Duration::from_millis(150))
+    );
+    // A route cap applies to a call that had no deadline at all.
+    let mut req = request(None);
+    req.extensions_mut().insert(Route::One(
+        Destination::new("x").with_timeout(Duration::from_secs(2)),
+    ));
+    svc.oneshot(req).await.expect("ok");
+    let forwarded = seen.recv().await.flatten().expect("forwarded");
+    assert_eq!(
+        crate::grpc::timeout::parse(&forwarded),
+        Some(Duration::from_millis(1950))
+    );
+}
