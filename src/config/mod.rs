@@ -74,6 +74,10 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// flight: 5 min, the minimum grpc-go and gRPC C-core servers allow by
 /// default; pinging more often earns GOAWAY(too_many_pings) from them.
 pub const DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(300);
+/// An upstream connection unused for this long is closed: 5 min, well
+/// under the idle cutoffs of load balancers between sluice and a remote
+/// group, and rare enough that reconnecting costs nothing.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A PING unanswered for this long marks the peer dead and closes the
 /// connection (gRPC's default keepalive timeout).
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -388,6 +392,10 @@ pub struct UpstreamConfig {
     /// Unanswered PING timeout before the upstream connection is dropped.
     #[serde(with = "value::duration")]
     pub keepalive_timeout: Duration,
+    /// An upstream connection with no call this long is closed (and
+    /// reopened on demand); the pool never keeps dead weight.
+    #[serde(with = "value::duration")]
+    pub idle_timeout: Duration,
 }
 
 /// `[runtime]`: the tokio runtime.
@@ -542,6 +550,7 @@ impl Default for UpstreamConfig {
             data_frame_budget: ByteSize(DEFAULT_UPSTREAM_DATA_FRAME_BUDGET),
             keepalive_interval: DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
         }
     }
 }

@@ -298,10 +298,28 @@ impl Pool {
             inner.config.keepalive_interval,
             inner.config.keepalive_timeout,
         );
+        let idle_timeout = inner.config.idle_timeout;
         let in_flight = conn.in_flight.clone();
+        let evict = {
+            let pool = pool.clone();
+            move || {
+                if let Some(pool) = Weak::upgrade(&pool) {
+                    pool.remove(id);
+                }
+            }
+        };
         tokio::spawn(async move {
             let _gauge = gauge;
-            if let Err(e) = drive(connection, keepalive, &in_flight, &name).await {
+            if let Err(e) = drive(
+                connection,
+                keepalive,
+                idle_timeout,
+                &in_flight,
+                &name,
+                evict,
+            )
+            .await
+            {
                 if e.is_io() || e.is_go_away() {
                     debug!(upstream = %name, error = %e, "upstream connection closed");
                 } else {
@@ -324,14 +342,32 @@ impl Pool {
 async fn drive(
     mut connection: h2::client::Connection<TcpStream, Bytes>,
     (interval, timeout): (Duration, Duration),
+    idle_timeout: Duration,
     in_flight: &AtomicUsize,
     name: &str,
+    evict: impl Fn(),
 ) -> Result<(), h2::Error> {
     let mut pinger = connection.ping_pong();
     let mut next = Instant::now() + interval;
+    // Idle when no call was in flight at two checks `idle_timeout` apart:
+    // then the pool lets go of the connection, and h2 closes it (GOAWAY)
+    // once the last handle is gone.
+    let mut idle_check = Instant::now() + idle_timeout;
+    let mut was_idle = false;
+    let mut evicted = false;
     loop {
         tokio::select! {
             result = &mut connection => return result,
+            () = tokio::time::sleep_until(idle_check), if !evicted => {
+                idle_check = Instant::now() + idle_timeout;
+                let idle = in_flight.load(Ordering::Relaxed) == 0;
+                if idle && was_idle {
+                    debug!(upstream = %name, "upstream connection idle; closing");
+                    evict();
+                    evicted = true;
+                }
+                was_idle = idle;
+            }
             () = tokio::time::sleep_until(next), if pinger.is_some() => {
                 next = Instant::now() + interval;
                 if in_flight.load(Ordering::Relaxed) == 0 {

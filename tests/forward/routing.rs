@@ -298,3 +298,25 @@ async fn deadlines_forward_the_budget_less_the_offset_and_routes_can_cap_them() 
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
     b.probe.wait_for(LIMIT, |c| c.cancelled == 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_evicted_and_reopened_on_demand() {
+    trace_init();
+    let upstream = EchoServer::start().await;
+    let mut config = config(upstream.addr);
+    config.upstream.idle_timeout = Duration::from_millis(100);
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    client.unary(Req::default()).await.expect("ok");
+    assert_eq!(sluice.stats().upstream_connections, 1);
+    eventually("the idle connection is closed", || {
+        sluice.stats().upstream_connections == 0
+    })
+    .await;
+    client
+        .unary(Req::default())
+        .await
+        .expect("a new connection on demand");
+    assert_eq!(sluice.stats().upstream_connections, 1);
+    assert_eq!(upstream.probe.counts().completed, 2);
+}
