@@ -38,26 +38,33 @@ fn phase() -> Duration {
 }
 
 /// Starts sluice in front of `upstream`, with `workers` runtime threads
-/// when given (through a config file), else its defaults.
-fn start_sluice(upstream: SocketAddr, workers: Option<usize>) -> SluiceProcess {
+/// when given, and `extra` config (routes, groups) appended.
+fn start_sluice(
+    upstream: SocketAddr,
+    workers: Option<usize>,
+    extra: &str,
+    tag: &str,
+) -> SluiceProcess {
     let up = upstream.to_string();
-    let mut args = vec![
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("e2e-{}-{tag}.toml", std::process::id()));
+    let path_text = path.to_string_lossy().into_owned();
+    let mut text = String::new();
+    if let Some(workers) = workers {
+        text.push_str(&format!("[runtime]\nworker_threads = {workers}\n"));
+    }
+    text.push_str(extra);
+    std::fs::write(&path, text).expect("write bench config");
+    SluiceProcess::start(&[
+        "--config",
+        &path_text,
         "--listen",
         "127.0.0.1:0",
         "--upstream",
         &up,
         "--admin",
         "off",
-    ];
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("e2e-{}.toml", std::process::id()));
-    let path_text = path.to_string_lossy().into_owned();
-    if let Some(workers) = workers {
-        std::fs::write(&path, format!("[runtime]\nworker_threads = {workers}\n"))
-            .expect("write bench config");
-        args.extend(["--config", &path_text]);
-    }
-    SluiceProcess::start(&args)
+    ])
 }
 
 fn clients(addr: SocketAddr) -> Vec<EchoClient<Channel>> {
@@ -279,7 +286,21 @@ fn main() {
     client_rt.block_on(async {
         let upstream = EchoServer::start().await;
         let workers = std::env::var("SLUICE_BENCH_WORKERS").ok().and_then(|w| w.parse().ok());
-        let sluice = start_sluice(upstream.addr, workers);
+        let sluice = start_sluice(upstream.addr, workers, "", "plain");
+        // The routed variant: two upstream groups (a second echo server),
+        // every unary call matched by a method route to the second group.
+        let second = EchoServer::start().await;
+        let routed = start_sluice(
+            upstream.addr,
+            workers,
+            &format!(
+                "[upstreams.second]\nendpoints = [\"{}\"]\n\
+                 [[routes]]\nmethod = \"/sluice.test.Echo/Stream*\"\nupstream = \"default\"\n\
+                 [[routes]]\nmethod = \"/sluice.test.Echo/Un*\"\nupstream = \"second\"\n",
+                second.addr
+            ),
+            "routed",
+        );
         let started = Instant::now();
         println!(
             "e2e: {CONNECTIONS} connections; unary {UNARY_PAYLOAD} B x {UNARY_IN_FLIGHT} in flight; \
@@ -294,6 +315,13 @@ fn main() {
         peak_rss = peak_rss.max(sluice.rss_kib());
         report("unary 256 B", direct, through, "rpc");
         println!("{:<24} sluice CPU {cpu_per_call:.1} µs per call", "");
+        let cpu0 = routed.cpu_secs();
+        let through_routed = unary(routed.addr, dur).await;
+        let cpu_routed = (routed.cpu_secs() - cpu0) / through_routed.ops as f64 * 1e6;
+        report("unary 256 B, routed", direct, through_routed, "rpc");
+        println!("{:<24} sluice CPU {cpu_routed:.1} µs per call (2 groups, method routes)", "");
+        assert!(second.probe.counts().completed > 0, "the routed calls reached the second group");
+        drop(routed);
 
         for (name, size) in [("server stream 1 KiB", 1024), ("server stream 64 KiB", 65536)] {
             let direct = server_stream(upstream.addr, dur, size).await;

@@ -18,6 +18,8 @@ use crate::config::{Config, DEFAULT_GROUP, Fallback, FieldMatch, RouteConfig, Te
 pub struct Routes {
     routes: Arc<[Compiled]>,
     fallback: Fallback,
+    /// The fallback route, built once: cloning it is a reference count.
+    default_route: Route,
 }
 
 #[derive(Debug)]
@@ -50,6 +52,7 @@ impl Routes {
         Self {
             routes: config.routes.iter().map(compile).collect(),
             fallback: config.routing.fallback,
+            default_route: Route::to(DEFAULT_GROUP),
         }
     }
 
@@ -172,7 +175,7 @@ impl Director for Routes {
             }
         }
         match self.fallback {
-            Fallback::Upstream => Ok(Route::to(DEFAULT_GROUP)),
+            Fallback::Upstream => Ok(self.default_route.clone()),
             Fallback::Unimplemented => Err(Refusal::new(
                 Code::Unimplemented,
                 format!("no route for {}", parts.uri.path()),

@@ -150,13 +150,16 @@ where
     B::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
-    let target = match parts.extensions.remove::<Route>() {
-        None => DEFAULT_GROUP.to_owned(),
-        Some(Route::One(destination)) => destination.target().to_owned(),
+    let route = parts.extensions.remove::<Route>();
+    let target = match &route {
+        None => DEFAULT_GROUP,
+        Some(Route::One(destination)) => destination.target(),
         Some(Route::FanOut(_)) => return Err(ForwardError::Unsupported("fan-out")),
         Some(_) => return Err(ForwardError::Unsupported("mirror")),
     };
-    let group = groups.get(&target).ok_or(ForwardError::NoGroup(target))?;
+    let group = groups
+        .get(target)
+        .ok_or_else(|| ForwardError::NoGroup(target.to_owned()))?;
     if parts.headers.get_all(&VIA).iter().any(|v| {
         v.as_bytes()
             .split(|b| *b == b',')

@@ -81,6 +81,12 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<ReplayBody<B>>>,
 {
+    pub(super) fn calling(fut: S::Future) -> Self {
+        Self {
+            state: State::Calling { fut },
+        }
+    }
+
     pub(super) fn new(inner: S, req: Request<B>, max_messages: usize, max_bytes: usize) -> Self {
         let (parts, body) = req.into_parts();
         Self {

@@ -209,6 +209,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if self.layer.max_messages == 0 {
+            // Nothing to peek: call the (ready) inner service at once, with
+            // no clone and no buffering.
+            let req = req.map(ReplayBody::passthrough);
+            return ResponseFuture::calling(self.inner.call(req));
+        }
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::new(ready, req, self.layer.max_messages, self.layer.max_bytes)
