@@ -100,7 +100,13 @@ fn check(file: &std::path::Path) -> ExitCode {
             for (name, group) in &config.upstreams {
                 let endpoints: Vec<String> =
                     group.endpoints.iter().map(ToString::to_string).collect();
-                println!("  group     {name}: {}", endpoints.join(", "));
+                let strategy: Vec<String> =
+                    group.strategy.iter().map(|s| format!("{s:?}")).collect();
+                println!(
+                    "  group     {name}: {} (strategy {})",
+                    endpoints.join(", "),
+                    strategy.join(" → ")
+                );
             }
             for line in sluice::describe_routes(&config) {
                 println!("  {line}");

@@ -145,8 +145,93 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
-    /// `host:port` of each endpoint.
-    pub endpoints: Vec<HostPort>,
+    /// The endpoints: `"host:port"`, or a table with identifiers and the
+    /// default-route mark.
+    pub endpoints: Vec<EndpointConfig>,
+    /// How an endpoint is chosen: strategies tried in order, falling
+    /// through to the next only when one finds no endpoint.
+    #[serde(default = "default_strategies")]
+    pub strategy: Vec<Strategy>,
+    /// The metadata key `dest-host` reads; without it in a call,
+    /// `dest-host` uses the `:authority` host.
+    #[serde(default = "default_dest_host_key")]
+    pub dest_host_key: String,
+}
+
+/// One endpoint of a group.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EndpointConfig {
+    /// Just an address.
+    Address(HostPort),
+    /// An address with more.
+    Detailed {
+        /// `host:port`.
+        address: HostPort,
+        /// Names `dest-host` matches besides the host part of the address.
+        #[serde(default)]
+        ids: Vec<String>,
+        /// Whether `default-route` may choose it.
+        #[serde(default)]
+        default_route: bool,
+    },
+}
+
+/// A way of choosing an endpoint (konnectivity's strategies, plus sluice's
+/// load-aware default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The endpoint whose identifiers match the call's destination host.
+    DestHost,
+    /// Among endpoints marked `default_route`.
+    DefaultRoute,
+    /// Uniformly at random.
+    Random,
+    /// Power-of-two-choices over peak-EWMA latency and load.
+    LeastLoaded,
+}
+
+fn default_strategies() -> Vec<Strategy> {
+    vec![Strategy::LeastLoaded]
+}
+
+/// The metadata key `dest-host` reads by default.
+pub const DEFAULT_DEST_HOST_KEY: &str = "x-dest-host";
+
+fn default_dest_host_key() -> String {
+    DEFAULT_DEST_HOST_KEY.to_owned()
+}
+
+impl std::fmt::Display for EndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Address(a) => write!(f, "{a}"),
+            Self::Detailed {
+                address,
+                ids,
+                default_route,
+            } => {
+                write!(f, "{address}")?;
+                if !ids.is_empty() {
+                    write!(f, " (ids {})", ids.join(", "))?;
+                }
+                if *default_route {
+                    f.write_str(" [default-route]")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl EndpointConfig {
+    /// The endpoint's address.
+    pub fn address(&self) -> &HostPort {
+        match self {
+            Self::Address(a) | Self::Detailed { address: a, .. } => a,
+        }
+    }
 }
 
 /// `[[routes]]`: a match and what to do with the calls it matches. Every

@@ -62,6 +62,9 @@ pub(crate) enum ForwardError {
     /// The route names no known group.
     #[error("no upstream group named {0:?}")]
     NoGroup(String),
+    /// No strategy of the group found an endpoint for this call.
+    #[error("no endpoint of upstream group {0:?} matches this call")]
+    NoEndpoint(String),
 }
 
 impl ForwardError {
@@ -80,6 +83,7 @@ impl ForwardError {
             Self::Loop(_) => Some((Code::Aborted, self.to_string())),
             Self::Unsupported(_) => Some((Code::Unimplemented, self.to_string())),
             Self::NoGroup(_) => Some((Code::Internal, self.to_string())),
+            Self::NoEndpoint(_) => Some((Code::Unavailable, self.to_string())),
         }
     }
 }
@@ -171,11 +175,28 @@ where
     }
     parts.headers.append(VIA, via);
     headers::strip_hop_by_hop(&mut parts.headers);
-    let endpoint = group.pick();
+    let mut endpoint = group
+        .pick(&parts, None)
+        .ok_or_else(|| ForwardError::NoEndpoint(target.to_owned()))?;
+    let checkout = match endpoint.pool().checkout().await {
+        Ok(checkout) => checkout,
+        // Nothing was sent: another endpoint of the group gets one try.
+        Err(e) => match group
+            .pick(&parts, Some(endpoint))
+            .filter(|_| group.len() > 1)
+        {
+            Some(other) => {
+                tracing::debug!(error = %e, "endpoint unreachable; trying another in its group");
+                endpoint = other;
+                endpoint.pool().checkout().await?
+            }
+            None => return Err(e.into()),
+        },
+    };
     let end_of_stream = body.is_end_stream();
     let head = Request::from_parts(parts, ());
     let sent = tokio::time::Instant::now();
-    let (mut response, tx, lease) = endpoint.pool().send_request(head, end_of_stream).await?;
+    let (mut response, tx, lease) = endpoint.pool().send(checkout, head, end_of_stream)?;
 
     let mut pump = (!end_of_stream).then(|| RequestPump::new(body, tx));
     // Drive the request body while waiting for the response headers.

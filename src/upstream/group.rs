@@ -1,10 +1,14 @@
 //! Upstream groups: named sets of endpoints, one connection pool each, and
 //! the choice of endpoint per call.
 //!
-//! The choice is power-of-two-choices over peak-EWMA latency, as linkerd
-//! and `tower::balance` do: two endpoints at random, the one with the lower
-//! `latency × (calls in flight + 1)` wins. An endpoint whose last dial
-//! failed is avoided while another is usable.
+//! A group's strategies are tried in order, falling through to the next
+//! only when one finds no endpoint (konnectivity's chain): `dest-host` (the
+//! endpoint whose identifiers match the call's destination host),
+//! `default-route` (endpoints marked so), `random`, and `least-loaded`, the
+//! default: power-of-two-choices over peak-EWMA latency, as linkerd and
+//! `tower::balance` do (two endpoints at random, the lower
+//! `latency × (calls in flight + 1)` wins). Within any strategy, endpoints
+//! whose last dial failed are avoided while another candidate is usable.
 
 use std::{
     cell::Cell,
@@ -16,9 +20,11 @@ use std::{
 
 use tokio::time::Instant;
 
+use http::{HeaderName, request::Parts};
+
 use super::Pool;
 use crate::{
-    config::{Config, DEFAULT_GROUP},
+    config::{Config, DEFAULT_DEST_HOST_KEY, DEFAULT_GROUP, EndpointConfig, Strategy},
     stats::Counters,
 };
 
@@ -38,13 +44,19 @@ pub(crate) struct Groups {
 #[derive(Debug)]
 pub(crate) struct Group {
     endpoints: Box<[Endpoint]>,
+    strategies: Box<[Strategy]>,
+    dest_host_key: HeaderName,
 }
 
-/// One endpoint: its pool and its latency estimate.
+/// One endpoint: its pool, its latency estimate, and what strategies match
+/// it by.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     pool: Pool,
     rtt: Mutex<PeakEwma>,
+    /// Lowercased names `dest-host` matches: the address's host and `ids`.
+    ids: Box<[String]>,
+    default_route: bool,
 }
 
 #[derive(Debug)]
@@ -58,18 +70,41 @@ struct PeakEwma {
 impl Groups {
     pub(crate) fn from_config(config: &Config, counters: &Arc<Counters>) -> Self {
         let mut by_name = HashMap::new();
-        let pool = |address| {
+        let endpoint = |e: &EndpointConfig| {
             let mut upstream = config.upstream.clone();
-            upstream.address = address;
-            Pool::new(upstream, counters.clone())
+            upstream.address = e.address().clone();
+            let mut ids = vec![e.address().host().to_ascii_lowercase()];
+            let mut default_route = false;
+            if let EndpointConfig::Detailed {
+                ids: more,
+                default_route: dr,
+                ..
+            } = e
+            {
+                ids.extend(more.iter().map(|i| i.to_ascii_lowercase()));
+                default_route = *dr;
+            }
+            Endpoint::new(Pool::new(upstream, counters.clone()), ids, default_route)
         };
+        let default = EndpointConfig::Address(config.upstream.address.clone());
         by_name.insert(
             Arc::from(DEFAULT_GROUP),
-            Group::new(vec![pool(config.upstream.address.clone())]),
+            Group {
+                endpoints: Box::new([endpoint(&default)]),
+                strategies: Box::new([Strategy::LeastLoaded]),
+                dest_host_key: HeaderName::from_static(DEFAULT_DEST_HOST_KEY),
+            },
         );
         for (name, group) in &config.upstreams {
-            let endpoints = group.endpoints.iter().cloned().map(pool).collect();
-            by_name.insert(Arc::from(name.as_str()), Group::new(endpoints));
+            by_name.insert(
+                Arc::from(name.as_str()),
+                Group {
+                    endpoints: group.endpoints.iter().map(endpoint).collect(),
+                    strategies: group.strategy.clone().into_boxed_slice(),
+                    dest_host_key: HeaderName::try_from(group.dest_host_key.to_ascii_lowercase())
+                        .unwrap_or_else(|_| HeaderName::from_static(DEFAULT_DEST_HOST_KEY)),
+                },
+            );
         }
         Self { by_name }
     }
@@ -96,38 +131,100 @@ impl Groups {
 // === impl Group ===
 
 impl Group {
-    fn new(pools: Vec<Pool>) -> Self {
-        let now = Instant::now();
-        Self {
-            endpoints: pools
-                .into_iter()
-                .map(|pool| Endpoint {
-                    pool,
-                    rtt: Mutex::new(PeakEwma {
-                        nanos: DEFAULT_RTT.as_nanos() as f64,
-                        at: now,
-                    }),
-                })
-                .collect(),
+    /// The endpoint for a call with head `parts`, or `None` when no
+    /// strategy finds one. `skip` excludes an endpoint already tried.
+    pub(crate) fn pick(&self, parts: &Parts, skip: Option<&Endpoint>) -> Option<&Endpoint> {
+        let usable = |e: &&Endpoint| skip.is_none_or(|s| !std::ptr::eq(s, *e));
+        for strategy in &self.strategies {
+            let candidates: Vec<&Endpoint> = match strategy {
+                Strategy::DestHost => {
+                    let Some(host) = dest_host(parts, &self.dest_host_key) else {
+                        continue;
+                    };
+                    self.endpoints
+                        .iter()
+                        .filter(usable)
+                        .filter(|e| e.ids.iter().any(|id| *id == host))
+                        .collect()
+                }
+                Strategy::DefaultRoute => self
+                    .endpoints
+                    .iter()
+                    .filter(usable)
+                    .filter(|e| e.default_route)
+                    .collect(),
+                Strategy::Random | Strategy::LeastLoaded => {
+                    self.endpoints.iter().filter(usable).collect()
+                }
+            };
+            if candidates.is_empty() {
+                continue;
+            }
+            // Prefer endpoints that are not failing, if any.
+            let healthy: Vec<&Endpoint> = candidates
+                .iter()
+                .copied()
+                .filter(|e| !e.pool.is_failing())
+                .collect();
+            let pool = if healthy.is_empty() {
+                candidates
+            } else {
+                healthy
+            };
+            return Some(match strategy {
+                Strategy::Random => pool[random_below(pool.len())],
+                _ => p2c(&pool),
+            });
         }
+        None
     }
 
-    /// The endpoint for the next call.
-    pub(crate) fn pick(&self) -> &Endpoint {
-        let n = self.endpoints.len();
-        if n == 1 {
-            return &self.endpoints[0];
-        }
-        let a = random_below(n);
-        let b = (a + 1 + random_below(n - 1)) % n;
-        let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
-        if ea.cost() <= eb.cost() { ea } else { eb }
+    pub(crate) fn len(&self) -> usize {
+        self.endpoints.len()
     }
+}
+
+/// The destination host of a call: the group's metadata key, else the
+/// `:authority` host, lowercased, without a port.
+fn dest_host(parts: &Parts, key: &HeaderName) -> Option<String> {
+    let raw = match parts.headers.get(key).and_then(|v| v.to_str().ok()) {
+        Some(v) => v.to_owned(),
+        None => parts.uri.authority()?.host().to_owned(),
+    };
+    let host = raw.trim().trim_start_matches('[');
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.contains(':') => h,
+        _ => host,
+    };
+    Some(host.trim_end_matches(']').to_ascii_lowercase())
+}
+
+fn p2c<'a>(endpoints: &[&'a Endpoint]) -> &'a Endpoint {
+    let n = endpoints.len();
+    if n == 1 {
+        return endpoints[0];
+    }
+    let a = random_below(n);
+    let b = (a + 1 + random_below(n - 1)) % n;
+    let (ea, eb) = (endpoints[a], endpoints[b]);
+    if ea.cost() <= eb.cost() { ea } else { eb }
 }
 
 // === impl Endpoint ===
 
 impl Endpoint {
+    fn new(pool: Pool, ids: Vec<String>, default_route: bool) -> Self {
+        Self {
+            pool,
+            rtt: Mutex::new(PeakEwma {
+                nanos: DEFAULT_RTT.as_nanos() as f64,
+                at: Instant::now(),
+            }),
+            ids: ids.into_boxed_slice(),
+            default_route,
+        }
+    }
+
     pub(crate) fn pool(&self) -> &Pool {
         &self.pool
     }
@@ -149,9 +246,6 @@ impl Endpoint {
     }
 
     fn cost(&self) -> f64 {
-        if self.pool.is_failing() {
-            return f64::INFINITY;
-        }
         let rtt = self.rtt.lock().expect("rtt lock").nanos;
         rtt * (self.pool.in_flight() as f64 + 1.0)
     }

@@ -97,6 +97,13 @@ struct DialState {
     retry_at: Option<Instant>,
 }
 
+/// A connection with a stream slot reserved for one call.
+#[derive(Debug)]
+pub(crate) struct Checkout {
+    conn: Conn,
+    lease: Lease,
+}
+
 /// A call's claim on a connection's stream slot; released on drop.
 #[derive(Debug)]
 pub(crate) struct Lease {
@@ -132,18 +139,28 @@ impl Pool {
         }
     }
 
-    /// Opens a stream on an upstream connection and sends `req`'s headers.
+    /// Takes a stream slot on an open connection, dialling one if needed.
+    /// Nothing of the call has been sent when this fails, so the caller
+    /// may try another endpoint.
+    pub(crate) async fn checkout(&self) -> Result<Checkout, UpstreamError> {
+        let (conn, lease) = self.checkout_conn().await?;
+        Ok(Checkout { conn, lease })
+    }
+
+    /// Opens the stream and sends `req`'s headers on a checked-out
+    /// connection.
     ///
-    /// A connection that has received GOAWAY or failed is never picked, so
-    /// the send fails only in the race where it breaks in between; the call
-    /// then fails with UNAVAILABLE (its body may already be in flight, so it
-    /// is not retried here).
-    pub(crate) async fn send_request(
+    /// A connection that has received GOAWAY or failed is never checked
+    /// out, so this fails only in the race where it breaks in between; the
+    /// call then fails with UNAVAILABLE (its body may already be in
+    /// flight, so it is not retried here).
+    pub(crate) fn send(
         &self,
+        checkout: Checkout,
         req: Request<()>,
         end_of_stream: bool,
     ) -> Result<(ResponseFuture, SendStream<Bytes>, Lease), UpstreamError> {
-        let (mut conn, lease) = self.checkout().await?;
+        let Checkout { mut conn, lease } = checkout;
         match conn.send.send_request(req, end_of_stream) {
             Ok((response, stream)) => Ok((response, stream, lease)),
             Err(e) if e.is_io() || e.is_go_away() || e.is_reset() => {
@@ -186,7 +203,7 @@ impl Pool {
         self.inner.conns.lock().expect("pool lock").clear();
     }
 
-    async fn checkout(&self) -> Result<(Conn, Lease), UpstreamError> {
+    async fn checkout_conn(&self) -> Result<(Conn, Lease), UpstreamError> {
         let epoch = self.inner.dial_epoch.load(Ordering::Acquire);
         if let Some(conn) = self.inner.pick(false) {
             return Ok(self.lease(conn));

@@ -320,3 +320,113 @@ async fn idle_upstream_connections_are_evicted_and_reopened_on_demand() {
     assert_eq!(sluice.stats().upstream_connections, 1);
     assert_eq!(upstream.probe.counts().completed, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategies_fall_through_from_dest_host_to_default_route() {
+    trace_init();
+    let (a, b, c) = (
+        EchoServer::start().await,
+        EchoServer::start().await,
+        EchoServer::start().await,
+    );
+    let config = with_routes(
+        c.addr,
+        &format!(
+            r#"
+[upstreams.agents]
+endpoints = [
+  {{ address = "{a}", ids = ["node-a"] }},
+  {{ address = "{b}", ids = ["node-b"], default_route = true }},
+  "{c}",
+]
+strategy = ["dest-host", "default-route", "least-loaded"]
+
+[upstreams.strict]
+endpoints = [{{ address = "{a}", ids = ["node-a"] }}]
+strategy = ["dest-host"]
+
+[[routes]]
+metadata = {{ "x-strict" = {{ present = true }} }}
+upstream = "strict"
+
+[[routes]]
+upstream = "agents"
+"#,
+            a = a.addr,
+            b = b.addr,
+            c = c.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    let call = |host: &'static str, strict: bool| {
+        let mut req = tonic::Request::new(Req::default());
+        req.metadata_mut()
+            .insert("x-dest-host", MetadataValue::from_static(host));
+        if strict {
+            req.metadata_mut()
+                .insert("x-strict", MetadataValue::from_static("1"));
+        }
+        req
+    };
+    client
+        .unary(call("node-a", false))
+        .await
+        .expect("dest-host a");
+    client
+        .unary(call("NODE-B", false))
+        .await
+        .expect("dest-host b, any case");
+    assert_eq!(
+        (a.probe.counts().completed, b.probe.counts().completed),
+        (1, 1)
+    );
+    // No endpoint is "node-z": dest-host finds nothing, default-route picks b.
+    for _ in 0..5 {
+        client
+            .unary(call("node-z", false))
+            .await
+            .expect("fall-through");
+    }
+    assert_eq!(b.probe.counts().completed, 6);
+    assert_eq!(c.probe.counts().completed, 0);
+    // A chain that finds nothing is UNAVAILABLE, not a hang or a guess.
+    let status = client
+        .unary(call("node-z", true))
+        .await
+        .expect_err("nothing matches");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no endpoint"), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_tried_once_then_avoided() {
+    trace_init();
+    let live = EchoServer::start().await;
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let config = with_routes(
+        live.addr,
+        &format!(
+            "[upstreams.pair]\nendpoints = [\"{dead}\", \"{}\"]\n[[routes]]\nupstream = \"pair\"\n",
+            live.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    for seq in 0..20 {
+        let reply = client
+            .unary(Req {
+                seq,
+                ..Req::default()
+            })
+            .await
+            .expect("no call fails");
+        assert_eq!(reply.into_inner().seq, seq);
+    }
+    assert_eq!(live.probe.counts().completed, 20);
+}
