@@ -144,7 +144,7 @@ impl Group {
                     self.endpoints
                         .iter()
                         .filter(usable)
-                        .filter(|e| e.ids.iter().any(|id| *id == host))
+                        .filter(|e| e.ids.contains(&host))
                         .collect()
                 }
                 Strategy::DefaultRoute => self
