@@ -156,6 +156,26 @@ pub struct GroupConfig {
     /// `dest-host` uses the `:authority` host.
     #[serde(default = "default_dest_host_key")]
     pub dest_host_key: String,
+    /// Active health checking with `grpc.health.v1`; off unless given.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// `health_check = { … }` of a group: each endpoint is asked
+/// `grpc.health.v1.Health/Check` every `interval`; one that does not answer
+/// SERVING within `timeout` is avoided until it does.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Time between checks.
+    #[serde(with = "value::duration")]
+    pub interval: Duration,
+    /// Time an answer may take.
+    #[serde(with = "value::duration")]
+    pub timeout: Duration,
+    /// The service asked about; empty for the server as a whole.
+    #[serde(default)]
+    pub service: String,
 }
 
 /// One endpoint of a group.

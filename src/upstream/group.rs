@@ -14,7 +14,10 @@ use std::{
     cell::Cell,
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -38,6 +41,8 @@ const DECAY: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Groups {
     by_name: HashMap<Arc<str>, Group>,
+    /// Health-check tasks, stopped by [`Groups::close`].
+    checkers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// The endpoints of one group.
@@ -54,6 +59,8 @@ pub(crate) struct Group {
 pub(crate) struct Endpoint {
     pool: Pool,
     rtt: Mutex<PeakEwma>,
+    /// The last health check's verdict (true without health checking).
+    healthy: Arc<AtomicBool>,
     /// Lowercased names `dest-host` matches: the address's host and `ids`.
     ids: Box<[String]>,
     default_route: bool,
@@ -106,7 +113,31 @@ impl Groups {
                 },
             );
         }
-        Self { by_name }
+        let checkers = config
+            .upstreams
+            .iter()
+            .filter_map(|(name, g)| Some((by_name.get(name.as_str())?, g.health_check.clone()?)))
+            .flat_map(|(group, hc)| {
+                group.endpoints.iter().map(move |e| {
+                    let (pool, healthy, hc) = (e.pool.clone(), e.healthy.clone(), hc.clone());
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(hc.interval);
+                        loop {
+                            tick.tick().await;
+                            let serving =
+                                super::health::check(&pool, &hc.service, hc.timeout).await;
+                            if healthy.swap(serving, Ordering::Relaxed) != serving {
+                                tracing::info!(serving, "upstream endpoint health changed");
+                            }
+                        }
+                    })
+                })
+            })
+            .collect();
+        Self {
+            by_name,
+            checkers: Mutex::new(checkers),
+        }
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&Group> {
@@ -120,6 +151,9 @@ impl Groups {
 
     /// Closes every endpoint's connections once idle.
     pub(crate) fn close(&self) {
+        for checker in self.checkers.lock().expect("checkers lock").drain(..) {
+            checker.abort();
+        }
         for group in self.by_name.values() {
             for endpoint in &group.endpoints {
                 endpoint.pool.close();
@@ -164,7 +198,7 @@ impl Group {
             let healthy: Vec<&Endpoint> = candidates
                 .iter()
                 .copied()
-                .filter(|e| !e.pool.is_failing())
+                .filter(|e| !e.unusable())
                 .collect();
             let pool = if healthy.is_empty() {
                 candidates
@@ -222,7 +256,14 @@ impl Endpoint {
             }),
             ids: ids.into_boxed_slice(),
             default_route,
+            healthy: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Whether the endpoint should be avoided: its last dial failed, or it
+    /// failed its last health check.
+    fn unusable(&self) -> bool {
+        self.pool.is_failing() || !self.healthy.load(Ordering::Relaxed)
     }
 
     pub(crate) fn pool(&self) -> &Pool {

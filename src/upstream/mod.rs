@@ -26,6 +26,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, warn};
 
 mod group;
+mod health;
 
 pub(crate) use self::group::Groups;
 use crate::{

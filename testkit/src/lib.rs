@@ -354,6 +354,8 @@ pub struct EchoServer {
     pub addr: SocketAddr,
     /// What it saw.
     pub probe: Probe,
+    /// Its `grpc.health.v1` status: SERVING until a test says otherwise.
+    pub health: tonic_health::server::HealthReporter,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -391,6 +393,10 @@ impl EchoServer {
             probe: probe.clone(),
             base_delay,
         };
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
         let svc = pb::echo_server::EchoServer::new(echo)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
@@ -414,6 +420,7 @@ impl EchoServer {
                         })
                     });
                     let serve = Server::builder()
+                        .add_service(health_svc)
                         .add_service(svc)
                         .serve_with_incoming(incoming);
                     tokio::select! {
@@ -428,6 +435,7 @@ impl EchoServer {
         Self {
             addr,
             probe,
+            health,
             stop: Some(stop),
             thread: Some(thread),
         }

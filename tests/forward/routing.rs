@@ -430,3 +430,54 @@ async fn an_unreachable_endpoint_is_tried_once_then_avoided() {
     }
     assert_eq!(live.probe.counts().completed, 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_its_health_check_is_avoided_until_it_recovers() {
+    trace_init();
+    let (sick, well) = (EchoServer::start().await, EchoServer::start().await);
+    let config = with_routes(
+        well.addr,
+        &format!(
+            "[upstreams.pair]\nendpoints = [\"{}\", \"{}\"]\n\
+             health_check = {{ interval = \"50ms\", timeout = \"500ms\" }}\n\
+             [[routes]]\nupstream = \"pair\"\n",
+            sick.addr, well.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    sick.health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    // The verdict lands on the next checks; no event says when, so give
+    // it a few 50 ms intervals.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sick.probe.counts().completed;
+    for _ in 0..30 {
+        client.unary(Req::default()).await.expect("ok");
+    }
+    assert_eq!(
+        sick.probe.counts().completed,
+        before,
+        "a NOT_SERVING endpoint got calls"
+    );
+
+    // It recovers, and the other one falls ill: calls move back.
+    sick.health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    well.health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_well = well.probe.counts().completed;
+    for _ in 0..30 {
+        client.unary(Req::default()).await.expect("ok");
+    }
+    assert_eq!(well.probe.counts().completed, before_well);
+    assert_eq!(
+        sick.probe.counts().completed,
+        before + 30,
+        "the recovered endpoint takes the calls"
+    );
+}

@@ -1,0 +1,81 @@
+//! Active health checking with `grpc.health.v1.Health/Check`, sent over the
+//! endpoint's own pool: one unary call per interval, the request and the
+//! answer encoded by hand (no protobuf code in the proxy).
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::Request;
+use sluice_layers::grpc::{
+    status::{self, Code},
+    wire::{self, FieldPath, Value},
+};
+
+use super::Pool;
+
+/// `HealthCheckResponse.ServingStatus.SERVING`.
+const SERVING: u64 = 1;
+/// A health answer is a few bytes; more is not a health answer.
+const MAX_ANSWER: usize = 1024;
+
+/// Whether the endpoint says it is serving `service` ("" for the server as a
+/// whole) within `timeout`. Any failure (unreachable, an error status, no
+/// answer, a malformed one) counts as not serving.
+pub(super) async fn check(pool: &Pool, service: &str, timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, ask(pool, service))
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|status| status == SERVING)
+}
+
+async fn ask(pool: &Pool, service: &str) -> Option<u64> {
+    let checkout = pool.checkout().await.ok()?;
+    let head = Request::post("http://health/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .ok()?;
+    let (response, mut tx, _lease) = pool.send(checkout, head, false).ok()?;
+    // HealthCheckRequest { string service = 1; }
+    let mut payload = BytesMut::new();
+    if !service.is_empty() {
+        payload.put_u8(0x0a);
+        payload.put_u8(u8::try_from(service.len()).ok()?);
+        payload.put_slice(service.as_bytes());
+    }
+    let mut message = BytesMut::with_capacity(5 + payload.len());
+    message.put_u8(0);
+    message.put_u32(u32::try_from(payload.len()).ok()?);
+    message.put_slice(&payload);
+    tx.send_data(message.freeze(), true).ok()?;
+
+    let response = response.await.ok()?;
+    if status::code_of(response.headers()).is_some() {
+        // Trailers-only: an error, or an OK without a message; neither says
+        // SERVING.
+        return None;
+    }
+    let mut body = response.into_body();
+    let mut answer = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk: Bytes = chunk.ok()?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        answer.put_slice(&chunk);
+        if answer.len() > MAX_ANSWER {
+            return None;
+        }
+    }
+    let trailers = body.trailers().await.ok()??;
+    if status::code_of(&trailers) != Some(Code::Ok) || answer.len() < 5 {
+        return None;
+    }
+    // HealthCheckResponse { ServingStatus status = 1; }
+    let path: FieldPath = "1".parse().ok()?;
+    match wire::find(&answer[5..], &path) {
+        Some(Value::Varint(status)) => Some(status),
+        // proto3 leaves a zero enum out: UNKNOWN.
+        None => Some(0),
+        Some(_) => None,
+    }
+}
