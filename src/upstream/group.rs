@@ -194,17 +194,22 @@ impl Group {
             if candidates.is_empty() {
                 continue;
             }
-            // Prefer endpoints that are not failing, if any.
-            let healthy: Vec<&Endpoint> = candidates
+            // Prefer endpoints that are usable and not draining, then
+            // usable ones, then any.
+            let usable: Vec<&Endpoint> = candidates
                 .iter()
                 .copied()
                 .filter(|e| !e.unusable())
                 .collect();
-            let pool = if healthy.is_empty() {
-                candidates
-            } else {
-                healthy
-            };
+            let serving: Vec<&Endpoint> = usable
+                .iter()
+                .copied()
+                .filter(|e| !e.pool.is_draining())
+                .collect();
+            let pool = [serving, usable, candidates]
+                .into_iter()
+                .find(|c| !c.is_empty())
+                .expect("candidates is not empty");
             return Some(match strategy {
                 Strategy::Random => pool[random_below(pool.len())],
                 _ => p2c(&pool),

@@ -40,6 +40,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(10);
 /// Longest fail-fast window: an upstream that comes back is used again within
 /// a quarter second (clients retry UNAVAILABLE themselves).
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
+/// How long an endpoint that sent GOAWAY counts as draining: long enough
+/// for a restarting upstream to come back, short enough that a one-off
+/// connection recycle (max-age) is soon forgotten.
+const DRAINING_HOLD: Duration = Duration::from_secs(10);
 
 /// Why no upstream stream could be opened.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -82,6 +86,10 @@ struct Inner {
     in_flight: Arc<AtomicUsize>,
     /// Whether the last dial failed (and none succeeded since).
     failing: std::sync::atomic::AtomicBool,
+    /// When a connection of this endpoint last received GOAWAY, in ms
+    /// since `created` (0: never).
+    goaway_at_ms: AtomicU64,
+    created: Instant,
 }
 
 #[derive(Clone, Debug)]
@@ -136,6 +144,8 @@ impl Pool {
                 counters,
                 in_flight: Arc::default(),
                 failing: std::sync::atomic::AtomicBool::new(false),
+                goaway_at_ms: AtomicU64::new(0),
+                created: Instant::now(),
             }),
         }
     }
@@ -196,6 +206,13 @@ impl Pool {
     /// Whether the last attempt to reach this endpoint failed.
     pub(crate) fn is_failing(&self) -> bool {
         self.inner.failing.load(Ordering::Relaxed)
+    }
+
+    /// Whether this endpoint sent GOAWAY within [`DRAINING_HOLD`]: it is
+    /// shutting down or restarting, and other endpoints are preferred.
+    pub(crate) fn is_draining(&self) -> bool {
+        let at = self.inner.goaway_at_ms.load(Ordering::Relaxed);
+        at != 0 && self.inner.created.elapsed() < Duration::from_millis(at) + DRAINING_HOLD
     }
 
     /// Closes every connection once its streams are done: the connections
@@ -420,7 +437,17 @@ impl Inner {
         // Drop connections that can no longer open streams (GOAWAY received,
         // or failed); their tasks finish the streams they carry.
         let mut cx = Context::from_waker(Waker::noop());
-        conns.retain_mut(|c| matches!(c.send.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        conns.retain_mut(|c| match c.send.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => {
+                if e.is_go_away() && e.is_remote() {
+                    let at = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    self.goaway_at_ms.store(at.max(1), Ordering::Relaxed);
+                }
+                false
+            }
+            Poll::Pending => false,
+        });
         let load = |c: &&Conn| c.in_flight.load(Ordering::Relaxed);
         if saturated_ok {
             if conns.len() < self.config.max_connections {

@@ -481,3 +481,40 @@ async fn an_endpoint_failing_its_health_check_is_avoided_until_it_recovers() {
         "the recovered endpoint takes the calls"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_that_sent_goaway_are_avoided_while_others_serve() {
+    trace_init();
+    let mut leaving = RawUpstream::start(Behaviour::AnswerThenGoAway).await;
+    let staying = EchoServer::start().await;
+    let config = with_routes(
+        staying.addr,
+        &format!(
+            "[upstreams.pair]\nendpoints = [{{ address = \"{}\", ids = [\"leaving\"] }}, \"{}\"]\n\
+             strategy = [\"dest-host\", \"least-loaded\"]\n[[routes]]\nupstream = \"pair\"\n",
+            leaving.addr, staying.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    // One call pinned to the leaving endpoint, which answers and then
+    // sends GOAWAY.
+    let mut req = tonic::Request::new(Req::default());
+    req.metadata_mut()
+        .insert("x-dest-host", MetadataValue::from_static("leaving"));
+    client.unary(req).await.expect("answered before GOAWAY");
+    within("the leaving upstream saw it", leaving.heads.recv())
+        .await
+        .expect("a call");
+    // A second call there notices the GOAWAY (and still succeeds, on a new
+    // connection)...
+    let mut req = tonic::Request::new(Req::default());
+    req.metadata_mut()
+        .insert("x-dest-host", MetadataValue::from_static("leaving"));
+    client.unary(req).await.expect("a new connection");
+    // ...and from then on unpinned calls prefer the endpoint that stays.
+    for _ in 0..20 {
+        client.unary(Req::default()).await.expect("ok");
+    }
+    assert_eq!(staying.probe.counts().completed, 20);
+}

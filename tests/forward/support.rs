@@ -121,6 +121,9 @@ pub(crate) enum Behaviour {
     ResetBeforeHeaders(h2::Reason),
     /// Sends response headers, then resets with this reason.
     ResetAfterHeaders(h2::Reason),
+    /// Answers one call properly (an empty reply, status 0), then sends
+    /// GOAWAY on that connection; new connections are still accepted.
+    AnswerThenGoAway,
 }
 
 /// A bare h2 server standing in for an upstream, to do what a well-behaved
@@ -152,6 +155,20 @@ impl RawUpstream {
                     };
                     while let Some(Ok((req, mut respond))) = conn.accept().await {
                         let _ = head_tx.send(req.headers().clone());
+                        if let Behaviour::AnswerThenGoAway = behaviour {
+                            let ok = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .expect("response");
+                            if let Ok(mut tx) = respond.send_response(ok, false) {
+                                let _ = tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false);
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                                let _ = tx.send_trailers(trailers);
+                            }
+                            conn.graceful_shutdown();
+                            continue;
+                        }
                         let reset_tx = reset_tx.clone();
                         tokio::spawn(async move {
                             let _request_body = req.into_body();
@@ -171,6 +188,7 @@ impl RawUpstream {
                                         std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
                                     let _ = reset_tx.send(reason.expect("reset reason"));
                                 }
+                                Behaviour::AnswerThenGoAway => {}
                                 Behaviour::HeadersThenHang => {
                                     let mut tx =
                                         respond.send_response(ok, false).expect("send headers");
