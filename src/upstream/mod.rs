@@ -90,6 +90,8 @@ struct Inner {
     /// since `created` (0: never).
     goaway_at_ms: AtomicU64,
     created: Instant,
+    /// Set by [`Pool::close`]: connections ending now are sluice's doing.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Debug)]
@@ -146,6 +148,7 @@ impl Pool {
                 failing: std::sync::atomic::AtomicBool::new(false),
                 goaway_at_ms: AtomicU64::new(0),
                 created: Instant::now(),
+                closed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -210,7 +213,11 @@ impl Pool {
 
     /// Whether this endpoint sent GOAWAY within [`DRAINING_HOLD`]: it is
     /// shutting down or restarting, and other endpoints are preferred.
+    ///
+    /// Looks at the endpoint's connections first, so a GOAWAY that arrived
+    /// since the last call counts at once.
     pub(crate) fn is_draining(&self) -> bool {
+        self.inner.prune();
         let at = self.inner.goaway_at_ms.load(Ordering::Relaxed);
         at != 0 && self.inner.created.elapsed() < Duration::from_millis(at) + DRAINING_HOLD
     }
@@ -218,6 +225,7 @@ impl Pool {
     /// Closes every connection once its streams are done: the connections
     /// send GOAWAY and end when idle.
     pub(crate) fn close(&self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
         self.inner.conns.lock().expect("pool lock").clear();
     }
 
@@ -343,9 +351,17 @@ impl Pool {
                 }
             }
         };
+        let evicted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let evict = {
+            let evicted = evicted.clone();
+            move || {
+                evicted.store(true, Ordering::Relaxed);
+                evict();
+            }
+        };
         tokio::spawn(async move {
             let _gauge = gauge;
-            if let Err(e) = drive(
+            let ended = drive(
                 connection,
                 keepalive,
                 idle_timeout,
@@ -353,8 +369,8 @@ impl Pool {
                 &name,
                 evict,
             )
-            .await
-            {
+            .await;
+            if let Err(e) = &ended {
                 if e.is_io() || e.is_go_away() {
                     debug!(upstream = %name, error = %e, "upstream connection closed");
                 } else {
@@ -362,6 +378,12 @@ impl Pool {
                 }
             }
             if let Some(pool) = Weak::upgrade(&pool) {
+                // A connection that ends without sluice letting go of it
+                // was ended by the upstream (GOAWAY, or a close): the
+                // endpoint is draining.
+                if !evicted.load(Ordering::Relaxed) && !pool.closed.load(Ordering::Relaxed) {
+                    pool.mark_draining();
+                }
                 pool.remove(id);
             }
         });
@@ -432,22 +454,31 @@ impl Inner {
     /// The least-loaded connection with a free stream slot; or, with
     /// `saturated_ok` and no room for another connection, the least-loaded
     /// one at all.
-    fn pick(&self, saturated_ok: bool) -> Option<Conn> {
+    /// Drops connections that can no longer open streams (GOAWAY
+    /// received, or failed), noting a GOAWAY as draining; their tasks
+    /// finish the streams they carry.
+    fn prune(&self) {
         let mut conns = self.conns.lock().expect("pool lock");
-        // Drop connections that can no longer open streams (GOAWAY received,
-        // or failed); their tasks finish the streams they carry.
+        self.prune_locked(&mut conns);
+    }
+
+    fn prune_locked(&self, conns: &mut Vec<Conn>) {
         let mut cx = Context::from_waker(Waker::noop());
         conns.retain_mut(|c| match c.send.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => true,
             Poll::Ready(Err(e)) => {
                 if e.is_go_away() && e.is_remote() {
-                    let at = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    self.goaway_at_ms.store(at.max(1), Ordering::Relaxed);
+                    self.mark_draining();
                 }
                 false
             }
             Poll::Pending => false,
         });
+    }
+
+    fn pick(&self, saturated_ok: bool) -> Option<Conn> {
+        let mut conns = self.conns.lock().expect("pool lock");
+        self.prune_locked(&mut conns);
         let load = |c: &&Conn| c.in_flight.load(Ordering::Relaxed);
         if saturated_ok {
             if conns.len() < self.config.max_connections {
@@ -460,6 +491,12 @@ impl Inner {
             .filter(|c| load(c) < c.send.current_max_send_streams())
             .min_by_key(load)
             .cloned()
+    }
+
+    fn mark_draining(&self) {
+        debug!(upstream = %self.name, "upstream endpoint draining (GOAWAY or closed by the peer)");
+        let at = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.goaway_at_ms.store(at.max(1), Ordering::Relaxed);
     }
 
     fn remove(&self, id: u64) {

@@ -486,35 +486,51 @@ async fn an_endpoint_failing_its_health_check_is_avoided_until_it_recovers() {
 async fn endpoints_that_sent_goaway_are_avoided_while_others_serve() {
     trace_init();
     let mut leaving = RawUpstream::start(Behaviour::AnswerThenGoAway).await;
-    let staying = EchoServer::start().await;
+    // 50 ms slower: on load and latency alone, P2C would choose `leaving`.
+    let staying = EchoServer::start_slow(Duration::from_millis(50)).await;
     let config = with_routes(
         staying.addr,
         &format!(
-            "[upstreams.pair]\nendpoints = [{{ address = \"{}\", ids = [\"leaving\"] }}, \"{}\"]\n\
+            "[upstreams.pair]\nendpoints = [{{ address = \"{}\", ids = [\"leaving\"] }}, \
+             {{ address = \"{}\", ids = [\"staying\"] }}]\n\
              strategy = [\"dest-host\", \"least-loaded\"]\n[[routes]]\nupstream = \"pair\"\n",
             leaving.addr, staying.addr
         ),
     );
     let sluice = sluice::run(&config).await.expect("sluice");
     let mut client = sluice_testkit::client(sluice.listen_addr());
-    // One call pinned to the leaving endpoint, which answers and then
-    // sends GOAWAY.
-    let mut req = tonic::Request::new(Req::default());
-    req.metadata_mut()
-        .insert("x-dest-host", MetadataValue::from_static("leaving"));
-    client.unary(req).await.expect("answered before GOAWAY");
-    within("the leaving upstream saw it", leaving.heads.recv())
+    let pinned = |host: &'static str| {
+        let mut req = tonic::Request::new(Req::default());
+        req.metadata_mut()
+            .insert("x-dest-host", MetadataValue::from_static(host));
+        req
+    };
+    // The slow endpoint's latency is measured...
+    client
+        .unary(pinned("staying"))
         .await
-        .expect("a call");
-    // A second call there notices the GOAWAY (and still succeeds, on a new
-    // connection)...
-    let mut req = tonic::Request::new(Req::default());
-    req.metadata_mut()
-        .insert("x-dest-host", MetadataValue::from_static("leaving"));
-    client.unary(req).await.expect("a new connection");
-    // ...and from then on unpinned calls prefer the endpoint that stays.
-    for _ in 0..20 {
+        .expect("slow but fine");
+    // ...and the leaving one answers twice, sending GOAWAY each time.
+    client
+        .unary(pinned("leaving"))
+        .await
+        .expect("answered before GOAWAY");
+    client
+        .unary(pinned("leaving"))
+        .await
+        .expect("a new connection");
+    let mut seen = 0;
+    while leaving.heads.try_recv().is_ok() {
+        seen += 1;
+    }
+    assert_eq!(seen, 2);
+    // Unpinned calls now prefer the endpoint that stays, slow as it is.
+    for _ in 0..10 {
         client.unary(Req::default()).await.expect("ok");
     }
-    assert_eq!(staying.probe.counts().completed, 20);
+    assert!(
+        leaving.heads.try_recv().is_err(),
+        "a draining endpoint got an unpinned call"
+    );
+    assert_eq!(staying.probe.counts().completed, 11);
 }
