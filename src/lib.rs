@@ -138,7 +138,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                 drain_requested: drain_requested.clone(),
                 metrics: metrics.clone(),
                 counters: counters.clone(),
-                pool: groups.default_pool().clone(),
+                pool: groups.default_pool(),
                 ready_requires_upstream: config.admin.ready_requires_upstream,
             });
             (
@@ -237,6 +237,12 @@ impl Running {
     /// What sluice holds open right now.
     pub fn stats(&self) -> Stats {
         self.counters.snapshot()
+    }
+
+    /// The addresses of an upstream group's endpoints now (names resolved
+    /// to one endpoint per address), or `None` for an unknown group.
+    pub fn group_endpoints(&self, group: &str) -> Option<Vec<String>> {
+        self.groups.addresses(group)
     }
 
     /// Whether `/ready` answers 200 (before any upstream check).

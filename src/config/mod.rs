@@ -159,6 +159,18 @@ pub struct GroupConfig {
     /// Active health checking with `grpc.health.v1`; off unless given.
     #[serde(default)]
     pub health_check: Option<HealthCheckConfig>,
+    /// How often endpoints given by name are resolved again; each address
+    /// a name resolves to is an endpoint of its own.
+    #[serde(default = "default_resolve_interval", with = "value::duration")]
+    pub resolve_interval: Duration,
+}
+
+/// How often endpoint names are resolved again: 30 s, a common DNS TTL for
+/// service records (Kubernetes headless services included).
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+
+fn default_resolve_interval() -> Duration {
+    DEFAULT_RESOLVE_INTERVAL
 }
 
 /// `health_check = { … }` of a group: each endpoint is asked

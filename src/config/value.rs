@@ -48,6 +48,15 @@ impl fmt::Display for HostPort {
     }
 }
 
+impl From<std::net::SocketAddr> for HostPort {
+    fn from(addr: std::net::SocketAddr) -> Self {
+        Self {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
 impl FromStr for HostPort {
     type Err = String;
 

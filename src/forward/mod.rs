@@ -182,7 +182,7 @@ where
         Ok(checkout) => checkout,
         // Nothing was sent: another endpoint of the group gets one try.
         Err(e) => match group
-            .pick(&parts, Some(endpoint))
+            .pick(&parts, Some(&endpoint))
             .filter(|_| group.len() > 1)
         {
             Some(other) => {

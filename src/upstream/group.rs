@@ -8,26 +8,35 @@
 //! default: power-of-two-choices over peak-EWMA latency, as linkerd and
 //! `tower::balance` do (two endpoints at random, the lower
 //! `latency × (calls in flight + 1)` wins). Within any strategy, endpoints
-//! whose last dial failed are avoided while another candidate is usable.
+//! that are usable (last dial succeeded, health check passing) and not
+//! draining (no GOAWAY lately) are preferred, then usable ones, then any.
+//!
+//! Endpoints given by name are resolved again every `resolve_interval`:
+//! each address is an endpoint of its own; an address that appears gets a
+//! new pool, one that leaves has its pool closed once idle.
 
 use std::{
     cell::Cell,
     collections::HashMap,
     hash::{BuildHasher, RandomState},
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
-use tokio::time::Instant;
-
 use http::{HeaderName, request::Parts};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 use super::Pool;
 use crate::{
-    config::{Config, DEFAULT_DEST_HOST_KEY, DEFAULT_GROUP, EndpointConfig, Strategy},
+    config::{
+        Config, DEFAULT_DEST_HOST_KEY, DEFAULT_GROUP, EndpointConfig, GroupConfig,
+        HealthCheckConfig, HostPort, Strategy,
+    },
     stats::Counters,
 };
 
@@ -40,15 +49,16 @@ const DECAY: Duration = Duration::from_secs(10);
 /// Every group, by name.
 #[derive(Debug)]
 pub(crate) struct Groups {
-    by_name: HashMap<Arc<str>, Group>,
-    /// Health-check tasks, stopped by [`Groups::close`].
-    checkers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    by_name: HashMap<Arc<str>, Arc<Group>>,
+    /// Health-check and resolver tasks, stopped by [`Groups::close`].
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// The endpoints of one group.
+/// The endpoints of one group. The list is swapped whole when names
+/// resolve differently; a call works on the snapshot it picked from.
 #[derive(Debug)]
 pub(crate) struct Group {
-    endpoints: Box<[Endpoint]>,
+    endpoints: RwLock<Arc<[Arc<Endpoint>]>>,
     strategies: Box<[Strategy]>,
     dest_host_key: HeaderName,
 }
@@ -57,11 +67,14 @@ pub(crate) struct Group {
 /// it by.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
+    /// The address it was configured or resolved as.
+    address: HostPort,
     pool: Pool,
     rtt: Mutex<PeakEwma>,
     /// The last health check's verdict (true without health checking).
-    healthy: Arc<AtomicBool>,
-    /// Lowercased names `dest-host` matches: the address's host and `ids`.
+    healthy: AtomicBool,
+    /// Lowercased names `dest-host` matches: the host, the name it was
+    /// resolved from, and the configured ids.
     ids: Box<[String]>,
     default_route: bool,
 }
@@ -72,91 +85,233 @@ struct PeakEwma {
     at: Instant,
 }
 
+/// Builds the endpoint for `e`, at `resolved` when a name was resolved.
+fn endpoint(
+    config: &Config,
+    counters: &Arc<Counters>,
+    e: &EndpointConfig,
+    resolved: Option<SocketAddr>,
+) -> Endpoint {
+    let address = match resolved {
+        Some(addr) => HostPort::from(addr),
+        None => e.address().clone(),
+    };
+    let mut upstream = config.upstream.clone();
+    upstream.address = address.clone();
+    let mut ids = vec![e.address().host().to_ascii_lowercase()];
+    if resolved.is_some() {
+        ids.push(address.host().to_ascii_lowercase());
+    }
+    let mut default_route = false;
+    if let EndpointConfig::Detailed {
+        ids: more,
+        default_route: dr,
+        ..
+    } = e
+    {
+        ids.extend(more.iter().map(|i| i.to_ascii_lowercase()));
+        default_route = *dr;
+    }
+    Endpoint {
+        address,
+        pool: Pool::new(upstream, counters.clone()),
+        rtt: Mutex::new(PeakEwma {
+            nanos: DEFAULT_RTT.as_nanos() as f64,
+            at: Instant::now(),
+        }),
+        healthy: AtomicBool::new(true),
+        ids: ids.into_boxed_slice(),
+        default_route,
+    }
+}
+
 // === impl Groups ===
 
 impl Groups {
     pub(crate) fn from_config(config: &Config, counters: &Arc<Counters>) -> Self {
         let mut by_name = HashMap::new();
-        let endpoint = |e: &EndpointConfig| {
-            let mut upstream = config.upstream.clone();
-            upstream.address = e.address().clone();
-            let mut ids = vec![e.address().host().to_ascii_lowercase()];
-            let mut default_route = false;
-            if let EndpointConfig::Detailed {
-                ids: more,
-                default_route: dr,
-                ..
-            } = e
-            {
-                ids.extend(more.iter().map(|i| i.to_ascii_lowercase()));
-                default_route = *dr;
-            }
-            Endpoint::new(Pool::new(upstream, counters.clone()), ids, default_route)
-        };
         let default = EndpointConfig::Address(config.upstream.address.clone());
         by_name.insert(
             Arc::from(DEFAULT_GROUP),
-            Group {
-                endpoints: Box::new([endpoint(&default)]),
+            Arc::new(Group {
+                endpoints: RwLock::new(Arc::from([Arc::new(endpoint(
+                    config, counters, &default, None,
+                ))])),
                 strategies: Box::new([Strategy::LeastLoaded]),
                 dest_host_key: HeaderName::from_static(DEFAULT_DEST_HOST_KEY),
-            },
+            }),
         );
-        for (name, group) in &config.upstreams {
-            by_name.insert(
-                Arc::from(name.as_str()),
-                Group {
-                    endpoints: group.endpoints.iter().map(endpoint).collect(),
-                    strategies: group.strategy.clone().into_boxed_slice(),
-                    dest_host_key: HeaderName::try_from(group.dest_host_key.to_ascii_lowercase())
-                        .unwrap_or_else(|_| HeaderName::from_static(DEFAULT_DEST_HOST_KEY)),
-                },
-            );
+        let mut tasks = Vec::new();
+        for (name, group_config) in &config.upstreams {
+            let endpoints: Vec<Arc<Endpoint>> = group_config
+                .endpoints
+                .iter()
+                .map(|e| Arc::new(endpoint(config, counters, e, None)))
+                .collect();
+            let group = Arc::new(Group {
+                endpoints: RwLock::new(endpoints.into()),
+                strategies: group_config.strategy.clone().into_boxed_slice(),
+                dest_host_key: HeaderName::try_from(
+                    group_config.dest_host_key.to_ascii_lowercase(),
+                )
+                .unwrap_or_else(|_| HeaderName::from_static(DEFAULT_DEST_HOST_KEY)),
+            });
+            if group_config
+                .endpoints
+                .iter()
+                .any(|e| e.address().host().parse::<IpAddr>().is_err())
+            {
+                tasks.push(tokio::spawn(resolve(
+                    name.clone(),
+                    group.clone(),
+                    group_config.clone(),
+                    config.clone(),
+                    counters.clone(),
+                )));
+            }
+            if let Some(hc) = &group_config.health_check {
+                tasks.push(tokio::spawn(check_health(group.clone(), hc.clone())));
+            }
+            by_name.insert(Arc::from(name.as_str()), group);
         }
-        let checkers = config
-            .upstreams
-            .iter()
-            .filter_map(|(name, g)| Some((by_name.get(name.as_str())?, g.health_check.clone()?)))
-            .flat_map(|(group, hc)| {
-                group.endpoints.iter().map(move |e| {
-                    let (pool, healthy, hc) = (e.pool.clone(), e.healthy.clone(), hc.clone());
-                    tokio::spawn(async move {
-                        let mut tick = tokio::time::interval(hc.interval);
-                        loop {
-                            tick.tick().await;
-                            let serving =
-                                super::health::check(&pool, &hc.service, hc.timeout).await;
-                            if healthy.swap(serving, Ordering::Relaxed) != serving {
-                                tracing::info!(serving, "upstream endpoint health changed");
-                            }
-                        }
-                    })
-                })
-            })
-            .collect();
         Self {
             by_name,
-            checkers: Mutex::new(checkers),
+            tasks: Mutex::new(tasks),
         }
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&Group> {
-        self.by_name.get(name)
+        self.by_name.get(name).map(|g| &**g)
     }
 
     /// The first endpoint of the default group (`[upstream]`).
-    pub(crate) fn default_pool(&self) -> &Pool {
-        &self.by_name[DEFAULT_GROUP].endpoints[0].pool
+    pub(crate) fn default_pool(&self) -> Pool {
+        self.by_name[DEFAULT_GROUP].snapshot()[0].pool.clone()
     }
 
-    /// Closes every endpoint's connections once idle.
+    /// The addresses of a group's endpoints now.
+    pub(crate) fn addresses(&self, name: &str) -> Option<Vec<String>> {
+        let group = self.by_name.get(name)?;
+        Some(
+            group
+                .snapshot()
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect(),
+        )
+    }
+
+    /// Stops health checks and resolution, and closes every endpoint's
+    /// connections once idle.
     pub(crate) fn close(&self) {
-        for checker in self.checkers.lock().expect("checkers lock").drain(..) {
-            checker.abort();
+        for task in self.tasks.lock().expect("tasks lock").drain(..) {
+            task.abort();
         }
         for group in self.by_name.values() {
-            for endpoint in &group.endpoints {
+            for endpoint in group.snapshot().iter() {
                 endpoint.pool.close();
+            }
+        }
+    }
+}
+
+/// Resolves a group's named endpoints every `resolve_interval` and swaps in
+/// the new endpoint list: endpoints whose address stays keep their pool
+/// (connections and latency); new addresses get a pool; the pools of
+/// addresses that left are closed once idle.
+async fn resolve(
+    name: String,
+    group: Arc<Group>,
+    group_config: GroupConfig,
+    config: Config,
+    counters: Arc<Counters>,
+) {
+    let mut tick = tokio::time::interval(group_config.resolve_interval);
+    loop {
+        tick.tick().await;
+        let mut wanted: Vec<(EndpointConfig, Option<SocketAddr>)> = Vec::new();
+        for e in &group_config.endpoints {
+            let address = e.address();
+            if address.host().parse::<IpAddr>().is_ok() {
+                wanted.push((e.clone(), None));
+                continue;
+            }
+            match tokio::net::lookup_host((address.host(), address.port())).await {
+                Ok(addrs) => wanted.extend(addrs.map(|a| (e.clone(), Some(a)))),
+                Err(err) => {
+                    // Keep what we had for this name: a DNS hiccup must not
+                    // empty the group.
+                    warn!(group = %name, %address, error = %err, "cannot resolve an upstream endpoint");
+                    let current = group.snapshot();
+                    let kept = current
+                        .iter()
+                        .filter(|ep| ep.ids.contains(&address.host().to_ascii_lowercase()));
+                    wanted.extend(kept.map(|ep| (e.clone(), ep.address.to_string().parse().ok())));
+                }
+            }
+        }
+        let current = group.snapshot();
+        let (next, gone) = reconcile(&current, &wanted, |e, resolved| {
+            Arc::new(endpoint(&config, &counters, e, resolved))
+        });
+        if next.is_empty() {
+            continue;
+        }
+        let changed = !gone.is_empty() || next.len() != current.len();
+        *group.endpoints.write().expect("endpoints lock") = next.into();
+        for endpoint in gone {
+            debug!(group = %name, address = %endpoint.address, "endpoint left; closing its connections once idle");
+            endpoint.pool.close();
+        }
+        if changed {
+            info!(group = %name, endpoints = ?group.snapshot().iter().map(|e| e.address.to_string()).collect::<Vec<_>>(), "upstream group endpoints changed");
+        }
+    }
+}
+
+/// The endpoint list for `wanted` (entries and, for names, the addresses
+/// they resolved to), reusing `current` endpoints with the same address;
+/// returns it and the endpoints that are no longer wanted.
+fn reconcile<F>(
+    current: &[Arc<Endpoint>],
+    wanted: &[(EndpointConfig, Option<SocketAddr>)],
+    mut make: F,
+) -> (Vec<Arc<Endpoint>>, Vec<Arc<Endpoint>>)
+where
+    F: FnMut(&EndpointConfig, Option<SocketAddr>) -> Arc<Endpoint>,
+{
+    let mut next: Vec<Arc<Endpoint>> = Vec::with_capacity(wanted.len());
+    for (e, resolved) in wanted {
+        let address = resolved.map_or_else(
+            || e.address().to_string(),
+            |a| HostPort::from(a).to_string(),
+        );
+        if next.iter().any(|n| n.address.to_string() == address) {
+            continue;
+        }
+        match current.iter().find(|c| c.address.to_string() == address) {
+            Some(same) => next.push(same.clone()),
+            None => next.push(make(e, *resolved)),
+        }
+    }
+    let gone = current
+        .iter()
+        .filter(|c| !next.iter().any(|n| Arc::ptr_eq(n, c)))
+        .cloned()
+        .collect();
+    (next, gone)
+}
+
+/// Asks every endpoint of the group `grpc.health.v1.Health/Check` each
+/// interval and records the verdict.
+async fn check_health(group: Arc<Group>, hc: HealthCheckConfig) {
+    let mut tick = tokio::time::interval(hc.interval);
+    loop {
+        tick.tick().await;
+        for endpoint in group.snapshot().iter() {
+            let serving = super::health::check(&endpoint.pool, &hc.service, hc.timeout).await;
+            if endpoint.healthy.swap(serving, Ordering::Relaxed) != serving {
+                info!(address = %endpoint.address, serving, "upstream endpoint health changed");
             }
         }
     }
@@ -165,43 +320,49 @@ impl Groups {
 // === impl Group ===
 
 impl Group {
+    fn snapshot(&self) -> Arc<[Arc<Endpoint>]> {
+        self.endpoints.read().expect("endpoints lock").clone()
+    }
+
     /// The endpoint for a call with head `parts`, or `None` when no
     /// strategy finds one. `skip` excludes an endpoint already tried.
-    pub(crate) fn pick(&self, parts: &Parts, skip: Option<&Endpoint>) -> Option<&Endpoint> {
-        let usable = |e: &&Endpoint| skip.is_none_or(|s| !std::ptr::eq(s, *e));
+    pub(crate) fn pick(
+        &self,
+        parts: &Parts,
+        skip: Option<&Arc<Endpoint>>,
+    ) -> Option<Arc<Endpoint>> {
+        let snapshot = self.snapshot();
+        let usable_slot = |e: &&Arc<Endpoint>| skip.is_none_or(|s| !Arc::ptr_eq(s, e));
         for strategy in &self.strategies {
-            let candidates: Vec<&Endpoint> = match strategy {
+            let candidates: Vec<&Arc<Endpoint>> = match strategy {
                 Strategy::DestHost => {
                     let Some(host) = dest_host(parts, &self.dest_host_key) else {
                         continue;
                     };
-                    self.endpoints
+                    snapshot
                         .iter()
-                        .filter(usable)
+                        .filter(usable_slot)
                         .filter(|e| e.ids.contains(&host))
                         .collect()
                 }
-                Strategy::DefaultRoute => self
-                    .endpoints
+                Strategy::DefaultRoute => snapshot
                     .iter()
-                    .filter(usable)
+                    .filter(usable_slot)
                     .filter(|e| e.default_route)
                     .collect(),
                 Strategy::Random | Strategy::LeastLoaded => {
-                    self.endpoints.iter().filter(usable).collect()
+                    snapshot.iter().filter(usable_slot).collect()
                 }
             };
             if candidates.is_empty() {
                 continue;
             }
-            // Prefer endpoints that are usable and not draining, then
-            // usable ones, then any.
-            let usable: Vec<&Endpoint> = candidates
+            let usable: Vec<&Arc<Endpoint>> = candidates
                 .iter()
                 .copied()
                 .filter(|e| !e.unusable())
                 .collect();
-            let serving: Vec<&Endpoint> = usable
+            let serving: Vec<&Arc<Endpoint>> = usable
                 .iter()
                 .copied()
                 .filter(|e| !e.pool.is_draining())
@@ -210,16 +371,17 @@ impl Group {
                 .into_iter()
                 .find(|c| !c.is_empty())
                 .expect("candidates is not empty");
-            return Some(match strategy {
+            let chosen = match strategy {
                 Strategy::Random => pool[random_below(pool.len())],
                 _ => p2c(&pool),
-            });
+            };
+            return Some(chosen.clone());
         }
         None
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.endpoints.len()
+        self.snapshot().len()
     }
 }
 
@@ -238,7 +400,7 @@ fn dest_host(parts: &Parts, key: &HeaderName) -> Option<String> {
     Some(host.trim_end_matches(']').to_ascii_lowercase())
 }
 
-fn p2c<'a>(endpoints: &[&'a Endpoint]) -> &'a Endpoint {
+fn p2c<'a>(endpoints: &[&'a Arc<Endpoint>]) -> &'a Arc<Endpoint> {
     let n = endpoints.len();
     if n == 1 {
         return endpoints[0];
@@ -252,27 +414,14 @@ fn p2c<'a>(endpoints: &[&'a Endpoint]) -> &'a Endpoint {
 // === impl Endpoint ===
 
 impl Endpoint {
-    fn new(pool: Pool, ids: Vec<String>, default_route: bool) -> Self {
-        Self {
-            pool,
-            rtt: Mutex::new(PeakEwma {
-                nanos: DEFAULT_RTT.as_nanos() as f64,
-                at: Instant::now(),
-            }),
-            ids: ids.into_boxed_slice(),
-            default_route,
-            healthy: Arc::new(AtomicBool::new(true)),
-        }
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// Whether the endpoint should be avoided: its last dial failed, or it
     /// failed its last health check.
     fn unusable(&self) -> bool {
         self.pool.is_failing() || !self.healthy.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     /// Records how long the upstream took to answer (response headers).
@@ -324,5 +473,46 @@ mod tests {
             seen[random_below(5)] += 1;
         }
         assert!(seen.iter().all(|&c| c > 800), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn reconcile_keeps_staying_endpoints_adds_new_ones_and_lets_gone_ones_go() {
+        let config = Config::default();
+        let counters = Arc::new(Counters::default());
+        let name: EndpointConfig =
+            EndpointConfig::Address("svc.local:80".parse().expect("hostport"));
+        let at = |ip: &str| -> SocketAddr { format!("{ip}:80").parse().expect("addr") };
+        let make = |e: &EndpointConfig, r: Option<SocketAddr>| {
+            Arc::new(endpoint(&config, &counters, e, r))
+        };
+        let (first, gone) = reconcile(
+            &[],
+            &[
+                (name.clone(), Some(at("10.0.0.1"))),
+                (name.clone(), Some(at("10.0.0.2"))),
+            ],
+            make,
+        );
+        assert_eq!(first.len(), 2);
+        assert!(gone.is_empty());
+        // 10.0.0.1 stays, 10.0.0.2 leaves, 10.0.0.3 arrives.
+        let (next, gone) = reconcile(
+            &first,
+            &[
+                (name.clone(), Some(at("10.0.0.1"))),
+                (name.clone(), Some(at("10.0.0.3"))),
+            ],
+            make,
+        );
+        assert!(
+            Arc::ptr_eq(&next[0], &first[0]),
+            "a staying endpoint keeps its pool"
+        );
+        assert_eq!(next[1].address.to_string(), "10.0.0.3:80");
+        assert_eq!(gone.len(), 1);
+        assert!(Arc::ptr_eq(&gone[0], &first[1]));
+        // Resolved endpoints still answer to the name they came from.
+        assert!(next[1].ids.contains(&"svc.local".to_owned()));
+        assert!(next[1].ids.contains(&"10.0.0.3".to_owned()));
     }
 }

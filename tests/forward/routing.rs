@@ -534,3 +534,32 @@ async fn endpoints_that_sent_goaway_are_avoided_while_others_serve() {
     );
     assert_eq!(staying.probe.counts().completed, 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_names_are_resolved_to_one_endpoint_per_address() {
+    trace_init();
+    let upstream = EchoServer::start().await;
+    let port = upstream.addr.port();
+    let config = with_routes(
+        upstream.addr,
+        &format!(
+            "[upstreams.named]\nendpoints = [\"localhost:{port}\"]\nresolve_interval = \"50ms\"\n\
+             [[routes]]\nupstream = \"named\"\n"
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let resolved = format!("127.0.0.1:{port}");
+    eventually("localhost resolves to its addresses", || {
+        sluice
+            .group_endpoints("named")
+            .is_some_and(|e| e.contains(&resolved) && !e.iter().any(|a| a.starts_with("localhost")))
+    })
+    .await;
+    // Whatever else localhost resolves to (::1, which nothing serves here),
+    // calls reach the server.
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    for _ in 0..10 {
+        client.unary(Req::default()).await.expect("ok");
+    }
+    assert_eq!(upstream.probe.counts().completed, 10);
+}
