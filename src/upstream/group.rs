@@ -500,7 +500,7 @@ mod tests {
             &first,
             &[
                 (name.clone(), Some(at("10.0.0.1"))),
-                (name.clone(), Some(at("10.0.0.3"))),
+                (name, Some(at("10.0.0.3"))),
             ],
             make,
         );
