@@ -563,3 +563,26 @@ async fn endpoint_names_are_resolved_to_one_endpoint_per_address() {
     }
     assert_eq!(upstream.probe.counts().completed, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_random_strategy_spreads_calls_regardless_of_latency() {
+    trace_init();
+    // P2C would send almost everything to the fast one; random does not.
+    let fast = EchoServer::start().await;
+    let slow = EchoServer::start_slow(Duration::from_millis(10)).await;
+    let config = with_routes(
+        fast.addr,
+        &format!(
+            "[upstreams.pair]\nendpoints = [\"{}\", \"{}\"]\nstrategy = [\"random\"]\n[[routes]]\nupstream = \"pair\"\n",
+            fast.addr, slow.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    for _ in 0..100 {
+        client.unary(Req::default()).await.expect("ok");
+    }
+    let (f, s) = (fast.probe.counts().completed, slow.probe.counts().completed);
+    assert_eq!(f + s, 100);
+    assert!(f >= 25 && s >= 25, "random split {f}/{s}");
+}
