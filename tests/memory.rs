@@ -12,10 +12,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
-use prost::Message;
-use sluice::{Config, Running};
-use sluice_testkit::{EchoServer, Req};
+use sluice_testkit::Req;
 
 use crate::{raw::*, support::*};
 
@@ -23,39 +20,6 @@ const MIB: u64 = 1 << 20;
 
 /// One attack at a time in this process.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn setup(tune: impl FnOnce(&mut Config)) -> (EchoServer, Running) {
-    trace_init();
-    let upstream = EchoServer::start().await;
-    let mut config = config(upstream.addr);
-    tune(&mut config);
-    let sluice = sluice::run(&config).await.expect("sluice");
-    (upstream, sluice)
-}
-
-fn grpc_message(req: &Req) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    buf.put_u8(0);
-    buf.put_u32(u32::try_from(req.encoded_len()).expect("small"));
-    req.encode(&mut buf).expect("encode");
-    buf.to_vec()
-}
-
-async fn normal_calls(addr: std::net::SocketAddr, n: usize) {
-    let mut client = sluice_testkit::client(addr);
-    for seq in 0..n as u64 {
-        let reply = within(
-            "normal call",
-            client.unary(Req {
-                seq,
-                ..Req::default()
-            }),
-        )
-        .await
-        .expect("a normal client is served");
-        assert_eq!(reply.into_inner().seq, seq);
-    }
-}
 
 // 1. Rapid reset (CVE-2023-44487).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,6 +73,8 @@ pub mod direct;
 pub mod drain;
 pub mod grpc;
 pub mod peek;
+#[cfg(test)]
+mod test_util;
 
 /// A type-erased error, the currency between layers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -232,30 +232,8 @@ pub(super) fn grpc_code<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<sluice_layers::grpc::status::Code, D::Error> {
     use sluice_layers::grpc::status::Code;
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
     let name = String::deserialize(d)?;
-    NAMES
-        .iter()
-        .position(|n| n.eq_ignore_ascii_case(&name))
-        .and_then(|i| Code::from_i32(i32::try_from(i).ok()?))
+    Code::from_name(&name)
         .ok_or_else(|| de::Error::custom(format!("unknown gRPC status code {name:?}")))
 }
 

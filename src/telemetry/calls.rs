@@ -96,29 +96,12 @@ fn latency_histogram() -> Histogram {
     ))
 }
 
-const CODE_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 fn code_label(code: Code) -> Label {
     thread_local! {
-        static LABELS: Vec<Label> = CODE_NAMES.iter().map(|n| Label(Arc::from(*n))).collect();
+        static LABELS: Vec<Label> = (0..17)
+            .filter_map(Code::from_i32)
+            .map(|c| Label(Arc::from(c.name())))
+            .collect();
     }
     LABELS.with(|labels| labels[usize::try_from(code.as_i32()).unwrap_or(2)].clone())
 }

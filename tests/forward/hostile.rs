@@ -5,46 +5,9 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
-use prost::Message;
-use sluice::{Config, Running};
-use sluice_testkit::{EchoServer, Req};
+use sluice_testkit::Req;
 
 use crate::{raw::*, support::*};
-
-async fn setup(tune: impl FnOnce(&mut Config)) -> (EchoServer, Running) {
-    trace_init();
-    let upstream = EchoServer::start().await;
-    let mut config = config(upstream.addr);
-    tune(&mut config);
-    let sluice = sluice::run(&config).await.expect("sluice");
-    (upstream, sluice)
-}
-
-fn grpc_message(req: &Req) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    buf.put_u8(0);
-    buf.put_u32(u32::try_from(req.encoded_len()).expect("small"));
-    req.encode(&mut buf).expect("encode");
-    buf.to_vec()
-}
-
-/// A normal client on its own connection: every call must succeed.
-async fn normal_calls(addr: std::net::SocketAddr, n: usize) {
-    let mut client = sluice_testkit::client(addr);
-    for seq in 0..n as u64 {
-        let reply = within(
-            "normal call",
-            client.unary(Req {
-                seq,
-                ..Req::default()
-            }),
-        )
-        .await
-        .expect("a normal client is served");
-        assert_eq!(reply.into_inner().seq, seq);
-    }
-}
 
 // 2. CONTINUATION floods (CVE-2024-27316 class).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +56,7 @@ async fn continuation_floods_close_the_connection_and_forward_nothing() {
     );
 }
 
-fn timeouts(config: &mut Config) {
+fn timeouts(config: &mut sluice::Config) {
     config.server.handshake_timeout = Duration::from_millis(300);
     config.server.idle_timeout = Duration::from_millis(300);
 }

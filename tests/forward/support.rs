@@ -241,3 +241,38 @@ pub(crate) async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, S
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
 }
+
+/// An echo server and a sluice in front of it, with the config tuned.
+pub(crate) async fn setup(tune: impl FnOnce(&mut Config)) -> (EchoServer, Running) {
+    trace_init();
+    let upstream = EchoServer::start().await;
+    let mut config = config(upstream.addr);
+    tune(&mut config);
+    let sluice = sluice::run(&config).await.expect("sluice");
+    (upstream, sluice)
+}
+
+pub(crate) fn grpc_message(req: &Req) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(req.encoded_len()).expect("small"));
+    req.encode(&mut buf).expect("encode");
+    buf.to_vec()
+}
+
+/// A normal client on its own connection: every call must succeed.
+pub(crate) async fn normal_calls(addr: std::net::SocketAddr, n: usize) {
+    let mut client = sluice_testkit::client(addr);
+    for seq in 0..n as u64 {
+        let reply = within(
+            "normal call",
+            client.unary(Req {
+                seq,
+                ..Req::default()
+            }),
+        )
+        .await
+        .expect("a normal client is served");
+        assert_eq!(reply.into_inner().seq, seq);
+    }
+}

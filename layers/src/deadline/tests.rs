@@ -1,9 +1,4 @@
-use std::{
-    convert::Infallible,
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{convert::Infallible, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,23 +11,7 @@ use tower_test::mock;
 
 use super::DeadlineLayer;
 use crate::grpc::status::{self, Code};
-
-/// A response body fed from a channel, so a test decides when each frame
-/// arrives and can see (through the sender) whether the body was dropped.
-#[derive(Debug)]
-struct ChannelBody(mpsc::Receiver<Frame<Bytes>>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|f| f.map(Ok))
-    }
-}
+use crate::test_util::ChannelBody;
 
 fn request(timeout: Option<&'static str>) -> Request<Empty<Bytes>> {
     let mut req = Request::new(Empty::new());

@@ -1,9 +1,4 @@
-use std::{
-    convert::Infallible,
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{convert::Infallible, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,22 +11,7 @@ use tower_test::mock;
 
 use super::{DrainLayer, channel};
 use crate::grpc::status::{self, Code};
-
-/// A response body fed from a channel, so a test decides when it ends.
-#[derive(Debug)]
-struct ChannelBody(mpsc::Receiver<Frame<Bytes>>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|f| f.map(Ok))
-    }
-}
+use crate::test_util::ChannelBody;
 
 #[tokio::test]
 async fn passes_calls_through_before_drain() {

@@ -115,9 +115,48 @@ const ALL_CODES: [Code; 17] = [
     Code::Unauthenticated,
 ];
 
+const NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
 // === impl Code ===
 
 impl Code {
+    /// The code's canonical name, as the gRPC spec writes it.
+    ///
+    /// ```
+    /// use sluice_layers::grpc::status::Code;
+    /// assert_eq!(Code::PermissionDenied.name(), "PERMISSION_DENIED");
+    /// assert_eq!(Code::from_name("permission_denied"), Some(Code::PermissionDenied));
+    /// ```
+    pub const fn name(self) -> &'static str {
+        NAMES[self as usize]
+    }
+
+    /// The code with this canonical name, in any case.
+    pub fn from_name(name: &str) -> Option<Self> {
+        NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))
+            .map(|i| ALL_CODES[i])
+    }
+
     /// The numeric value of the code.
     pub const fn as_i32(self) -> i32 {
         self as i32
