@@ -1,0 +1,105 @@
+"""Interop smoke test: a Python grpcio server and client through the real
+sluice binary, every call type and failure.
+
+    pip install grpcio grpcio-tools
+    cargo build && python3 interop/grpcio_smoke.py [path/to/sluice]
+
+Exits non-zero if any check fails. Not part of `cargo test` (it needs pip
+packages); the black-box suites drive sluice with grpcio the same way.
+"""
+import os, sys, time, threading, subprocess, re, socket, tempfile
+from concurrent import futures
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SLUICE = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, 'target', 'debug', 'sluice')
+GEN = tempfile.mkdtemp(prefix='sluice-interop-')
+from grpc_tools import protoc
+if protoc.main(['protoc', f'-I{ROOT}/testkit/proto', f'--python_out={GEN}', f'--grpc_python_out={GEN}',
+                f'{ROOT}/testkit/proto/echo.proto']) != 0:
+    sys.exit('protoc failed')
+sys.path.insert(0, GEN)
+import grpc
+import echo_pb2 as pb, echo_pb2_grpc as rpc
+
+cancelled = threading.Event()
+BIG = [('grpc.max_receive_message_length', 64 << 20), ('grpc.max_send_message_length', 64 << 20)]
+
+class Echo(rpc.EchoServicer):
+    def Unary(self, req, ctx):
+        if req.fail_code:
+            ctx.set_trailing_metadata((('x-trailer', 'tt'), ('x-trailer-bin', b'\x00\xff')))
+            ctx.abort(grpc.StatusCode.NOT_FOUND, req.fail_message)
+        if req.delay_ms:
+            ctx.add_callback(cancelled.set)
+            time.sleep(req.delay_ms / 1000)
+        md = dict(ctx.invocation_metadata())
+        ctx.set_trailing_metadata((('x-seen', md.get('x-custom', '')),))
+        return pb.Reply(payload=req.payload, seq=req.seq)
+    def ServerStream(self, req, ctx):
+        for i in range(req.replies):
+            yield pb.Reply(seq=i, payload=b'r' * req.reply_size)
+    def ClientStream(self, it, ctx):
+        n = 0; last = b''
+        for r in it:
+            n += 1; last = r.payload
+        return pb.Reply(seq=n, payload=last)
+    def Bidi(self, it, ctx):
+        for r in it:
+            yield pb.Reply(seq=r.seq, payload=r.payload)
+
+def free_port():
+    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
+
+server = grpc.server(futures.ThreadPoolExecutor(16), options=BIG)
+rpc.add_EchoServicer_to_server(Echo(), server)
+up = server.add_insecure_port('127.0.0.1:0'); server.start()
+proc = subprocess.Popen([SLUICE, '--listen', '127.0.0.1:0', '--upstream', f'127.0.0.1:{up}', '--admin', 'off'],
+                        stderr=subprocess.PIPE, text=True)
+line = proc.stderr.readline()
+addr = re.search(r'listening on (\S+)', line).group(1)
+ch = grpc.insecure_channel(addr, options=BIG)
+stub = rpc.EchoStub(ch)
+ok = total = 0
+def check(name, cond):
+    global ok, total
+    print(('PASS ' if cond else 'FAIL ') + name); ok += bool(cond); total += 1
+
+r, call = stub.Unary.with_call(pb.Req(payload=b'hi', seq=7), metadata=(('x-custom', 'v1'),))
+check('unary + metadata + trailing metadata', r.seq == 7 and dict(call.trailing_metadata()).get('x-seen') == 'v1')
+try:
+    stub.Unary(pb.Req(fail_code=5, fail_message='nöt fóund ✓'))
+    check('error status', False)
+except grpc.RpcError as e:
+    md = dict(e.trailing_metadata())
+    check('error status, unicode message, -bin trailer', e.code() == grpc.StatusCode.NOT_FOUND and e.details() == 'nöt fóund ✓' and md.get('x-trailer-bin') == b'\x00\xff')
+n = sum(1 for _ in stub.ServerStream(pb.Req(replies=1000, reply_size=100)))
+check('server streaming 1000', n == 1000)
+r = stub.ClientStream(iter([pb.Req(payload=bytes([i])) for i in range(50)]))
+check('client streaming 50', r.seq == 50)
+seqs = [x.seq for x in stub.Bidi(iter([pb.Req(seq=i) for i in range(100)]))]
+check('bidi 100 in order', seqs == list(range(100)))
+big = bytes(range(256)) * (40 * 1024)  # 10 MiB
+r = stub.Unary(pb.Req(payload=big))
+check('10 MiB message byte-exact', r.payload == big)
+t = time.time()
+try:
+    stub.Unary(pb.Req(delay_ms=3000), timeout=0.3)
+    check('deadline', False)
+except grpc.RpcError as e:
+    check(f'deadline exceeded in {time.time()-t:.2f}s', e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.time() - t < 1.5)
+cancelled.clear()
+fut = stub.Unary.future(pb.Req(delay_ms=3000))
+time.sleep(0.3); fut.cancel()
+check('client cancel reaches the server', cancelled.wait(2))
+server.stop(0)
+t = time.time()
+try:
+    stub.Unary(pb.Req(), timeout=5)
+    check('upstream down', False)
+except grpc.RpcError as e:
+    check(f'upstream down -> UNAVAILABLE in {time.time()-t:.3f}s', e.code() == grpc.StatusCode.UNAVAILABLE)
+proc.terminate(); rc = proc.wait(10)
+check('SIGTERM exit 0', rc == 0)
+print(f'{ok} passed, {total - ok} failed')
+sys.exit(0 if ok == total else 1)
