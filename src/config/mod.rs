@@ -441,8 +441,10 @@ pub struct ServerConfig {
     pub max_frame_size: FrameSize,
     /// SETTINGS_MAX_HEADER_LIST_SIZE advertised to each client.
     pub max_header_list_size: ByteSize,
-    /// Bind the listener with SO_REUSEPORT, so that a new sluice can bind
-    /// the same port before the old one drains (zero-gap restarts).
+    /// Bind the listener with SO_REUSEPORT (default on), so that a new
+    /// sluice can bind the same port before the old one drains: the
+    /// zero-gap restart. Only sockets that set it share a port, so another
+    /// program on the port still makes the bind fail.
     pub reuse_port: bool,
     /// Time allowed for the preface and the first request.
     #[serde(with = "value::duration")]
@@ -641,7 +643,7 @@ impl Default for ServerConfig {
             initial_connection_window: WindowSize(DEFAULT_CONNECTION_WINDOW),
             max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
             max_header_list_size: ByteSize(DEFAULT_MAX_HEADER_LIST_SIZE),
-            reuse_port: false,
+            reuse_port: true,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
