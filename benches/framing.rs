@@ -160,12 +160,53 @@ fn peek_layer(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the drain layer adds to a call, guard and body included.
+fn drain_layer(c: &mut Criterion) {
+    use sluice_layers::drain::{self, DrainLayer};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (_signal, watch) = drain::channel();
+    let bare = service_fn(|_req: Request<Empty<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let drained = DrainLayer::new(watch).layer(bare);
+    let mut group = c.benchmark_group("drain_layer_per_call");
+    group.bench_function("bare_service_fn", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut svc = bare;
+            drop(
+                svc.ready()
+                    .await
+                    .expect("ready")
+                    .call(Request::new(Empty::new()))
+                    .await,
+            )
+        })
+    });
+    group.bench_function("with_drain_guard", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut svc = drained.clone();
+            drop(
+                svc.ready()
+                    .await
+                    .expect("ready")
+                    .call(Request::new(Empty::new()))
+                    .await,
+            )
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     grpc_headers,
     deadline_layer,
     route_matching,
     field_path,
-    peek_layer
+    peek_layer,
+    drain_layer
 );
 criterion_main!(benches);
