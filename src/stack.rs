@@ -51,7 +51,7 @@ pub(crate) fn build(
         .layer(trace::layer(&config.upstream.address.to_string()))
         // Count every call (refusals included) by service, method and
         // status, with latency, messages and bytes each way.
-        .layer_fn(|inner| CallMetrics::new(inner, metrics.clone(), drain.clone()))
+        .layer_fn(|inner| CallMetrics::new(inner, metrics.clone()))
         // The one place errors become gRPC statuses (or, for an upstream
         // reset, stay errors that the server turns into RST_STREAM).
         .layer_fn(|inner| Rescue::new(inner, metrics.clone()))
@@ -71,7 +71,7 @@ pub(crate) fn build(
         // while draining are admitted: they were opened before the client
         // saw the final GOAWAY, which promised to process them; later ones
         // h2 refuses itself (REFUSED_STREAM, retried by clients).
-        .layer(DrainLayer::new(drain.clone()).admit_while_draining(true))
+        .layer(DrainLayer::new(drain).admit_while_draining(true))
         // Read the first request message when a route matches on it (and
         // nothing otherwise); it is replayed to the upstream untouched.
         .layer(

@@ -58,6 +58,11 @@ impl Counters {
         }
     }
 
+    /// Calls in flight now (one load, for the admission check per call).
+    pub(crate) fn calls_in_flight(&self) -> usize {
+        self.calls_in_flight.load(Ordering::Relaxed)
+    }
+
     fn counter(&self, kind: Kind) -> &AtomicUsize {
         match kind {
             Kind::DownstreamConnection => &self.downstream_connections,

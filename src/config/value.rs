@@ -210,7 +210,7 @@ pub(super) mod positive {
     pub(crate) fn deserialize<'de, D, T>(d: D) -> Result<T, D::Error>
     where
         D: Deserializer<'de>,
-        T: Deserialize<'de> + TryFrom<u64> + PartialEq + Default,
+        T: Deserialize<'de> + PartialEq + Default,
     {
         let n = T::deserialize(d)?;
         if n == T::default() {

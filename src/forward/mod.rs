@@ -5,12 +5,15 @@
 //! directions under end-to-end flow control; END_STREAM and RST_STREAM
 //! cross in both directions. Nothing is decoded.
 //!
+//! Header hygiene (RFC 9113 §8.2.2) is h2's: it refuses connection-specific
+//! fields and `te` other than `trailers` as malformed in every header block
+//! it receives, from either side, so none reaches this module.
+//!
 //! While waiting for response headers, the call's own future also pumps the
 //! request body, so a unary call needs no task of its own. Only a call whose
 //! client is still sending when the headers arrive gets one spawned pump,
 //! which ends with the request side of the call.
 
-mod headers;
 mod stream;
 
 use std::{
@@ -174,7 +177,6 @@ where
         ));
     }
     parts.headers.append(VIA, via);
-    headers::strip_hop_by_hop(&mut parts.headers);
     let mut endpoint = group
         .pick(&parts, None)
         .ok_or_else(|| ForwardError::NoEndpoint(target.to_owned()))?;
@@ -222,8 +224,7 @@ where
         }
     })?;
     endpoint.observe(sent.elapsed());
-    let (mut parts, recv) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
+    let (parts, recv) = response.into_parts();
     Ok(Response::from_parts(parts, ResponseBody::new(recv, lease)))
 }
 
@@ -284,7 +285,7 @@ where
                 return AdmissionFuture::Refused { res: Some(res) };
             }
         }
-        if self.counters.snapshot().calls_in_flight >= self.max_in_flight {
+        if self.counters.calls_in_flight() >= self.max_in_flight {
             self.metrics.refused(RefusalReason::overloaded);
             let res = status::trailers_only(
                 Code::ResourceExhausted,

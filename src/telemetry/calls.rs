@@ -1,5 +1,5 @@
 //! Per-call metrics: calls by service, method and gRPC status, latency,
-//! request and response messages and bytes; refusals while draining.
+//! request and response messages and bytes.
 //!
 //! The outermost layer of the stack, so it sees every call, refusals
 //! included. A call is recorded once, when its response body ends or is
@@ -22,16 +22,13 @@ use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
 };
-use sluice_layers::{
-    drain::Watch,
-    grpc::{
-        framing::MessageCounter,
-        status::{self, Code},
-    },
+use sluice_layers::grpc::{
+    framing::MessageCounter,
+    status::{self, Code},
 };
 use tower::Service;
 
-use super::metrics::{Metrics, RefusalReason};
+use super::metrics::Metrics;
 
 /// Distinct `/service/method` paths tracked; calls to further paths are
 /// counted as service `other`, so a client inventing method names cannot
@@ -73,7 +70,8 @@ pub(crate) struct CallFamilies {
     pub(crate) request_bytes: Family<MethodLabels, Counter>,
     pub(crate) response_bytes: Family<MethodLabels, Counter>,
     paths: Mutex<HashMap<Box<str>, Arc<Handles>>>,
-    other: Arc<Handles>,
+    /// Where calls to paths beyond [`MAX_TRACKED_PATHS`] are counted.
+    other: std::sync::OnceLock<Arc<Handles>>,
 }
 
 /// Pre-resolved handles for one path.
@@ -113,7 +111,7 @@ impl CallFamilies {
         let duration = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
-        let mut this = Self {
+        Self {
             calls: Family::default(),
             duration,
             request_messages: Family::default(),
@@ -121,13 +119,8 @@ impl CallFamilies {
             request_bytes: Family::default(),
             response_bytes: Family::default(),
             paths: Mutex::default(),
-            other: Arc::new(Handles::placeholder()),
-        };
-        this.other = this.resolve(MethodLabels {
-            service: Label(Arc::from("other")),
-            method: Label(Arc::from("other")),
-        });
-        this
+            other: std::sync::OnceLock::new(),
+        }
     }
 
     fn resolve(&self, labels: MethodLabels) -> Arc<Handles> {
@@ -148,7 +141,15 @@ impl CallFamilies {
             return h.clone();
         }
         if paths.len() >= MAX_TRACKED_PATHS {
-            return self.other.clone();
+            return self
+                .other
+                .get_or_init(|| {
+                    self.resolve(MethodLabels {
+                        service: Label(Arc::from("other")),
+                        method: Label(Arc::from("other")),
+                    })
+                })
+                .clone();
         }
         let (service, method) = path
             .strip_prefix('/')
@@ -163,39 +164,16 @@ impl CallFamilies {
     }
 }
 
-impl Handles {
-    fn placeholder() -> Self {
-        let empty = Label(Arc::from(""));
-        Self {
-            labels: MethodLabels {
-                service: empty.clone(),
-                method: empty,
-            },
-            codes: Default::default(),
-            duration: latency_histogram(),
-            request_messages: Counter::default(),
-            response_messages: Counter::default(),
-            request_bytes: Counter::default(),
-            response_bytes: Counter::default(),
-        }
-    }
-}
-
 /// The per-call metrics middleware.
 #[derive(Clone, Debug)]
 pub(crate) struct CallMetrics<S> {
     inner: S,
     metrics: Arc<Metrics>,
-    drain: Watch,
 }
 
 impl<S> CallMetrics<S> {
-    pub(crate) fn new(inner: S, metrics: Arc<Metrics>, drain: Watch) -> Self {
-        Self {
-            inner,
-            metrics,
-            drain,
-        }
+    pub(crate) fn new(inner: S, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
     }
 }
 
@@ -255,7 +233,6 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let handles = self.metrics.calls.handles(req.uri().path());
-        let draining = self.drain.is_draining();
         let req = req.map(|body| MeteredRequest {
             body,
             counter: MessageCounter::default(),
@@ -270,7 +247,6 @@ where
                 code: None,
                 recorded: false,
             }),
-            draining,
         }
     }
 }
@@ -282,7 +258,6 @@ pin_project! {
         #[pin]
         inner: F,
         call: Option<Call>,
-        draining: bool,
     }
 }
 
@@ -301,9 +276,6 @@ where
                 // A trailers-only answer carries its status in the headers.
                 if let Some(code) = status::code_of(res.headers()) {
                     call.code = Some(code);
-                    if *this.draining && code == Code::Unavailable {
-                        call.metrics.refused(RefusalReason::draining);
-                    }
                 }
                 Poll::Ready(Ok(res.map(|body| MeteredResponse {
                     body,

@@ -16,8 +16,6 @@ use crate::stats::Counters;
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub(crate) enum RefusalReason {
-    /// Draining: the client should retry elsewhere.
-    draining,
     /// The upstream could not be reached or was lost.
     upstream_unavailable,
     /// Something unexpected inside sluice.
@@ -58,37 +56,31 @@ pub(crate) struct Metrics {
 impl Metrics {
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("sluice");
-        let downstream_connections = Gauge::default();
-        registry.register(
-            "downstream_connections",
-            "Downstream (client) connections being served",
-            downstream_connections.clone(),
-        );
-        let upstream_connections = Gauge::default();
-        registry.register(
-            "upstream_connections",
-            "Upstream connections open",
-            upstream_connections.clone(),
-        );
-        let calls_in_flight = Gauge::default();
-        registry.register(
-            "calls_in_flight",
-            "Calls forwarded and not yet finished",
-            calls_in_flight.clone(),
-        );
-        let refusals = Family::<RefusalLabels, Counter>::default();
-        registry.register(
-            "refusals",
-            "Calls sluice answered itself instead of forwarding, by reason",
-            refusals.clone(),
-        );
-        let drain_state = Gauge::default();
-        registry.register(
-            "drain_state",
-            "0 serving, 1 draining, 2 drain deadline passed",
-            drain_state.clone(),
-        );
         let calls = CallFamilies::new();
+        for (name, help, family) in [
+            (
+                "request_messages",
+                "gRPC request messages",
+                &calls.request_messages,
+            ),
+            (
+                "response_messages",
+                "gRPC response messages",
+                &calls.response_messages,
+            ),
+            (
+                "request_bytes",
+                "Request DATA bytes (framing included)",
+                &calls.request_bytes,
+            ),
+            (
+                "response_bytes",
+                "Response DATA bytes (framing included)",
+                &calls.response_bytes,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "calls",
             "Calls by service, method and gRPC status",
@@ -99,34 +91,34 @@ impl Metrics {
             "Call duration, from request headers to the end of the response",
             calls.duration.clone(),
         );
-        registry.register(
-            "request_messages",
-            "gRPC request messages",
-            calls.request_messages.clone(),
-        );
-        registry.register(
-            "response_messages",
-            "gRPC response messages",
-            calls.response_messages.clone(),
-        );
-        registry.register(
-            "request_bytes",
-            "Request DATA bytes (framing included)",
-            calls.request_bytes.clone(),
-        );
-        registry.register(
-            "response_bytes",
-            "Response DATA bytes (framing included)",
-            calls.response_bytes.clone(),
-        );
         Self {
-            registry,
-            downstream_connections,
-            upstream_connections,
-            calls_in_flight,
-            refusals,
-            drain_state,
+            downstream_connections: register(
+                &mut registry,
+                "downstream_connections",
+                "Downstream (client) connections being served",
+            ),
+            upstream_connections: register(
+                &mut registry,
+                "upstream_connections",
+                "Upstream connections open",
+            ),
+            calls_in_flight: register(
+                &mut registry,
+                "calls_in_flight",
+                "Calls forwarded and not yet finished",
+            ),
+            refusals: register(
+                &mut registry,
+                "refusals",
+                "Calls sluice answered itself instead of forwarding, by reason",
+            ),
+            drain_state: register(
+                &mut registry,
+                "drain_state",
+                "0 serving, 1 draining, 2 drain deadline passed",
+            ),
             calls,
+            registry,
         }
     }
 
@@ -151,6 +143,16 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// A new metric, registered under `name`; the handle shares its value.
+fn register<M>(registry: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 fn gauge(n: usize) -> i64 {

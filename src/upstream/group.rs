@@ -332,6 +332,20 @@ impl Group {
         skip: Option<&Arc<Endpoint>>,
     ) -> Option<Arc<Endpoint>> {
         let snapshot = self.snapshot();
+        if let [only] = &*snapshot {
+            // One endpoint (the default group, most groups): the strategies
+            // only decide whether it may be used; no lists, no balancing.
+            if skip.is_some_and(|s| Arc::ptr_eq(s, only)) {
+                return None;
+            }
+            let found = self.strategies.iter().any(|strategy| match strategy {
+                Strategy::DestHost => dest_host(parts, &self.dest_host_key)
+                    .is_some_and(|host| only.ids.contains(&host)),
+                Strategy::DefaultRoute => only.default_route,
+                Strategy::Random | Strategy::LeastLoaded => true,
+            });
+            return found.then(|| only.clone());
+        }
         let usable_slot = |e: &&Arc<Endpoint>| skip.is_none_or(|s| !Arc::ptr_eq(s, e));
         for strategy in &self.strategies {
             let candidates: Vec<&Arc<Endpoint>> = match strategy {
