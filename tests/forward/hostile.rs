@@ -42,7 +42,10 @@ async fn continuation_floods_close_the_connection_and_forward_nothing() {
         }
         // The connection is cut with an error, whether the frames carry
         // fields (bytes) or not (frame count).
-        let goaway = raw.goaway().await.unwrap_or_else(|| panic!("{what}: no GOAWAY"));
+        let goaway = raw
+            .goaway()
+            .await
+            .unwrap_or_else(|| panic!("{what}: no GOAWAY"));
         assert_ne!(goaway.error_code(), NO_ERROR, "{what}: {goaway:?}");
         if field {
             assert!(sent < 20_000, "{what}: 20 MB of CONTINUATION accepted");
