@@ -19,7 +19,21 @@ pub(crate) struct SluiceProcess {
 impl SluiceProcess {
     /// Starts `sluice ARGS…` and waits for the line naming its addresses.
     pub(crate) fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_sluice")), args)
+    }
+
+    /// Starts `sluice ARGS…` pinned to `cpu` (through `taskset`, which
+    /// execs sluice: the child's pid is sluice's).
+    pub(crate) fn start_pinned(cpu: usize, args: &[&str]) -> Self {
+        let mut command = Command::new("taskset");
+        command
+            .args(["-c", &cpu.to_string()])
+            .arg(env!("CARGO_BIN_EXE_sluice"));
+        Self::start_command(command, args)
+    }
+
+    fn start_command(mut command: Command, args: &[&str]) -> Self {
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
@@ -46,30 +60,14 @@ impl SluiceProcess {
         Self { child, addr }
     }
 
-    fn status_field(&self, field: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("/proc status")
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("field present")
-    }
-
     /// Resident set size, KiB.
     pub(crate) fn rss_kib(&self) -> u64 {
-        self.status_field("VmRSS:")
+        rss_kib(self.child.id())
     }
 
     /// User + system CPU time, seconds.
     pub(crate) fn cpu_secs(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("/proc stat");
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 =
-            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-        ticks as f64 / 100.0
+        cpu_secs(self.child.id())
     }
 
     /// SIGTERM, then waits for the exit; returns the time it took.
@@ -92,6 +90,27 @@ impl Drop for SluiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Resident set size of process `pid`, KiB.
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("/proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS present")
+}
+
+/// User + system CPU time of process `pid` (all its threads), seconds.
+pub(crate) fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    ticks as f64 / 100.0
 }
 
 /// p-th percentile of `values` (sorted in place).

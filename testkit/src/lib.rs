@@ -268,6 +268,12 @@ impl pb::echo_server::Echo for Echo {
                 guard.done();
                 return Err(status);
             }
+            if req.stop_reading {
+                // Hold the request stream unread until the call is
+                // cancelled (this future is dropped).
+                let _unread = inbound;
+                return std::future::pending().await;
+            }
             last = req.payload;
         }
         guard.done();
@@ -300,6 +306,12 @@ impl pb::echo_server::Echo for Echo {
                 if let Some(status) = failure(&req) {
                     let _ = tx.send(Err(status)).await;
                     break;
+                }
+                if req.stop_reading {
+                    // Keep the request stream unread while the response
+                    // stream lives.
+                    let _unread = inbound;
+                    return tx.closed().await;
                 }
                 if tx.send(Ok(reply_for(&req, req.seq))).await.is_err() {
                     return;

@@ -1,0 +1,625 @@
+//! sluice beside HAProxy and nginx, pinned like a sidecar, in one run.
+//!
+//! The load generator runs on CPU 0; the backend (a tonic echo server) and
+//! the proxy under test share CPU 1, as an application and its sidecar
+//! share a pod's core. Every target gets the same workloads:
+//!
+//! - unary: 256 B requests and replies, a closed loop of 4 connections × 64
+//!   calls in flight;
+//! - bidi: 64 ping-pong streams (4 connections × 16), 64 B each way;
+//! - server streams of 1 KiB and of 64 KiB messages, 8 streams.
+//!
+//! For each it prints calls (or messages) per second, the proxy's CPU time
+//! per call, and sluice ÷ HAProxy (and ÷ nginx) for both. Last, each
+//! proxy's resident memory per idle HTTP/2 connection (1 000 of them).
+//!
+//! HAProxy and nginx are used when installed (`apt-get install haproxy
+//! nginx-light`); their configs are generated here. Without `taskset` the
+//! run is unpinned and says so. `PEERS_SECS` sets the length of each run
+//! (default 5 s); `PEERS_ONLY=unary,bidi` picks workloads.
+//!
+//! The same binary plays the backend, the load generator and the idle
+//! client: it re-executes itself with `PEERS_ROLE` set.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sluice_testkit::{EchoClient, EchoServer, Req};
+use support::{SluiceProcess, cpu_secs, percentile, rss_kib};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const LOAD_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+const CONNECTIONS: usize = 4;
+const UNARY_PER_CONNECTION: usize = 64;
+const UNARY_PAYLOAD: usize = 256;
+const BIDI_STREAMS: usize = 64;
+const BIDI_PAYLOAD: usize = 64;
+const SERVER_STREAMS: usize = 8;
+const IDLE_CONNECTIONS: usize = 1000;
+/// Longest any one load run may take beyond its length before the bench
+/// gives up on it.
+const RUN_SLACK: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    Unary,
+    Bidi,
+    Stream1K,
+    Stream64K,
+}
+
+impl Workload {
+    const ALL: [Self; 4] = [Self::Unary, Self::Bidi, Self::Stream1K, Self::Stream64K];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Unary => "unary",
+            Self::Bidi => "bidi",
+            Self::Stream1K => "stream1k",
+            Self::Stream64K => "stream64k",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.name() == name)
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Self::Unary => "calls",
+            Self::Bidi => "round trips",
+            Self::Stream1K | Self::Stream64K => "messages",
+        }
+    }
+
+    fn bytes_per_op(self) -> f64 {
+        match self {
+            Self::Unary => (2 * UNARY_PAYLOAD) as f64,
+            Self::Bidi => (2 * BIDI_PAYLOAD) as f64,
+            Self::Stream1K => 1024.0,
+            Self::Stream64K => 65536.0,
+        }
+    }
+}
+
+fn main() {
+    match std::env::var("PEERS_ROLE").as_deref() {
+        Ok("backend") => backend(),
+        Ok("load") => load(),
+        Ok("idle") => idle(),
+        _ => orchestrate(),
+    }
+}
+
+// === roles ===
+
+/// The echo server on its own single-threaded runtime; prints its address
+/// and runs until stdin closes.
+fn backend() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = rt.block_on(EchoServer::start());
+    println!("ADDR {}", server.addr);
+    std::io::stdout().flush().expect("stdout");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(server);
+}
+
+fn load() {
+    let addr: SocketAddr = env("PEERS_ADDR").parse().expect("PEERS_ADDR");
+    let workload = Workload::from_name(&env("PEERS_WORKLOAD")).expect("PEERS_WORKLOAD");
+    let secs: f64 = env("PEERS_SECS").parse().expect("PEERS_SECS");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (ops, elapsed, mut lat) =
+        rt.block_on(run_load(addr, workload, Duration::from_secs_f64(secs)));
+    println!(
+        "RESULT {ops} {elapsed} {} {}",
+        percentile(&mut lat, 0.50),
+        percentile(&mut lat, 0.99)
+    );
+}
+
+fn env(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| panic!("{key} not set"))
+}
+
+fn clients(addr: SocketAddr) -> Vec<EchoClient<Channel>> {
+    (0..CONNECTIONS)
+        .map(|_| sluice_testkit::client(addr))
+        .collect()
+}
+
+/// Runs `workload` against `addr` for `dur`; returns operations, seconds
+/// and per-operation latencies (µs).
+async fn run_load(addr: SocketAddr, workload: Workload, dur: Duration) -> (u64, f64, Vec<u32>) {
+    let clients = clients(addr);
+    for c in &clients {
+        c.clone().unary(Req::default()).await.expect("warm-up call");
+    }
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = tokio::task::JoinSet::new();
+    match workload {
+        Workload::Unary => {
+            let payload = bytes::Bytes::from(vec![7u8; UNARY_PAYLOAD]);
+            for i in 0..CONNECTIONS * UNARY_PER_CONNECTION {
+                let mut client = clients[i % CONNECTIONS].clone();
+                let payload = payload.clone();
+                tasks.spawn(async move {
+                    let mut lat = Vec::with_capacity(1 << 12);
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        let req = Req {
+                            payload: payload.clone(),
+                            ..Req::default()
+                        };
+                        client.unary(req).await.expect("unary call");
+                        lat.push(t.elapsed().as_micros() as u32);
+                    }
+                    lat
+                });
+            }
+        }
+        Workload::Bidi => {
+            for i in 0..BIDI_STREAMS {
+                let mut client = clients[i % CONNECTIONS].clone();
+                tasks.spawn(async move {
+                    let (tx, rx) = mpsc::channel(1);
+                    let mut replies = client
+                        .bidi(ReceiverStream::new(rx))
+                        .await
+                        .expect("bidi call")
+                        .into_inner();
+                    let mut lat = Vec::with_capacity(1 << 12);
+                    let payload = bytes::Bytes::from(vec![1u8; BIDI_PAYLOAD]);
+                    let mut seq = 0;
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        let req = Req {
+                            seq,
+                            payload: payload.clone(),
+                            ..Req::default()
+                        };
+                        tx.send(req).await.expect("send");
+                        replies.message().await.expect("reply").expect("a reply");
+                        lat.push(t.elapsed().as_micros() as u32);
+                        seq += 1;
+                    }
+                    drop(tx);
+                    while replies.message().await.ok().flatten().is_some() {}
+                    lat
+                });
+            }
+        }
+        Workload::Stream1K | Workload::Stream64K => {
+            let size = workload.bytes_per_op() as u32;
+            for i in 0..SERVER_STREAMS {
+                let mut client = clients[i % CONNECTIONS].clone();
+                tasks.spawn(async move {
+                    let mut stream = client
+                        .server_stream(Req {
+                            replies: u32::MAX,
+                            reply_size: size,
+                            ..Req::default()
+                        })
+                        .await
+                        .expect("server stream")
+                        .into_inner();
+                    let mut gaps = Vec::with_capacity(1 << 14);
+                    let mut t = Instant::now();
+                    while Instant::now() < end {
+                        stream.message().await.expect("message").expect("more");
+                        gaps.push(t.elapsed().as_micros() as u32);
+                        t = Instant::now();
+                    }
+                    gaps
+                });
+            }
+        }
+    }
+    let mut all = Vec::new();
+    while let Some(lat) = tasks.join_next().await {
+        all.extend(lat.expect("load task"));
+    }
+    (all.len() as u64, start.elapsed().as_secs_f64(), all)
+}
+
+/// Opens idle HTTP/2 connections, says READY once each has the server's
+/// SETTINGS, and holds them until stdin closes.
+fn idle() {
+    let addr: SocketAddr = env("PEERS_ADDR").parse().expect("PEERS_ADDR");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut conns = Vec::with_capacity(IDLE_CONNECTIONS);
+        for _ in 0..IDLE_CONNECTIONS {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+            let task = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            conns.push((send, task));
+        }
+        for (send, _) in &mut conns {
+            let _ = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
+        }
+        println!("READY");
+        std::io::stdout().flush().expect("stdout");
+        tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        })
+        .await
+        .expect("stdin");
+        drop(conns);
+    });
+}
+
+// === the orchestrator ===
+
+/// A child of the bench, pinned; killed on drop.
+struct Pinned {
+    child: Child,
+}
+
+impl Pinned {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pinned(cpu: usize, pin: bool, program: &Path) -> Command {
+    if pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &cpu.to_string()]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn self_role(role: &str, cpu: usize, pin: bool) -> Command {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut c = pinned(cpu, pin, &exe);
+    c.env("PEERS_ROLE", role);
+    c
+}
+
+/// Reads stdout lines until one starts with `prefix`; returns the rest.
+fn expect_line(child: &mut Child, prefix: &str) -> (String, BufReader<std::process::ChildStdout>) {
+    let mut reader = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("read child stdout");
+        assert!(n > 0, "child exited before printing {prefix}");
+        if let Some(rest) = line.trim_end().strip_prefix(prefix) {
+            return (rest.trim().to_owned(), reader);
+        }
+    }
+}
+
+/// A proxy (or none) in front of the backend.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    /// The proxy's pid, to read its CPU and RSS; `None` for direct calls.
+    pid: Option<u32>,
+    _process: Option<Box<dyn std::any::Any>>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    [
+        "/usr/sbin",
+        "/usr/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/sbin",
+    ]
+    .iter()
+    .map(|dir| Path::new(dir).join(name))
+    .find(|p| p.exists())
+}
+
+/// Waits until something accepts connections on `addr`.
+fn wait_listening(addr: SocketAddr, what: &str) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < until, "{what} never listened on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_haproxy(dir: &Path, upstream: SocketAddr, pin: bool) -> Option<Target> {
+    let program = find_program("haproxy")?;
+    let port = free_port();
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n    nbthread 1\n    maxconn 8000\n\n\
+             defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    \
+             timeout server 60s\n\n\
+             frontend grpc\n    bind 127.0.0.1:{port} proto h2\n    default_backend echo\n\n\
+             backend echo\n    server echo {upstream} proto h2\n"
+        ),
+    )
+    .expect("write haproxy.cfg");
+    let child = pinned(SERVER_CPU, pin, &program)
+        .args(["-db", "-f"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let process = Pinned { child };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(addr, "haproxy");
+    Some(Target {
+        name: "haproxy",
+        addr,
+        pid: Some(process.pid()),
+        _process: Some(Box::new(process)),
+    })
+}
+
+fn start_nginx(dir: &Path, upstream: SocketAddr, pin: bool) -> Option<Target> {
+    let program = find_program("nginx")?;
+    let port = free_port();
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).expect("nginx dir");
+    let cfg = prefix.join("nginx.conf");
+    std::fs::write(
+        &cfg,
+        format!(
+            "worker_processes 1;\ndaemon off;\nmaster_process off;\n\
+             error_log stderr error;\npid {pid};\n\
+             events {{ worker_connections 8000; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  \
+             client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n  \
+             fastcgi_temp_path {tmp}/fcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n  \
+             scgi_temp_path {tmp}/scgi;\n  \
+             upstream echo {{ server {upstream}; keepalive 256; keepalive_requests 100000000; }}\n  \
+             server {{\n    listen 127.0.0.1:{port} http2;\n    \
+             http2_max_concurrent_streams 1024;\n    \
+             location / {{ grpc_pass grpc://echo; }}\n  }}\n}}\n",
+            pid = prefix.join("nginx.pid").display(),
+            tmp = prefix.display(),
+        ),
+    )
+    .expect("write nginx.conf");
+    let child = pinned(SERVER_CPU, pin, &program)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let process = Pinned { child };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    wait_listening(addr, "nginx");
+    Some(Target {
+        name: "nginx",
+        addr,
+        pid: Some(process.pid()),
+        _process: Some(Box::new(process)),
+    })
+}
+
+fn start_sluice(upstream: SocketAddr, pin: bool) -> Target {
+    let up = upstream.to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up,
+        "--admin",
+        "off",
+    ];
+    let process = if pin {
+        SluiceProcess::start_pinned(SERVER_CPU, &args)
+    } else {
+        SluiceProcess::start(&args)
+    };
+    Target {
+        name: "sluice",
+        addr: process.addr,
+        pid: Some(process.child.id()),
+        _process: Some(Box::new(process)),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Measured {
+    ops_per_sec: f64,
+    /// Proxy CPU per operation, µs (0 for direct calls).
+    cpu_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn measure(target: &Target, workload: Workload, secs: f64, pin: bool) -> Measured {
+    let cpu0 = target.pid.map(cpu_secs);
+    let mut child = self_role("load", LOAD_CPU, pin)
+        .env("PEERS_ADDR", target.addr.to_string())
+        .env("PEERS_WORKLOAD", workload.name())
+        .env("PEERS_SECS", secs.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn load generator");
+    let started = Instant::now();
+    let (result, _) = expect_line(&mut child, "RESULT");
+    let status = child.wait().expect("load generator");
+    assert!(
+        status.success(),
+        "load generator failed against {}",
+        target.name
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs_f64(secs) + RUN_SLACK,
+        "a run took far longer than asked"
+    );
+    let cpu = match (target.pid, cpu0) {
+        (Some(pid), Some(before)) => cpu_secs(pid) - before,
+        _ => 0.0,
+    };
+    let fields: Vec<f64> = result
+        .split_whitespace()
+        .map(|f| f.parse().expect("a number"))
+        .collect();
+    let (ops, elapsed) = (fields[0], fields[1]);
+    Measured {
+        ops_per_sec: ops / elapsed,
+        cpu_us: cpu / ops * 1e6,
+        p50_us: fields[2],
+        p99_us: fields[3],
+    }
+}
+
+/// RSS growth of the proxy per idle HTTP/2 connection, KiB.
+fn idle_cost(target: &Target, pin: bool) -> Option<f64> {
+    let pid = target.pid?;
+    let before = rss_kib(pid);
+    let mut child = self_role("idle", LOAD_CPU, pin)
+        .env("PEERS_ADDR", target.addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn idle client");
+    let _ = expect_line(&mut child, "READY");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(pid);
+    drop(child.stdin.take());
+    let _ = child.wait();
+    Some(after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64)
+}
+
+fn orchestrate() {
+    let secs: f64 = std::env::var("PEERS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let workloads: Vec<Workload> = match std::env::var("PEERS_ONLY") {
+        Ok(list) => list.split(',').filter_map(Workload::from_name).collect(),
+        Err(_) => Workload::ALL.to_vec(),
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let pin = find_program("taskset").is_some() && cpus >= 2;
+    println!(
+        "peers: load generator on CPU {LOAD_CPU}; backend and proxy on CPU {SERVER_CPU}{}; {secs} s per run",
+        if pin {
+            ""
+        } else {
+            " (NOT pinned: no taskset or one CPU)"
+        }
+    );
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("peers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+
+    let mut backend = self_role("backend", SERVER_CPU, pin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn backend");
+    let (addr, _stdout) = expect_line(&mut backend, "ADDR");
+    let upstream: SocketAddr = addr.parse().expect("backend address");
+    let backend = Pinned { child: backend };
+
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            addr: upstream,
+            pid: None,
+            _process: None,
+        },
+        start_sluice(upstream, pin),
+    ];
+    match start_haproxy(&dir, upstream, pin) {
+        Some(t) => targets.push(t),
+        None => println!("haproxy not installed: `apt-get install haproxy` to compare"),
+    }
+    match start_nginx(&dir, upstream, pin) {
+        Some(t) => targets.push(t),
+        None => println!("nginx not installed: `apt-get install nginx-light` to compare"),
+    }
+
+    for workload in workloads {
+        let results: Vec<(&str, Measured)> = targets
+            .iter()
+            .map(|t| (t.name, measure(t, workload, secs, pin)))
+            .collect();
+        println!(
+            "\n{} ({}/s; proxy CPU per op):",
+            workload.name(),
+            workload.unit()
+        );
+        for (name, m) in &results {
+            println!(
+                "  {name:<8} {:>9.0}/s {:>8.1} MB/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU {:>6.2} µs",
+                m.ops_per_sec,
+                m.ops_per_sec * workload.bytes_per_op() / 1e6,
+                m.p50_us,
+                m.p99_us,
+                m.cpu_us
+            );
+        }
+        let get = |n: &str| results.iter().find(|(name, _)| *name == n).map(|(_, m)| *m);
+        if let Some(s) = get("sluice") {
+            for peer in ["haproxy", "nginx"] {
+                if let Some(p) = get(peer) {
+                    println!(
+                        "  sluice ÷ {peer}: {:.2}× the {}/s, {:.2}× the CPU per op",
+                        s.ops_per_sec / p.ops_per_sec,
+                        workload.unit(),
+                        s.cpu_us / p.cpu_us
+                    );
+                }
+            }
+        }
+    }
+
+    println!("\nmemory per idle HTTP/2 connection ({IDLE_CONNECTIONS} connections):");
+    for t in &targets {
+        if let Some(kib) = idle_cost(t, pin) {
+            println!("  {:<8} {kib:.2} KiB", t.name);
+        }
+    }
+    drop(targets);
+    drop(backend);
+    let _ = std::fs::remove_dir_all(&dir);
+}
