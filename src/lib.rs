@@ -19,6 +19,7 @@
 #![warn(clippy::print_stdout)]
 
 mod admin;
+mod batch;
 pub mod config;
 mod forward;
 pub mod route;

@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 use sluice_layers::drain::Watch;
 
 use crate::{
+    batch::{self, Flushed},
     config::ServerConfig,
     forward::ForwardError,
     stats::{Counters, Gauge, Kind},
@@ -230,7 +231,9 @@ async fn connection<S, B>(
         }
     }
     let state = conn::ConnState::new(limits.max_resets_per_second);
-    let conn = builder.serve_connection(TokioIo::new(tcp), handler.for_connection(state.clone()));
+    let (io, flusher) = batch::new(tcp);
+    let conn = builder.serve_connection(TokioIo::new(io), handler.for_connection(state.clone()));
+    let conn = Flushed::new(conn, flusher);
     tokio::pin!(conn);
     let draining = watch.signaled();
     tokio::pin!(draining);
@@ -242,7 +245,7 @@ async fn connection<S, B>(
                 // h2 sends GOAWAY(2^31-1), then after a PING round trip the
                 // real last stream id, so no request already on the wire is
                 // lost.
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().get_pin_mut().graceful_shutdown();
                 break conn.await;
             }
             () = sleep_until_some(deadline) => {
@@ -251,14 +254,14 @@ async fn connection<S, B>(
                     .is_some_and(|d| d <= tokio::time::Instant::now());
                 if still_idle {
                     debug!(%peer, "connection idle; GOAWAY(NO_ERROR)");
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().get_pin_mut().graceful_shutdown();
                     break tokio::time::timeout(GOAWAY_GRACE, conn.as_mut()).await.unwrap_or(Ok(()));
                 }
             }
             () = state.changed() => {
                 if state.too_many_resets() {
                     warn!(%peer, "client reset calls faster than server.max_resets_per_second; GOAWAY");
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().get_pin_mut().graceful_shutdown();
                     break tokio::time::timeout(GOAWAY_GRACE, conn.as_mut()).await.unwrap_or(Ok(()));
                 }
             }

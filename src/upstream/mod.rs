@@ -30,6 +30,7 @@ mod health;
 
 pub(crate) use self::group::Groups;
 use crate::{
+    batch::{self, BatchIo, Flushed},
     config::{HostPort, UpstreamConfig},
     stats::{Counters, Gauge, Kind},
 };
@@ -318,13 +319,14 @@ impl Pool {
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on an upstream connection");
         }
+        let (io, flusher) = batch::new(tcp);
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(inner.config.initial_stream_window.0)
             .initial_connection_window_size(inner.config.initial_connection_window.0)
             .max_frame_size(inner.config.max_frame_size.0)
             .data_frame_budget(inner.config.data_frame_budget.0 as usize)
             .enable_push(false)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| unreachable(format!("HTTP/2 handshake failed: {e}")))?;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -362,7 +364,7 @@ impl Pool {
         tokio::spawn(async move {
             let _gauge = gauge;
             let ended = drive(
-                connection,
+                Flushed::new(connection, flusher),
                 keepalive,
                 idle_timeout,
                 &in_flight,
@@ -397,14 +399,15 @@ impl Pool {
 /// gone (a dead host, a silent network drop), and the connection is
 /// dropped so its calls fail with UNAVAILABLE instead of hanging.
 async fn drive(
-    mut connection: h2::client::Connection<TcpStream, Bytes>,
+    connection: Flushed<h2::client::Connection<BatchIo<TcpStream>, Bytes>, TcpStream>,
     (interval, timeout): (Duration, Duration),
     idle_timeout: Duration,
     in_flight: &AtomicUsize,
     name: &str,
     evict: impl Fn(),
 ) -> Result<(), h2::Error> {
-    let mut pinger = connection.ping_pong();
+    tokio::pin!(connection);
+    let mut pinger = connection.as_mut().get_pin_mut().ping_pong();
     let mut next = Instant::now() + interval;
     // Idle when no call was in flight at two checks `idle_timeout` apart:
     // then the pool lets go of the connection, and h2 closes it (GOAWAY)
@@ -414,7 +417,7 @@ async fn drive(
     let mut evicted = false;
     loop {
         tokio::select! {
-            result = &mut connection => return result,
+            result = connection.as_mut() => return result,
             () = tokio::time::sleep_until(idle_check), if !evicted => {
                 idle_check = Instant::now() + idle_timeout;
                 let idle = in_flight.load(Ordering::Relaxed) == 0;
@@ -433,7 +436,7 @@ async fn drive(
                 let Some(pinger) = pinger.as_mut() else { continue };
                 let pong = tokio::time::timeout(timeout, pinger.ping(h2::Ping::opaque()));
                 tokio::select! {
-                    result = &mut connection => return result,
+                    result = connection.as_mut() => return result,
                     answered = pong => match answered {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Err(e),
