@@ -64,6 +64,15 @@ impl ConfigError {
         }
     }
 
+    /// An error about the value at `key` (`upstream.max_connections`,
+    /// `routes[2].refuse`), reported where the file writes it: at the
+    /// deepest part of the path the text has (the table or array entry of
+    /// a value that was left out and defaulted).
+    pub(super) fn at_key(text: &str, key: String, message: String) -> Self {
+        let offset = value_offset(text, &key).unwrap_or(0);
+        Self::at(text, offset, key, message)
+    }
+
     pub(super) fn in_file(self, path: &Path) -> Self {
         match self {
             Self::Invalid {
@@ -108,4 +117,36 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
         .map_or(before.len(), |i| before.len() - i - 1)
         + 1;
     (line, column)
+}
+
+/// Where the deepest part of the dotted `path` that `text` writes begins.
+fn value_offset(text: &str, path: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut table = root.get_ref();
+    let mut offset = None;
+    for segment in path.split('.') {
+        let (name, index) = match segment.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let Some((_, mut value)) = table.iter().find(|(k, _)| k.get_ref() == name) else {
+            break;
+        };
+        if let Some(i) = index {
+            match value.get_ref() {
+                DeValue::Array(items) => match items.get(i) {
+                    Some(item) => value = item,
+                    None => break,
+                },
+                _ => break,
+            }
+        }
+        offset = Some(value.span().start);
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    offset
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 pub use self::error::ConfigError;
 pub use self::value::{ByteSize, HostPort, WindowSize};
+use self::value::MAX_WINDOW;
 
 /// The embedded default configuration (`config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -48,9 +49,25 @@ pub const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16_384;
 /// UNAVAILABLE: on loopback a connect takes microseconds, so one second only
 /// matters for an upstream that silently drops SYNs.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Connections to one upstream. A second one opens only when the first is
-/// at the upstream's MAX_CONCURRENT_STREAMS.
-pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 4;
+/// Connections to one upstream endpoint at most. Another opens only when
+/// every open one is at [`DEFAULT_MAX_STREAMS_PER_CONNECTION`] (or the
+/// upstream's MAX_CONCURRENT_STREAMS), or when calls on each of them wait
+/// for the upstream to read their uploads. 64 connections carry 6 400
+/// calls at once, more than a sidecar's application serves; past that a
+/// call waits up to `connect_timeout` for a free stream.
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 64;
+/// Streams sluice opens on one upstream connection at most: 100, what h2
+/// clients (hyper, grpc-go) assume of a server before its SETTINGS. With the
+/// connection window at this many stream windows (the default of
+/// `upstream.initial_connection_window`), streams whose clients stop
+/// reading can never hold the whole connection window: each holds at most
+/// its own stream window, and the others keep theirs.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Per-stream receive window for responses: 256 KiB. It is what one call
+/// whose client stops reading can make sluice hold, so the memory stalled
+/// readers cost is `calls × 256 KiB` (see `upstream.initial_stream_window`);
+/// on loopback it still carries 64 KiB messages at full speed.
+pub const DEFAULT_UPSTREAM_STREAM_WINDOW: u32 = 256 << 10;
 /// Framing overhead h2 lets the upstream's buffered small DATA frames cost
 /// before it closes the connection with ENHANCE_YOUR_CALM (h2 charges
 /// 256 − len per frame under 256 bytes). h2's default, half the connection
@@ -493,13 +510,25 @@ pub struct UpstreamConfig {
     /// Time allowed to open a TCP connection to the upstream.
     #[serde(with = "value::duration")]
     pub connect_timeout: Duration,
-    /// Connections opened to the upstream at most.
+    /// Connections opened to one upstream endpoint at most.
     #[serde(deserialize_with = "value::positive::deserialize")]
     pub max_connections: usize,
-    /// Initial per-stream receive window for responses.
+    /// Streams opened on one upstream connection at most (fewer if the
+    /// upstream's MAX_CONCURRENT_STREAMS says so).
+    #[serde(deserialize_with = "value::positive::deserialize")]
+    pub max_streams_per_connection: u32,
+    /// Initial per-stream receive window for responses. A call whose client
+    /// stops reading holds at most this much in sluice (plus one frame in
+    /// the downstream send buffer), so stalled readers cost at most
+    /// `min(server.max_in_flight, endpoints × max_connections ×
+    /// max_streams_per_connection) × (initial_stream_window +
+    /// server.max_frame_size)` bytes.
     pub initial_stream_window: WindowSize,
-    /// Initial connection receive window for responses.
-    pub initial_connection_window: WindowSize,
+    /// Initial connection receive window for responses. Unset, it is
+    /// `max_streams_per_connection × initial_stream_window`, so that
+    /// stalled streams can never exhaust it; a value set here must be at
+    /// least that.
+    pub initial_connection_window: Option<WindowSize>,
     /// SETTINGS_MAX_FRAME_SIZE advertised to the upstream.
     pub max_frame_size: FrameSize,
     /// Framing overhead allowed for buffered small DATA frames from the
@@ -591,28 +620,24 @@ impl Config {
                 }
                 (None, Some(_)) => {}
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        file: None,
-                        key: Some(key),
-                        line: 1,
-                        column: 1,
-                        message: "a route needs exactly one of `upstream` or `refuse`".to_owned(),
-                    });
+                    return Err(ConfigError::at_key(
+                        text,
+                        key,
+                        "a route needs exactly one of `upstream` or `refuse`".to_owned(),
+                    ));
                 }
             }
         }
         for (name, group) in &self.upstreams {
             if group.endpoints.is_empty() {
-                return Err(ConfigError::Invalid {
-                    file: None,
-                    key: Some(format!("upstreams.{name}.endpoints")),
-                    line: 1,
-                    column: 1,
-                    message: "a group needs at least one endpoint".to_owned(),
-                });
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("upstreams.{name}.endpoints"),
+                    "a group needs at least one endpoint".to_owned(),
+                ));
             }
         }
-        Ok(())
+        self.upstream.validate(text)
     }
 
     /// Reads a configuration file.
@@ -657,14 +682,59 @@ impl Default for ServerConfig {
     }
 }
 
+impl UpstreamConfig {
+    /// Checks the windows: a full connection's stream windows must fit its
+    /// connection window, or stalled readers could block the connection.
+    fn validate(&self, text: &str) -> Result<(), ConfigError> {
+        let isolating = self.isolating_connection_window();
+        match self.initial_connection_window {
+            None if isolating > MAX_WINDOW => Err(ConfigError::at_key(
+                text,
+                "upstream.initial_stream_window".to_owned(),
+                format!(
+                    "max_streams_per_connection × initial_stream_window is {isolating}, above the \
+                     largest HTTP/2 window ({MAX_WINDOW}); lower either"
+                ),
+            )),
+            Some(w) if u64::from(w.0) < isolating => Err(ConfigError::at_key(
+                text,
+                "upstream.initial_connection_window".to_owned(),
+                format!(
+                    "{} is below max_streams_per_connection × initial_stream_window ({isolating}): \
+                     calls whose clients stop reading could hold the whole connection window",
+                    w.0
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The connection receive window that lets every stream of a full
+    /// connection hold its whole stream window:
+    /// `max_streams_per_connection × initial_stream_window`.
+    pub fn isolating_connection_window(&self) -> u64 {
+        u64::from(self.max_streams_per_connection) * u64::from(self.initial_stream_window.0)
+    }
+
+    /// The connection receive window advertised to the upstream: the
+    /// configured one, or [`Self::isolating_connection_window`].
+    pub fn connection_window(&self) -> u32 {
+        self.initial_connection_window.map_or_else(
+            || u32::try_from(self.isolating_connection_window()).unwrap_or(u32::MAX >> 1),
+            |w| w.0,
+        )
+    }
+}
+
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             address: DEFAULT_UPSTREAM.parse().expect("literal address"),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_connections: DEFAULT_MAX_UPSTREAM_CONNECTIONS,
-            initial_stream_window: WindowSize(DEFAULT_STREAM_WINDOW),
-            initial_connection_window: WindowSize(DEFAULT_CONNECTION_WINDOW),
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            initial_stream_window: WindowSize(DEFAULT_UPSTREAM_STREAM_WINDOW),
+            initial_connection_window: None,
             max_frame_size: FrameSize(DEFAULT_MAX_FRAME_SIZE),
             data_frame_budget: ByteSize(DEFAULT_UPSTREAM_DATA_FRAME_BUDGET),
             keepalive_interval: DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL,

@@ -137,3 +137,38 @@ fn routes_are_checked_against_the_groups_with_a_position() {
         assert_eq!(err.key(), Some(key), "{text}: {err}");
     }
 }
+
+#[test]
+fn checks_beyond_one_value_report_the_position_of_their_key() {
+    let err = invalid("[server]\nlisten = \"127.0.0.1:1\"\n\n[[routes]]\nmethod = \"/a.B/*\"\n");
+    assert_eq!(err.key(), Some("routes[0]"));
+    assert_eq!(err.position().map(|p| p.0), Some(4), "{err}"); // its [[routes]] header
+
+    let err = invalid("# groups\n\n[upstreams.empty]\nendpoints = []\n");
+    assert_eq!(err.key(), Some("upstreams.empty.endpoints"));
+    assert_eq!(err.position(), Some((4, 13)), "{err}");
+}
+
+#[test]
+fn the_upstream_connection_window_covers_every_stream_window() {
+    let cfg = Config::embedded();
+    assert_eq!(
+        u64::from(cfg.upstream.connection_window()),
+        u64::from(DEFAULT_MAX_STREAMS_PER_CONNECTION) * u64::from(DEFAULT_UPSTREAM_STREAM_WINDOW)
+    );
+    let err = invalid("[upstream]\nmax_streams_per_connection = 10\ninitial_connection_window = \"1MiB\"\n");
+    assert_eq!(err.key(), Some("upstream.initial_connection_window"));
+    assert_eq!(err.position(), Some((3, 29)), "{err}");
+    assert!(err.to_string().contains("stop reading"), "{err}");
+
+    let err = invalid("[upstream]\nmax_streams_per_connection = 1000\ninitial_stream_window = \"4MiB\"\n");
+    assert_eq!(err.key(), Some("upstream.initial_stream_window"));
+    assert_eq!(err.position().map(|p| p.0), Some(3), "{err}");
+
+    let ok = Config::from_toml_str(
+        "[upstream]\nmax_streams_per_connection = 10\ninitial_stream_window = \"64KiB\"\n\
+         initial_connection_window = \"1MiB\"\n",
+    )
+    .expect("1 MiB covers 10 x 64 KiB");
+    assert_eq!(ok.upstream.connection_window(), 1 << 20);
+}

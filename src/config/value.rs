@@ -21,7 +21,7 @@ pub struct HostPort {
     port: u16,
 }
 
-const MAX_WINDOW: u64 = (1 << 31) - 1;
+pub(super) const MAX_WINDOW: u64 = (1 << 31) - 1;
 
 // === impl HostPort ===
 

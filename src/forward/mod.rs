@@ -200,7 +200,7 @@ where
     let sent = tokio::time::Instant::now();
     let (mut response, tx, lease) = endpoint.pool().send(checkout, head, end_of_stream)?;
 
-    let mut pump = (!end_of_stream).then(|| RequestPump::new(body, tx));
+    let mut pump = (!end_of_stream).then(|| RequestPump::new(body, tx, lease.load().clone()));
     // Drive the request body while waiting for the response headers.
     let response = poll_fn(|cx| {
         if let Some(pump) = pump.as_mut() {

@@ -7,6 +7,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -21,7 +22,10 @@ use sluice_layers::{
 use tracing::debug;
 
 use super::ForwardError;
-use crate::{stats::Gauge, upstream::Lease};
+use crate::{
+    stats::Gauge,
+    upstream::{ConnLoad, Lease, SendBlocked},
+};
 
 /// Copies a downstream request body into an upstream h2 stream.
 ///
@@ -36,6 +40,12 @@ pub(super) struct RequestPump<B> {
     /// A chunk in hand, waiting for stream capacity.
     pending: Option<(Bytes, bool)>,
     done: bool,
+    /// The upstream connection's load, where a pump waiting for window is
+    /// counted (the pool then prefers other connections for new calls).
+    load: Arc<ConnLoad>,
+    blocked: Option<SendBlocked>,
+    /// Whether the upstream has ever given this stream window.
+    sent_any: bool,
     /// Counts the pump while it runs on its own task.
     pub(super) gauge: Option<Gauge>,
 }
@@ -45,12 +55,15 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    pub(super) fn new(body: B, tx: SendStream<Bytes>) -> Self {
+    pub(super) fn new(body: B, tx: SendStream<Bytes>, load: Arc<ConnLoad>) -> Self {
         Self {
             body,
             tx,
             pending: None,
             done: false,
+            load,
+            blocked: None,
+            sent_any: false,
             gauge: None,
         }
     }
@@ -67,20 +80,41 @@ where
                 debug!(?reason, "upstream reset the request stream");
                 return Poll::Ready(());
             }
-            if let Some((data, eos)) = self.pending.take() {
-                // Follow hyper's pipe (hyper#4003): claim one byte rather
-                // than the chunk, so a waiting stream does not pin
-                // connection window; h2 raises the claim to the chunk.
-                while self.tx.capacity() == 0 {
-                    self.tx.reserve_capacity(1);
+            if let Some((mut data, eos)) = self.pending.take() {
+                // Ask for the chunk's size and send what the windows allow
+                // now, never more: h2 then buffers nothing beyond the
+                // upstream's window, and zero capacity after asking means
+                // the upstream's stream or connection window is spent (it
+                // is not reading), which the pool wants to know. Capacity is
+                // only ever claimed for bytes in hand, so a waiting stream
+                // pins no connection window it could not use (hyper#4003).
+                if !data.is_empty() && self.tx.capacity() == 0 {
+                    self.tx.reserve_capacity(data.len());
                     match self.tx.poll_capacity(cx) {
-                        Poll::Pending => {
+                        Poll::Pending if self.tx.capacity() == 0 => {
                             self.pending = Some((data, eos));
+                            // A stream h2 has not opened yet (its HEADERS
+                            // still queued) gets no capacity either: only a
+                            // stream that has sent counts as blocked.
+                            if self.blocked.is_none() && self.sent_any {
+                                self.blocked = Some(Lease::send_blocked(&self.load));
+                            }
                             return Poll::Pending;
                         }
-                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Pending | Poll::Ready(Some(Ok(_))) => {}
                         Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
                     }
+                }
+                self.blocked = None;
+                let room = self.tx.capacity();
+                self.sent_any |= room > 0;
+                if !data.is_empty() && room < data.len() {
+                    let head = data.split_to(room);
+                    self.pending = Some((data, eos));
+                    if self.tx.send_data(head, false).is_err() {
+                        return Poll::Ready(());
+                    }
+                    continue;
                 }
                 if self.tx.send_data(data, eos).is_err() || eos {
                     return Poll::Ready(());
@@ -134,6 +168,7 @@ where
         }
         ready!(self.step(cx));
         self.done = true;
+        self.blocked = None;
         self.gauge = None;
         Poll::Ready(())
     }

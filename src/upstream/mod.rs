@@ -1,13 +1,25 @@
 //! Connections to the upstream: dialled on demand, multiplexed, shared by
 //! every call, and replaced when they break.
 //!
-//! A call takes the least-loaded open connection that is below the
-//! upstream's MAX_CONCURRENT_STREAMS; only when every connection is at that
-//! limit (and fewer than `max_connections` are open) does it dial another.
-//! Dials are serialised: callers that waited on a dial share its outcome, so
-//! an unreachable upstream costs one connect attempt, not one per call, and
-//! every waiting call fails at once with UNAVAILABLE. After consecutive
+//! A call takes the least-loaded open connection with a free stream slot:
+//! below `max_streams_per_connection` and the upstream's
+//! MAX_CONCURRENT_STREAMS. Connections where a call is waiting for the
+//! upstream to take more of its upload (its flow-control window is spent,
+//! so the upstream stopped reading) are passed over while another can be
+//! used or dialled: an upstream that gives a connection no more window
+//! than one stream (hyper's default, and so tonic's) lets one unread
+//! upload stop every request body on it. Only when no connection has a
+//! slot and `max_connections` are open does a call wait, up to
+//! `connect_timeout`, for a slot to free.
+//!
+//! Dials are serialised: callers that waited on a dial share its outcome,
+//! so an unreachable upstream costs one connect attempt, not one per call,
+//! and every waiting call fails at once with UNAVAILABLE. After consecutive
 //! failures, further calls fail fast without dialling for a short backoff.
+//!
+//! Each connection's receive window is `max_streams_per_connection ×
+//! initial_stream_window` unless configured: calls whose clients stop
+//! reading hold their stream windows, never the connection's.
 
 use std::{
     sync::{
@@ -63,6 +75,14 @@ pub(crate) enum UpstreamError {
     /// h2 refused to send the request head: not the connection's fault.
     #[error("cannot send the request upstream: {0}")]
     Refused(#[source] Arc<h2::Error>),
+    /// Every stream slot of every connection stayed taken for the whole
+    /// `connect_timeout`.
+    #[error("upstream {target}: all {slots} streams busy for {waited:?}")]
+    Busy {
+        target: Arc<str>,
+        slots: usize,
+        waited: Duration,
+    },
 }
 
 /// The pool of connections to one upstream.
@@ -93,13 +113,38 @@ struct Inner {
     created: Instant,
     /// Set by [`Pool::close`]: connections ending now are sluice's doing.
     closed: std::sync::atomic::AtomicBool,
+    /// Woken when a stream slot frees while calls wait for one.
+    slot_freed: Arc<tokio::sync::Notify>,
+    /// Calls waiting for a slot.
+    waiting: Arc<AtomicUsize>,
 }
 
 #[derive(Clone, Debug)]
 struct Conn {
     id: u64,
     send: SendRequest<Bytes>,
-    in_flight: Arc<AtomicUsize>,
+    load: Arc<ConnLoad>,
+}
+
+/// What the calls on one connection share with the pool.
+#[derive(Debug, Default)]
+pub(crate) struct ConnLoad {
+    /// Calls holding a stream slot.
+    in_flight: AtomicUsize,
+    /// Calls whose request body waits for the upstream's flow-control
+    /// window: the upstream is not reading them (yet).
+    send_blocked: AtomicUsize,
+}
+
+/// What [`Inner::pick`] found.
+#[derive(Debug)]
+enum Pick {
+    Conn(Conn),
+    /// Dial another connection; if that fails, the connection given (one
+    /// whose calls wait for upstream window) is still usable.
+    Dial(Option<Conn>),
+    /// Every slot is taken and no connection may be added.
+    Wait,
 }
 
 #[derive(Debug, Default)]
@@ -119,15 +164,47 @@ pub(crate) struct Checkout {
 /// A call's claim on a connection's stream slot; released on drop.
 #[derive(Debug)]
 pub(crate) struct Lease {
-    in_flight: Arc<AtomicUsize>,
+    load: Arc<ConnLoad>,
     pool_in_flight: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
+    slot_freed: Arc<tokio::sync::Notify>,
     _call: Gauge,
+}
+
+/// Counts a call as waiting for the upstream to take its request body
+/// while held (see [`ConnLoad::send_blocked`]).
+#[derive(Debug)]
+pub(crate) struct SendBlocked {
+    load: Arc<ConnLoad>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.pool_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.slot_freed.notify_one();
+        }
+    }
+}
+
+impl Lease {
+    /// Marks the call's request body as waiting for upstream window, until
+    /// the returned guard drops.
+    pub(crate) fn send_blocked(load: &Arc<ConnLoad>) -> SendBlocked {
+        load.send_blocked.fetch_add(1, Ordering::Relaxed);
+        SendBlocked { load: load.clone() }
+    }
+
+    /// The connection's load, for [`Lease::send_blocked`].
+    pub(crate) fn load(&self) -> &Arc<ConnLoad> {
+        &self.load
+    }
+}
+
+impl Drop for SendBlocked {
+    fn drop(&mut self) {
+        self.load.send_blocked.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -150,6 +227,8 @@ impl Pool {
                 goaway_at_ms: AtomicU64::new(0),
                 created: Instant::now(),
                 closed: std::sync::atomic::AtomicBool::new(false),
+                slot_freed: Arc::default(),
+                waiting: Arc::default(),
             }),
         }
     }
@@ -192,10 +271,9 @@ impl Pool {
     /// Whether the upstream can be reached: a connection is open, or one can
     /// be dialled now (the connection is kept for the next call).
     pub(crate) async fn reachable(&self) -> bool {
-        // `pick` prunes dead connections; any left is open, if busy.
-        if self.inner.pick(false).is_some()
-            || !self.inner.conns.lock().expect("pool lock").is_empty()
-        {
+        // Pruning drops dead connections; any left is open, if busy.
+        self.inner.prune();
+        if !self.inner.conns.lock().expect("pool lock").is_empty() {
             return true;
         }
         let epoch = self.inner.dial_epoch.load(Ordering::Acquire);
@@ -231,47 +309,81 @@ impl Pool {
     }
 
     async fn checkout_conn(&self) -> Result<(Conn, Lease), UpstreamError> {
-        let epoch = self.inner.dial_epoch.load(Ordering::Acquire);
-        if let Some(conn) = self.inner.pick(false) {
+        let mut waited_since = None;
+        loop {
+            let epoch = self.inner.dial_epoch.load(Ordering::Acquire);
+            let conn = match self.inner.pick() {
+                Pick::Conn(conn) => conn,
+                Pick::Dial(fallback) => match self.dial(epoch).await {
+                    Ok(Some(conn)) => conn,
+                    Ok(None) => continue,
+                    Err(e) => fallback.ok_or(e)?,
+                },
+                Pick::Wait => {
+                    let since = *waited_since.get_or_insert_with(Instant::now);
+                    self.wait_for_slot(since).await?;
+                    continue;
+                }
+            };
             return Ok(self.lease(conn));
         }
-        let conn = self.dial(epoch).await?;
-        Ok(self.lease(conn))
+    }
+
+    /// Waits until a stream slot frees (a lease drops), or fails once
+    /// `connect_timeout` has passed since `since`.
+    async fn wait_for_slot(&self, since: Instant) -> Result<(), UpstreamError> {
+        let inner = &self.inner;
+        let timeout = inner.config.connect_timeout;
+        let busy = || UpstreamError::Busy {
+            target: inner.name.clone(),
+            slots: inner.config.max_connections * inner.config.max_streams_per_connection as usize,
+            waited: timeout,
+        };
+        let freed = inner.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        inner.waiting.fetch_add(1, Ordering::Relaxed);
+        // Check again now that a release would wake us.
+        let outcome = if matches!(inner.pick(), Pick::Wait) {
+            tokio::time::timeout_at(since + timeout, freed)
+                .await
+                .map_err(|_| busy())
+        } else {
+            Ok(())
+        };
+        inner.waiting.fetch_sub(1, Ordering::Relaxed);
+        outcome
     }
 
     fn lease(&self, conn: Conn) -> (Conn, Lease) {
-        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        conn.load.in_flight.fetch_add(1, Ordering::Relaxed);
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
         let lease = Lease {
-            in_flight: conn.in_flight.clone(),
+            load: conn.load.clone(),
             pool_in_flight: self.inner.in_flight.clone(),
+            waiting: self.inner.waiting.clone(),
+            slot_freed: self.inner.slot_freed.clone(),
             _call: Gauge::hold(&self.inner.counters, Kind::Call),
         };
         (conn, lease)
     }
 
-    async fn dial(&self, epoch: u64) -> Result<Conn, UpstreamError> {
+    /// Dials a connection, unless someone else's dial finished while this
+    /// call waited for its turn (`None`: pick again).
+    async fn dial(&self, epoch: u64) -> Result<Option<Conn>, UpstreamError> {
         let inner = &self.inner;
         let mut state = inner.dial.lock().await;
         if inner.dial_epoch.load(Ordering::Acquire) != epoch {
             // Someone dialled while we waited: share their outcome.
-            if let Some(conn) = inner.pick(false) {
-                return Ok(conn);
-            }
             if let Some(err) = &state.last_error {
                 return Err(err.clone());
             }
+            return Ok(None);
         }
         if let (Some(at), Some(err)) = (state.retry_at, &state.last_error)
             && Instant::now() < at
         {
             return Err(err.clone());
-        }
-        if let Some(conn) = inner.pick(true) {
-            // Every connection is at its stream limit, and no more may be
-            // opened: queue on the least-loaded one (h2 holds the stream
-            // until a slot frees).
-            return Ok(conn);
         }
         let result = self.connect().await;
         inner.dial_epoch.fetch_add(1, Ordering::AcqRel);
@@ -279,7 +391,7 @@ impl Pool {
             Ok(conn) => {
                 *state = DialState::default();
                 inner.failing.store(false, Ordering::Relaxed);
-                Ok(conn)
+                Ok(Some(conn))
             }
             Err(err) => {
                 inner.failing.store(true, Ordering::Relaxed);
@@ -322,7 +434,7 @@ impl Pool {
         let (io, flusher) = batch::new(tcp);
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(inner.config.initial_stream_window.0)
-            .initial_connection_window_size(inner.config.initial_connection_window.0)
+            .initial_connection_window_size(inner.config.connection_window())
             .max_frame_size(inner.config.max_frame_size.0)
             .data_frame_budget(inner.config.data_frame_budget.0 as usize)
             .enable_push(false)
@@ -333,7 +445,7 @@ impl Pool {
         let conn = Conn {
             id,
             send,
-            in_flight: Arc::default(),
+            load: Arc::default(),
         };
         inner.conns.lock().expect("pool lock").push(conn.clone());
         let gauge = Gauge::hold(&inner.counters, Kind::UpstreamConnection);
@@ -344,7 +456,7 @@ impl Pool {
             inner.config.keepalive_timeout,
         );
         let idle_timeout = inner.config.idle_timeout;
-        let in_flight = conn.in_flight.clone();
+        let load = conn.load.clone();
         let evict = {
             let pool = pool.clone();
             move || {
@@ -367,7 +479,7 @@ impl Pool {
                 Flushed::new(connection, flusher),
                 keepalive,
                 idle_timeout,
-                &in_flight,
+                &load.in_flight,
                 &name,
                 evict,
             )
@@ -454,9 +566,6 @@ async fn drive(
 // === impl Inner ===
 
 impl Inner {
-    /// The least-loaded connection with a free stream slot; or, with
-    /// `saturated_ok` and no room for another connection, the least-loaded
-    /// one at all.
     /// Drops connections that can no longer open streams (GOAWAY
     /// received, or failed), noting a GOAWAY as draining; their tasks
     /// finish the streams they carry.
@@ -479,21 +588,35 @@ impl Inner {
         });
     }
 
-    fn pick(&self, saturated_ok: bool) -> Option<Conn> {
+    /// The least-loaded connection with a free stream slot, passing over
+    /// connections with calls blocked on upstream window while another can
+    /// be dialled (see the [module docs](self)).
+    fn pick(&self) -> Pick {
         let mut conns = self.conns.lock().expect("pool lock");
         self.prune_locked(&mut conns);
-        let load = |c: &&Conn| c.in_flight.load(Ordering::Relaxed);
-        if saturated_ok {
-            if conns.len() < self.config.max_connections {
-                return None;
-            }
-            return conns.iter().min_by_key(load).cloned();
-        }
-        conns
+        let max_streams = self.config.max_streams_per_connection as usize;
+        let load = |c: &&Conn| c.load.in_flight.load(Ordering::Relaxed);
+        let mut free = conns
             .iter()
-            .filter(|c| load(c) < c.send.current_max_send_streams())
-            .min_by_key(load)
-            .cloned()
+            .filter(|c| load(c) < c.send.current_max_send_streams().min(max_streams));
+        let (mut best_clear, mut best_any): (Option<&Conn>, Option<&Conn>) = (None, None);
+        for c in &mut free {
+            if best_any.is_none_or(|b| load(&c) < load(&b)) {
+                best_any = Some(c);
+            }
+            if c.load.send_blocked.load(Ordering::Relaxed) == 0
+                && best_clear.is_none_or(|b| load(&c) < load(&b))
+            {
+                best_clear = Some(c);
+            }
+        }
+        if let Some(c) = best_clear {
+            return Pick::Conn(c.clone());
+        }
+        if conns.len() < self.config.max_connections {
+            return Pick::Dial(best_any.cloned());
+        }
+        best_any.map_or(Pick::Wait, |c| Pick::Conn(c.clone()))
     }
 
     fn mark_draining(&self) {

@@ -12,6 +12,7 @@ mod half_close;
 mod headers_first;
 mod hostile;
 mod hygiene;
+mod isolation;
 mod leaks;
 mod metrics;
 mod routing;
