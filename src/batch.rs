@@ -251,6 +251,30 @@ impl<T: AsyncWrite + Unpin> Flusher<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> Flusher<T> {
+    /// Drives `fut` (a handshake, a connection) and writes out what each
+    /// of its polls buffered.
+    pub(crate) async fn around<F: Future>(&self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            let out = fut.as_mut().poll(cx);
+            let _ = self.poll_flush(cx);
+            out
+        })
+        .await
+    }
+
+    /// Gives back the buffer's memory, if it is empty (for an idle
+    /// connection).
+    pub(crate) fn shrink(&self) {
+        let mut inner = lock(&self.shared);
+        if inner.buffered() == 0 && inner.out.capacity() > 0 {
+            inner.out = Vec::new();
+            inner.written = 0;
+        }
+    }
+}
+
 // === impl Flushed ===
 
 impl<F, T> Flushed<F, T> {

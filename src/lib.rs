@@ -28,6 +28,7 @@ mod stack;
 mod stats;
 pub mod telemetry;
 mod upstream;
+mod window;
 
 use std::{
     net::SocketAddr,
@@ -149,14 +150,14 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         }
     };
 
+    let shared = server::Shared::new(&config.server, counters.clone(), metrics.clone());
     let server = tokio::spawn(server::serve(
         listener,
-        server::http2_builder(&config.server),
-        server::Handler::new(stack),
-        server::Limits::from_config(&config.server),
+        Arc::new(shared),
+        stack,
+        config.server.max_connections,
         watch,
         aborted,
-        counters.clone(),
     ));
     Ok(Running {
         listen,

@@ -16,8 +16,8 @@ use tower_http::{
 };
 
 use crate::{
-    config::{Config, NonGrpc},
-    forward::{Admission, Forward, Rescue},
+    config::Config,
+    forward::{Forward, Rescue},
     route::Routes,
     stats::Counters,
     telemetry::{calls::CallMetrics, metrics::Metrics, trace},
@@ -26,7 +26,7 @@ use crate::{
 
 /// The stack between the server and the upstream.
 pub(crate) type Stack = Trace<
-    CallMetrics<Rescue<Admission<Drain<Peek<Direct<Deadline<Forward>, Routes>>>>>>,
+    CallMetrics<Rescue<Drain<Peek<Direct<Deadline<Forward>, Routes>>>>>,
     SharedClassifier<GrpcErrorsAsFailures>,
     trace::MakeSpan,
     (),
@@ -43,7 +43,6 @@ pub(crate) fn build(
     drain: Watch,
     metrics: Arc<Metrics>,
 ) -> Stack {
-    let server = &config.server;
     let routes = Routes::from_config(config);
     let peek_max_bytes = config.routing.peek_max_bytes.0 as usize;
     ServiceBuilder::new()
@@ -53,19 +52,10 @@ pub(crate) fn build(
         // status, with latency, messages and bytes each way.
         .layer_fn(|inner| CallMetrics::new(inner, metrics.clone()))
         // The one place errors become gRPC statuses (or, for an upstream
-        // reset, stay errors that the server turns into RST_STREAM).
+        // reset, stay errors that the server turns into RST_STREAM). What
+        // must not be forwarded at all (non-gRPC HTTP/2, calls past
+        // server.max_in_flight) the server refuses before the stack.
         .layer_fn(|inner| Rescue::new(inner, metrics.clone()))
-        // Refuse what must not be forwarded: non-gRPC HTTP/2 (415) and
-        // calls past the global in-flight bound (RESOURCE_EXHAUSTED).
-        .layer_fn(|inner| {
-            Admission::new(
-                inner,
-                counters.clone(),
-                metrics.clone(),
-                server.max_in_flight,
-                server.non_grpc == NonGrpc::Refuse,
-            )
-        })
         // Hold the drain open until each call's body ends; at the drain
         // deadline, end open calls with UNAVAILABLE. Calls that arrive
         // while draining are admitted: they were opened before the client
@@ -87,5 +77,5 @@ pub(crate) fn build(
         // forwarder's future or body cancels the upstream stream.
         .layer(DeadlineLayer::new().offset(config.routing.deadline_offset))
         // One upstream h2 stream per call.
-        .service(Forward::new(groups, counters.clone()))
+        .service(Forward::new(groups, counters))
 }

@@ -14,8 +14,8 @@ use std::{net::SocketAddr, time::Duration};
 use serde::Deserialize;
 
 pub use self::error::ConfigError;
-pub use self::value::{ByteSize, HostPort, WindowSize};
 use self::value::MAX_WINDOW;
+pub use self::value::{ByteSize, HostPort, WindowSize};
 
 /// The embedded default configuration (`config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");

@@ -156,12 +156,16 @@ fn the_upstream_connection_window_covers_every_stream_window() {
         u64::from(cfg.upstream.connection_window()),
         u64::from(DEFAULT_MAX_STREAMS_PER_CONNECTION) * u64::from(DEFAULT_UPSTREAM_STREAM_WINDOW)
     );
-    let err = invalid("[upstream]\nmax_streams_per_connection = 10\ninitial_connection_window = \"1MiB\"\n");
+    let err = invalid(
+        "[upstream]\nmax_streams_per_connection = 10\ninitial_connection_window = \"1MiB\"\n",
+    );
     assert_eq!(err.key(), Some("upstream.initial_connection_window"));
     assert_eq!(err.position(), Some((3, 29)), "{err}");
     assert!(err.to_string().contains("stop reading"), "{err}");
 
-    let err = invalid("[upstream]\nmax_streams_per_connection = 1000\ninitial_stream_window = \"4MiB\"\n");
+    let err = invalid(
+        "[upstream]\nmax_streams_per_connection = 1000\ninitial_stream_window = \"4MiB\"\n",
+    );
     assert_eq!(err.key(), Some("upstream.initial_stream_window"));
     assert_eq!(err.position().map(|p| p.0), Some(3), "{err}");
 

@@ -25,6 +25,7 @@ use super::ForwardError;
 use crate::{
     stats::Gauge,
     upstream::{ConnLoad, Lease, SendBlocked},
+    window::{Outgoing, Sent},
 };
 
 /// Copies a downstream request body into an upstream h2 stream.
@@ -38,7 +39,7 @@ pub(super) struct RequestPump<B> {
     body: B,
     tx: SendStream<Bytes>,
     /// A chunk in hand, waiting for stream capacity.
-    pending: Option<(Bytes, bool)>,
+    pending: Option<Outgoing>,
     done: bool,
     /// The upstream connection's load, where a pump waiting for window is
     /// counted (the pool then prefers other connections for new calls).
@@ -80,46 +81,31 @@ where
                 debug!(?reason, "upstream reset the request stream");
                 return Poll::Ready(());
             }
-            if let Some((mut data, eos)) = self.pending.take() {
-                // Ask for the chunk's size and send what the windows allow
-                // now, never more: h2 then buffers nothing beyond the
-                // upstream's window, and zero capacity after asking means
-                // the upstream's stream or connection window is spent (it
-                // is not reading), which the pool wants to know. Capacity is
-                // only ever claimed for bytes in hand, so a waiting stream
-                // pins no connection window it could not use (hyper#4003).
-                if !data.is_empty() && self.tx.capacity() == 0 {
-                    self.tx.reserve_capacity(data.len());
-                    match self.tx.poll_capacity(cx) {
-                        Poll::Pending if self.tx.capacity() == 0 => {
-                            self.pending = Some((data, eos));
-                            // A stream h2 has not opened yet (its HEADERS
-                            // still queued) gets no capacity either: only a
-                            // stream that has sent counts as blocked.
-                            if self.blocked.is_none() && self.sent_any {
-                                self.blocked = Some(Lease::send_blocked(&self.load));
-                            }
-                            return Poll::Pending;
+            if let Some(mut out) = self.pending.take() {
+                // Only what the upstream's windows allow goes to h2, so zero
+                // capacity here means the upstream's stream or connection
+                // window is spent: it is not reading, which the pool wants
+                // to know. A stream h2 has not opened yet (its HEADERS still
+                // queued) gets no capacity either, so only a stream that has
+                // sent before counts as blocked.
+                let mut progressed = false;
+                let sent = out.poll_send(&mut self.tx, cx, &mut progressed);
+                self.sent_any |= progressed;
+                match sent {
+                    Poll::Pending => {
+                        if self.blocked.is_none() && self.sent_any {
+                            self.blocked = Some(Lease::send_blocked(&self.load));
                         }
-                        Poll::Pending | Poll::Ready(Some(Ok(_))) => {}
-                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                        self.pending = Some(out);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Sent::Gone) => return Poll::Ready(()),
+                    Poll::Ready(Sent::All) if out.ends_stream() => return Poll::Ready(()),
+                    Poll::Ready(Sent::All) => {
+                        self.blocked = None;
+                        continue;
                     }
                 }
-                self.blocked = None;
-                let room = self.tx.capacity();
-                self.sent_any |= room > 0;
-                if !data.is_empty() && room < data.len() {
-                    let head = data.split_to(room);
-                    self.pending = Some((data, eos));
-                    if self.tx.send_data(head, false).is_err() {
-                        return Poll::Ready(());
-                    }
-                    continue;
-                }
-                if self.tx.send_data(data, eos).is_err() || eos {
-                    return Poll::Ready(());
-                }
-                continue;
             }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
@@ -128,7 +114,7 @@ where
                         if data.is_empty() && !eos {
                             continue;
                         }
-                        self.pending = Some((data, eos));
+                        self.pending = Some(Outgoing::new(data, eos));
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {

@@ -1,215 +1,302 @@
-//! Per-connection bookkeeping that hyper does not do for HTTP/2: how many
-//! calls are in flight (for the idle and first-request timeouts) and how
-//! many calls the client has cancelled lately (rapid reset on streams that
-//! were already accepted, which h2's pending-accept count cannot see).
+//! One downstream connection: the HTTP/2 handshake, then every call on it
+//! driven by this one task, with the connection's own timers: the first
+//! request and idle deadlines, keepalive PINGs, the drain, and the guard
+//! against clients that cancel calls faster than any honest one does.
+//!
+//! The task polls the calls, then h2 (which encodes what they queued and
+//! reads what arrived), then writes everything out in one go
+//! ([`crate::batch`]). h2 does the protocol: settings, flow control, stream
+//! limits, every check RFC 9113 asks of a server.
 
 use std::{
-    future::Future,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
-    },
-    task::{Context, Poll, ready},
+    future::{Future, poll_fn},
+    net::SocketAddr,
+    pin::pin,
+    sync::Arc,
+    task::Poll,
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::Response;
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
-use tokio::{sync::Notify, time::Instant};
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use h2::{Ping, Reason, RecvStream, server::SendResponse};
+use http::{Request, Response};
+use http_body::Body;
+use sluice_layers::{BoxError, drain::Watch, grpc::status::Code};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::{Instant, sleep_until, timeout_at},
+};
+use tower::Service;
+use tracing::{debug, warn};
 
-/// The state one connection task and its calls share.
+use super::call::{self, CallEnd, RequestBody};
+use crate::{
+    batch::BatchIo,
+    config::ServerConfig,
+    stats::{Counters, Gauge, Kind},
+    telemetry::metrics::{Metrics, RefusalReason},
+};
+
+/// After sluice told a connection to go (idle, or abusive), how long it may
+/// take to finish before it is closed outright.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// How long a refused request may go on sending before its stream is reset
+/// (see [`call::refuse`]).
+const REFUSAL_LINGER: Duration = Duration::from_secs(10);
+/// The text of the 415 answer to HTTP/2 requests that are not gRPC.
+const NOT_GRPC: &str = "sluice serves gRPC only: content-type must be application/grpc\n";
+
+/// What every connection of a listener shares.
 #[derive(Debug)]
-pub(crate) struct ConnState {
-    start: Instant,
-    active: AtomicUsize,
-    /// Milliseconds since `start` when the last call ended (or 0).
-    idle_since_ms: AtomicU64,
-    seen_request: AtomicBool,
-    /// Wakes the connection task when the connection goes idle or when the
-    /// client has reset too many calls.
-    changed: Notify,
+pub(crate) struct Shared {
+    builder: h2::server::Builder,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
     max_resets_per_second: u32,
-    reset_window_ms: AtomicU64,
-    resets_in_window: AtomicU32,
-    too_many_resets: AtomicBool,
+    max_in_flight: usize,
+    refuse_non_grpc: bool,
+    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
 }
 
-impl ConnState {
-    pub(crate) fn new(max_resets_per_second: u32) -> Arc<Self> {
-        Arc::new(Self {
-            start: Instant::now(),
-            active: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            seen_request: AtomicBool::new(false),
-            changed: Notify::new(),
-            max_resets_per_second,
-            reset_window_ms: AtomicU64::new(0),
-            resets_in_window: AtomicU32::new(0),
-            too_many_resets: AtomicBool::new(false),
-        })
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    pub(crate) fn call_started(self: &Arc<Self>) -> CallGuard {
-        self.seen_request.store(true, Ordering::Relaxed);
-        self.active.fetch_add(1, Ordering::AcqRel);
-        CallGuard {
-            conn: self.clone(),
-            finished: false,
+impl Shared {
+    pub(crate) fn new(
+        config: &ServerConfig,
+        counters: Arc<Counters>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(config.initial_stream_window.0)
+            .initial_connection_window_size(config.initial_connection_window.0)
+            .max_frame_size(config.max_frame_size.0)
+            .max_header_list_size(config.max_header_list_size.0)
+            .max_concurrent_streams(config.max_concurrent_streams)
+            // h2's CVE-2023-44487 defence: streams reset before they are
+            // accepted count, and past the limit the connection gets
+            // GOAWAY(ENHANCE_YOUR_CALM).
+            .max_pending_accept_reset_streams(config.max_pending_accept_resets);
+        Self {
+            builder,
+            handshake_timeout: config.handshake_timeout,
+            idle_timeout: config.idle_timeout,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_timeout: config.keepalive_timeout,
+            max_resets_per_second: config.max_resets_per_second,
+            max_in_flight: config.max_in_flight,
+            refuse_non_grpc: config.non_grpc == crate::config::NonGrpc::Refuse,
+            counters,
+            metrics,
         }
     }
 
-    fn call_ended(&self, cancelled_by_client: bool) {
-        if cancelled_by_client {
-            self.record_reset();
-        }
-        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.idle_since_ms.store(self.now_ms(), Ordering::Relaxed);
-            self.changed.notify_one();
-        }
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
     }
 
-    fn record_reset(&self) {
-        let now = self.now_ms();
-        let window = self.reset_window_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(window) >= 1000 {
-            self.reset_window_ms.store(now, Ordering::Relaxed);
-            self.resets_in_window.store(1, Ordering::Relaxed);
+    pub(crate) fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+}
+
+/// Client-cancelled calls in the current one-second window.
+#[derive(Debug)]
+struct Resets {
+    window_start: Instant,
+    count: u32,
+}
+
+impl Resets {
+    /// Counts one; whether the limit is now passed.
+    fn record(&mut self, limit: u32) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count > limit
+    }
+}
+
+/// Serves HTTP/2 on `io` (whose first bytes, already read, are `prefix`)
+/// until the peer goes, the connection idles out, the client resets too
+/// many calls, or the drain begins (GOAWAY, then the streams already open
+/// finish). The preface and SETTINGS must arrive by `deadline`, and the
+/// first request too.
+pub(super) async fn serve<T, S, B>(
+    io: T,
+    prefix: Bytes,
+    deadline: Instant,
+    svc: S,
+    shared: &Shared,
+    watch: Watch,
+    peer: SocketAddr,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (io, flusher) = BatchIo::with_prefix(io, prefix);
+    let handshake = flusher.around(shared.builder.handshake::<_, Bytes>(io));
+    let mut conn = match timeout_at(deadline, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "HTTP/2 handshake failed");
             return;
         }
-        let n = self.resets_in_window.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > self.max_resets_per_second && !self.too_many_resets.swap(true, Ordering::AcqRel) {
-            self.changed.notify_one();
+        Err(_) => {
+            debug!(%peer, "no HTTP/2 handshake within the handshake timeout; closing");
+            return;
         }
-    }
+    };
+    let mut pinger = conn.ping_pong();
+    let mut calls = FuturesUnordered::new();
+    // Armed while no call is in flight: the first-request deadline, then
+    // the idle deadline.
+    let mut idle = pin!(sleep_until(deadline));
+    let mut idle_armed = true;
+    let mut draining = pin!(watch.signaled());
+    let mut drain_guard = None;
+    let mut ping = pin!(sleep_until(Instant::now() + shared.keepalive_interval));
+    let mut pong = pin!(sleep_until(Instant::now()));
+    let mut awaiting_pong = false;
+    // Armed once sluice has told the client to go on its own account.
+    let mut grace = pin!(sleep_until(Instant::now()));
+    let mut leaving = false;
+    let mut resets = Resets {
+        window_start: Instant::now(),
+        count: 0,
+    };
 
-    /// When the connection is due to be closed for doing nothing, if it is
-    /// idle: the first-request deadline before any request, the idle
-    /// deadline after.
-    pub(crate) fn idle_deadline(&self, handshake: Duration, idle: Duration) -> Option<Instant> {
-        if self.active.load(Ordering::Acquire) > 0 {
-            return None;
+    let ended = poll_fn(|cx| {
+        loop {
+            // The calls first: what they queued, the h2 poll below encodes.
+            while let Poll::Ready(Some(end)) = calls.poll_next_unpin(cx) {
+                if end == CallEnd::ClientReset
+                    && resets.record(shared.max_resets_per_second)
+                    && !leaving
+                {
+                    warn!(%peer, "client reset calls faster than server.max_resets_per_second; GOAWAY(ENHANCE_YOUR_CALM)");
+                    conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    leaving = true;
+                    grace.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+                }
+            }
+            if calls.is_empty() && !idle_armed {
+                idle.as_mut().reset(Instant::now() + shared.idle_timeout);
+                idle_armed = true;
+                flusher.shrink();
+            }
+            match conn.poll_accept(cx) {
+                Poll::Ready(Some(Ok((req, respond)))) => {
+                    idle_armed = false;
+                    calls.push(handle(svc.clone(), req, respond, shared));
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => {}
+            }
+            let mut told = false;
+            if drain_guard.is_none()
+                && let Poll::Ready(guard) = draining.as_mut().poll(cx)
+            {
+                // h2 sends GOAWAY(2^31-1), then after a PING round trip the
+                // real last stream id, so no request already on the wire is
+                // lost. The guard holds the drain open until this ends.
+                drain_guard = Some(guard);
+                conn.graceful_shutdown();
+                told = true;
+            }
+            if idle_armed && !leaving && idle.as_mut().poll(cx).is_ready() {
+                debug!(%peer, "connection idle; GOAWAY(NO_ERROR)");
+                conn.graceful_shutdown();
+                leaving = true;
+                grace.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+                told = true;
+            }
+            if leaving && grace.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(pinger) = pinger.as_mut() {
+                if awaiting_pong {
+                    match pinger.poll_pong(cx) {
+                        Poll::Ready(_) => awaiting_pong = false,
+                        Poll::Pending if pong.as_mut().poll(cx).is_ready() => {
+                            debug!(%peer, "client did not answer PING; closing");
+                            return Poll::Ready(Ok(()));
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                if !awaiting_pong && ping.as_mut().poll(cx).is_ready() {
+                    let now = Instant::now();
+                    ping.as_mut().reset(now + shared.keepalive_interval);
+                    if pinger.send_ping(Ping::opaque()).is_ok() {
+                        pong.as_mut().reset(now + shared.keepalive_timeout);
+                        awaiting_pong = true;
+                        told = true;
+                    }
+                }
+            }
+            if !told {
+                break;
+            }
         }
-        if !self.seen_request.load(Ordering::Relaxed) {
-            return Some(self.start + handshake);
-        }
-        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
-        Some(self.start + since + idle)
-    }
-
-    pub(crate) fn too_many_resets(&self) -> bool {
-        self.too_many_resets.load(Ordering::Acquire)
-    }
-
-    pub(crate) async fn changed(&self) {
-        self.changed.notified().await;
-    }
-}
-
-/// One call on the connection; ends (as finished or as cancelled by the
-/// client) when its response body ends or is dropped.
-#[derive(Debug)]
-pub(crate) struct CallGuard {
-    conn: Arc<ConnState>,
-    finished: bool,
-}
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        self.conn.call_ended(!self.finished);
+        let _ = flusher.poll_flush(cx);
+        Poll::Pending
+    })
+    .await;
+    // Whatever is still buffered (a GOAWAY) goes out before the close.
+    let _ = timeout_at(
+        Instant::now() + GOAWAY_GRACE,
+        poll_fn(|cx| flusher.poll_flush(cx)),
+    )
+    .await;
+    if let Err(e) = ended {
+        debug!(%peer, error = %e, "downstream connection ended with an error");
     }
 }
 
-pin_project! {
-    /// Wraps the stack's response future so the call's guard moves into
-    /// the response body.
-    #[derive(Debug)]
-    pub(crate) struct TrackedFuture<F> {
-        #[pin]
-        inner: F,
-        guard: Option<CallGuard>,
-    }
-}
-
-impl<F> TrackedFuture<F> {
-    pub(crate) fn new(inner: F, guard: CallGuard) -> Self {
-        Self {
-            inner,
-            guard: Some(guard),
-        }
-    }
-}
-
-impl<F, B, E> Future for TrackedFuture<F>
+/// One stream: refused by the server itself, or a call through the stack.
+async fn handle<S, B>(
+    svc: S,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    shared: &Shared,
+) -> CallEnd
 where
-    F: Future<Output = Result<Response<B>, E>>,
-    B: Body,
+    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
-    type Output = Result<Response<Tracked<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let res = ready!(this.inner.poll(cx));
-        let mut guard = this.guard.take().expect("polled after completion");
-        match res {
-            Ok(res) => {
-                // A trailers-only answer is over already.
-                guard.finished = res.body().is_end_stream();
-                Poll::Ready(Ok(res.map(|body| Tracked { body, guard })))
-            }
-            Err(e) => {
-                // An error becomes a reset by sluice, not by the client.
-                guard.finished = true;
-                Poll::Ready(Err(e))
-            }
+    if shared.refuse_non_grpc {
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(sluice_layers::grpc::is_grpc_content_type);
+        if !grpc {
+            shared.metrics.refused(RefusalReason::not_grpc);
+            let refusal = call::plain(http::StatusCode::UNSUPPORTED_MEDIA_TYPE, NOT_GRPC);
+            return call::refuse(req, respond, refusal, REFUSAL_LINGER).await;
         }
     }
-}
-
-pin_project! {
-    /// A response body that ends its call when it ends, or (dropped
-    /// early) counts the call as cancelled by the client.
-    #[derive(Debug)]
-    pub(crate) struct Tracked<B> {
-        #[pin]
-        body: B,
-        guard: CallGuard,
+    if shared.counters.calls_in_flight() >= shared.max_in_flight {
+        shared.metrics.refused(RefusalReason::overloaded);
+        let refusal = call::grpc(
+            Code::ResourceExhausted,
+            "sluice is at server.max_in_flight calls; retry later",
+        );
+        return call::refuse(req, respond, refusal, REFUSAL_LINGER).await;
     }
-}
-
-impl<B: Body<Data = Bytes>> Body for Tracked<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let frame = ready!(this.body.as_mut().poll_frame(cx));
-        // hyper stops polling once it has sent the trailers, or a DATA frame
-        // after which the body says it is over: those end the call too.
-        let finished = match &frame {
-            None | Some(Err(_)) => true,
-            Some(Ok(f)) => f.is_trailers() || this.body.is_end_stream(),
-        };
-        if finished {
-            this.guard.finished = true;
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
+    // The call counts as in flight until its answer is out or abandoned.
+    let _in_flight = Gauge::hold(&shared.counters, Kind::Call);
+    call::serve(svc, req, respond).await
 }

@@ -1,12 +1,17 @@
-//! What a new connection speaks, from its first bytes, without consuming
-//! them: the HTTP/2 preface goes on to hyper; an HTTP/1.x request gets a
-//! well-formed HTTP/1.1 answer instead of a closed socket.
+//! What a new connection speaks, from its first bytes: the HTTP/2 preface
+//! goes on to the HTTP/2 server (with the bytes read so far replayed); an
+//! HTTP/1.x request gets a well-formed HTTP/1.1 answer; anything else gets
+//! the connection error RFC 9113 §3.4 asks for.
+//!
+//! Sniffing reads (rather than peeks), so waiting for more bytes is waiting
+//! for an event, and it works on any transport. Every wait here is bounded
+//! by the caller's handshake deadline: a peer that sends `GET` and nothing
+//! more, or trickles a preface a byte at a time, is cut off with it.
 
-use std::time::Duration;
-
+use bytes::{Bytes, BytesMut};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    time::{Instant, timeout_at},
 };
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -14,58 +19,84 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The preface plus the header of the first frame, which must be SETTINGS.
 const SNIFF_LEN: usize = PREFACE.len() + 9;
 const SETTINGS: u8 = 0x4;
-/// Pause between peeks while the preface arrives in pieces: peeking again
-/// at once would spin on the bytes already there.
-const PARTIAL_PAUSE: Duration = Duration::from_millis(5);
 /// How much of an HTTP/1 request head sluice reads before answering, so that
 /// closing does not turn into a reset that loses the answer.
 const HTTP1_HEAD_MAX: usize = 16 * 1024;
+/// Longest HTTP/1 method token looked for: longer runs of capitals are not
+/// a request line.
+const METHOD_MAX: usize = 16;
 
 /// What the first bytes say.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Protocol {
-    /// The HTTP/2 preface (or bytes that are neither it nor HTTP/1, which
-    /// h2 answers with a connection error).
+    /// The HTTP/2 preface, then a SETTINGS frame header.
     Http2,
     /// An HTTP/1.x request line.
     Http1,
-    /// The preface, then a first frame that is not SETTINGS: a connection
-    /// error PROTOCOL_ERROR (RFC 9113 §3.4), which h2 does not check.
-    NotSettingsFirst,
-    /// The peer closed before saying anything.
+    /// Bytes that are neither the preface nor HTTP/1, or the preface
+    /// followed by a first frame that is not SETTINGS: a connection error
+    /// PROTOCOL_ERROR (RFC 9113 §3.4).
+    BadPreface,
+    /// The peer closed before deciding anything.
     Closed,
 }
 
-/// Peeks until the first bytes decide the protocol.
-pub(super) async fn sniff(tcp: &TcpStream) -> std::io::Result<Protocol> {
-    let mut buf = [0u8; SNIFF_LEN];
+/// Reads until the first bytes decide the protocol; returns it with the
+/// bytes read, which belong to whoever serves the connection next.
+///
+/// # Errors
+///
+/// The transport's read error, or `TimedOut` at `deadline`.
+pub(super) async fn sniff<T>(io: &mut T, deadline: Instant) -> std::io::Result<(Protocol, Bytes)>
+where
+    T: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(SNIFF_LEN);
     loop {
-        let n = tcp.peek(&mut buf).await?;
+        if let Some(protocol) = decide(&buf) {
+            return Ok((protocol, buf.freeze()));
+        }
+        let n = timeout_at(deadline, io.read_buf(&mut buf))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
         if n == 0 {
-            return Ok(Protocol::Closed);
+            return Ok((Protocol::Closed, buf.freeze()));
         }
-        let preface = n.min(PREFACE.len());
-        if buf[..preface] != PREFACE[..preface] {
-            return Ok(if looks_like_http1(&buf[..n]) {
-                Protocol::Http1
-            } else {
-                Protocol::Http2
-            });
-        }
-        if n == SNIFF_LEN {
-            return Ok(if buf[PREFACE.len() + 3] == SETTINGS {
-                Protocol::Http2
-            } else {
-                Protocol::NotSettingsFirst
-            });
-        }
-        tokio::time::sleep(PARTIAL_PAUSE).await;
     }
 }
 
-/// Answers a connection whose first frame is not SETTINGS: the server
-/// preface (an empty SETTINGS), then GOAWAY(PROTOCOL_ERROR, last stream 0).
-pub(super) async fn refuse_bad_preface(mut tcp: TcpStream) {
+/// The protocol `bytes` show, or `None` while they could still be either.
+fn decide(bytes: &[u8]) -> Option<Protocol> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let preface = bytes.len().min(PREFACE.len());
+    if bytes[..preface] == PREFACE[..preface] {
+        if bytes.len() < SNIFF_LEN {
+            return None;
+        }
+        return Some(if bytes[PREFACE.len() + 3] == SETTINGS {
+            Protocol::Http2
+        } else {
+            Protocol::BadPreface
+        });
+    }
+    let method = bytes.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    match bytes.get(method) {
+        // "PRI " diverging from the preface later is broken HTTP/2.
+        Some(b' ') if method > 0 && &bytes[..method] != b"PRI" => Some(Protocol::Http1),
+        None if method < METHOD_MAX => None,
+        _ => Some(Protocol::BadPreface),
+    }
+}
+
+/// Answers a connection with a bad preface: the server preface (an empty
+/// SETTINGS), then GOAWAY(PROTOCOL_ERROR, last stream 0), then closes
+/// once the peer has stopped sending or `deadline` passes.
+pub(super) async fn refuse_bad_preface<T>(mut io: T, deadline: Instant)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     const GOAWAY: u8 = 0x7;
     const PROTOCOL_ERROR: u32 = 0x1;
     let mut out = Vec::with_capacity(9 + 17);
@@ -73,50 +104,46 @@ pub(super) async fn refuse_bad_preface(mut tcp: TcpStream) {
     out.extend_from_slice(&[0, 0, 8, GOAWAY, 0, 0, 0, 0, 0]);
     out.extend_from_slice(&0u32.to_be_bytes());
     out.extend_from_slice(&PROTOCOL_ERROR.to_be_bytes());
-    let _ = tcp.write_all(&out).await;
-    let _ = tcp.shutdown().await;
-    // Drain what the peer already sent, so closing is a FIN, not a reset
-    // that could destroy the GOAWAY before it is read.
-    let mut sink = [0u8; 4096];
-    while let Ok(Ok(n)) =
-        tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut sink)).await
-    {
-        if n == 0 {
-            break;
-        }
-    }
+    let _ = timeout_at(deadline, async {
+        io.write_all(&out).await?;
+        io.shutdown().await?;
+        // Drain what the peer sends until it closes, so that closing is a
+        // FIN, not a reset that could destroy the GOAWAY before it is read.
+        let mut sink = [0u8; 4096];
+        while io.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
-/// An HTTP/1 request line starts with an uppercase method token and a space.
-fn looks_like_http1(bytes: &[u8]) -> bool {
-    let method_len = bytes.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    method_len > 0
-        && &bytes[..method_len] != b"PRI"
-        && (bytes.len() == method_len || bytes[method_len] == b' ')
-}
-
-/// Answers an HTTP/1.x request with 505 and closes the connection.
-pub(super) async fn refuse_http1(mut tcp: TcpStream) {
-    // Read the request head first: closing a socket with unread bytes sends
-    // a reset, which can destroy the answer before the client reads it.
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while head.len() < HTTP1_HEAD_MAX && !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match tcp.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => head.extend_from_slice(&chunk[..n]),
+/// Answers an HTTP/1.x request with 505 and closes the connection; `head`
+/// is what the sniffer read of the request already.
+pub(super) async fn refuse_http1<T>(mut io: T, head: Bytes, deadline: Instant)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = timeout_at(deadline, async {
+        // Read the request head first: closing a socket with unread bytes
+        // sends a reset, which can destroy the answer before the client
+        // reads it.
+        let mut head = BytesMut::from(&head[..]);
+        while head.len() < HTTP1_HEAD_MAX && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            if io.read_buf(&mut head).await? == 0 {
+                break;
+            }
         }
-    }
-    let body = "sluice serves gRPC over HTTP/2 only (h2c with prior knowledge on this port)\n";
-    let response = format!(
-        "HTTP/1.1 505 HTTP Version Not Supported\r\n\
-         content-type: text/plain; charset=utf-8\r\n\
-         content-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tcp.write_all(response.as_bytes()).await;
-    let _ = tcp.shutdown().await;
+        let body = "sluice serves gRPC over HTTP/2 only (h2c with prior knowledge on this port)\n";
+        let response = format!(
+            "HTTP/1.1 505 HTTP Version Not Supported\r\n\
+             content-type: text/plain; charset=utf-8\r\n\
+             content-length: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        io.write_all(response.as_bytes()).await?;
+        io.shutdown().await
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -124,13 +151,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tells_http1_request_lines_from_other_bytes() {
-        assert!(looks_like_http1(b"GET / HTTP/1.1\r\n"));
-        assert!(looks_like_http1(b"POST"));
-        assert!(looks_like_http1(b"PUT /x"));
-        assert!(!looks_like_http1(b"\x16\x03\x01")); // a TLS ClientHello
-        assert!(!looks_like_http1(b"get / HTTP/1.1"));
-        // "PRI * HTTP/2.0" diverging late is broken HTTP/2, not HTTP/1.
-        assert!(!looks_like_http1(b"PRI * HTTP/2.0\r\n\r\nXX"));
+    fn the_first_bytes_decide_once_they_can() {
+        assert_eq!(decide(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(decide(b"POST "), Some(Protocol::Http1));
+        // A method still arriving could be anything yet.
+        assert_eq!(decide(b"GE"), None);
+        assert_eq!(decide(b"P"), None);
+        assert_eq!(decide(b"PRI * HTTP/2.0\r\n"), None);
+        // A TLS ClientHello, lowercase, or a preface that diverges.
+        assert_eq!(decide(b"\x16\x03\x01"), Some(Protocol::BadPreface));
+        assert_eq!(decide(b"get / HTTP/1.1"), Some(Protocol::BadPreface));
+        assert_eq!(
+            decide(b"PRI * HTTP/2.0\r\n\r\nXX"),
+            Some(Protocol::BadPreface)
+        );
+        assert_eq!(decide(b"ABCDEFGHIJKLMNOPQRST"), Some(Protocol::BadPreface));
+        let mut good = PREFACE.to_vec();
+        good.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
+        assert_eq!(decide(&good), Some(Protocol::Http2));
+        good[PREFACE.len() + 3] = 0x8;
+        assert_eq!(decide(&good), Some(Protocol::BadPreface));
+    }
+
+    #[tokio::test]
+    async fn a_trickled_preface_is_read_as_it_comes_and_replayed() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let sniffing = tokio::spawn(async move {
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            sniff(&mut server, deadline).await.expect("sniff")
+        });
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0, 0xAA]);
+        for b in &bytes {
+            client.write_all(&[*b]).await.expect("write");
+        }
+        let (protocol, read) = sniffing.await.expect("task");
+        assert_eq!(protocol, Protocol::Http2);
+        assert_eq!(
+            &read[..],
+            &bytes[..read.len()],
+            "the bytes read come back in order"
+        );
+        assert!(read.len() >= SNIFF_LEN);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_mid_preface_is_cut_off_at_the_deadline() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"PRI * HT").await.expect("write");
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let err = sniff(&mut server, deadline).await.expect_err("times out");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        drop(client);
     }
 }

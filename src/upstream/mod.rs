@@ -168,7 +168,6 @@ pub(crate) struct Lease {
     pool_in_flight: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
     slot_freed: Arc<tokio::sync::Notify>,
-    _call: Gauge,
 }
 
 /// Counts a call as waiting for the upstream to take its request body
@@ -363,7 +362,6 @@ impl Pool {
             pool_in_flight: self.inner.in_flight.clone(),
             waiting: self.inner.waiting.clone(),
             slot_freed: self.inner.slot_freed.clone(),
-            _call: Gauge::hold(&self.inner.counters, Kind::Call),
         };
         (conn, lease)
     }
