@@ -67,12 +67,14 @@ struct Inner<T> {
 }
 
 pin_project! {
-    /// Drives a connection future, then writes out what its poll buffered.
+    /// Drives a connection future, then writes out what its poll buffered
+    /// (see [`Flusher::poll_flush_batched`]).
     #[derive(Debug)]
     pub(crate) struct Flushed<F, T> {
         #[pin]
         inner: F,
         flusher: Flusher<T>,
+        deferred: bool,
     }
 }
 
@@ -252,6 +254,28 @@ impl<T: AsyncWrite + Unpin> Flusher<T> {
 }
 
 impl<T: AsyncWrite + Unpin> Flusher<T> {
+    /// Like [`Flusher::poll_flush`], but the first time there is something
+    /// to write it only reschedules the task: the tasks already runnable go
+    /// first, and what they hand this connection goes out in the same
+    /// write. `deferred` is the caller's memory of having done so.
+    pub(crate) fn poll_flush_batched(
+        &self,
+        cx: &mut Context<'_>,
+        deferred: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        if lock(&self.shared).buffered() == 0 {
+            *deferred = false;
+            return Poll::Ready(Ok(()));
+        }
+        if !*deferred {
+            *deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        *deferred = false;
+        self.poll_flush(cx)
+    }
+
     /// Drives `fut` (a handshake, a connection) and writes out what each
     /// of its polls buffered.
     pub(crate) async fn around<F: Future>(&self, fut: F) -> F::Output {
@@ -279,7 +303,11 @@ impl<T: AsyncWrite + Unpin> Flusher<T> {
 
 impl<F, T> Flushed<F, T> {
     pub(crate) fn new(inner: F, flusher: Flusher<T>) -> Self {
-        Self { inner, flusher }
+        Self {
+            inner,
+            flusher,
+            deferred: false,
+        }
     }
 
     pub(crate) fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut F> {
@@ -299,7 +327,11 @@ where
         let out = this.inner.poll(cx);
         // A write error shows up to the connection on its next write or
         // read as well; here it only stops the flush.
-        let _ = this.flusher.poll_flush(cx);
+        if out.is_ready() {
+            let _ = this.flusher.poll_flush(cx);
+        } else {
+            let _ = this.flusher.poll_flush_batched(cx, this.deferred);
+        }
         out
     }
 }

@@ -173,6 +173,7 @@ pub(super) async fn serve<T, S, B>(
         window_start: Instant::now(),
         count: 0,
     };
+    let mut flush_deferred = false;
 
     let ended = poll_fn(|cx| {
         loop {
@@ -249,7 +250,7 @@ pub(super) async fn serve<T, S, B>(
                 break;
             }
         }
-        let _ = flusher.poll_flush(cx);
+        let _ = flusher.poll_flush_batched(cx, &mut flush_deferred);
         Poll::Pending
     })
     .await;
