@@ -7,8 +7,8 @@
 //! next write.
 
 use std::{
-    future::poll_fn,
-    pin::{Pin, pin},
+    future::{Future, poll_fn},
+    pin::Pin,
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -17,11 +17,14 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream, server::SendResponse};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 use sluice_layers::BoxError;
-use tower::{Service, ServiceExt};
 use tracing::debug;
 
-use crate::window::{Outgoing, Sent};
+use crate::{
+    stats::Gauge,
+    window::{Outgoing, Sent},
+};
 
 /// How a call ended, for the connection's bookkeeping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +59,7 @@ enum State {
 }
 
 impl RequestBody {
-    fn new(recv: RecvStream) -> Self {
+    pub(super) fn new(recv: RecvStream) -> Self {
         Self {
             recv,
             unreleased: 0,
@@ -139,107 +142,196 @@ fn reset_reason(err: &(dyn std::error::Error + 'static)) -> Reason {
     Reason::INTERNAL_ERROR
 }
 
-/// Runs one call through the stack and sends its answer.
-pub(super) async fn serve<S, B>(
-    svc: S,
-    req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-) -> CallEnd
+pin_project! {
+    /// One call, from the stack's answer to the end of its response body;
+    /// it counts as in flight (`calls_in_flight`) while it lives.
+    ///
+    /// A named future with its state inline (the connection task holds
+    /// thousands of them, one allocation each in `FuturesUnordered`), so
+    /// that it is no bigger than the stack's own future or the response
+    /// body, whichever is larger.
+    pub(super) struct CallFuture<F, B> {
+        #[pin]
+        state: CallState<F, B>,
+        _in_flight: Option<Gauge>,
+    }
+}
+
+pin_project! {
+    #[project = CallProj]
+    #[project_replace = CallReplace]
+    enum CallState<F, B> {
+        // Waiting for the stack's answer, unless the client resets first
+        // (dropping the future cancels whatever it started upstream).
+        Answer {
+            #[pin]
+            answer: F,
+            respond: Option<SendResponse<Bytes>>,
+        },
+        // Sending the response body.
+        Body {
+            #[pin]
+            body: B,
+            tx: SendStream<Bytes>,
+            pending: Option<Outgoing>,
+        },
+        // An answer the server gave itself.
+        Refused { refusal: Pin<Box<dyn Future<Output = CallEnd> + Send>> },
+        Done,
+    }
+}
+
+impl<F, B> CallFuture<F, B> {
+    /// A call whose stack future is `answer`; `in_flight` counts it.
+    pub(super) fn new(answer: F, respond: SendResponse<Bytes>, in_flight: Gauge) -> Self {
+        Self {
+            state: CallState::Answer {
+                answer,
+                respond: Some(respond),
+            },
+            _in_flight: Some(in_flight),
+        }
+    }
+
+    /// A refusal (see [`refuse`]); it does not count as in flight.
+    pub(super) fn refused(refusal: impl Future<Output = CallEnd> + Send + 'static) -> Self {
+        Self {
+            state: CallState::Refused {
+                refusal: Box::pin(refusal),
+            },
+            _in_flight: None,
+        }
+    }
+}
+
+impl<F, B, E> Future for CallFuture<F, B>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let mut answer = pin!(svc.oneshot(req.map(RequestBody::new)));
-    // The answer, unless the client resets first (dropping the future
-    // cancels whatever the stack started upstream).
-    let answer = poll_fn(|cx| {
-        if let Poll::Ready(res) = answer.as_mut().poll(cx) {
-            return Poll::Ready(Some(res));
+    type Output = CallEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CallEnd> {
+        let mut state = self.project().state;
+        loop {
+            let next = match state.as_mut().project() {
+                CallProj::Answer { answer, respond } => {
+                    let Some(respond_ref) = respond.as_mut() else {
+                        return Poll::Ready(CallEnd::Failed);
+                    };
+                    let res = match answer.poll(cx) {
+                        Poll::Ready(res) => res,
+                        Poll::Pending => {
+                            if respond_ref.poll_reset(cx).is_ready() {
+                                state.set(CallState::Done);
+                                return Poll::Ready(CallEnd::ClientReset);
+                            }
+                            return Poll::Pending;
+                        }
+                    };
+                    let mut respond = respond.take().expect("checked above");
+                    let res = match res {
+                        Ok(res) => res,
+                        Err(e) => {
+                            let e: BoxError = e.into();
+                            debug!(error = %e, "call failed; resetting the stream");
+                            respond.send_reset(reset_reason(&*e));
+                            state.set(CallState::Done);
+                            return Poll::Ready(CallEnd::Failed);
+                        }
+                    };
+                    let (parts, body) = res.into_parts();
+                    let end_of_stream = body.is_end_stream();
+                    match respond.send_response(Response::from_parts(parts, ()), end_of_stream) {
+                        Ok(_) if end_of_stream => {
+                            state.set(CallState::Done);
+                            return Poll::Ready(CallEnd::Finished);
+                        }
+                        Ok(tx) => CallState::Body {
+                            body,
+                            tx,
+                            pending: None,
+                        },
+                        Err(e) => {
+                            debug!(error = %e, "cannot send the response head");
+                            state.set(CallState::Done);
+                            return Poll::Ready(CallEnd::ClientReset);
+                        }
+                    }
+                }
+                CallProj::Body { body, tx, pending } => {
+                    let end = ready!(poll_body(body, tx, pending, cx));
+                    state.set(CallState::Done);
+                    return Poll::Ready(end);
+                }
+                CallProj::Refused { refusal } => {
+                    let end = ready!(refusal.as_mut().poll(cx));
+                    state.set(CallState::Done);
+                    return Poll::Ready(end);
+                }
+                CallProj::Done => return Poll::Ready(CallEnd::Failed),
+            };
+            state.set(next);
         }
-        respond.poll_reset(cx).map(|_| None)
-    })
-    .await;
-    let res = match answer {
-        None => return CallEnd::ClientReset,
-        Some(Ok(res)) => res,
-        Some(Err(e)) => {
-            let e: BoxError = e.into();
-            debug!(error = %e, "call failed; resetting the stream");
-            respond.send_reset(reset_reason(&*e));
-            return CallEnd::Failed;
-        }
-    };
-    let (parts, body) = res.into_parts();
-    let end_of_stream = body.is_end_stream();
-    let tx = match respond.send_response(Response::from_parts(parts, ()), end_of_stream) {
-        Ok(tx) => tx,
-        Err(e) => {
-            debug!(error = %e, "cannot send the response head");
-            return CallEnd::ClientReset;
-        }
-    };
-    if end_of_stream {
-        return CallEnd::Finished;
     }
-    send_body(body, tx).await
 }
 
 /// Sends a response body on `tx`: each chunk only as the client's windows
 /// allow (the next is not asked for until this one is out, so the upstream
 /// waits too), then the trailers.
-async fn send_body<B>(body: B, mut tx: SendStream<Bytes>) -> CallEnd
+fn poll_body<B>(
+    mut body: Pin<&mut B>,
+    tx: &mut SendStream<Bytes>,
+    pending: &mut Option<Outgoing>,
+    cx: &mut Context<'_>,
+) -> Poll<CallEnd>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let mut body = pin!(body);
-    let mut pending: Option<Outgoing> = None;
-    poll_fn(|cx| {
-        loop {
-            if tx.poll_reset(cx).is_ready() {
-                return Poll::Ready(CallEnd::ClientReset);
-            }
-            if let Some(out) = pending.as_mut() {
-                match ready!(out.poll_send(&mut tx, cx, &mut false)) {
-                    Sent::Gone => return Poll::Ready(CallEnd::ClientReset),
-                    Sent::All if out.ends_stream() => return Poll::Ready(CallEnd::Finished),
-                    Sent::All => pending = None,
-                }
-            }
-            match ready!(body.as_mut().poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        let eos = body.is_end_stream();
-                        if !data.is_empty() || eos {
-                            pending = Some(Outgoing::new(data, eos));
-                        }
-                    }
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            return Poll::Ready(match tx.send_trailers(trailers) {
-                                Ok(()) => CallEnd::Finished,
-                                Err(_) => CallEnd::ClientReset,
-                            });
-                        }
-                    }
-                },
-                Some(Err(e)) => {
-                    let e: BoxError = e.into();
-                    debug!(error = %e, "response body failed; resetting the stream");
-                    tx.send_reset(reset_reason(&*e));
-                    return Poll::Ready(CallEnd::Failed);
-                }
-                None => {
-                    // The body ended without saying so on its last frame.
-                    let _ = tx.send_data(Bytes::new(), true);
-                    return Poll::Ready(CallEnd::Finished);
-                }
+    loop {
+        if tx.poll_reset(cx).is_ready() {
+            return Poll::Ready(CallEnd::ClientReset);
+        }
+        if let Some(out) = pending.as_mut() {
+            match ready!(out.poll_send(tx, cx, &mut false)) {
+                Sent::Gone => return Poll::Ready(CallEnd::ClientReset),
+                Sent::All if out.ends_stream() => return Poll::Ready(CallEnd::Finished),
+                Sent::All => *pending = None,
             }
         }
-    })
-    .await
+        match ready!(body.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let eos = body.is_end_stream();
+                    if !data.is_empty() || eos {
+                        *pending = Some(Outgoing::new(data, eos));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        return Poll::Ready(match tx.send_trailers(trailers) {
+                            Ok(()) => CallEnd::Finished,
+                            Err(_) => CallEnd::ClientReset,
+                        });
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                let e: BoxError = e.into();
+                debug!(error = %e, "response body failed; resetting the stream");
+                tx.send_reset(reset_reason(&*e));
+                return Poll::Ready(CallEnd::Failed);
+            }
+            None => {
+                // The body ended without saying so on its last frame.
+                let _ = tx.send_data(Bytes::new(), true);
+                return Poll::Ready(CallEnd::Finished);
+            }
+        }
+    }
 }
 
 /// An answer the server gives without the stack.

@@ -30,7 +30,7 @@ use tokio::{
 use tower::Service;
 use tracing::{debug, warn};
 
-use super::call::{self, CallEnd, RequestBody};
+use super::call::{self, CallEnd, CallFuture, RequestBody};
 use crate::{
     batch::BatchIo,
     config::ServerConfig,
@@ -137,11 +137,12 @@ pub(super) async fn serve<T, S, B>(
     peer: SocketAddr,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
-    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+    S: Service<Request<RequestBody>, Response = Response<B>>,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    let mut svc = svc;
     let (io, flusher) = BatchIo::with_prefix(io, prefix);
     let handshake = flusher.around(shared.builder.handshake::<_, Bytes>(io));
     let mut conn = match timeout_at(deadline, handshake).await {
@@ -194,15 +195,34 @@ pub(super) async fn serve<T, S, B>(
                 idle_armed = true;
                 flusher.shrink();
             }
-            match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
-                    idle_armed = false;
-                    calls.push(handle(svc.clone(), req, respond, shared));
-                    continue;
+            // One stack serves every call of the connection; a new stream
+            // is taken only when it is ready (it always is: every layer
+            // passes readiness through, and the forwarder waits inside
+            // its future), otherwise h2 is driven without accepting.
+            let ready = match svc.poll_ready(cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(e)) => {
+                    let e: BoxError = e.into();
+                    warn!(%peer, error = %e, "the call stack failed; closing the connection");
+                    return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => {}
+                Poll::Pending => false,
+            };
+            if !ready {
+                if conn.poll_closed(cx)?.is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+            } else {
+                match conn.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
+                        idle_armed = false;
+                        calls.push(admit(&mut svc, req, respond, shared));
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => {}
+                }
             }
             let mut told = false;
             if drain_guard.is_none()
@@ -265,18 +285,16 @@ pub(super) async fn serve<T, S, B>(
     }
 }
 
-/// One stream: refused by the server itself, or a call through the stack.
-async fn handle<S, B>(
-    svc: S,
+/// One stream: refused by the server itself, or a call through the stack
+/// (which must be ready).
+fn admit<S, B>(
+    svc: &mut S,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     shared: &Shared,
-) -> CallEnd
+) -> CallFuture<S::Future, B>
 where
     S: Service<Request<RequestBody>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
 {
     if shared.refuse_non_grpc {
         let grpc = req
@@ -286,7 +304,7 @@ where
         if !grpc {
             shared.metrics.refused(RefusalReason::not_grpc);
             let refusal = call::plain(http::StatusCode::UNSUPPORTED_MEDIA_TYPE, NOT_GRPC);
-            return call::refuse(req, respond, refusal, REFUSAL_LINGER).await;
+            return CallFuture::refused(call::refuse(req, respond, refusal, REFUSAL_LINGER));
         }
     }
     if shared.counters.calls_in_flight() >= shared.max_in_flight {
@@ -295,9 +313,9 @@ where
             Code::ResourceExhausted,
             "sluice is at server.max_in_flight calls; retry later",
         );
-        return call::refuse(req, respond, refusal, REFUSAL_LINGER).await;
+        return CallFuture::refused(call::refuse(req, respond, refusal, REFUSAL_LINGER));
     }
     // The call counts as in flight until its answer is out or abandoned.
-    let _in_flight = Gauge::hold(&shared.counters, Kind::Call);
-    call::serve(svc, req, respond).await
+    let in_flight = Gauge::hold(&shared.counters, Kind::Call);
+    CallFuture::new(svc.call(req.map(RequestBody::new)), respond, in_flight)
 }
