@@ -7,28 +7,27 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `POST /drain` | 202, and the drain begins |
 
-use std::{
-    convert::Infallible,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use sluice_layers::drain::Watch;
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::debug;
 
 use crate::{stats::Counters, telemetry::metrics::Metrics, upstream::Pool};
 
+/// How long the admin accept loop pauses after an accept error.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// What the admin routes read and poke.
 #[derive(Debug)]
 pub(crate) struct State {
-    pub(crate) ready: Arc<AtomicBool>,
+    /// The drain handle: `/ready` is 503 from its announcement on.
+    pub(crate) drain: Watch,
     pub(crate) drain_requested: Arc<Notify>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) counters: Arc<Counters>,
@@ -39,8 +38,15 @@ pub(crate) struct State {
 /// Serves admin connections until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // EMFILE and the like outlast a retry at once: pause, so the
+                // loop does not spin on them.
+                debug!(error = %e, "admin accept failed; pausing");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -73,7 +79,7 @@ async fn handle(
     let res = match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
-            if !state.ready.load(Ordering::Acquire) {
+            if !state.drain.is_ready() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if state.ready_requires_upstream && !state.pool.reachable().await {
                 text(StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n")
@@ -83,7 +89,7 @@ async fn handle(
         }
         (&Method::GET, "/metrics") => {
             let mut res = Response::new(Full::new(Bytes::from(
-                state.metrics.encode(&state.counters),
+                state.metrics.encode(&state.counters, &state.drain),
             )));
             res.headers_mut().insert(
                 header::CONTENT_TYPE,

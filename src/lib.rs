@@ -32,10 +32,7 @@ mod window;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -51,7 +48,7 @@ pub use crate::{config::Config, stats::Stats};
 use crate::{
     config::{AdminListen, DrainConfig},
     stats::Counters,
-    telemetry::metrics::{DrainState, Metrics},
+    telemetry::metrics::Metrics,
     upstream::Groups,
 };
 
@@ -85,14 +82,13 @@ pub struct Running {
     listen: SocketAddr,
     admin: Option<SocketAddr>,
     signal: drain::Signal,
-    ready: Arc<AtomicBool>,
+    watch: drain::Watch,
     drain_requested: Arc<Notify>,
     abort: watch::Sender<bool>,
     server: JoinHandle<()>,
     admin_task: Option<JoinHandle<()>>,
     groups: Arc<Groups>,
     counters: Arc<Counters>,
-    metrics: Arc<Metrics>,
     drain: DrainConfig,
 }
 
@@ -127,7 +123,6 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         metrics.clone(),
     );
     let (abort, aborted) = watch::channel(false);
-    let ready = Arc::new(AtomicBool::new(true));
     let drain_requested = Arc::new(Notify::new());
 
     let (admin, admin_task) = match config.admin.listen {
@@ -136,7 +131,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
             let admin_listener = bind_admin(addr).await?;
             let bound = local_addr(&admin_listener, addr)?;
             let state = Arc::new(admin::State {
-                ready: ready.clone(),
+                drain: watch.clone(),
                 drain_requested: drain_requested.clone(),
                 metrics: metrics.clone(),
                 counters: counters.clone(),
@@ -156,21 +151,20 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         Arc::new(shared),
         stack,
         config.server.max_connections,
-        watch,
+        watch.clone(),
         aborted,
     ));
     Ok(Running {
         listen,
         admin,
         signal,
-        ready,
+        watch,
         drain_requested,
         abort,
         server,
         admin_task,
         groups,
         counters,
-        metrics,
         drain: config.drain.clone(),
     })
 }
@@ -249,7 +243,7 @@ impl Running {
 
     /// Whether `/ready` answers 200 (before any upstream check).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.watch.is_ready()
     }
 
     /// Resolves when `POST /drain` arrives on the admin server.
@@ -271,8 +265,7 @@ impl Running {
     /// the peers do.
     pub async fn drain(mut self) -> DrainReport {
         let start = Instant::now();
-        self.ready.store(false, Ordering::Release);
-        self.metrics.set_drain_state(DrainState::Draining);
+        self.signal.announce();
         if !self.drain.pre_delay.is_zero() {
             info!(delay = ?self.drain.pre_delay, "not ready; serving on until the pre-drain delay ends");
             tokio::time::sleep(self.drain.pre_delay).await;
@@ -282,7 +275,6 @@ impl Running {
         let cut_off = match self.signal.drain_within(self.drain.deadline).await {
             Ok(()) => 0,
             Err(timed_out) => {
-                self.metrics.set_drain_state(DrainState::Expired);
                 warn!(
                     open = timed_out.in_flight(),
                     "drain deadline reached; ending open calls with UNAVAILABLE"
@@ -300,12 +292,11 @@ impl Running {
             let _ = (&mut self.server).await;
         }
         self.groups.close();
-        let closing = Instant::now();
-        while self.counters.snapshot().upstream_connections > 0
-            && closing.elapsed() < UPSTREAM_CLOSE_WAIT
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let _ = tokio::time::timeout(
+            UPSTREAM_CLOSE_WAIT,
+            self.counters.upstream_connections_closed(),
+        )
+        .await;
         if let Some(admin) = self.admin_task.take() {
             admin.abort();
         }
@@ -313,11 +304,6 @@ impl Running {
             elapsed: start.elapsed(),
             cut_off,
         }
-    }
-
-    /// Stops as [`Running::drain`] does.
-    pub async fn shutdown(self) {
-        self.drain().await;
     }
 }
 

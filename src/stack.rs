@@ -20,7 +20,11 @@ use crate::{
     forward::{Forward, Rescue},
     route::Routes,
     stats::Counters,
-    telemetry::{calls::CallMetrics, metrics::Metrics, trace},
+    telemetry::{
+        calls::CallMetrics,
+        metrics::{Metrics, RefusalReason},
+        trace,
+    },
     upstream::Groups,
 };
 
@@ -47,7 +51,7 @@ pub(crate) fn build(
     let peek_max_bytes = config.routing.peek_max_bytes.0 as usize;
     ServiceBuilder::new()
         // A DEBUG span per call: method, upstream, grpc-status, duration.
-        .layer(trace::layer(&config.upstream.address.to_string()))
+        .layer(trace::layer())
         // Count every call (refusals included) by service, method and
         // status, with latency, messages and bytes each way.
         .layer_fn(|inner| CallMetrics::new(inner, metrics.clone()))
@@ -75,7 +79,12 @@ pub(crate) fn build(
         // Enforce grpc-timeout over the whole call, body included: at the
         // deadline the client gets DEADLINE_EXCEEDED and dropping the
         // forwarder's future or body cancels the upstream stream.
-        .layer(DeadlineLayer::new().offset(config.routing.deadline_offset))
+        .layer({
+            let metrics = metrics.clone();
+            DeadlineLayer::new()
+                .offset(config.routing.deadline_offset)
+                .on_expire(move || metrics.refused(RefusalReason::deadline))
+        })
         // One upstream h2 stream per call.
         .service(Forward::new(groups, counters))
 }

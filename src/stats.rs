@@ -7,6 +7,8 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
+use tokio::sync::Notify;
+
 /// A snapshot of sluice's live counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -28,6 +30,8 @@ pub(crate) struct Counters {
     upstream_connections: AtomicUsize,
     calls_in_flight: AtomicUsize,
     request_pumps: AtomicUsize,
+    /// Woken when the last upstream connection closes.
+    upstream_gone: Notify,
 }
 
 /// Which counter a [`Gauge`] holds up.
@@ -63,6 +67,20 @@ impl Counters {
         self.calls_in_flight.load(Ordering::Relaxed)
     }
 
+    /// Resolves once no upstream connection is open.
+    pub(crate) async fn upstream_connections_closed(&self) {
+        loop {
+            let gone = self.upstream_gone.notified();
+            tokio::pin!(gone);
+            // Register before checking, so a close in between is not lost.
+            gone.as_mut().enable();
+            if self.upstream_connections.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            gone.await;
+        }
+    }
+
     fn counter(&self, kind: Kind) -> &AtomicUsize {
         match kind {
             Kind::DownstreamConnection => &self.downstream_connections,
@@ -87,8 +105,12 @@ impl Gauge {
 
 impl Drop for Gauge {
     fn drop(&mut self) {
-        self.counters
+        let before = self
+            .counters
             .counter(self.kind)
-            .fetch_sub(1, Ordering::Relaxed);
+            .fetch_sub(1, Ordering::AcqRel);
+        if before == 1 && matches!(self.kind, Kind::UpstreamConnection) {
+            self.counters.upstream_gone.notify_waiters();
+        }
     }
 }

@@ -259,10 +259,14 @@ async fn fake_collector() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
     let upstream = EchoServer::start().await;
+    let routed = EchoServer::start().await;
     let (collector, mut exports) = fake_collector().await;
     let file = write_config(&format!(
         "[trace]\notlp_endpoint = \"http://{collector}/v1/traces\"\nservice_name = \"sluice-under-test\"\n\n\
-         [admin]\nlisten = \"off\"\n"
+         [admin]\nlisten = \"off\"\n\
+         [upstreams.routed]\nendpoints = [\"{}\"]\n\
+         [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nupstream = \"routed\"\n",
+        routed.addr
     ));
     let up = upstream.addr.to_string();
     let (mut proc, addr) = spawn(&[
@@ -274,8 +278,18 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
         &up,
     ]);
     let mut client = sluice_testkit::client(addr);
+    // The caller's span: sluice's call spans must be its children.
+    const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    const PARENT_ID: &str = "b7ad6b7169203331";
     for _ in 0..3 {
-        tokio::time::timeout(LIMIT, client.unary(Req::default()))
+        let mut req = tonic::Request::new(Req::default());
+        req.metadata_mut().insert(
+            "traceparent",
+            format!("00-{TRACE_ID}-{PARENT_ID}-01")
+                .parse()
+                .expect("ascii"),
+        );
+        tokio::time::timeout(LIMIT, client.unary(req))
             .await
             .expect("in time")
             .expect("call");
@@ -296,6 +310,28 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
     let has = |needle: &str| body.windows(needle.len()).any(|w| w == needle.as_bytes());
     assert!(has("/sluice.test.Echo/Unary"), "no call span in the export");
     assert!(has("sluice-under-test"), "no service.name in the export");
+    // The upstream the route chose, not the default group's.
+    assert!(
+        has(&routed.addr.to_string()),
+        "the span names the routed endpoint"
+    );
+    assert!(!has(&up), "the span names the default upstream");
+    // Trace and parent ids are raw bytes in OTLP's protobuf.
+    let bytes = |hex: &str| -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect()
+    };
+    let contains = |needle: Vec<u8>| body.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        contains(bytes(TRACE_ID)),
+        "the span is not in the caller's trace"
+    );
+    assert!(
+        contains(bytes(PARENT_ID)),
+        "the span is not a child of the caller's span"
+    );
 }
 
 #[test]

@@ -304,7 +304,11 @@ where
             }
             Err(refusal) => ResponseFuture {
                 state: State::Refused {
-                    res: Some(status::trailers_only(refusal.code, &refusal.message)),
+                    res: Some(status::answer(
+                        status::Answered::Refused,
+                        refusal.code,
+                        &refusal.message,
+                    )),
                 },
             },
         }

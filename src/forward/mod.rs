@@ -59,35 +59,36 @@ pub(crate) enum ForwardError {
     /// The call already passed through this sluice: a routing loop.
     #[error("routing loop: this call already passed through this sluice (sluice-via {0})")]
     Loop(String),
-    /// The route is of a kind this forwarder does not carry out.
-    #[error("{0} routes are not supported by this forwarder")]
-    Unsupported(&'static str),
-    /// The route names no known group.
-    #[error("no upstream group named {0:?}")]
-    NoGroup(String),
+    /// The director chose a route this forwarder cannot follow: a fan-out
+    /// or mirror route, or a group that does not exist. Routes read from a
+    /// config never do (the config checks its groups, and its routes have
+    /// one destination); a director of a library user can.
+    #[error("cannot follow the route: {0}")]
+    Unroutable(String),
     /// No strategy of the group found an endpoint for this call.
     #[error("no endpoint of upstream group {0:?} matches this call")]
     NoEndpoint(String),
 }
 
 impl ForwardError {
-    /// The status a client gets for this error, or `None` when the error is
-    /// to be passed on as an RST_STREAM (an upstream reset).
-    pub(crate) fn status(&self) -> Option<(Code, String)> {
-        match self {
-            Self::UpstreamReset(_) => None,
-            Self::Upstream(UpstreamError::Refused(_)) => Some((Code::Internal, self.to_string())),
+    /// The status a client gets for this error and the reason sluice counts
+    /// it under, or `None` when the error is to be passed on as an
+    /// RST_STREAM (an upstream reset).
+    pub(crate) fn status(&self) -> Option<(Code, RefusalReason)> {
+        Some(match self {
+            Self::UpstreamReset(_) => return None,
+            Self::Upstream(UpstreamError::Refused(_)) | Self::Unroutable(_) => {
+                (Code::Internal, RefusalReason::internal)
+            }
             Self::Upstream(_) | Self::UpstreamLost(_) => {
-                Some((Code::Unavailable, self.to_string()))
+                (Code::Unavailable, RefusalReason::upstream_unavailable)
             }
             // ABORTED, as linkerd answers loops: retrying the same call
             // would loop again, which is not FAILED_PRECONDITION's "fix the
             // system state first".
-            Self::Loop(_) => Some((Code::Aborted, self.to_string())),
-            Self::Unsupported(_) => Some((Code::Unimplemented, self.to_string())),
-            Self::NoGroup(_) => Some((Code::Internal, self.to_string())),
-            Self::NoEndpoint(_) => Some((Code::Unavailable, self.to_string())),
-        }
+            Self::Loop(_) => (Code::Aborted, RefusalReason::routing_loop),
+            Self::NoEndpoint(_) => (Code::Unavailable, RefusalReason::no_endpoint),
+        })
     }
 }
 
@@ -161,12 +162,15 @@ where
     let target = match &route {
         None => DEFAULT_GROUP,
         Some(Route::One(destination)) => destination.target(),
-        Some(Route::FanOut(_)) => return Err(ForwardError::Unsupported("fan-out")),
-        Some(_) => return Err(ForwardError::Unsupported("mirror")),
+        Some(_) => {
+            return Err(ForwardError::Unroutable(
+                "fan-out and mirror routes are not carried out yet".to_owned(),
+            ));
+        }
     };
     let group = groups
         .get(target)
-        .ok_or_else(|| ForwardError::NoGroup(target.to_owned()))?;
+        .ok_or_else(|| ForwardError::Unroutable(format!("no upstream group named {target:?}")))?;
     if parts.headers.get_all(&VIA).iter().any(|v| {
         v.as_bytes()
             .split(|b| *b == b',')
@@ -195,6 +199,7 @@ where
             None => return Err(e.into()),
         },
     };
+    crate::telemetry::trace::record_upstream(endpoint.address());
     let end_of_stream = body.is_end_stream();
     let head = Request::from_parts(parts, ());
     let sent = tokio::time::Instant::now();
@@ -289,17 +294,15 @@ where
 }
 
 fn rescue<B: Default>(err: ForwardError, metrics: &Metrics) -> Result<Response<B>, ForwardError> {
-    match err.status() {
-        Some((Code::Internal, message)) => {
-            tracing::warn!(%message, "call failed inside sluice");
-            metrics.refused(RefusalReason::internal);
-            Ok(status::trailers_only(Code::Internal, &message))
-        }
-        Some((code, message)) => {
-            tracing::debug!(%message, "call refused");
-            metrics.refused(RefusalReason::upstream_unavailable);
-            Ok(status::trailers_only(code, &message))
-        }
-        None => Err(err),
+    let Some((code, reason)) = err.status() else {
+        return Err(err);
+    };
+    let message = err.to_string();
+    if code == Code::Internal {
+        tracing::warn!(%message, "call failed inside sluice");
+    } else {
+        tracing::debug!(%message, "call refused");
     }
+    metrics.refused(reason);
+    Ok(status::trailers_only(code, &message))
 }

@@ -28,7 +28,7 @@ use sluice_layers::grpc::{
 };
 use tower::Service;
 
-use super::metrics::Metrics;
+use super::metrics::{Metrics, RefusalReason};
 
 /// Distinct `/service/method` paths tracked; calls to further paths are
 /// counted as service `other`, so a client inventing method names cannot
@@ -276,6 +276,10 @@ where
                 // A trailers-only answer carries its status in the headers.
                 if let Some(code) = status::code_of(res.headers()) {
                     call.code = Some(code);
+                }
+                // An answer a layer gave itself is a refusal by its cause.
+                if let Some(by) = res.extensions().get::<status::Answered>() {
+                    call.metrics.refused(RefusalReason::answered_by(*by));
                 }
                 Poll::Ready(Ok(res.map(|body| MeteredResponse {
                     body,

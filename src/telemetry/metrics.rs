@@ -9,6 +9,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use sluice_layers::drain::Watch;
+
 use super::calls::CallFamilies;
 use crate::stats::Counters;
 
@@ -16,9 +18,22 @@ use crate::stats::Counters;
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub(crate) enum RefusalReason {
-    /// The upstream could not be reached or was lost.
+    /// The upstream could not be reached or was lost (UNAVAILABLE).
     upstream_unavailable,
-    /// Something unexpected inside sluice.
+    /// No endpoint of the routed group matches the call (UNAVAILABLE).
+    no_endpoint,
+    /// The call already passed through this sluice (ABORTED).
+    routing_loop,
+    /// A route refused the call with the status it names.
+    route,
+    /// The first message was larger than `routing.peek_max_bytes`
+    /// (RESOURCE_EXHAUSTED).
+    peek_budget,
+    /// The call's deadline passed in sluice (DEADLINE_EXCEEDED).
+    deadline,
+    /// The drain deadline cut the call off (UNAVAILABLE).
+    drained,
+    /// Something unexpected inside sluice (INTERNAL).
     internal,
     /// An HTTP/2 request that is not gRPC (answered 415).
     not_grpc,
@@ -26,17 +41,23 @@ pub(crate) enum RefusalReason {
     overloaded,
 }
 
+impl RefusalReason {
+    /// The reason for an answer a layer gave itself.
+    pub(crate) fn answered_by(by: sluice_layers::grpc::status::Answered) -> Self {
+        use sluice_layers::grpc::status::Answered;
+        match by {
+            Answered::Refused => Self::route,
+            Answered::PeekBudget => Self::peek_budget,
+            Answered::Deadline => Self::deadline,
+            Answered::Draining => Self::drained,
+            _ => Self::internal,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RefusalLabels {
     pub(crate) reason: RefusalReason,
-}
-
-/// Where the drain is (0, serving, is the gauge's initial value).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(i64)]
-pub(crate) enum DrainState {
-    Draining = 1,
-    Expired = 2,
 }
 
 /// Every metric sluice exports.
@@ -126,12 +147,15 @@ impl Metrics {
         self.refusals.get_or_create(&RefusalLabels { reason }).inc();
     }
 
-    pub(crate) fn set_drain_state(&self, state: DrainState) {
-        self.drain_state.set(state as i64);
-    }
-
-    /// The Prometheus text exposition, with live gauges read at scrape time.
-    pub(crate) fn encode(&self, counters: &Counters) -> String {
+    /// The Prometheus text exposition, with live gauges read at scrape time
+    /// (the drain's phase from the drain handle itself).
+    pub(crate) fn encode(&self, counters: &Counters, drain: &Watch) -> String {
+        let drain_state = if drain.is_expired() {
+            2
+        } else {
+            i64::from(!drain.is_ready())
+        };
+        self.drain_state.set(drain_state);
         let stats = counters.snapshot();
         self.downstream_connections
             .set(gauge(stats.downstream_connections));

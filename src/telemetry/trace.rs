@@ -4,34 +4,66 @@
 //! The span is at DEBUG level: with the default `info` filter, creating it
 //! is a cached callsite check and nothing more.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use http::{HeaderMap, Request};
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tower_http::{
     classify::{GrpcErrorsAsFailures, GrpcFailureClass, SharedClassifier},
     trace::TraceLayer,
 };
 use tracing::{Span, field};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// The layer type sluice uses.
 pub(crate) type CallTrace =
     TraceLayer<SharedClassifier<GrpcErrorsAsFailures>, MakeSpan, (), (), (), OnEos, OnFailure>;
 
-/// Makes each call's span.
-#[derive(Clone, Debug)]
-pub(crate) struct MakeSpan {
-    upstream: Arc<str>,
-}
+/// Makes each call's span. Its `upstream` is recorded by the forwarder
+/// once it has picked the endpoint ([`record_upstream`]); a `traceparent`
+/// sent by the client makes it a child of the client's span.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MakeSpan;
 
 impl<B> tower_http::trace::MakeSpan<B> for MakeSpan {
     fn make_span(&mut self, req: &Request<B>) -> Span {
-        tracing::debug_span!(
+        let span = tracing::debug_span!(
             "call",
             method = %req.uri().path(),
-            upstream = %self.upstream,
+            upstream = field::Empty,
             grpc_status = field::Empty,
             duration_ms = field::Empty,
-        )
+        );
+        if !span.is_disabled() && req.headers().contains_key(TRACEPARENT) {
+            let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
+            // Without the OpenTelemetry layer there is nothing to parent.
+            let _ = span.set_parent(parent);
+        }
+        span
+    }
+}
+
+/// Records the endpoint a call went to in the current call span.
+pub(crate) fn record_upstream(address: &dyn std::fmt::Display) {
+    let span = Span::current();
+    if !span.is_disabled() {
+        span.record("upstream", field::display(address));
+    }
+}
+
+const TRACEPARENT: &str = "traceparent";
+
+/// Request headers as the W3C propagator reads them.
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
@@ -77,11 +109,9 @@ impl tower_http::trace::OnFailure<GrpcFailureClass> for OnFailure {
 }
 
 /// The per-call tracing layer.
-pub(crate) fn layer(upstream: &str) -> CallTrace {
+pub(crate) fn layer() -> CallTrace {
     TraceLayer::new_for_grpc()
-        .make_span_with(MakeSpan {
-            upstream: Arc::from(upstream),
-        })
+        .make_span_with(MakeSpan)
         .on_request(())
         .on_response(())
         .on_body_chunk(())

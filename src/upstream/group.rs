@@ -428,6 +428,11 @@ fn p2c<'a>(endpoints: &[&'a Arc<Endpoint>]) -> &'a Arc<Endpoint> {
 // === impl Endpoint ===
 
 impl Endpoint {
+    /// The address it was configured or resolved as.
+    pub(crate) fn address(&self) -> &HostPort {
+        &self.address
+    }
+
     pub(crate) fn pool(&self) -> &Pool {
         &self.pool
     }

@@ -29,6 +29,30 @@ pub(super) async fn check(pool: &Pool, service: &str, timeout: Duration) -> bool
         .is_some_and(|status| status == SERVING)
 }
 
+/// The gRPC message `HealthCheckRequest { string service = 1; }`, framed.
+fn request(service: &str) -> Option<Bytes> {
+    let mut payload = BytesMut::new();
+    if !service.is_empty() {
+        payload.put_u8(0x0a); // field 1, length-delimited
+        put_varint(&mut payload, u64::try_from(service.len()).ok()?);
+        payload.put_slice(service.as_bytes());
+    }
+    let mut message = BytesMut::with_capacity(5 + payload.len());
+    message.put_u8(0);
+    message.put_u32(u32::try_from(payload.len()).ok()?);
+    message.put_slice(&payload);
+    Some(message.freeze())
+}
+
+/// A protobuf base-128 varint.
+fn put_varint(buf: &mut BytesMut, mut value: u64) {
+    while value >= 0x80 {
+        buf.put_u8((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    buf.put_u8(value as u8);
+}
+
 async fn ask(pool: &Pool, service: &str) -> Option<u64> {
     let checkout = pool.checkout().await.ok()?;
     let head = Request::post("http://health/grpc.health.v1.Health/Check")
@@ -37,18 +61,7 @@ async fn ask(pool: &Pool, service: &str) -> Option<u64> {
         .body(())
         .ok()?;
     let (response, mut tx, _lease) = pool.send(checkout, head, false).ok()?;
-    // HealthCheckRequest { string service = 1; }
-    let mut payload = BytesMut::new();
-    if !service.is_empty() {
-        payload.put_u8(0x0a);
-        payload.put_u8(u8::try_from(service.len()).ok()?);
-        payload.put_slice(service.as_bytes());
-    }
-    let mut message = BytesMut::with_capacity(5 + payload.len());
-    message.put_u8(0);
-    message.put_u32(u32::try_from(payload.len()).ok()?);
-    message.put_slice(&payload);
-    tx.send_data(message.freeze(), true).ok()?;
+    tx.send_data(request(service)?, true).ok()?;
 
     let response = response.await.ok()?;
     if status::code_of(response.headers()).is_some() {
@@ -77,5 +90,27 @@ async fn ask(pool: &Pool, service: &str) -> Option<u64> {
         // proto3 leaves a zero enum out: UNKNOWN.
         None => Some(0),
         Some(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_of_any_length_encode_as_field_one() {
+        for len in [0, 1, 127, 128, 300, 20_000] {
+            let name = "s".repeat(len);
+            let framed = request(&name).expect("encodes");
+            let size = u32::from_be_bytes(framed[1..5].try_into().expect("4 bytes")) as usize;
+            assert_eq!(size, framed.len() - 5);
+            let path: FieldPath = "1".parse().expect("path");
+            let found = wire::find(&framed[5..], &path).and_then(|v| v.as_str().map(str::len));
+            assert_eq!(
+                found,
+                (len > 0).then_some(len),
+                "service name of {len} bytes"
+            );
+        }
     }
 }

@@ -169,3 +169,132 @@ async fn refusals_are_counted_by_reason() {
         3.0
     );
 }
+
+/// Every answer sluice gives itself is counted under its own reason: the
+/// server's (415), a route's refusal, the peek budget, deadlines before and
+/// during the response, a routing loop, a group with no matching endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_counted_under_its_own_reason() {
+    trace_init();
+    let upstream = sluice_testkit::EchoServer::start().await;
+    // An upstream that never answers nor enforces deadlines (tonic's server
+    // answers CANCELLED at the deadline, which would race sluice's).
+    let hang = RawUpstream::start(Behaviour::Hang).await;
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let text = format!(
+        "[server]\nlisten = \"{free}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = \"{up}\"\n[routing]\npeek_max_bytes = 256\n\
+         [upstreams.strict]\nendpoints = [{{ address = \"{up}\", ids = [\"node-a\"] }}]\n\
+         strategy = [\"dest-host\"]\n\
+         [upstreams.myself]\nendpoints = [\"{free}\"]\n\
+         [upstreams.hang]\nendpoints = [\"{hang}\"]\n\
+         [[routes]]\nmetadata = {{ \"x-hang\" = {{ present = true }} }}\nupstream = \"hang\"\n\
+         [[routes]]\nmethod = \"/sluice.test.Echo/ClientStream\"\n\
+         refuse = {{ code = \"PERMISSION_DENIED\", message = \"no uploads\" }}\n\
+         [[routes]]\nmetadata = {{ \"x-strict\" = {{ present = true }} }}\nupstream = \"strict\"\n\
+         [[routes]]\nmetadata = {{ \"x-loop\" = {{ present = true }} }}\nupstream = \"myself\"\n\
+         [[routes]]\nfield = {{ path = \"8\", present = true }}\nupstream = \"default\"\n",
+        up = upstream.addr,
+        hang = hang.addr,
+    );
+    let config = sluice::Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let admin_addr = sluice.admin_addr().expect("admin");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    let code = |r: Result<_, tonic::Status>| r.map(|_| ()).expect_err("refused").code();
+    let with = |key: &'static str, req: Req| {
+        let mut req = tonic::Request::new(req);
+        req.metadata_mut()
+            .insert(key, tonic::metadata::MetadataValue::from_static("x"));
+        req
+    };
+
+    let denied = client
+        .client_stream(tokio_stream::iter(vec![Req::default()]))
+        .await;
+    assert_eq!(code(denied), tonic::Code::PermissionDenied);
+    let big = Req {
+        payload: vec![b'x'; 4096].into(),
+        ..Req::default()
+    };
+    assert_eq!(
+        code(client.unary(big).await),
+        tonic::Code::ResourceExhausted
+    );
+    // The deadlines go in a raw request: tonic's client enforces the
+    // deadline too and would race sluice's.
+    let mut h2 = raw_client(sluice.listen_addr()).await;
+    let timed = |method: &str, hang: bool| {
+        let mut head = grpc_head(method);
+        head.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("50m"));
+        if hang {
+            head.headers_mut()
+                .insert("x-hang", http::HeaderValue::from_static("1"));
+        }
+        head
+    };
+    let (res, mut body) = h2.send_request(timed("Unary", true), false).expect("send");
+    body.send_data(grpc_frame(&Req::default()), true)
+        .expect("send");
+    let res = within("deadline before headers", res)
+        .await
+        .expect("answer");
+    assert_eq!(res.headers()["grpc-status"], "4");
+    let (res, mut body) = h2
+        .send_request(timed("ServerStream", false), false)
+        .expect("send");
+    let hang = Req {
+        headers_then_hang: true,
+        ..Req::default()
+    };
+    body.send_data(grpc_frame(&hang), true).expect("send");
+    let mut recv = within("headers", res).await.expect("headers").into_body();
+    while within("data", recv.data()).await.is_some() {}
+    let trailers = within("trailers", recv.trailers())
+        .await
+        .expect("trailers")
+        .expect("some");
+    assert_eq!(trailers["grpc-status"], "4");
+    let mut nowhere = with("x-strict", Req::default());
+    nowhere.metadata_mut().insert(
+        "x-dest-host",
+        tonic::metadata::MetadataValue::from_static("node-z"),
+    );
+    assert_eq!(code(client.unary(nowhere).await), tonic::Code::Unavailable);
+    let looping = with("x-loop", Req::default());
+    assert_eq!(code(client.unary(looping).await), tonic::Code::Aborted);
+    // Not gRPC at all: the server's own 415.
+    let plain = http::Request::post(format!("http://{}/", sluice.listen_addr()))
+        .header("content-type", "text/plain")
+        .body(())
+        .expect("request");
+    let (res, _) = h2.send_request(plain, true).expect("send");
+    assert_eq!(within("415", res).await.expect("answer").status(), 415);
+
+    let s = scrape(admin_addr).await;
+    for (reason, n) in [
+        ("route", 1.0),
+        ("peek_budget", 1.0),
+        ("deadline", 2.0),
+        ("no_endpoint", 1.0),
+        ("routing_loop", 1.0),
+        ("not_grpc", 1.0),
+        ("upstream_unavailable", 0.0),
+        ("internal", 0.0),
+    ] {
+        assert_eq!(
+            value(&s, "sluice_refusals_total", &[("reason", reason)]),
+            n,
+            "refusals_total{{reason={reason:?}}}"
+        );
+    }
+    assert_eq!(
+        upstream.probe.counts().started,
+        1,
+        "only the streaming deadline call went upstream"
+    );
+}

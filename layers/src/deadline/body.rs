@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
+use super::OnExpire;
 use crate::grpc::status::{self, Code};
 
 pin_project! {
@@ -19,7 +20,6 @@ pin_project! {
     /// drops the inner body and ends with `DEADLINE_EXCEEDED` trailers.
     ///
     /// Its `Default` is the empty body of a trailers-only refusal.
-    #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
         state: State<B>,
@@ -28,12 +28,12 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    #[derive(Debug)]
     enum State<B> {
         Running {
             #[pin]
             body: B,
             timer: Option<Pin<Box<Sleep>>>,
+            on_expire: Option<OnExpire>,
         },
         // Ended by the timer, or the empty body of a refusal.
         Done,
@@ -43,9 +43,30 @@ pin_project! {
 // === impl ResponseBody ===
 
 impl<B> ResponseBody<B> {
-    pub(super) fn new(body: B, timer: Option<Pin<Box<Sleep>>>) -> Self {
+    pub(super) fn new(
+        body: B,
+        timer: Option<Pin<Box<Sleep>>>,
+        on_expire: Option<OnExpire>,
+    ) -> Self {
         Self {
-            state: State::Running { body, timer },
+            state: State::Running {
+                body,
+                timer,
+                on_expire,
+            },
+        }
+    }
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.state {
+            State::Running { body, timer, .. } => f
+                .debug_struct("ResponseBody")
+                .field("body", body)
+                .field("timer", timer)
+                .finish_non_exhaustive(),
+            State::Done => f.write_str("ResponseBody(done)"),
         }
     }
 }
@@ -70,7 +91,11 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut state = self.project().state;
         match state.as_mut().project() {
-            StateProj::Running { body, timer } => {
+            StateProj::Running {
+                body,
+                timer,
+                on_expire,
+            } => {
                 // The timer first: a body that is always ready must not
                 // outrun its deadline.
                 let expired = timer
@@ -78,6 +103,9 @@ where
                     .is_some_and(|t| t.as_mut().poll(cx).is_ready());
                 if !expired {
                     return body.poll_frame(cx);
+                }
+                if let Some(f) = on_expire {
+                    f();
                 }
                 state.set(State::Done);
                 Poll::Ready(Some(Ok(Frame::trailers(status::trailers(

@@ -10,7 +10,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
-use super::body::ResponseBody;
+use super::{OnExpire, body::ResponseBody};
 use crate::grpc::status::{self, Code};
 
 pin_project! {
@@ -19,21 +19,38 @@ pin_project! {
     /// Resolves to the inner response with its body wrapped (the timer moves
     /// into the body), or to a trailers-only `DEADLINE_EXCEEDED` if the
     /// timer fires first.
-    #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
         // Boxed because it moves into the body once headers arrive; only
         // calls with a `grpc-timeout` pay for it.
         timer: Option<Pin<Box<Sleep>>>,
+        on_expire: Option<OnExpire>,
+    }
+}
+
+impl<F: std::fmt::Debug> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("inner", &self.inner)
+            .field("timer", &self.timer)
+            .finish_non_exhaustive()
     }
 }
 
 // === impl ResponseFuture ===
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(inner: F, timer: Option<Pin<Box<Sleep>>>) -> Self {
-        Self { inner, timer }
+    pub(super) fn new(
+        inner: F,
+        timer: Option<Pin<Box<Sleep>>>,
+        on_expire: Option<OnExpire>,
+    ) -> Self {
+        Self {
+            inner,
+            timer,
+            on_expire,
+        }
     }
 }
 
@@ -48,13 +65,15 @@ where
         if let Some(timer) = this.timer.as_mut()
             && timer.as_mut().poll(cx).is_ready()
         {
-            return Poll::Ready(Ok(status::trailers_only(
+            return Poll::Ready(Ok(status::answer(
+                status::Answered::Deadline,
                 Code::DeadlineExceeded,
                 super::MESSAGE,
             )));
         }
         let res = ready!(this.inner.poll(cx))?;
         let timer = this.timer.take();
-        Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, timer))))
+        let on_expire = this.on_expire.take();
+        Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, timer, on_expire))))
     }
 }

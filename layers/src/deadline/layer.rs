@@ -1,15 +1,25 @@
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tower_layer::Layer;
 
-use super::Deadline;
+use super::{Deadline, OnExpire};
 
 /// [`Layer`] that applies [`Deadline`] middleware.
 ///
 /// See the [module docs](crate::deadline) for an example.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct DeadlineLayer {
     offset: Duration,
+    on_expire: Option<OnExpire>,
+}
+
+impl std::fmt::Debug for DeadlineLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadlineLayer")
+            .field("offset", &self.offset)
+            .field("on_expire", &self.on_expire.is_some())
+            .finish()
+    }
 }
 
 // === impl DeadlineLayer ===
@@ -19,6 +29,7 @@ impl DeadlineLayer {
     pub const fn new() -> Self {
         Self {
             offset: Duration::ZERO,
+            on_expire: None,
         }
     }
 
@@ -30,12 +41,23 @@ impl DeadlineLayer {
         self.offset = offset;
         self
     }
+
+    /// Calls `f` each time a deadline ends a response that had already
+    /// begun (its body ends with `DEADLINE_EXCEEDED` trailers). An answer
+    /// given before the response began is marked instead, with
+    /// [`Answered::Deadline`](crate::grpc::status::Answered) in its
+    /// extensions. Meant for counting; `f` runs inside a body's poll.
+    #[must_use]
+    pub fn on_expire(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_expire = Some(Arc::new(f));
+        self
+    }
 }
 
 impl<S> Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Deadline::with_offset(inner, self.offset)
+        Deadline::with(inner, self.offset, self.on_expire.clone())
     }
 }

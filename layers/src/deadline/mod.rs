@@ -55,5 +55,8 @@ mod tests;
 
 pub use self::{layer::DeadlineLayer, service::Deadline};
 
+/// What [`DeadlineLayer::on_expire`] calls.
+type OnExpire = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// The `grpc-message` sent when a deadline fires.
 const MESSAGE: &str = "deadline exceeded (grpc-timeout) at sluice";

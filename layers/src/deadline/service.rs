@@ -6,7 +6,7 @@ use std::{
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::{DeadlineLayer, body::ResponseBody, future::ResponseFuture};
+use super::{DeadlineLayer, OnExpire, body::ResponseBody, future::ResponseFuture};
 use crate::{
     direct::{Destination, Route},
     grpc::timeout,
@@ -17,10 +17,20 @@ use crate::{
 /// headers or is streaming its response body.
 ///
 /// See the [module docs](crate::deadline) for an example.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Deadline<S> {
     inner: S,
     offset: Duration,
+    on_expire: Option<OnExpire>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Deadline<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deadline")
+            .field("inner", &self.inner)
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
 }
 
 // === impl Deadline ===
@@ -28,11 +38,15 @@ pub struct Deadline<S> {
 impl<S> Deadline<S> {
     /// Wraps `inner`.
     pub const fn new(inner: S) -> Self {
-        Self::with_offset(inner, Duration::ZERO)
+        Self::with(inner, Duration::ZERO, None)
     }
 
-    pub(super) const fn with_offset(inner: S, offset: Duration) -> Self {
-        Self { inner, offset }
+    pub(super) const fn with(inner: S, offset: Duration, on_expire: Option<OnExpire>) -> Self {
+        Self {
+            inner,
+            offset,
+            on_expire,
+        }
     }
 
     /// Returns a [`DeadlineLayer`] (same as [`DeadlineLayer::new`]).
@@ -71,7 +85,7 @@ where
             (t, c) => t.or(c),
         };
         let Some(budget) = budget else {
-            return ResponseFuture::new(self.inner.call(req), None);
+            return ResponseFuture::new(self.inner.call(req), None, None);
         };
         // The header passes as the client wrote it unless this hop changes
         // the budget.
@@ -83,6 +97,6 @@ where
             );
         }
         let timer = Box::pin(tokio::time::sleep(budget));
-        ResponseFuture::new(self.inner.call(req), Some(timer))
+        ResponseFuture::new(self.inner.call(req), Some(timer), self.on_expire.clone())
     }
 }

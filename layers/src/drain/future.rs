@@ -73,9 +73,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Refused { message } => {
-                Poll::Ready(Ok(status::trailers_only(Code::Unavailable, message)))
-            }
+            StateProj::Refused { message } => Poll::Ready(Ok(status::answer(
+                status::Answered::Draining,
+                Code::Unavailable,
+                message,
+            ))),
             StateProj::Called {
                 fut,
                 expired,
@@ -85,7 +87,8 @@ where
                     || expired.poll(cx).is_ready();
                 if cut_off {
                     guard.take();
-                    return Poll::Ready(Ok(status::trailers_only(
+                    return Poll::Ready(Ok(status::answer(
+                        status::Answered::Draining,
                         Code::Unavailable,
                         EXPIRED_MESSAGE,
                     )));

@@ -11,13 +11,16 @@ use tokio::sync::{Notify, futures::OwnedNotified, watch};
 use super::error::DrainTimedOut;
 
 /// Where a drain is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 enum Phase {
     Serving = 0,
-    Draining = 1,
+    /// Readiness is withdrawn ([`Signal::announce`]); calls are still
+    /// served as before.
+    Announced = 1,
+    Draining = 2,
     /// The grace period ran out: calls still open end now.
-    Expired = 2,
+    Expired = 3,
 }
 
 #[derive(Debug)]
@@ -74,18 +77,19 @@ impl Shared {
     fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Serving,
-            1 => Phase::Draining,
+            1 => Phase::Announced,
+            2 => Phase::Draining,
             _ => Phase::Expired,
         }
     }
 
+    /// Moves the phase forward to `to` (never back).
+    fn advance(&self, to: Phase) {
+        self.phase.fetch_max(to as u8, Ordering::AcqRel);
+    }
+
     fn begin(&self) {
-        let _ = self.phase.compare_exchange(
-            Phase::Serving as u8,
-            Phase::Draining as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        self.advance(Phase::Draining);
         self.begun.send_replace(true);
     }
 
@@ -115,6 +119,14 @@ impl Shared {
 // === impl Signal ===
 
 impl Signal {
+    /// Withdraws readiness ([`Watch::is_ready`] turns false) without
+    /// draining yet: calls are served as before. A process announces first
+    /// so that load balancers stop sending new clients before connections
+    /// are told to go (a pre-drain delay).
+    pub fn announce(&self) {
+        self.shared.advance(Phase::Announced);
+    }
+
     /// Begins draining (new calls are refused, [`Watch::signaled`] resolves),
     /// then waits until every [`Guard`] is released.
     pub async fn drain(self) {
@@ -140,27 +152,30 @@ impl Signal {
             return Ok(());
         }
         let in_flight = self.shared.in_flight.load(Ordering::Acquire);
-        self.shared
-            .phase
-            .store(Phase::Expired as u8, Ordering::Release);
+        self.shared.advance(Phase::Expired);
         self.shared.expire.notify_waiters();
         Err(DrainTimedOut::new(in_flight))
-    }
-
-    /// A [`Watch`] on this drain.
-    pub fn watch(&self) -> Watch {
-        Watch {
-            shared: self.shared.clone(),
-        }
     }
 }
 
 // === impl Watch ===
 
 impl Watch {
+    /// Whether the process still wants new clients: true until
+    /// [`Signal::announce`] or the drain.
+    pub fn is_ready(&self) -> bool {
+        self.shared.phase() == Phase::Serving
+    }
+
     /// Whether a drain has begun.
     pub fn is_draining(&self) -> bool {
-        self.shared.phase() != Phase::Serving
+        self.shared.phase() >= Phase::Draining
+    }
+
+    /// Whether the drain's grace period ran out
+    /// ([`Signal::drain_within`] gave up).
+    pub fn is_expired(&self) -> bool {
+        self.shared.phase() == Phase::Expired
     }
 
     /// Number of guards held now (calls in flight, connections open).

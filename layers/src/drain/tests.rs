@@ -177,3 +177,27 @@ async fn admit_while_draining_lets_calls_in_and_guards_them() {
     drop(res);
     assert_eq!(watch.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn an_announced_drain_withdraws_readiness_but_still_serves() {
+    let (signal, watch) = channel();
+    let (mut svc, mut handle) = mock::spawn_layer::<Request<&'static str>, Response<Empty<Bytes>>, _>(
+        DrainLayer::new(watch.clone()),
+    );
+    assert!(watch.is_ready());
+    signal.announce();
+    assert!(!watch.is_ready(), "readiness is withdrawn");
+    assert!(!watch.is_draining(), "but the drain has not begun");
+    let mut signaled = task::spawn(watch.clone().signaled());
+    assert_pending!(signaled.poll(), "connections are not told to go yet");
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+    let fut = svc.call(Request::new("still served"));
+    let (_, send) = handle.next_request().await.expect("the call reaches inner");
+    send.send_response(Response::new(Empty::new()));
+    let res = fut.await.expect("response");
+    assert_eq!(status::code_of(res.headers()), None);
+    drop((signaled, res));
+    signal.drain().await;
+    assert!(watch.is_draining() && !watch.is_ready());
+}

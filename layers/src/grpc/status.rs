@@ -222,6 +222,44 @@ pub fn trailers(code: Code, message: &str) -> HeaderMap {
     map
 }
 
+/// Which layer answered a call itself instead of passing it on. Every
+/// trailers-only answer the layers of this crate build carries one in its
+/// response extensions ([`answer`]), so that a metrics layer above can count
+/// the answers by cause without knowing the layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Answered {
+    /// A director refused the call ([`crate::direct`]).
+    Refused,
+    /// The first messages of the request exceeded the peek budget
+    /// ([`crate::peek`]).
+    PeekBudget,
+    /// The call's deadline passed before the response began
+    /// ([`crate::deadline`]).
+    Deadline,
+    /// The process is draining, or the drain deadline passed before the
+    /// response began ([`crate::drain`]).
+    Draining,
+}
+
+/// A trailers-only answer ([`trailers_only`]) that `by` gives, marked so in
+/// its extensions.
+///
+/// ```
+/// use http_body_util::Empty;
+/// use bytes::Bytes;
+/// use sluice_layers::grpc::status::{self, Answered, Code};
+///
+/// let res = status::answer::<Empty<Bytes>>(Answered::Refused, Code::PermissionDenied, "no");
+/// assert_eq!(res.extensions().get::<Answered>(), Some(&Answered::Refused));
+/// assert_eq!(status::code_of(res.headers()), Some(Code::PermissionDenied));
+/// ```
+pub fn answer<B: Default>(by: Answered, code: Code, message: &str) -> Response<B> {
+    let mut res = trailers_only(code, message);
+    res.extensions_mut().insert(by);
+    res
+}
+
 /// Builds a trailers-only gRPC response: HTTP 200,
 /// `content-type: application/grpc`, `grpc-status`, `grpc-message`, and an
 /// empty body (`B::default()`, which must report its end at once, as

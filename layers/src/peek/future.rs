@@ -177,7 +177,8 @@ where
                                 Ok(data) => {
                                     r.buffered += data.len();
                                     if r.buffered > r.max_bytes {
-                                        return Poll::Ready(Ok(status::trailers_only(
+                                        return Poll::Ready(Ok(status::answer(
+                                            status::Answered::PeekBudget,
                                             Code::ResourceExhausted,
                                             "request messages exceed the peek budget",
                                         )));
@@ -195,7 +196,8 @@ where
                             // The client went away while we read: nothing to
                             // forward; the call ends as a cancelled one.
                             Some(Err(_)) => {
-                                return Poll::Ready(Ok(status::trailers_only(
+                                return Poll::Ready(Ok(status::answer(
+                                    status::Answered::PeekBudget,
                                     Code::Cancelled,
                                     "request body failed while peeking",
                                 )));
