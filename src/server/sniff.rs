@@ -25,6 +25,8 @@ const HTTP1_HEAD_MAX: usize = 16 * 1024;
 /// Longest HTTP/1 method token looked for: longer runs of capitals are not
 /// a request line.
 const METHOD_MAX: usize = 16;
+/// Longest HTTP/1 request line waited for before deciding it is not one.
+const REQUEST_LINE_MAX: usize = 8 * 1024;
 
 /// What the first bytes say.
 #[derive(Debug, PartialEq, Eq)]
@@ -51,6 +53,7 @@ pub(super) async fn sniff<T>(io: &mut T, deadline: Instant) -> std::io::Result<(
 where
     T: AsyncRead + Unpin,
 {
+    // Holds at most the preface or an HTTP/1 request line.
     let mut buf = BytesMut::with_capacity(SNIFF_LEN);
     loop {
         if let Some(protocol) = decide(&buf) {
@@ -81,13 +84,33 @@ fn decide(bytes: &[u8]) -> Option<Protocol> {
             Protocol::BadPreface
         });
     }
+    // An HTTP/1 request line: METHOD SP target SP HTTP/1.x CRLF. Anything
+    // else that is not the preface (h2spec sends "INVALID CONNECTION
+    // PREFACE") is a bad preface.
     let method = bytes.iter().take_while(|b| b.is_ascii_uppercase()).count();
     match bytes.get(method) {
         // "PRI " diverging from the preface later is broken HTTP/2.
-        Some(b' ') if method > 0 && &bytes[..method] != b"PRI" => Some(Protocol::Http1),
-        None if method < METHOD_MAX => None,
-        _ => Some(Protocol::BadPreface),
+        Some(b' ') if method > 0 && &bytes[..method] != b"PRI" => {}
+        None if method < METHOD_MAX => return None,
+        _ => return Some(Protocol::BadPreface),
     }
+    let Some(end) = bytes.windows(2).position(|w| w == b"\r\n") else {
+        return if bytes.len() < REQUEST_LINE_MAX {
+            None
+        } else {
+            Some(Protocol::BadPreface)
+        };
+    };
+    let line = &bytes[..end];
+    let version = line.rsplit(|b| *b == b' ').next().unwrap_or_default();
+    let parts = line.split(|b| *b == b' ').count();
+    Some(
+        if parts == 3 && version.len() == 8 && version.starts_with(b"HTTP/1.") {
+            Protocol::Http1
+        } else {
+            Protocol::BadPreface
+        },
+    )
 }
 
 /// Answers a connection with a bad preface: the server preface (an empty
@@ -153,9 +176,15 @@ mod tests {
     #[test]
     fn the_first_bytes_decide_once_they_can() {
         assert_eq!(decide(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(decide(b"POST "), Some(Protocol::Http1));
-        // A method still arriving could be anything yet.
+        assert_eq!(decide(b"POST /x HTTP/1.0\r\nhost"), Some(Protocol::Http1));
+        // A request line still arriving could be anything yet.
+        assert_eq!(decide(b"POST "), None);
         assert_eq!(decide(b"GE"), None);
+        // h2spec 3.5: capitals and spaces, but not a request line.
+        assert_eq!(
+            decide(b"INVALID CONNECTION PREFACE\r\n\r\n"),
+            Some(Protocol::BadPreface)
+        );
         assert_eq!(decide(b"P"), None);
         assert_eq!(decide(b"PRI * HTTP/2.0\r\n"), None);
         // A TLS ClientHello, lowercase, or a preface that diverges.

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use sluice_testkit::Req;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use crate::{raw::*, support::*};
 
 // 2. CONTINUATION floods (CVE-2024-27316 class).
@@ -72,10 +74,8 @@ async fn silent_trickling_and_idle_connections_are_closed() {
 
     // Says nothing: closed after the handshake timeout.
     let mut silent = Raw::connect(addr).await;
-    assert!(
-        silent.next().await.is_none(),
-        "a silent connection is closed"
-    );
+    let said = silent.until_closed(Duration::from_secs(3)).await;
+    assert!(said.is_empty(), "a silent connection is closed: {said:?}");
 
     // Trickles the preface a byte every 50 ms: closed before it completes.
     let mut trickle = Raw::connect(addr).await;
@@ -88,9 +88,10 @@ async fn silent_trickling_and_idle_connections_are_closed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        trickle.next().await.is_none(),
-        "closed after {written} bytes"
+        written < PREFACE.len(),
+        "cut off before the preface was complete"
     );
+    trickle.until_closed(Duration::from_secs(3)).await;
 
     // Completes the handshake, then sits idle: GOAWAY(NO_ERROR), then closed.
     let mut idle = Raw::handshake(addr).await;
@@ -104,7 +105,69 @@ async fn silent_trickling_and_idle_connections_are_closed() {
         first
     };
     assert_eq!((last.error_code(), last.last_stream_id()), (NO_ERROR, 0));
-    assert!(idle.next().await.is_none());
+    idle.until_closed(Duration::from_secs(3)).await;
+}
+
+/// Every byte a peer makes sluice wait for before the first request is
+/// under the handshake timeout: an HTTP/1 request line that never ends, a
+/// request head trickled forever, a bad preface whose sender keeps sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http1_heads_and_bad_prefaces_are_cut_off_at_the_handshake_timeout() {
+    let (_upstream, sluice) = setup(timeouts).await;
+    let addr = sluice.listen_addr();
+    let started = tokio::time::Instant::now();
+    // `GET` and nothing more.
+    let mut get = Raw::connect(addr).await;
+    get.send(b"GET").await;
+    get.until_closed(Duration::from_secs(3)).await;
+    // A head trickled a byte at a time, never ending.
+    let mut trickle = Raw::connect(addr).await;
+    let trickler = tokio::spawn(async move {
+        for b in b"GET / HTTP/1.1\r\nhost: x\r\nx-long: "
+            .iter()
+            .chain([b'a'; 1000].iter())
+        {
+            if !trickle.try_send(&[*b], Duration::from_millis(100)).await {
+                return trickle;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        trickle
+    });
+    let mut trickle = within("the trickler to be cut off", trickler)
+        .await
+        .expect("task");
+    trickle.until_closed(Duration::from_secs(3)).await;
+    // A bad first frame, then bytes that never stop.
+    let (mut rd, mut wr) = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect")
+        .into_split();
+    wr.write_all(&[PREFACE.to_vec(), frame(PING, 0, 0, &[0; 8])].concat())
+        .await
+        .expect("write");
+    let writer = tokio::spawn(async move {
+        while wr.write_all(&[0u8; 64]).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), rd.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "a sender that never stops is cut off anyway");
+    writer.abort();
+    let goaway = frame(GOAWAY, 0, 0, &[0, 0, 0, 0, 0, 0, 0, 1]);
+    assert!(
+        got.windows(goaway.len()).any(|w| w == goaway),
+        "GOAWAY(PROTOCOL_ERROR): {got:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "each was cut off near the 300 ms handshake timeout"
+    );
+    eventually("every connection is gone", || {
+        sluice.stats().downstream_connections == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,11 +199,12 @@ async fn a_client_that_never_answers_ping_is_dropped() {
     };
     raw.send(&frame(DATA, END_STREAM, 1, &grpc_message(&hang)))
         .await;
-    let mut saw_ping = false;
-    while let Some(f) = raw.next().await {
-        saw_ping |= f.kind == PING && f.flags & ACK == 0;
-    }
-    assert!(saw_ping, "sluice pinged the client before dropping it");
+    // The drop must come (not silence), after a PING left unanswered.
+    let frames = raw.until_closed(Duration::from_secs(5)).await;
+    assert!(
+        frames.iter().any(|f| f.kind == PING && f.flags & ACK == 0),
+        "sluice pinged the client before dropping it: {frames:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,9 +411,14 @@ async fn frame_level_errors_get_the_connection_error_the_rfc_names() {
         let h2_code = matches!(code, COMPRESSION_ERROR | STREAM_CLOSED) && got == PROTOCOL_ERROR;
         assert!(got == code || h2_code, "{what}: {answer:?}");
     }
-    // A bad preface, and a first frame that is not SETTINGS.
+    // A bad preface (h2spec 3.5), and a first frame that is not SETTINGS:
+    // SETTINGS, GOAWAY(PROTOCOL_ERROR) with last stream 0, and the close.
     for (what, bytes) in [
         ("bad preface", b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n".to_vec()),
+        (
+            "not a preface at all",
+            b"INVALID CONNECTION PREFACE\r\n\r\n".to_vec(),
+        ),
         (
             "first frame not SETTINGS",
             [PREFACE.to_vec(), frame(PING, 0, 0, &[0; 8])].concat(),
@@ -357,10 +426,18 @@ async fn frame_level_errors_get_the_connection_error_the_rfc_names() {
     ] {
         let mut raw = Raw::connect(addr).await;
         raw.send(&bytes).await;
-        if let Some(goaway) = raw.goaway().await {
-            assert_eq!(goaway.error_code(), PROTOCOL_ERROR, "{what}");
-        }
-        assert!(raw.next().await.is_none(), "{what}: connection closed");
+        // Closing our side lets sluice close at once after its answer.
+        let _ = raw.tcp.shutdown().await;
+        let frames = raw.until_closed(LIMIT).await;
+        let goaway = frames
+            .iter()
+            .find(|f| f.kind == GOAWAY)
+            .unwrap_or_else(|| panic!("{what}: closed without GOAWAY: {frames:?}"));
+        assert_eq!(
+            (goaway.error_code(), goaway.last_stream_id()),
+            (PROTOCOL_ERROR, 0),
+            "{what}"
+        );
     }
     assert_eq!(upstream.probe.counts().started, 0);
     normal_calls(addr, 1).await;

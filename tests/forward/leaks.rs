@@ -60,9 +60,10 @@ async fn calls_ending_every_way_leave_no_task_or_call_behind() {
     );
     assert_eq!(after.upstream_connections, baseline.upstream_connections);
     let c = probe.counts();
-    // Every call but the abandoned ones (one in eight, given 5 ms) must
-    // have reached the upstream.
-    assert!(c.started >= (CALLS - CALLS / 8) as u64, "{c:?}");
+    // Every call must have reached the upstream but the abandoned ones (one
+    // in eight, given 5 ms) and the ones whose 20 ms deadline may pass in
+    // sluice on a loaded machine (one in eight).
+    assert!(c.started >= (CALLS - CALLS / 4) as u64, "{c:?}");
     assert!(c.cancelled > 0 && c.completed > 0, "{c:?}");
 }
 

@@ -34,6 +34,20 @@ pub(crate) const CANCEL: u32 = 0x8;
 pub(crate) const COMPRESSION_ERROR: u32 = 0x9;
 pub(crate) const ENHANCE_YOUR_CALM: u32 = 0xb;
 
+/// How long a read may see nothing at all before the test fails: sluice
+/// always answers, or closes, well within it.
+pub(crate) const QUIET_LIMIT: Duration = Duration::from_secs(10);
+
+/// What a read saw.
+#[derive(Debug)]
+pub(crate) enum Read {
+    Frame(Frame),
+    /// sluice closed the connection (FIN or reset).
+    Closed,
+    /// Nothing came within the limit.
+    Quiet,
+}
+
 /// One frame as read off the wire.
 #[derive(Debug)]
 pub(crate) struct Frame {
@@ -169,15 +183,49 @@ impl Raw {
         self.send(&frame(HEADERS, flags, stream, &block)).await;
     }
 
-    /// The next frame, or `None` when the connection is closed (or nothing
-    /// arrives for 10 s).
+    /// The next frame, or `None` once sluice has closed the connection.
+    ///
+    /// # Panics
+    ///
+    /// When neither a frame nor the close comes within [`QUIET_LIMIT`]:
+    /// sluice going quiet is never an answer a test may accept.
     pub(crate) async fn next(&mut self) -> Option<Frame> {
+        match self.next_within(QUIET_LIMIT).await {
+            Read::Frame(f) => Some(f),
+            Read::Closed => None,
+            Read::Quiet => {
+                panic!("sluice went quiet: no frame and no close within {QUIET_LIMIT:?}")
+            }
+        }
+    }
+
+    /// Reads until the connection closes, answering PINGs only if
+    /// `answer_pings`; returns every frame read. Panics if it is still open
+    /// after `limit`.
+    pub(crate) async fn until_closed(&mut self, limit: Duration) -> Vec<Frame> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut frames = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_within(left).await {
+                Read::Frame(f) => frames.push(f),
+                Read::Closed => return frames,
+                Read::Quiet => {
+                    panic!("the connection is still open after {limit:?}; read {frames:?}")
+                }
+            }
+        }
+    }
+
+    /// The next frame, the close, or silence for `limit`.
+    pub(crate) async fn next_within(&mut self, limit: Duration) -> Read {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             if self.buf.len() >= 9 {
                 let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
                 if self.buf.len() >= 9 + len {
                     let head: Vec<u8> = self.buf.drain(..9 + len).collect();
-                    return Some(Frame {
+                    return Read::Frame(Frame {
                         kind: head[3],
                         flags: head[4],
                         stream: u32::from_be_bytes(head[5..9].try_into().expect("4 bytes"))
@@ -187,8 +235,9 @@ impl Raw {
                 }
             }
             let mut chunk = [0u8; 16 * 1024];
-            match tokio::time::timeout(Duration::from_secs(10), self.tcp.read(&mut chunk)).await {
-                Ok(Ok(0) | Err(_)) | Err(_) => return None,
+            match tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk)).await {
+                Ok(Ok(0) | Err(_)) => return Read::Closed,
+                Err(_) => return Read::Quiet,
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
