@@ -195,34 +195,45 @@ pub(super) async fn serve<T, S, B>(
                 idle_armed = true;
                 flusher.shrink();
             }
-            // One stack serves every call of the connection; a new stream
-            // is taken only when it is ready (it always is: every layer
-            // passes readiness through, and the forwarder waits inside
-            // its future), otherwise h2 is driven without accepting.
-            let ready = match svc.poll_ready(cx) {
-                Poll::Ready(Ok(())) => true,
-                Poll::Ready(Err(e)) => {
-                    let e: BoxError = e.into();
-                    warn!(%peer, error = %e, "the call stack failed; closing the connection");
-                    return Poll::Ready(Ok(()));
+            // Then h2, until it has read every frame that arrived: new
+            // calls start only after that, so a frame that came right
+            // behind a request (a WINDOW_UPDATE, a bad second HEADERS) is
+            // judged on the stream as the client left it, whoever answers.
+            let mut accepted = false;
+            loop {
+                // One stack serves every call of the connection; a new
+                // stream is taken only when it is ready (it always is:
+                // every layer passes readiness through, and the forwarder
+                // waits inside its future), otherwise h2 is driven without
+                // accepting.
+                let ready = match svc.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => true,
+                    Poll::Ready(Err(e)) => {
+                        let e: BoxError = e.into();
+                        warn!(%peer, error = %e, "the call stack failed; closing the connection");
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => false,
+                };
+                if !ready {
+                    if conn.poll_closed(cx)?.is_ready() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    break;
                 }
-                Poll::Pending => false,
-            };
-            if !ready {
-                if conn.poll_closed(cx)?.is_ready() {
-                    return Poll::Ready(Ok(()));
-                }
-            } else {
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
                         idle_armed = false;
                         calls.push(admit(&mut svc, req, respond, shared));
-                        continue;
+                        accepted = true;
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                     Poll::Ready(None) => return Poll::Ready(Ok(())),
-                    Poll::Pending => {}
+                    Poll::Pending => break,
                 }
+            }
+            if accepted {
+                continue;
             }
             let mut told = false;
             if drain_guard.is_none()

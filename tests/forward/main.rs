@@ -4,6 +4,7 @@
 mod support;
 
 mod cancel;
+mod conformance;
 mod deadline;
 mod drain;
 mod errors;

@@ -124,6 +124,9 @@ pub(crate) enum Behaviour {
     /// Answers one call properly (an empty reply, status 0), then sends
     /// GOAWAY on that connection; new connections are still accepted.
     AnswerThenGoAway,
+    /// Answers every request at once as a plain HTTP server would: 200,
+    /// `text/plain`, a 64-byte body, and keeps the request stream open.
+    Respond,
 }
 
 /// A bare h2 server standing in for an upstream, to do what a well-behaved
@@ -189,6 +192,18 @@ impl RawUpstream {
                                     let _ = reset_tx.send(reason.expect("reset reason"));
                                 }
                                 Behaviour::AnswerThenGoAway => {}
+                                Behaviour::Respond => {
+                                    let ok = http::Response::builder()
+                                        .header("content-type", "text/plain")
+                                        .body(())
+                                        .expect("response");
+                                    let mut tx =
+                                        respond.send_response(ok, false).expect("send headers");
+                                    tx.reserve_capacity(64);
+                                    let _ = tx.send_data(Bytes::from_static(&[b'r'; 64]), true);
+                                    // Hold the stream until the proxy lets go.
+                                    let _ = std::future::poll_fn(|cx| tx.poll_reset(cx)).await;
+                                }
                                 Behaviour::HeadersThenHang => {
                                     let mut tx =
                                         respond.send_response(ok, false).expect("send headers");
