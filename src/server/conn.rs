@@ -102,6 +102,30 @@ impl Shared {
     }
 }
 
+/// A connection's deadlines, all on one timer.
+#[derive(Debug)]
+struct Due {
+    /// While no call is in flight: the first-request deadline, then the
+    /// idle deadline.
+    idle: Option<Instant>,
+    /// Once sluice has told the client to go on its own account (idle, too
+    /// many resets): when the connection is closed outright.
+    grace: Option<Instant>,
+    /// The next keepalive PING.
+    ping: Instant,
+    /// While a PING is unanswered: when the client counts as dead.
+    pong: Option<Instant>,
+}
+
+impl Due {
+    fn next(&self) -> Instant {
+        [self.idle, self.grace, self.pong]
+            .into_iter()
+            .flatten()
+            .fold(self.ping, Instant::min)
+    }
+}
+
 /// Client-cancelled calls in the current one-second window.
 #[derive(Debug)]
 struct Resets {
@@ -144,7 +168,9 @@ pub(super) async fn serve<T, S, B>(
 {
     let mut svc = svc;
     let (io, flusher) = BatchIo::with_prefix(io, prefix);
-    let handshake = flusher.around(shared.builder.handshake::<_, Bytes>(io));
+    // Boxed: the handshake's state is only needed until it completes, and
+    // every connection's future would otherwise carry it for its life.
+    let handshake = Box::pin(flusher.around(shared.builder.handshake::<_, Bytes>(io)));
     let mut conn = match timeout_at(deadline, handshake).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -158,18 +184,15 @@ pub(super) async fn serve<T, S, B>(
     };
     let mut pinger = conn.ping_pong();
     let mut calls = FuturesUnordered::new();
-    // Armed while no call is in flight: the first-request deadline, then
-    // the idle deadline.
-    let mut idle = pin!(sleep_until(deadline));
-    let mut idle_armed = true;
+    let mut due = Due {
+        idle: Some(deadline),
+        grace: None,
+        ping: Instant::now() + shared.keepalive_interval,
+        pong: None,
+    };
+    let mut timer = pin!(sleep_until(due.next()));
     let mut draining = pin!(watch.signaled());
     let mut drain_guard = None;
-    let mut ping = pin!(sleep_until(Instant::now() + shared.keepalive_interval));
-    let mut pong = pin!(sleep_until(Instant::now()));
-    let mut awaiting_pong = false;
-    // Armed once sluice has told the client to go on its own account.
-    let mut grace = pin!(sleep_until(Instant::now()));
-    let mut leaving = false;
     let mut resets = Resets {
         window_start: Instant::now(),
         count: 0,
@@ -182,17 +205,15 @@ pub(super) async fn serve<T, S, B>(
             while let Poll::Ready(Some(end)) = calls.poll_next_unpin(cx) {
                 if end == CallEnd::ClientReset
                     && resets.record(shared.max_resets_per_second)
-                    && !leaving
+                    && due.grace.is_none()
                 {
                     warn!(%peer, "client reset calls faster than server.max_resets_per_second; GOAWAY(ENHANCE_YOUR_CALM)");
                     conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
-                    leaving = true;
-                    grace.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+                    due.grace = Some(Instant::now() + GOAWAY_GRACE);
                 }
             }
-            if calls.is_empty() && !idle_armed {
-                idle.as_mut().reset(Instant::now() + shared.idle_timeout);
-                idle_armed = true;
+            if calls.is_empty() && due.idle.is_none() && due.grace.is_none() {
+                due.idle = Some(Instant::now() + shared.idle_timeout);
                 flusher.shrink();
             }
             // Then h2, until it has read every frame that arrived: new
@@ -223,7 +244,7 @@ pub(super) async fn serve<T, S, B>(
                 }
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
-                        idle_armed = false;
+                        due.idle = None;
                         calls.push(admit(&mut svc, req, respond, shared));
                         accepted = true;
                     }
@@ -246,36 +267,41 @@ pub(super) async fn serve<T, S, B>(
                 conn.graceful_shutdown();
                 told = true;
             }
-            if idle_armed && !leaving && idle.as_mut().poll(cx).is_ready() {
-                debug!(%peer, "connection idle; GOAWAY(NO_ERROR)");
-                conn.graceful_shutdown();
-                leaving = true;
-                grace.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+            if let Some(pinger) = pinger.as_mut()
+                && due.pong.is_some()
+                && pinger.poll_pong(cx).is_ready()
+            {
+                due.pong = None;
+            }
+            // One timer for every deadline of the connection.
+            if timer.deadline() != due.next() {
+                timer.as_mut().reset(due.next());
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if due.grace.is_some_and(|t| t <= now) {
+                    return Poll::Ready(Ok(()));
+                }
+                if due.pong.is_some_and(|t| t <= now) {
+                    debug!(%peer, "client did not answer PING; closing");
+                    return Poll::Ready(Ok(()));
+                }
+                if due.idle.is_some_and(|t| t <= now) {
+                    debug!(%peer, "connection idle; GOAWAY(NO_ERROR)");
+                    conn.graceful_shutdown();
+                    due.idle = None;
+                    due.grace = Some(now + GOAWAY_GRACE);
+                }
+                if due.ping <= now {
+                    due.ping = now + shared.keepalive_interval;
+                    if due.pong.is_none()
+                        && let Some(pinger) = pinger.as_mut()
+                        && pinger.send_ping(Ping::opaque()).is_ok()
+                    {
+                        due.pong = Some(now + shared.keepalive_timeout);
+                    }
+                }
                 told = true;
-            }
-            if leaving && grace.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
-            if let Some(pinger) = pinger.as_mut() {
-                if awaiting_pong {
-                    match pinger.poll_pong(cx) {
-                        Poll::Ready(_) => awaiting_pong = false,
-                        Poll::Pending if pong.as_mut().poll(cx).is_ready() => {
-                            debug!(%peer, "client did not answer PING; closing");
-                            return Poll::Ready(Ok(()));
-                        }
-                        Poll::Pending => {}
-                    }
-                }
-                if !awaiting_pong && ping.as_mut().poll(cx).is_ready() {
-                    let now = Instant::now();
-                    ping.as_mut().reset(now + shared.keepalive_interval);
-                    if pinger.send_ping(Ping::opaque()).is_ok() {
-                        pong.as_mut().reset(now + shared.keepalive_timeout);
-                        awaiting_pong = true;
-                        told = true;
-                    }
-                }
             }
             if !told {
                 break;

@@ -138,13 +138,15 @@ async fn connection<T, S, B>(
         sniff::Protocol::Http2 => {
             conn::serve(io, prefix, deadline, svc, &shared, watch, peer).await;
         }
+        // The refusals are boxed: rare, and the connection future of every
+        // HTTP/2 connection would otherwise carry their size.
         sniff::Protocol::Http1 => {
             debug!(%peer, "HTTP/1 request on the h2c port; answering 505");
-            sniff::refuse_http1(io, prefix, deadline).await;
+            Box::pin(sniff::refuse_http1(io, prefix, deadline)).await;
         }
         sniff::Protocol::BadPreface => {
             debug!(%peer, "not an HTTP/2 preface (or a first frame that is not SETTINGS); GOAWAY(PROTOCOL_ERROR)");
-            sniff::refuse_bad_preface(io, deadline).await;
+            Box::pin(sniff::refuse_bad_preface(io, deadline)).await;
         }
         sniff::Protocol::Closed => {}
     }
