@@ -155,7 +155,7 @@ pub(super) async fn serve<T, S, B>(
     io: T,
     prefix: Bytes,
     deadline: Instant,
-    svc: S,
+    mut svc: S,
     shared: &Shared,
     watch: Watch,
     peer: SocketAddr,
@@ -166,7 +166,6 @@ pub(super) async fn serve<T, S, B>(
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let mut svc = svc;
     let (io, flusher) = BatchIo::with_prefix(io, prefix);
     // Boxed: the handshake's state is only needed until it completes, and
     // every connection's future would otherwise carry it for its life.
@@ -183,7 +182,10 @@ pub(super) async fn serve<T, S, B>(
         }
     };
     let mut pinger = conn.ping_pong();
-    let mut calls = FuturesUnordered::new();
+    // Created with the first call and dropped when the last one ends: an
+    // idle connection holds no FuturesUnordered (its stub node is as large
+    // as a call).
+    let mut calls = None;
     let mut due = Due {
         idle: Some(deadline),
         grace: None,
@@ -202,7 +204,9 @@ pub(super) async fn serve<T, S, B>(
     let ended = poll_fn(|cx| {
         loop {
             // The calls first: what they queued, the h2 poll below encodes.
-            while let Poll::Ready(Some(end)) = calls.poll_next_unpin(cx) {
+            while let Some(Poll::Ready(Some(end))) =
+                calls.as_mut().map(|c: &mut FuturesUnordered<_>| c.poll_next_unpin(cx))
+            {
                 if end == CallEnd::ClientReset
                     && resets.record(shared.max_resets_per_second)
                     && due.grace.is_none()
@@ -212,9 +216,11 @@ pub(super) async fn serve<T, S, B>(
                     due.grace = Some(Instant::now() + GOAWAY_GRACE);
                 }
             }
-            if calls.is_empty() && due.idle.is_none() && due.grace.is_none() {
+            if calls.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                calls = None;
+            }
+            if calls.is_none() && due.idle.is_none() && due.grace.is_none() {
                 due.idle = Some(Instant::now() + shared.idle_timeout);
-                flusher.shrink();
             }
             // Then h2, until it has read every frame that arrived: new
             // calls start only after that, so a frame that came right
@@ -245,7 +251,9 @@ pub(super) async fn serve<T, S, B>(
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
                         due.idle = None;
-                        calls.push(admit(&mut svc, req, respond, shared));
+                        calls
+                            .get_or_insert_with(FuturesUnordered::new)
+                            .push(admit(&mut svc, req, respond, shared));
                         accepted = true;
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
@@ -308,6 +316,11 @@ pub(super) async fn serve<T, S, B>(
             }
         }
         let _ = flusher.poll_flush_batched(cx, &mut flush_deferred);
+        if calls.is_none() {
+            // Idle: h2's buffers and ours hold nothing the connection needs.
+            conn.shrink_buffers();
+            flusher.shrink();
+        }
         Poll::Pending
     })
     .await;

@@ -518,6 +518,15 @@ async fn drive(
 ) -> Result<(), h2::Error> {
     tokio::pin!(connection);
     let mut pinger = connection.as_mut().get_pin_mut().ping_pong();
+    // Drives the connection; while no call is on it, h2's buffers are
+    // given back after each poll.
+    let mut poll_connection = |cx: &mut Context<'_>| {
+        let polled = connection.as_mut().poll(cx);
+        if polled.is_pending() && in_flight.load(Ordering::Relaxed) == 0 {
+            connection.as_mut().get_pin_mut().shrink_buffers();
+        }
+        polled
+    };
     let mut next = Instant::now() + interval;
     // Idle when no call was in flight at two checks `idle_timeout` apart:
     // then the pool lets go of the connection, and h2 closes it (GOAWAY)
@@ -527,7 +536,7 @@ async fn drive(
     let mut evicted = false;
     loop {
         tokio::select! {
-            result = connection.as_mut() => return result,
+            result = std::future::poll_fn(&mut poll_connection) => return result,
             () = tokio::time::sleep_until(idle_check), if !evicted => {
                 idle_check = Instant::now() + idle_timeout;
                 let idle = in_flight.load(Ordering::Relaxed) == 0;
@@ -546,7 +555,7 @@ async fn drive(
                 let Some(pinger) = pinger.as_mut() else { continue };
                 let pong = tokio::time::timeout(timeout, pinger.ping(h2::Ping::opaque()));
                 tokio::select! {
-                    result = connection.as_mut() => return result,
+                    result = std::future::poll_fn(&mut poll_connection) => return result,
                     answered = pong => match answered {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Err(e),
