@@ -280,3 +280,38 @@ async fn stalled_readers_hold_their_stream_windows_and_no_more() {
     // And the upstream connection still carries other calls.
     normal_calls(sluice.listen_addr(), 3).await;
 }
+
+// Issue #9: an idle HTTP/2 connection costs sluice a few KiB, not h2's
+// 28 KiB of buffers: they are given back while no call is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cost_a_few_kib_each() {
+    const CONNECTIONS: u64 = 400;
+    let _serial = SERIAL.lock().await;
+    let (_upstream, sluice) = setup(|_| {}).await;
+    // One connection first, so that what is allocated once is not counted.
+    let mut warm = Raw::handshake(sluice.listen_addr()).await;
+    warm.request(1, "Unary", false).await;
+    warm.send(&frame(DATA, END_STREAM, 1, &grpc_message(&Req::default())))
+        .await;
+    warm.until(|f| f.kind == HEADERS && f.flags & END_STREAM != 0)
+        .await
+        .expect("the warm-up call's trailers");
+    let rss_before = rss();
+    let mut idle = Vec::new();
+    for _ in 0..CONNECTIONS {
+        // The handshake, then nothing: sluice's SETTINGS are acknowledged.
+        idle.push(Raw::handshake(sluice.listen_addr()).await);
+    }
+    eventually("every connection is served", || {
+        sluice.stats().downstream_connections as u64 == CONNECTIONS + 1
+    })
+    .await;
+    let per_connection = rss().saturating_sub(rss_before) / CONNECTIONS;
+    // Both ends are in this process; the raw client's side is a socket and
+    // a few bytes of buffer. h2's own buffers alone were 28 KiB.
+    assert!(
+        per_connection < 10 * 1024,
+        "{per_connection} bytes per idle connection"
+    );
+    drop(idle);
+}
