@@ -12,13 +12,20 @@ use std::{
     future::{Future, poll_fn},
     net::SocketAddr,
     pin::pin,
-    sync::Arc,
-    task::Poll,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::{
+    StreamExt,
+    stream::FuturesUnordered,
+    task::{ArcWake, AtomicWaker},
+};
 use h2::{Ping, Reason, RecvStream, server::SendResponse};
 use http::{Request, Response};
 use http_body::Body;
@@ -44,6 +51,9 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// How long a refused request may go on sending before its stream is reset
 /// (see [`call::refuse`]).
 const REFUSAL_LINGER: Duration = Duration::from_secs(10);
+/// Rounds of "calls, then h2" one poll of a connection runs while h2 keeps
+/// waking calls.
+const MAX_ROUNDS: u32 = 8;
 /// The text of the 415 answer to HTTP/2 requests that are not gRPC.
 const NOT_GRPC: &str = "sluice serves gRPC only: content-type must be application/grpc\n";
 
@@ -99,6 +109,20 @@ impl Shared {
 
     pub(crate) fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+}
+
+/// Wakes the connection task for its calls, and notes that it did.
+#[derive(Debug, Default)]
+struct CallsWoken {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for CallsWoken {
+    fn wake_by_ref(arc: &Arc<Self>) {
+        arc.woken.store(true, Ordering::Relaxed);
+        arc.task.wake();
     }
 }
 
@@ -200,12 +224,27 @@ pub(super) async fn serve<T, S, B>(
         count: 0,
     };
     let mut flush_deferred = false;
+    // The calls are polled with a waker that also notes the wake, so that a
+    // call h2 woke while this task polled it (a reply arrived, window
+    // opened) runs in the same poll instead of in another poll, and another
+    // write, of its own.
+    let woken = Arc::new(CallsWoken::default());
+    let calls_waker = futures_util::task::waker(woken.clone());
 
     let ended = poll_fn(|cx| {
+        woken.task.register(cx.waker());
+        let mut calls_cx = Context::from_waker(&calls_waker);
+        // Calls woken while h2 ran get a few more rounds in this poll; past
+        // that (a call that keeps waking itself), the wake that was noted
+        // has scheduled this task again anyway.
+        let mut rounds = 0;
         loop {
+            rounds += 1;
             // The calls first: what they queued, the h2 poll below encodes.
-            while let Some(Poll::Ready(Some(end))) =
-                calls.as_mut().map(|c: &mut FuturesUnordered<_>| c.poll_next_unpin(cx))
+            woken.woken.store(false, Ordering::Relaxed);
+            while let Some(Poll::Ready(Some(end))) = calls
+                .as_mut()
+                .map(|c: &mut FuturesUnordered<_>| c.poll_next_unpin(&mut calls_cx))
             {
                 if end == CallEnd::ClientReset
                     && resets.record(shared.max_resets_per_second)
@@ -261,7 +300,7 @@ pub(super) async fn serve<T, S, B>(
                     Poll::Pending => break,
                 }
             }
-            if accepted {
+            if accepted || (woken.woken.load(Ordering::Relaxed) && rounds < MAX_ROUNDS) {
                 continue;
             }
             let mut told = false;

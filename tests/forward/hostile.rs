@@ -554,8 +554,21 @@ async fn resetting_accepted_calls_too_fast_gets_goaway() {
     let mut goaway = None;
     for i in 0..60u32 {
         let stream = 1 + 2 * i;
-        raw.request(stream, "ServerStream", false).await;
-        raw.send(&frame(DATA, END_STREAM, stream, &hang)).await;
+        // sluice closes the connection right after its GOAWAY: a write may
+        // find it gone.
+        let request = [
+            frame(
+                HEADERS,
+                END_HEADERS,
+                stream,
+                &block_of(&grpc_fields("ServerStream")),
+            ),
+            frame(DATA, END_STREAM, stream, &hang),
+        ]
+        .concat();
+        if !raw.try_send(&request, Duration::from_secs(1)).await {
+            break;
+        }
         // Wait until the call is accepted and answered, then cancel it.
         let answer = raw
             .until(|f| f.kind == GOAWAY || (f.kind == HEADERS && f.stream == stream))
@@ -585,6 +598,7 @@ async fn resetting_accepted_calls_too_fast_gets_goaway() {
     };
     assert!(reset > 20 && reset < 60, "cut off after {reset} resets");
     assert!(goaway.last_stream_id() > 0, "{goaway:?}");
+    assert_eq!(goaway.error_code(), ENHANCE_YOUR_CALM, "{goaway:?}");
     // Every reset call reached the upstream and was cancelled there.
     upstream.probe.wait_for(LIMIT, |c| c.cancelled >= 20).await;
     normal_calls(sluice.listen_addr(), 1).await;
