@@ -11,7 +11,8 @@
 //!
 //! For each it prints calls (or messages) per second, the proxy's CPU time
 //! per call, and sluice ÷ HAProxy (and ÷ nginx) for both. Last, each
-//! proxy's resident memory per idle HTTP/2 connection (1 000 of them).
+//! proxy's resident memory per idle HTTP/2 connection (1 000 of them, on a
+//! freshly started proxy).
 //!
 //! HAProxy and nginx are used when installed (`apt-get install haproxy
 //! nginx-light`); their configs are generated here. Without `taskset` the
@@ -613,13 +614,24 @@ fn orchestrate() {
         }
     }
 
-    println!("\nmemory per idle HTTP/2 connection ({IDLE_CONNECTIONS} connections):");
-    for t in &targets {
-        if let Some(kib) = idle_cost(t, pin) {
+    drop(targets);
+    // Each proxy fresh, so that memory freed by the load runs does not
+    // absorb the idle connections' allocations.
+    println!(
+        "\nmemory per idle HTTP/2 connection ({IDLE_CONNECTIONS} connections, each proxy freshly started):"
+    );
+    let fresh: [fn(&Path, SocketAddr, bool) -> Option<Target>; 3] = [
+        |_, up, pin| Some(start_sluice(up, pin)),
+        start_haproxy,
+        start_nginx,
+    ];
+    for start in fresh {
+        if let Some(t) = start(&dir, upstream, pin)
+            && let Some(kib) = idle_cost(&t, pin)
+        {
             println!("  {:<8} {kib:.2} KiB", t.name);
         }
     }
-    drop(targets);
     drop(backend);
     let _ = std::fs::remove_dir_all(&dir);
 }

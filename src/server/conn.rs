@@ -179,7 +179,7 @@ pub(super) async fn serve<T, S, B>(
     io: T,
     prefix: Bytes,
     deadline: Instant,
-    mut svc: S,
+    svc: &mut S,
     shared: &Shared,
     watch: Watch,
     peer: SocketAddr,
@@ -292,7 +292,7 @@ pub(super) async fn serve<T, S, B>(
                         due.idle = None;
                         calls
                             .get_or_insert_with(FuturesUnordered::new)
-                            .push(admit(&mut svc, req, respond, shared));
+                            .push(admit(svc, req, respond, shared));
                         accepted = true;
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),

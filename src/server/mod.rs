@@ -136,7 +136,10 @@ async fn connection<T, S, B>(
     };
     match protocol {
         sniff::Protocol::Http2 => {
-            conn::serve(io, prefix, deadline, svc, &shared, watch, peer).await;
+            // The stack by reference: moved in, it would take its space in
+            // this future twice.
+            let mut svc = svc;
+            conn::serve(io, prefix, deadline, &mut svc, &shared, watch, peer).await;
         }
         // The refusals are boxed: rare, and the connection future of every
         // HTTP/2 connection would otherwise carry their size.
