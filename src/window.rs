@@ -1,5 +1,7 @@
-//! Sending on an h2 stream no faster than the peer's flow-control windows
-//! allow: what both directions of a call do with every chunk they move.
+//! Flow control as both directions of a call use it: sending on an h2
+//! stream no faster than the peer's windows allow ([`Outgoing`]), and
+//! receiving without giving window back before a chunk is passed on
+//! ([`RecvBody`]).
 //!
 //! h2 accepts any amount of DATA and buffers what the windows do not cover
 //! yet, without bound. A pump that asks for capacity for the chunk in hand
@@ -8,10 +10,14 @@
 //! plus that one chunk. Capacity is only ever claimed for bytes in hand, so
 //! a waiting stream pins no connection window it cannot use (hyper#4003).
 
-use std::task::{Context, Poll};
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
 
 use bytes::Bytes;
-use h2::SendStream;
+use h2::{RecvStream, SendStream};
+use http_body::{Body, Frame, SizeHint};
 
 /// A chunk on its way out: DATA, and whether it ends the stream.
 #[derive(Debug)]
@@ -84,6 +90,98 @@ impl Outgoing {
             if last {
                 return Poll::Ready(Sent::All);
             }
+        }
+    }
+}
+
+/// A received body, either way: DATA and trailers as h2 receives them.
+///
+/// The flow-control window for a chunk is given back to the sender when the
+/// consumer asks for the next frame, by which time it has passed the chunk
+/// on (a pump sends it within the other peer's windows first), or when the
+/// body is dropped. So what a call holds of a sender's data is bounded by
+/// the stream window it gave that sender, the chunk in hand included.
+#[derive(Debug)]
+pub(crate) struct RecvBody {
+    recv: RecvStream,
+    unreleased: usize,
+    state: State,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Data,
+    Trailers,
+    Done,
+}
+
+impl RecvBody {
+    pub(crate) fn new(recv: RecvStream) -> Self {
+        Self {
+            recv,
+            unreleased: 0,
+            state: State::Data,
+        }
+    }
+
+    fn release(&mut self) {
+        if self.unreleased > 0 {
+            let _ = self.recv.flow_control().release_capacity(self.unreleased);
+            self.unreleased = 0;
+        }
+    }
+}
+
+impl Drop for RecvBody {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        this.release();
+        if this.state == State::Data {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    this.unreleased = data.len();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    this.state = State::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => this.state = State::Trailers,
+            }
+        }
+        if this.state == State::Trailers {
+            let trailers = ready!(this.recv.poll_trailers(cx));
+            this.state = State::Done;
+            return Poll::Ready(match trailers {
+                Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            });
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done || self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.is_end_stream() {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
         }
     }
 }

@@ -518,11 +518,10 @@ pub struct UpstreamConfig {
     #[serde(deserialize_with = "value::positive::deserialize")]
     pub max_streams_per_connection: u32,
     /// Initial per-stream receive window for responses. A call whose client
-    /// stops reading holds at most this much in sluice (plus one frame in
-    /// the downstream send buffer), so stalled readers cost at most
-    /// `min(server.max_in_flight, endpoints × max_connections ×
-    /// max_streams_per_connection) × (initial_stream_window +
-    /// server.max_frame_size)` bytes.
+    /// stops reading holds at most this much in sluice (window goes back to
+    /// the upstream only for what the client took), so stalled readers cost
+    /// at most `min(server.max_in_flight, endpoints × max_connections ×
+    /// max_streams_per_connection) × initial_stream_window` bytes.
     pub initial_stream_window: WindowSize,
     /// Initial connection receive window for responses. Unset, it is
     /// `max_streams_per_connection × initial_stream_window`, so that

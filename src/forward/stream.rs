@@ -13,7 +13,6 @@ use std::{
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
-use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use sluice_layers::{
     BoxError,
@@ -25,7 +24,7 @@ use super::ForwardError;
 use crate::{
     stats::Gauge,
     upstream::{ConnLoad, Lease, SendBlocked},
-    window::{Outgoing, Sent},
+    window::{Outgoing, RecvBody, Sent},
 };
 
 /// Copies a downstream request body into an upstream h2 stream.
@@ -162,46 +161,27 @@ where
 
 /// The upstream's response body, passed downstream frame by frame.
 ///
-/// Flow-control capacity is released to the upstream as each DATA frame is
-/// handed on, so the upstream can be at most one window ahead of the client.
-/// An upstream RST_STREAM surfaces as an error carrying its reason (the
-/// server resets the downstream stream with the same reason); a broken
-/// upstream connection ends the body with `grpc-status: UNAVAILABLE`
+/// Flow-control window goes back to the upstream only for chunks the server
+/// has sent on within the client's window ([`RecvBody`]), so what a call whose
+/// client stops reading holds is the upstream stream window, the chunk in
+/// hand included. An upstream RST_STREAM surfaces as an error carrying its
+/// reason (the server resets the downstream stream with the same reason); a
+/// broken upstream connection ends the body with `grpc-status: UNAVAILABLE`
 /// trailers instead of a bare reset.
 #[derive(Debug)]
 pub(crate) struct ResponseBody {
-    recv: RecvStream,
-    state: State,
+    recv: RecvBody,
+    failed: bool,
     _lease: Lease,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Data,
-    Trailers,
-    Done,
 }
 
 impl ResponseBody {
     pub(super) fn new(recv: RecvStream, lease: Lease) -> Self {
         Self {
-            recv,
-            state: State::Data,
+            recv: RecvBody::new(recv),
+            failed: false,
             _lease: lease,
         }
-    }
-
-    fn fail(&mut self, err: h2::Error) -> Poll<Option<Result<Frame<Bytes>, ForwardError>>> {
-        self.state = State::Done;
-        if err.is_reset() && err.is_remote() {
-            return Poll::Ready(Some(Err(ForwardError::UpstreamReset(err))));
-        }
-        let message = format!("upstream connection lost during the response: {err}");
-        debug!(%message);
-        Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
-            Code::Unavailable,
-            &message,
-        )))))
     }
 }
 
@@ -213,31 +193,28 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ForwardError>>> {
-        let this = &mut *self;
-        if this.state == State::Data {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return this.fail(e),
-                None => this.state = State::Trailers,
-            }
+        if self.failed {
+            return Poll::Ready(None);
         }
-        if this.state == State::Trailers {
-            return match ready!(this.recv.poll_trailers(cx)) {
-                Ok(trailers) => {
-                    this.state = State::Done;
-                    Poll::Ready(trailers.map(|t: HeaderMap| Ok(Frame::trailers(t))))
-                }
-                Err(e) => this.fail(e),
-            };
+        let err = match ready!(Pin::new(&mut self.recv).poll_frame(cx)) {
+            Some(Ok(frame)) => return Poll::Ready(Some(Ok(frame))),
+            None => return Poll::Ready(None),
+            Some(Err(err)) => err,
+        };
+        self.failed = true;
+        if err.is_reset() && err.is_remote() {
+            return Poll::Ready(Some(Err(ForwardError::UpstreamReset(err))));
         }
-        Poll::Ready(None)
+        let message = format!("upstream connection lost during the response: {err}");
+        debug!(%message);
+        Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
+            Code::Unavailable,
+            &message,
+        )))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state == State::Done || self.recv.is_end_stream()
+        self.failed || self.recv.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -16,14 +16,14 @@ use std::{
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream, server::SendResponse};
 use http::{HeaderMap, Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use sluice_layers::BoxError;
 use tracing::debug;
 
 use crate::{
     stats::Gauge,
-    window::{Outgoing, Sent},
+    window::{Outgoing, RecvBody, Sent},
 };
 
 /// How a call ended, for the connection's bookkeeping.
@@ -35,98 +35,6 @@ pub(super) enum CallEnd {
     ClientReset,
     /// The stack or the response body failed; the stream was reset.
     Failed,
-}
-
-/// A downstream request body: DATA and trailers as h2 receives them.
-///
-/// The flow-control window for a chunk is given back to the client when the
-/// consumer asks for the next frame, by which time it has passed the chunk
-/// on (the forwarder hands it to the upstream stream first), or when the
-/// body is dropped. So what a call holds of its client's data is bounded
-/// by the client's stream window, the chunk in hand included.
-#[derive(Debug)]
-pub(crate) struct RequestBody {
-    recv: RecvStream,
-    unreleased: usize,
-    state: State,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    Data,
-    Trailers,
-    Done,
-}
-
-impl RequestBody {
-    pub(super) fn new(recv: RecvStream) -> Self {
-        Self {
-            recv,
-            unreleased: 0,
-            state: State::Data,
-        }
-    }
-
-    fn release(&mut self) {
-        if self.unreleased > 0 {
-            let _ = self.recv.flow_control().release_capacity(self.unreleased);
-            self.unreleased = 0;
-        }
-    }
-}
-
-impl Drop for RequestBody {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        this.release();
-        if this.state == State::Data {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    this.unreleased = data.len();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => {
-                    this.state = State::Done;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                None => this.state = State::Trailers,
-            }
-        }
-        if this.state == State::Trailers {
-            let trailers = ready!(this.recv.poll_trailers(cx));
-            this.state = State::Done;
-            return Poll::Ready(match trailers {
-                Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
-            });
-        }
-        Poll::Ready(None)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.state == State::Done || self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.is_end_stream() {
-            SizeHint::with_exact(0)
-        } else {
-            SizeHint::default()
-        }
-    }
 }
 
 /// The RST_STREAM reason for an error: an h2 error's own (an upstream
@@ -353,7 +261,7 @@ pub(super) async fn refuse(
     refusal: Refusal,
     linger: Duration,
 ) -> CallEnd {
-    let mut body = RequestBody::new(req.into_body());
+    let mut body = RecvBody::new(req.into_body());
     let eos = refusal.body.is_none();
     let Ok(mut tx) = respond.send_response(refusal.head, eos) else {
         return CallEnd::ClientReset;

@@ -37,12 +37,13 @@ use tokio::{
 use tower::Service;
 use tracing::{debug, warn};
 
-use super::call::{self, CallEnd, CallFuture, RequestBody};
+use super::call::{self, CallEnd, CallFuture};
 use crate::{
     batch::BatchIo,
     config::ServerConfig,
     stats::{Counters, Gauge, Kind},
     telemetry::metrics::{Metrics, RefusalReason},
+    window::RecvBody,
 };
 
 /// After sluice told a connection to go (idle, or abusive), how long it may
@@ -185,7 +186,7 @@ pub(super) async fn serve<T, S, B>(
     peer: SocketAddr,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
-    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S: Service<Request<RecvBody>, Response = Response<B>>,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -383,7 +384,7 @@ fn admit<S, B>(
     shared: &Shared,
 ) -> CallFuture<S::Future, B>
 where
-    S: Service<Request<RequestBody>, Response = Response<B>>,
+    S: Service<Request<RecvBody>, Response = Response<B>>,
 {
     if shared.refuse_non_grpc {
         let grpc = req
@@ -406,5 +407,5 @@ where
     }
     // The call counts as in flight until its answer is out or abandoned.
     let in_flight = Gauge::hold(&shared.counters, Kind::Call);
-    CallFuture::new(svc.call(req.map(RequestBody::new)), respond, in_flight)
+    CallFuture::new(svc.call(req.map(RecvBody::new)), respond, in_flight)
 }

@@ -17,13 +17,16 @@ use tokio::{
 use tower::Service;
 use tracing::{debug, warn};
 
-use crate::stats::{Gauge, Kind};
+use crate::{
+    stats::{Gauge, Kind},
+    window::RecvBody,
+};
 
 mod call;
 mod conn;
 mod sniff;
 
-pub(crate) use self::{call::RequestBody, conn::Shared};
+pub(crate) use self::conn::Shared;
 
 /// How long to wait before accepting again after an accept error that is
 /// not about one connection (EMFILE, ENOBUFS): retrying at once would spin.
@@ -45,7 +48,7 @@ pub(crate) async fn serve<S, B>(
     watch: Watch,
     mut abort: watch::Receiver<bool>,
 ) where
-    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError> + Send,
     S::Future: Send,
     B: Body<Data = Bytes> + Send + 'static,
@@ -120,7 +123,7 @@ async fn connection<T, S, B>(
     peer: SocketAddr,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
-    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
