@@ -15,18 +15,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{SluiceProcess, percentile};
+use support::{
+    SluiceProcess,
+    load::{
+        BIDI_STREAMS, CONNECTIONS, SERVER_STREAMS, UNARY_PAYLOAD, UNARY_PER_CONNECTION, Workload,
+        run_load,
+    },
+    percentile,
+};
 
-use sluice_testkit::{EchoClient, EchoServer, Req};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use sluice_testkit::EchoServer;
 
-const CONNECTIONS: usize = 4;
-const UNARY_IN_FLIGHT: usize = 256;
-const UNARY_PAYLOAD: usize = 256;
-const STREAMS: usize = 8;
-const BIDI_STREAMS: usize = 64;
+const UNARY_IN_FLIGHT: usize = CONNECTIONS * UNARY_PER_CONNECTION;
 const IDLE_CONNECTIONS: usize = 500;
 
 fn phase() -> Duration {
@@ -67,13 +67,6 @@ fn start_sluice(
     ])
 }
 
-fn clients(addr: SocketAddr) -> Vec<EchoClient<Channel>> {
-    // One tonic channel is one HTTP/2 connection.
-    (0..CONNECTIONS)
-        .map(|_| sluice_testkit::client(addr))
-        .collect()
-}
-
 #[derive(Clone, Copy, Debug, Default)]
 struct Result {
     ops_per_sec: f64,
@@ -83,153 +76,16 @@ struct Result {
     ops: u64,
 }
 
-fn percentiles(mut lat: Vec<u32>) -> (f64, f64) {
-    (percentile(&mut lat, 0.50), percentile(&mut lat, 0.99))
-}
-
-/// Joins tasks that each return their calls' latencies (µs) and sums them
-/// up; `bytes_per_op` counts both directions.
-async fn summarize(
-    mut tasks: tokio::task::JoinSet<Vec<u32>>,
-    start: Instant,
-    bytes_per_op: usize,
-) -> Result {
-    let mut all = Vec::new();
-    while let Some(lat) = tasks.join_next().await {
-        all.extend(lat.expect("task"));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let ops = all.len() as u64;
-    let (p50, p99) = percentiles(all);
+/// Runs `workload` (the same load the peers bench drives) against `addr`.
+async fn measure(addr: SocketAddr, workload: Workload, dur: Duration) -> Result {
+    let (ops, secs, mut lat) = run_load(addr, workload, dur).await;
     Result {
         ops_per_sec: ops as f64 / secs,
-        mb_per_sec: ops as f64 * bytes_per_op as f64 / secs / 1e6,
-        p50_us: p50,
-        p99_us: p99,
+        mb_per_sec: ops as f64 * workload.bytes_per_op() / secs / 1e6,
+        p50_us: percentile(&mut lat, 0.50),
+        p99_us: percentile(&mut lat, 0.99),
         ops,
     }
-}
-
-async fn unary(addr: SocketAddr, dur: Duration) -> Result {
-    let clients = clients(addr);
-    let payload = bytes::Bytes::from(vec![7u8; UNARY_PAYLOAD]);
-    // Warm the connections.
-    for c in &clients {
-        c.clone().unary(Req::default()).await.expect("warm-up");
-    }
-    let start = Instant::now();
-    let end = start + dur;
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..UNARY_IN_FLIGHT {
-        let mut client = clients[i % CONNECTIONS].clone();
-        let payload = payload.clone();
-        tasks.spawn(async move {
-            let mut lat = Vec::with_capacity(1 << 14);
-            while Instant::now() < end {
-                let t = Instant::now();
-                client
-                    .unary(Req {
-                        payload: payload.clone(),
-                        ..Req::default()
-                    })
-                    .await
-                    .expect("unary");
-                lat.push(t.elapsed().as_micros() as u32);
-            }
-            lat
-        });
-    }
-    summarize(tasks, start, 2 * UNARY_PAYLOAD).await
-}
-
-async fn server_stream(addr: SocketAddr, dur: Duration, size: u32) -> Result {
-    let clients = clients(addr);
-    let start = Instant::now();
-    let end = start + dur;
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..STREAMS {
-        let mut client = clients[i % CONNECTIONS].clone();
-        tasks.spawn(async move {
-            let mut messages = 0u64;
-            let mut gaps = Vec::new();
-            while Instant::now() < end {
-                let mut stream = client
-                    .server_stream(Req {
-                        replies: 1_000_000,
-                        reply_size: size,
-                        ..Req::default()
-                    })
-                    .await
-                    .expect("stream")
-                    .into_inner();
-                let mut t = Instant::now();
-                while Instant::now() < end {
-                    stream
-                        .message()
-                        .await
-                        .expect("message")
-                        .expect("more replies");
-                    messages += 1;
-                    gaps.push(t.elapsed().as_micros() as u32);
-                    t = Instant::now();
-                }
-            }
-            (messages, gaps)
-        });
-    }
-    let mut messages = 0;
-    let mut gaps = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        let (m, g) = r.expect("task");
-        messages += m;
-        gaps.extend(g);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let (p50, p99) = percentiles(gaps);
-    Result {
-        ops_per_sec: messages as f64 / secs,
-        mb_per_sec: messages as f64 * f64::from(size) / secs / 1e6,
-        p50_us: p50,
-        p99_us: p99,
-        ops: messages,
-    }
-}
-
-async fn bidi(addr: SocketAddr, dur: Duration) -> Result {
-    let clients = clients(addr);
-    let start = Instant::now();
-    let end = start + dur;
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..BIDI_STREAMS {
-        let mut client = clients[i % CONNECTIONS].clone();
-        tasks.spawn(async move {
-            let (tx, rx) = mpsc::channel(1);
-            let mut replies = client
-                .bidi(ReceiverStream::new(rx))
-                .await
-                .expect("bidi")
-                .into_inner();
-            let mut lat = Vec::with_capacity(1 << 14);
-            let mut seq = 0;
-            while Instant::now() < end {
-                let t = Instant::now();
-                tx.send(Req {
-                    seq,
-                    payload: bytes::Bytes::from_static(&[1; 64]),
-                    ..Req::default()
-                })
-                .await
-                .expect("send");
-                replies.message().await.expect("reply").expect("a reply");
-                lat.push(t.elapsed().as_micros() as u32);
-                seq += 1;
-            }
-            drop(tx);
-            while replies.message().await.ok().flatten().is_some() {}
-            lat
-        });
-    }
-    summarize(tasks, start, 128).await
 }
 
 /// Memory sluice needs per idle downstream connection: open many h2
@@ -304,44 +160,47 @@ fn main() {
         let started = Instant::now();
         println!(
             "e2e: {CONNECTIONS} connections; unary {UNARY_PAYLOAD} B x {UNARY_IN_FLIGHT} in flight; \
-             {STREAMS} server streams; {BIDI_STREAMS} bidi ping-pong streams; {dur:?} per phase"
+             {SERVER_STREAMS} server streams; {BIDI_STREAMS} bidi ping-pong streams; {dur:?} per phase"
         );
 
         let mut peak_rss = sluice.rss_kib();
-        let direct = unary(upstream.addr, dur).await;
+        let direct = measure(upstream.addr, Workload::Unary, dur).await;
         let cpu0 = sluice.cpu_secs();
-        let through = unary(sluice.addr, dur).await;
+        let through = measure(sluice.addr, Workload::Unary, dur).await;
         let cpu_per_call = (sluice.cpu_secs() - cpu0) / through.ops as f64 * 1e6;
         peak_rss = peak_rss.max(sluice.rss_kib());
         report("unary 256 B", direct, through, "rpc");
         println!("{:<24} sluice CPU {cpu_per_call:.1} µs per call", "");
         let cpu0 = routed.cpu_secs();
-        let through_routed = unary(routed.addr, dur).await;
+        let through_routed = measure(routed.addr, Workload::Unary, dur).await;
         let cpu_routed = (routed.cpu_secs() - cpu0) / through_routed.ops as f64 * 1e6;
         report("unary 256 B, routed", direct, through_routed, "rpc");
         println!("{:<24} sluice CPU {cpu_routed:.1} µs per call (2 groups, method routes)", "");
         assert!(second.probe.counts().completed > 0, "the routed calls reached the second group");
         drop(routed);
 
-        for (name, size) in [("server stream 1 KiB", 1024), ("server stream 64 KiB", 65536)] {
-            let direct = server_stream(upstream.addr, dur, size).await;
-            let through = server_stream(sluice.addr, dur, size).await;
+        for (name, workload) in [("server stream 1 KiB", Workload::Stream1K), ("server stream 64 KiB", Workload::Stream64K)] {
+            let direct = measure(upstream.addr, workload, dur).await;
+            let through = measure(sluice.addr, workload, dur).await;
             peak_rss = peak_rss.max(sluice.rss_kib());
             report(name, direct, through, "msg");
         }
 
-        let direct = bidi(upstream.addr, dur).await;
+        let direct = measure(upstream.addr, Workload::Bidi, dur).await;
         let cpu0 = sluice.cpu_secs();
-        let through = bidi(sluice.addr, dur).await;
+        let through = measure(sluice.addr, Workload::Bidi, dur).await;
         let cpu_per_rt = (sluice.cpu_secs() - cpu0) / through.ops as f64 * 1e6;
         peak_rss = peak_rss.max(sluice.rss_kib());
         report("bidi ping-pong 64 B", direct, through, "rt");
         println!("{:<24} sluice CPU {cpu_per_rt:.1} µs per round trip", "");
 
         println!("sluice RSS after load phases: {:.1} MiB (peak sampled)", peak_rss as f64 / 1024.0);
-        let per_conn = idle_connection_cost(&sluice).await;
-        println!("sluice memory per idle downstream connection: {:.1} KiB ({IDLE_CONNECTIONS} connections)", per_conn / 1024.0);
-        println!("e2e done in {:.1} s", started.elapsed().as_secs_f64());
         drop(sluice);
+        // A fresh process: after the load phases the allocator hands freed
+        // memory back to new connections and the growth would read as zero.
+        let fresh = start_sluice(upstream.addr, workers, "", "idle");
+        let per_conn = idle_connection_cost(&fresh).await;
+        println!("sluice memory per idle downstream connection: {:.1} KiB ({IDLE_CONNECTIONS} connections, fresh process)", per_conn / 1024.0);
+        println!("e2e done in {:.1} s", started.elapsed().as_secs_f64());
     });
 }

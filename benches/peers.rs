@@ -32,66 +32,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_testkit::{EchoClient, EchoServer, Req};
-use support::{SluiceProcess, cpu_secs, percentile, rss_kib};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use sluice_testkit::EchoServer;
+use support::{
+    SluiceProcess, cpu_secs,
+    load::{Workload, run_load},
+    percentile, rss_kib,
+};
 
 const LOAD_CPU: usize = 0;
 const SERVER_CPU: usize = 1;
-const CONNECTIONS: usize = 4;
-const UNARY_PER_CONNECTION: usize = 64;
-const UNARY_PAYLOAD: usize = 256;
-const BIDI_STREAMS: usize = 64;
-const BIDI_PAYLOAD: usize = 64;
-const SERVER_STREAMS: usize = 8;
 const IDLE_CONNECTIONS: usize = 1000;
 /// Longest any one load run may take beyond its length before the bench
 /// gives up on it.
 const RUN_SLACK: Duration = Duration::from_secs(30);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Workload {
-    Unary,
-    Bidi,
-    Stream1K,
-    Stream64K,
-}
-
-impl Workload {
-    const ALL: [Self; 4] = [Self::Unary, Self::Bidi, Self::Stream1K, Self::Stream64K];
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Unary => "unary",
-            Self::Bidi => "bidi",
-            Self::Stream1K => "stream1k",
-            Self::Stream64K => "stream64k",
-        }
-    }
-
-    fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|w| w.name() == name)
-    }
-
-    fn unit(self) -> &'static str {
-        match self {
-            Self::Unary => "calls",
-            Self::Bidi => "round trips",
-            Self::Stream1K | Self::Stream64K => "messages",
-        }
-    }
-
-    fn bytes_per_op(self) -> f64 {
-        match self {
-            Self::Unary => (2 * UNARY_PAYLOAD) as f64,
-            Self::Bidi => (2 * BIDI_PAYLOAD) as f64,
-            Self::Stream1K => 1024.0,
-            Self::Stream64K => 65536.0,
-        }
-    }
-}
 
 fn main() {
     match std::env::var("PEERS_ROLE").as_deref() {
@@ -138,107 +91,6 @@ fn load() {
 
 fn env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| panic!("{key} not set"))
-}
-
-fn clients(addr: SocketAddr) -> Vec<EchoClient<Channel>> {
-    (0..CONNECTIONS)
-        .map(|_| sluice_testkit::client(addr))
-        .collect()
-}
-
-/// Runs `workload` against `addr` for `dur`; returns operations, seconds
-/// and per-operation latencies (µs).
-async fn run_load(addr: SocketAddr, workload: Workload, dur: Duration) -> (u64, f64, Vec<u32>) {
-    let clients = clients(addr);
-    for c in &clients {
-        c.clone().unary(Req::default()).await.expect("warm-up call");
-    }
-    let start = Instant::now();
-    let end = start + dur;
-    let mut tasks = tokio::task::JoinSet::new();
-    match workload {
-        Workload::Unary => {
-            let payload = bytes::Bytes::from(vec![7u8; UNARY_PAYLOAD]);
-            for i in 0..CONNECTIONS * UNARY_PER_CONNECTION {
-                let mut client = clients[i % CONNECTIONS].clone();
-                let payload = payload.clone();
-                tasks.spawn(async move {
-                    let mut lat = Vec::with_capacity(1 << 12);
-                    while Instant::now() < end {
-                        let t = Instant::now();
-                        let req = Req {
-                            payload: payload.clone(),
-                            ..Req::default()
-                        };
-                        client.unary(req).await.expect("unary call");
-                        lat.push(t.elapsed().as_micros() as u32);
-                    }
-                    lat
-                });
-            }
-        }
-        Workload::Bidi => {
-            for i in 0..BIDI_STREAMS {
-                let mut client = clients[i % CONNECTIONS].clone();
-                tasks.spawn(async move {
-                    let (tx, rx) = mpsc::channel(1);
-                    let mut replies = client
-                        .bidi(ReceiverStream::new(rx))
-                        .await
-                        .expect("bidi call")
-                        .into_inner();
-                    let mut lat = Vec::with_capacity(1 << 12);
-                    let payload = bytes::Bytes::from(vec![1u8; BIDI_PAYLOAD]);
-                    let mut seq = 0;
-                    while Instant::now() < end {
-                        let t = Instant::now();
-                        let req = Req {
-                            seq,
-                            payload: payload.clone(),
-                            ..Req::default()
-                        };
-                        tx.send(req).await.expect("send");
-                        replies.message().await.expect("reply").expect("a reply");
-                        lat.push(t.elapsed().as_micros() as u32);
-                        seq += 1;
-                    }
-                    drop(tx);
-                    while replies.message().await.ok().flatten().is_some() {}
-                    lat
-                });
-            }
-        }
-        Workload::Stream1K | Workload::Stream64K => {
-            let size = workload.bytes_per_op() as u32;
-            for i in 0..SERVER_STREAMS {
-                let mut client = clients[i % CONNECTIONS].clone();
-                tasks.spawn(async move {
-                    let mut stream = client
-                        .server_stream(Req {
-                            replies: u32::MAX,
-                            reply_size: size,
-                            ..Req::default()
-                        })
-                        .await
-                        .expect("server stream")
-                        .into_inner();
-                    let mut gaps = Vec::with_capacity(1 << 14);
-                    let mut t = Instant::now();
-                    while Instant::now() < end {
-                        stream.message().await.expect("message").expect("more");
-                        gaps.push(t.elapsed().as_micros() as u32);
-                        t = Instant::now();
-                    }
-                    gaps
-                });
-            }
-        }
-    }
-    let mut all = Vec::new();
-    while let Some(lat) = tasks.join_next().await {
-        all.extend(lat.expect("load task"));
-    }
-    (all.len() as u64, start.elapsed().as_secs_f64(), all)
 }
 
 /// Opens idle HTTP/2 connections, says READY once each has the server's

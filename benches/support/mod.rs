@@ -3,6 +3,8 @@
 //! /proc. Each bench uses the part it needs.
 #![allow(dead_code)]
 
+pub(crate) mod load;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
