@@ -1,10 +1,12 @@
-//! Reading one field of a protobuf message without its descriptor.
+//! Reading and writing protobuf fields without a descriptor.
 //!
 //! A [`FieldPath`] such as `1.2` names field 2 of the message held in
-//! field 1. The [`find`] function walks the message's wire format just far
-//! enough to reach it, without copying, and treats malformed bytes as "not
-//! there": a router that matches on message contents must never panic or
-//! fail a call because a client sent garbage.
+//! field 1. The [`find`] function walks the message's wire format, without
+//! copying, and reads the field as a protobuf parser would (last value
+//! wins); it treats malformed bytes as "not there": a router that matches
+//! on message contents must never panic or fail a call because a client
+//! sent garbage. The `put_*` functions write fields, for layers that
+//! append to a message at the wire level.
 //!
 //! ```
 //! use sluice_layers::grpc::wire::{FieldPath, Value, find};
@@ -112,45 +114,123 @@ impl<'a> Value<'a> {
     }
 }
 
-/// Finds the first occurrence of `path` in `message`. Every field but the
-/// last must be length-delimited (an embedded message). Returns `None` when
-/// the field is absent or the bytes are malformed.
+/// Finds the value of `path` in `message` as a protobuf parser reads it:
+/// the *last* occurrence of a scalar wins, and the occurrences of an
+/// embedded message merge (so `1.2` is the last field 2 in any occurrence
+/// of field 1). Every field but the last must be length-delimited (an
+/// embedded message). Returns `None` when the field is absent or the bytes
+/// on its path are malformed (a parser would reject the message).
+///
+/// Reading the first occurrence instead would let a client make a router
+/// act on one value while the upstream reads another.
 pub fn find<'a>(message: &'a [u8], path: &FieldPath) -> Option<Value<'a>> {
-    let (last, outer) = path.0.split_last()?;
-    let mut current = message;
-    for field in outer {
-        match find_field(current, *field)? {
-            Value::Len(inner) => current = inner,
-            _ => return None,
-        }
-    }
-    find_field(current, *last)
+    find_in(message, &path.0)
 }
 
-fn find_field(mut bytes: &[u8], wanted: u32) -> Option<Value<'_>> {
-    while !bytes.is_empty() {
-        let key = varint(&mut bytes)?;
-        let field = u32::try_from(key >> 3).ok()?;
-        if field == 0 {
-            return None;
+fn find_in<'a>(message: &'a [u8], path: &[u32]) -> Option<Value<'a>> {
+    let (&wanted, rest) = path.split_first()?;
+    let mut found = None;
+    for field in fields(message) {
+        let (number, value) = field?;
+        if number != wanted {
+            continue;
         }
-        let value = match key & 7 {
-            0 => Value::Varint(varint(&mut bytes)?),
-            1 => Value::Fixed64(u64::from_le_bytes(take(&mut bytes, 8)?.try_into().ok()?)),
-            2 => {
-                let len = usize::try_from(varint(&mut bytes)?).ok()?;
-                Value::Len(take(&mut bytes, len)?)
+        if rest.is_empty() {
+            found = Some(value);
+            continue;
+        }
+        match value {
+            // A later occurrence that has the inner field overrides.
+            Value::Len(inner) => {
+                if let Some(v) = find_in(inner, rest) {
+                    found = Some(v);
+                }
             }
-            5 => Value::Fixed32(u32::from_le_bytes(take(&mut bytes, 4)?.try_into().ok()?)),
-            // Groups (3, 4) are deprecated and not skippable without
-            // walking them; anything else is not protobuf.
+            // The same number with a scalar: not a message, no parse.
             _ => return None,
-        };
-        if field == wanted {
-            return Some(value);
         }
     }
-    None
+    found
+}
+
+/// Whether `bytes` is a well-formed sequence of protobuf fields (each tag,
+/// length and value complete; no groups). Embedded messages are not
+/// checked: their bytes may be strings.
+pub fn is_message(bytes: &[u8]) -> bool {
+    fields(bytes).all(|f| f.is_some())
+}
+
+/// The fields of `message` in order, as (number, value); an item is `None`
+/// (and the last) where the bytes are malformed.
+fn fields(mut bytes: &[u8]) -> impl Iterator<Item = Option<(u32, Value<'_>)>> {
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || bytes.is_empty() {
+            return None;
+        }
+        let field = next_field(&mut bytes);
+        failed = field.is_none();
+        Some(field)
+    })
+}
+
+/// The fields of `message` that are all field `number`, length-delimited:
+/// the entries of a `repeated` embedded message in a reply like
+/// `message R { repeated X messages = 1; }`. `None` when another field or
+/// malformed bytes are present.
+pub fn repeated_entries(message: &[u8], number: u32) -> Option<Vec<&[u8]>> {
+    fields(message)
+        .map(|f| match f? {
+            (n, Value::Len(entry)) if n == number => Some(entry),
+            _ => None,
+        })
+        .collect()
+}
+
+fn next_field<'a>(bytes: &mut &'a [u8]) -> Option<(u32, Value<'a>)> {
+    let key = varint(bytes)?;
+    let field = u32::try_from(key >> 3).ok().filter(|f| *f != 0)?;
+    let value = match key & 7 {
+        0 => Value::Varint(varint(bytes)?),
+        1 => Value::Fixed64(u64::from_le_bytes(take(bytes, 8)?.try_into().ok()?)),
+        2 => {
+            let len = usize::try_from(varint(bytes)?).ok()?;
+            Value::Len(take(bytes, len)?)
+        }
+        5 => Value::Fixed32(u32::from_le_bytes(take(bytes, 4)?.try_into().ok()?)),
+        // Groups (3, 4) are deprecated and not skippable without walking
+        // them; anything else is not protobuf.
+        _ => return None,
+    };
+    Some((field, value))
+}
+
+/// Appends `value` as a protobuf varint.
+pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Appends the tag and length of a length-delimited field `number` whose
+/// content (`len` bytes) the caller appends next.
+pub fn put_len_prefix(out: &mut Vec<u8>, number: u32, len: usize) {
+    put_varint(out, (u64::from(number) << 3) | 2);
+    put_varint(out, len as u64);
+}
+
+/// Appends a length-delimited field `number` holding `content`.
+pub fn put_len_field(out: &mut Vec<u8>, number: u32, content: &[u8]) {
+    put_len_prefix(out, number, content.len());
+    out.extend_from_slice(content);
+}
+
+/// Appends a varint field `number` holding `value`.
+pub fn put_varint_field(out: &mut Vec<u8>, number: u32, value: u64) {
+    put_varint(out, u64::from(number) << 3);
+    put_varint(out, value);
 }
 
 fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -208,6 +288,45 @@ mod tests {
         assert_eq!(find(&m, &path("5")), None);
         // A scalar cannot be walked into.
         assert_eq!(find(&m, &path("1.1")), None);
+    }
+
+    #[test]
+    fn a_repeated_field_reads_as_the_parser_reads_it() {
+        // field 3 twice: the parser keeps the last value.
+        let m = [0x18, 0x01, 0x18, 0x02];
+        assert_eq!(find(&m, &path("3")), Some(Value::Varint(2)));
+        // field 1 (a message) twice: the occurrences merge, so 1.2 is the
+        // last field 2 in either, and a later occurrence without it keeps
+        // the earlier value.
+        let m = [
+            0x0a, 0x03, 0x12, 0x01, b'a', // 1 { 2: "a" }
+            0x0a, 0x03, 0x12, 0x01, b'b', // 1 { 2: "b" }
+            0x0a, 0x02, 0x18, 0x07, // 1 { 3: 7 }
+        ];
+        assert_eq!(find(&m, &path("1.2")).and_then(|v| v.as_str()), Some("b"));
+        assert_eq!(find(&m, &path("1.3")), Some(Value::Varint(7)));
+        // Garbage after the match: a parser rejects the message.
+        assert_eq!(find(&[0x18, 0x01, 0x0a, 0xff], &path("3")), None);
+    }
+
+    #[test]
+    fn writes_fields_that_read_back() {
+        let mut m = Vec::new();
+        put_varint_field(&mut m, 3, 300);
+        put_len_field(&mut m, 20, b"hello");
+        assert!(is_message(&m));
+        assert_eq!(find(&m, &path("3")), Some(Value::Varint(300)));
+        assert_eq!(
+            find(&m, &path("20")).and_then(|v| v.as_str()),
+            Some("hello")
+        );
+        assert_eq!(repeated_entries(&m, 3), None);
+        let mut r = Vec::new();
+        put_len_field(&mut r, 1, b"x");
+        put_len_field(&mut r, 1, b"");
+        assert_eq!(repeated_entries(&r, 1), Some(vec![&b"x"[..], &b""[..]]));
+        assert_eq!(repeated_entries(&[], 1), Some(vec![]));
+        assert!(!is_message(&[0x0a, 0x05, 0x00]));
     }
 
     #[test]

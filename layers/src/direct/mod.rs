@@ -60,20 +60,21 @@
 //! forwarder reports ready at once and waits for each destination's
 //! connection inside the call.
 
+mod route;
+
 use std::{
     borrow::Cow,
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
 };
 
-use bytes::Bytes;
 use http::{Request, Response, request::Parts};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+pub use self::route::{Destination, FanOut, Mirror, Mode, OnError, Overflow, Route, Secondary};
 use crate::{
     grpc::status::{self, Code},
     peek::{Peeked, PeekedMessage},
@@ -99,34 +100,6 @@ where
     }
 }
 
-/// Where a call goes; in the request's extensions after [`Direct`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Route {
-    /// One destination.
-    One(Destination),
-    /// Every destination gets the call; their answers are merged.
-    FanOut(Vec<Destination>),
-    /// Every message goes to the primary and the secondaries; only the
-    /// primary answers.
-    Mirror {
-        /// The destination that answers.
-        primary: Destination,
-        /// Destinations that get copies.
-        secondaries: Vec<Destination>,
-    },
-}
-
-/// One destination of a route: a target (an upstream group's name) and,
-/// optionally, the first request message to send it instead of the
-/// client's.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Destination {
-    target: Arc<str>,
-    first_message: Option<Bytes>,
-    timeout: Option<std::time::Duration>,
-}
-
 /// A director's refusal: the status the client gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -149,72 +122,6 @@ pub struct DirectLayer<D> {
 pub struct Direct<S, D> {
     inner: S,
     director: D,
-}
-
-// === impl Route ===
-
-impl Route {
-    /// A route to one target.
-    pub fn to(target: impl Into<Arc<str>>) -> Self {
-        Self::One(Destination::new(target))
-    }
-
-    /// Every destination of the route, the primary first.
-    pub fn destinations(&self) -> impl Iterator<Item = &Destination> {
-        let (first, rest): (Option<&Destination>, &[Destination]) = match self {
-            Self::One(d) => (Some(d), &[]),
-            Self::FanOut(ds) => (None, ds),
-            Self::Mirror {
-                primary,
-                secondaries,
-            } => (Some(primary), secondaries),
-        };
-        first.into_iter().chain(rest)
-    }
-}
-
-// === impl Destination ===
-
-impl Destination {
-    /// A destination with no rewrite.
-    pub fn new(target: impl Into<Arc<str>>) -> Self {
-        Self {
-            target: target.into(),
-            first_message: None,
-            timeout: None,
-        }
-    }
-
-    /// Caps the call's deadline at `timeout` for this destination (the
-    /// client's `grpc-timeout`, if shorter, still wins).
-    /// [`DeadlineLayer`](crate::deadline::DeadlineLayer) below enforces it.
-    #[must_use]
-    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-
-    /// The deadline cap, if any.
-    pub fn timeout(&self) -> Option<std::time::Duration> {
-        self.timeout
-    }
-
-    /// Sends `message` as the first request message to this destination.
-    #[must_use]
-    pub fn with_first_message(mut self, message: Bytes) -> Self {
-        self.first_message = Some(message);
-        self
-    }
-
-    /// The target's name.
-    pub fn target(&self) -> &str {
-        &self.target
-    }
-
-    /// The replacement first message, if any.
-    pub fn first_message(&self) -> Option<&Bytes> {
-        self.first_message.as_ref()
-    }
 }
 
 // === impl Refusal ===
@@ -353,6 +260,7 @@ where
 mod tests {
     use std::convert::Infallible;
 
+    use bytes::Bytes;
     use http_body_util::{Empty, Full};
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 
@@ -376,10 +284,10 @@ mod tests {
                 .and_then(|m| wire::find(m.payload(), &path))
                 .and_then(|v| v.as_str().map(str::to_owned));
             match tenant.as_deref() {
-                Some("acme") => Ok(Route::FanOut(vec![
-                    Destination::new("a"),
-                    Destination::new("b"),
-                ])),
+                Some("acme") => Ok(Route::FanOut(FanOut::new(
+                    vec![Destination::new("a"), Destination::new("b")],
+                    Mode::Merge,
+                ))),
                 Some(_) => Ok(Route::to("shared")),
                 None => Err(Refusal::new(Code::InvalidArgument, "no tenant")),
             }
@@ -438,13 +346,15 @@ mod tests {
 
     #[test]
     fn mirror_routes_list_the_primary_first() {
-        let route = Route::Mirror {
-            primary: Destination::new("p"),
-            secondaries: vec![
-                Destination::new("s1").with_first_message(Bytes::from_static(b"x")),
-                Destination::new("s2"),
+        let route = Route::Mirror(Mirror::new(
+            Destination::new("p"),
+            vec![
+                Destination::new("s1")
+                    .with_first_message(Bytes::from_static(b"x"))
+                    .into(),
+                Secondary::new(Destination::new("s2")).overflow(Overflow::Drop),
             ],
-        };
+        ));
         let names: Vec<&str> = route.destinations().map(Destination::target).collect();
         assert_eq!(names, ["p", "s1", "s2"]);
         assert_eq!(
