@@ -1,0 +1,272 @@
+//! Merge mode: every destination's unary reply, concatenated into one.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, request::Parts};
+use http_body::Body;
+use tokio::task::JoinSet;
+use tower_service::Service;
+
+use super::{
+    Malformed as OnMalformed, RequestBody, ResponseBody, Settings,
+    call::{self, Next, Reply},
+    report::{Outcome, Report},
+    tee::{self, Outlet},
+};
+use crate::{
+    BoxError,
+    direct::{FanOut, Mode},
+    grpc::{
+        framing,
+        status::{self, Code},
+    },
+};
+
+/// The trailer that lists each destination's status.
+pub(super) const SUMMARY: &str = "sluice-fanout-status";
+
+/// One destination's reply, read whole.
+struct Collected {
+    index: usize,
+    headers: Option<HeaderMap>,
+    messages: Vec<framing::Message>,
+    outcome: Outcome,
+}
+
+pub(super) async fn merge<S, B, RB>(
+    svc: S,
+    parts: Parts,
+    body: B,
+    route: FanOut,
+    settings: Arc<Settings>,
+) -> Response<ResponseBody<RB>>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    RB: Body<Data = Bytes> + Send + Unpin + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let destinations = route.destinations();
+    let names: Vec<Arc<str>> = destinations.iter().map(|d| Arc::from(d.name())).collect();
+    // Dropping the set (the client cancelled) cancels every destination.
+    let mut tasks = JoinSet::new();
+    let budget = Arc::new(AtomicUsize::new(settings.max_reply_bytes));
+    let mut outlets = Vec::with_capacity(destinations.len());
+    for (index, destination) in destinations.iter().enumerate() {
+        let (tx, tee) = tee::channel(settings.queue);
+        outlets.push(Outlet::new(tx));
+        // Merging rewrites the reply, so it must arrive uncompressed.
+        let req = call::request(&parts, destination, route.stripped(), tee, true);
+        tasks.spawn(collect(
+            index,
+            svc.clone(),
+            req,
+            settings.clone(),
+            budget.clone(),
+        ));
+    }
+    tasks.spawn(async move {
+        tee::pump(body, outlets).await;
+        None
+    });
+
+    let mut replies: Vec<Option<Collected>> = (0..names.len()).map(|_| None).collect();
+    let mut arrival = Vec::with_capacity(names.len());
+    while arrival.len() < names.len() {
+        match tasks.join_next().await {
+            Some(Ok(Some(c))) => {
+                arrival.push(c.index);
+                let index = c.index;
+                replies[index] = Some(c);
+            }
+            Some(Ok(None)) => {}
+            // A destination panicked: its slot stays empty (cancelled).
+            Some(Err(_)) | None => break,
+        }
+    }
+    // The request pump, if the client is still sending, is cut off here.
+    drop(tasks);
+
+    let order: Vec<usize> = if route.mode() == Mode::MergeByArrival {
+        arrival
+    } else {
+        (0..names.len()).collect()
+    };
+    let mut outcomes: Vec<Outcome> = replies
+        .iter()
+        .map(|r| r.as_ref().map_or(Outcome::Cancelled, |c| c.outcome.clone()))
+        .collect();
+    let over_budget = outcomes.iter().any(|o| {
+        matches!(
+            o,
+            Outcome::Failed {
+                code: Code::ResourceExhausted,
+                ..
+            }
+        )
+    });
+    let mut merged = Vec::new();
+    let mut head = None;
+    for &i in &order {
+        let name = &names[i];
+        let Some(reply) = replies[i].take() else {
+            continue;
+        };
+        if head.is_none() && !outcomes[i].is_failure() {
+            head = reply.headers;
+        }
+        for message in &reply.messages {
+            if message.compressed {
+                outcomes[i] = Outcome::Failed {
+                    code: Code::Internal,
+                    message: "the reply is compressed; sluice does not rewrite compressed replies"
+                        .to_owned(),
+                };
+                break;
+            }
+            if let Err(e) = settings
+                .append
+                .merge_entries(&mut merged, &message.payload, name)
+            {
+                match settings.malformed {
+                    OnMalformed::Fail => {
+                        outcomes[i] = Outcome::Failed {
+                            code: Code::Internal,
+                            message: e.to_string(),
+                        };
+                        settings.report(Report {
+                            mirror: false,
+                            route: route.name().map(Arc::from),
+                            destinations: names.iter().cloned().zip(outcomes).collect(),
+                        });
+                        return status::trailers_only(Code::Internal, &e.to_string());
+                    }
+                    OnMalformed::PassThrough => {
+                        merged.extend_from_slice(&message.payload);
+                        outcomes[i] = Outcome::Malformed;
+                    }
+                }
+            }
+        }
+        if let Outcome::Failed { code, message } = &outcomes[i] {
+            settings
+                .append
+                .error_entry(&mut merged, name, *code, message);
+        }
+    }
+    let report = |outcomes: &[Outcome]| {
+        settings.report(Report {
+            mirror: false,
+            route: route.name().map(Arc::from),
+            destinations: names
+                .iter()
+                .cloned()
+                .zip(outcomes.iter().cloned())
+                .collect(),
+        });
+    };
+    if over_budget || merged.len() > settings.max_reply_bytes {
+        report(&outcomes);
+        return status::trailers_only(
+            Code::ResourceExhausted,
+            &format!(
+                "the merged reply is over {} bytes (max_reply_bytes)",
+                settings.max_reply_bytes
+            ),
+        );
+    }
+    let (code, message) = call::call_status(&names, &outcomes, settings.fail_when_any);
+    report(&outcomes);
+    if code != Code::Ok {
+        let mut res = status::trailers_only::<ResponseBody<RB>>(code, &message);
+        if let Some(summary) = call::summary(&names, &outcomes) {
+            res.headers_mut().insert(SUMMARY, summary);
+        }
+        return res;
+    }
+    let mut res = Response::new(ResponseBody::merged(
+        Some(framing::encode(&merged)),
+        Some(trailers(&names, &outcomes)),
+    ));
+    if let Some(mut headers) = head {
+        headers.remove(http::header::CONTENT_LENGTH);
+        headers.remove("grpc-encoding");
+        *res.headers_mut() = headers;
+    } else {
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::grpc::CONTENT_TYPE),
+        );
+    }
+    res
+}
+
+/// OK trailers with the summary.
+pub(super) fn trailers(names: &[Arc<str>], outcomes: &[Outcome]) -> HeaderMap {
+    let mut t = status::trailers(Code::Ok, "");
+    if let Some(summary) = call::summary(names, outcomes) {
+        t.insert(SUMMARY, summary);
+    }
+    t
+}
+
+async fn collect<S, B, RB>(
+    index: usize,
+    svc: S,
+    req: Request<RequestBody<B>>,
+    settings: Arc<Settings>,
+    budget: Arc<AtomicUsize>,
+) -> Option<Collected>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    RB: Body<Data = Bytes> + Unpin,
+    RB::Error: Into<BoxError>,
+{
+    let res = match call::call(svc, req, &settings).await {
+        Ok(res) => res,
+        Err(outcome) => {
+            return Some(Collected {
+                index,
+                headers: None,
+                messages: Vec::new(),
+                outcome,
+            });
+        }
+    };
+    let (headers, mut reply) = Reply::new(res, settings.max_reply_bytes);
+    let mut messages = Vec::new();
+    let outcome = loop {
+        match reply.next().await {
+            Next::Message(m) => {
+                let took = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(m.payload.len())
+                });
+                if took.is_err() {
+                    break Outcome::Failed {
+                        code: Code::ResourceExhausted,
+                        message: format!(
+                            "the replies are over {} bytes (max_reply_bytes)",
+                            settings.max_reply_bytes
+                        ),
+                    };
+                }
+                messages.push(m);
+            }
+            Next::End(outcome) => break outcome,
+        }
+    };
+    Some(Collected {
+        index,
+        headers: Some(headers),
+        messages,
+        outcome,
+    })
+}
