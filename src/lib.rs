@@ -22,6 +22,7 @@ mod admin;
 mod batch;
 pub mod config;
 mod forward;
+mod rescue;
 pub mod route;
 mod server;
 mod stack;

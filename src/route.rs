@@ -5,21 +5,42 @@ use std::sync::Arc;
 
 use http::{HeaderName, request::Parts};
 use sluice_layers::{
-    direct::{Destination, Director, Refusal, Route},
+    direct::{
+        Destination, Director, FanOut, Mirror, Mode, OnError, Overflow, Refusal, Route, Secondary,
+    },
     grpc::{status::Code, wire},
     peek::PeekedMessage,
 };
 
-use crate::config::{Config, DEFAULT_GROUP, Fallback, FieldMatch, RouteConfig, TextMatch};
+use crate::config::{
+    Config, DEFAULT_GROUP, Fallback, FanoutMode, FieldMatch, OnErrorConfig, OverflowConfig,
+    RouteConfig, SecondaryConfig, TextMatch,
+};
+
+/// The endpoint names of a group, for a fan-out over all of them (the
+/// group's current endpoints, which DNS may change).
+pub type Members = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
 /// The routes of a config, ready to match: sluice's built-in
 /// [`Director`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Routes {
     routes: Arc<[Compiled]>,
     fallback: Fallback,
     /// The fallback route, built once: cloning it is a reference count.
     default_route: Route,
+    members: Members,
+    /// `[fanout] streaming_methods`.
+    streaming: Arc<[Glob]>,
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes")
+            .field("routes", &self.routes)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -35,6 +56,19 @@ struct Compiled {
 enum Action {
     Forward(Route),
     Refuse(Refusal),
+    FanOut(FanoutAction),
+}
+
+/// A fan-out whose destinations are found per call.
+#[derive(Clone, Debug)]
+struct FanoutAction {
+    group: Arc<str>,
+    /// The metadata key naming the endpoints, if any.
+    key: Option<HeaderName>,
+    /// The route's mode; without one, by `[fanout] streaming_methods`.
+    mode: Option<Mode>,
+    timeout: Option<std::time::Duration>,
+    name: Option<Arc<str>>,
 }
 
 /// A `*` pattern: literal pieces that must appear in order, the first at
@@ -47,12 +81,47 @@ struct Glob {
 // === impl Routes ===
 
 impl Routes {
-    /// Compiles the config's `[[routes]]` and `[routing]` fallback.
+    /// Compiles the config's `[[routes]]` and `[routing]` fallback. A
+    /// fan-out over a whole group sends to the endpoints the config lists
+    /// (see [`Routes::with_members`] for the live ones).
     pub fn from_config(config: &Config) -> Self {
+        let groups: std::collections::HashMap<String, Vec<String>> = config
+            .upstreams
+            .iter()
+            .map(|(name, g)| {
+                let names = g
+                    .endpoints
+                    .iter()
+                    .map(|e| match e {
+                        crate::config::EndpointConfig::Detailed { ids, .. } if !ids.is_empty() => {
+                            ids[0].clone()
+                        }
+                        e => e.address().to_string(),
+                    })
+                    .collect();
+                (name.clone(), names)
+            })
+            .collect();
+        let members: Members =
+            Arc::new(move |group: &str| groups.get(group).cloned().unwrap_or_default());
+        Self::with_members(config, members)
+    }
+
+    /// Compiles the routes, with `members` telling a whole-group fan-out
+    /// the endpoints of a group at the time of each call.
+    pub fn with_members(config: &Config, members: Members) -> Self {
+        let globs: Vec<Glob> = config
+            .fanout
+            .streaming_methods
+            .iter()
+            .map(|g| Glob::new(g))
+            .collect();
         Self {
             routes: config.routes.iter().map(compile).collect(),
+            streaming: globs.into(),
             fallback: config.routing.fallback,
             default_route: Route::to(DEFAULT_GROUP),
+            members,
         }
     }
 
@@ -112,14 +181,57 @@ fn describe(i: usize, r: &RouteConfig) -> String {
     } else {
         format!("when {}", conditions.join(" and "))
     };
-    let then = match (&r.upstream, &r.refuse) {
-        (Some(group), _) => format!("→ {}", group.get_ref()),
-        (None, Some(refuse)) => format!(
+    let then = match (&r.upstream, &r.refuse, &r.fanout, &r.mirror) {
+        (Some(group), ..) => format!("→ {}", group.get_ref()),
+        (None, Some(refuse), ..) => format!(
             "→ refuse with grpc-status {} {:?}",
             refuse.code.as_i32(),
             refuse.message
         ),
-        (None, None) => "→ ?".to_owned(),
+        (None, None, Some(f), _) => {
+            let which = match &f.key {
+                Some(k) => format!("the endpoints of {} named by {k}", f.group.get_ref()),
+                None => format!("every endpoint of {}", f.group.get_ref()),
+            };
+            let mode = match f.mode {
+                Some(FanoutMode::Merge) => "merged",
+                Some(FanoutMode::MergeByArrival) => "merged by arrival",
+                Some(FanoutMode::Interleave) => "interleaved",
+                None => "merged (interleaved for [fanout] streaming_methods)",
+            };
+            format!("→ fan out to {which}, replies {mode}")
+        }
+        (None, None, None, Some(m)) => {
+            let secondaries: Vec<String> = m
+                .secondaries
+                .iter()
+                .map(|s| match s {
+                    SecondaryConfig::Group(g) => format!("{} (block, swallow)", g.get_ref()),
+                    SecondaryConfig::Detailed {
+                        upstream,
+                        overflow,
+                        on_error,
+                    } => format!(
+                        "{} ({}, {})",
+                        upstream.get_ref(),
+                        match overflow {
+                            OverflowConfig::Block => "block",
+                            OverflowConfig::Drop => "drop",
+                        },
+                        match on_error {
+                            OnErrorConfig::Swallow => "swallow",
+                            OnErrorConfig::Fail => "fail",
+                        }
+                    ),
+                })
+                .collect();
+            format!(
+                "→ mirror: {} answers, copies to {}",
+                m.primary.get_ref(),
+                secondaries.join(", ")
+            )
+        }
+        _ => "→ ?".to_owned(),
     };
     let name = r
         .name
@@ -134,17 +246,65 @@ fn describe(i: usize, r: &RouteConfig) -> String {
 }
 
 fn compile(r: &RouteConfig) -> Compiled {
-    let action = match (&r.upstream, &r.refuse) {
-        (Some(group), _) => {
-            let mut destination = Destination::new(group.get_ref().as_str());
-            if let Some(timeout) = r.timeout {
-                destination = destination.with_timeout(timeout);
-            }
-            Action::Forward(Route::One(destination))
+    let destination = |group: &str| {
+        let mut destination = Destination::new(group);
+        if let Some(timeout) = r.timeout {
+            destination = destination.with_timeout(timeout);
         }
-        (None, Some(refuse)) => Action::Refuse(Refusal::new(refuse.code, refuse.message.clone())),
+        destination
+    };
+    let action = match (&r.upstream, &r.refuse, &r.fanout, &r.mirror) {
+        (Some(group), ..) => Action::Forward(Route::One(destination(group.get_ref()))),
+        (None, Some(refuse), ..) => {
+            Action::Refuse(Refusal::new(refuse.code, refuse.message.clone()))
+        }
+        (None, None, Some(f), _) => {
+            let mode = f.mode.map(|m| match m {
+                FanoutMode::Merge => Mode::Merge,
+                FanoutMode::MergeByArrival => Mode::MergeByArrival,
+                FanoutMode::Interleave => Mode::Interleave,
+            });
+            Action::FanOut(FanoutAction {
+                group: Arc::from(f.group.get_ref().as_str()),
+                key: f
+                    .key
+                    .as_deref()
+                    .and_then(|k| HeaderName::try_from(k.to_ascii_lowercase()).ok()),
+                mode,
+                timeout: r.timeout,
+                name: r.name.as_deref().map(Arc::from),
+            })
+        }
+        (None, None, None, Some(m)) => {
+            let secondaries = m
+                .secondaries
+                .iter()
+                .map(|s| {
+                    let secondary = Secondary::new(destination(s.upstream().get_ref()));
+                    match s {
+                        SecondaryConfig::Group(_) => secondary,
+                        SecondaryConfig::Detailed {
+                            overflow, on_error, ..
+                        } => secondary
+                            .overflow(match overflow {
+                                OverflowConfig::Block => Overflow::Block,
+                                OverflowConfig::Drop => Overflow::Drop,
+                            })
+                            .on_error(match on_error {
+                                OnErrorConfig::Swallow => OnError::Swallow,
+                                OnErrorConfig::Fail => OnError::Fail,
+                            }),
+                    }
+                })
+                .collect();
+            let mut mirror = Mirror::new(destination(m.primary.get_ref()), secondaries);
+            if let Some(name) = &r.name {
+                mirror = mirror.named(name.as_str());
+            }
+            Action::Forward(Route::Mirror(mirror))
+        }
         // validate() refuses such a route; match nothing rather than panic.
-        (None, None) => Action::Refuse(Refusal::new(Code::Internal, "route without an action")),
+        _ => Action::Refuse(Refusal::new(Code::Internal, "route without an action")),
     };
     Compiled {
         method: r.method.as_deref().map(Glob::new),
@@ -167,12 +327,18 @@ fn compile(r: &RouteConfig) -> Compiled {
 impl Director for Routes {
     fn direct(&mut self, parts: &Parts, peeked: &[PeekedMessage]) -> Result<Route, Refusal> {
         for route in self.routes.iter() {
-            if route.matches(parts, peeked) {
-                return match &route.action {
-                    Action::Forward(r) => Ok(r.clone()),
-                    Action::Refuse(r) => Err(r.clone()),
-                };
+            if !route.matches(parts, peeked) {
+                continue;
             }
+            return match &route.action {
+                Action::Forward(r) => Ok(r.clone()),
+                Action::Refuse(r) => Err(r.clone()),
+                Action::FanOut(f) => match self.fan_out(f, parts) {
+                    Some(route) => Ok(route),
+                    // The key is absent: this route is not for the call.
+                    None => continue,
+                },
+            };
         }
         match self.fallback {
             Fallback::Upstream => Ok(self.default_route.clone()),
@@ -181,6 +347,57 @@ impl Director for Routes {
                 format!("no route for {}", parts.uri.path()),
             )),
         }
+    }
+}
+
+impl Routes {
+    /// The destinations of a fan-out for the call with head `parts`:
+    /// `None` when the route has a key and the call does not carry it.
+    fn fan_out(&self, f: &FanoutAction, parts: &Parts) -> Option<Route> {
+        let ids: Vec<String> = match &f.key {
+            None => (self.members)(&f.group),
+            Some(key) => {
+                let mut ids = Vec::new();
+                for value in parts.headers.get_all(key) {
+                    let text = value.to_str().unwrap_or_default();
+                    for id in text.split(',').map(str::trim).filter(|id| !id.is_empty()) {
+                        if !ids.iter().any(|seen| seen == id) {
+                            ids.push(id.to_owned());
+                        }
+                    }
+                }
+                if ids.is_empty() {
+                    return None;
+                }
+                ids
+            }
+        };
+        let destinations = ids
+            .into_iter()
+            .map(|id| {
+                let mut d = Destination::new(f.group.clone()).with_endpoint(id);
+                if let Some(t) = f.timeout {
+                    d = d.with_timeout(t);
+                }
+                d
+            })
+            .collect();
+        let mode = f.mode.unwrap_or_else(|| {
+            let path = parts.uri.path();
+            if self.streaming.iter().any(|g| g.matches(path)) {
+                Mode::Interleave
+            } else {
+                Mode::Merge
+            }
+        });
+        let mut route = FanOut::new(destinations, mode);
+        if let Some(key) = &f.key {
+            route = route.strip(key.clone());
+        }
+        if let Some(name) = &f.name {
+            route = route.named(name.clone());
+        }
+        Some(Route::FanOut(route))
     }
 }
 

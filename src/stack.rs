@@ -6,6 +6,7 @@ use sluice_layers::{
     deadline::{Deadline, DeadlineLayer},
     direct::{Direct, DirectLayer},
     drain::{Drain, DrainLayer, Watch},
+    fanout::{Fanout, FanoutLayer, Malformed},
     peek::{Peek, PeekLayer},
 };
 use tower::ServiceBuilder;
@@ -16,8 +17,9 @@ use tower_http::{
 };
 
 use crate::{
-    config::Config,
-    forward::{Forward, Rescue},
+    config::{Config, DEFAULT_GROUP, FailWhen, MalformedConfig},
+    forward::Forward,
+    rescue::Rescue,
     route::Routes,
     stats::Counters,
     telemetry::{
@@ -30,7 +32,7 @@ use crate::{
 
 /// The stack between the server and the upstream.
 pub(crate) type Stack = Trace<
-    CallMetrics<Rescue<Drain<Peek<Direct<Deadline<Forward>, Routes>>>>>,
+    CallMetrics<Rescue<Drain<Peek<Direct<Fanout<Deadline<Forward>>, Routes>>>>>,
     SharedClassifier<GrpcErrorsAsFailures>,
     trace::MakeSpan,
     (),
@@ -47,7 +49,16 @@ pub(crate) fn build(
     drain: Watch,
     metrics: Arc<Metrics>,
 ) -> Stack {
-    let routes = Routes::from_config(config);
+    let members: crate::route::Members = {
+        let groups = groups.clone();
+        Arc::new(move |name: &str| {
+            groups
+                .get(name)
+                .map(|g| g.endpoint_names())
+                .unwrap_or_default()
+        })
+    };
+    let routes = Routes::with_members(config, members);
     let peek_max_bytes = config.routing.peek_max_bytes.0 as usize;
     ServiceBuilder::new()
         // A DEBUG span per call: method, upstream, grpc-status, duration.
@@ -76,6 +87,9 @@ pub(crate) fn build(
         // Pick each call's upstream group from the config's routes, or
         // refuse it with the status the route names.
         .layer(DirectLayer::new(routes))
+        // Carry out fan-out and mirror routes: the layers below run once
+        // per destination, each with its own deadline cap.
+        .layer(fanout_layer(config, metrics.clone()))
         // Enforce grpc-timeout over the whole call, body included: at the
         // deadline the client gets DEADLINE_EXCEEDED and dropping the
         // forwarder's future or body cancels the upstream stream.
@@ -85,6 +99,32 @@ pub(crate) fn build(
                 .offset(config.routing.deadline_offset)
                 .on_expire(move || metrics.refused(RefusalReason::deadline))
         })
-        // One upstream h2 stream per call.
-        .service(Forward::new(groups, counters))
+        // One upstream h2 stream per call, to the default group when no
+        // route names one.
+        .service(Forward::new(groups, counters, DEFAULT_GROUP))
+}
+
+/// The fan-out layer from `[fanout]`: its outcomes become metrics and a
+/// log line per mirrored call (the mirror's finalizer).
+fn fanout_layer(config: &Config, metrics: Arc<Metrics>) -> FanoutLayer {
+    let f = &config.fanout;
+    FanoutLayer::new()
+        .queue(f.queue)
+        .max_reply_bytes(f.max_reply_bytes.0 as usize)
+        .max_message_bytes(f.max_message_bytes.0 as usize)
+        .metadata_field(f.metadata_field)
+        .malformed(match f.malformed {
+            MalformedConfig::Fail => Malformed::Fail,
+            MalformedConfig::Pass => Malformed::PassThrough,
+        })
+        .fail_when_any(f.fail_when == FailWhen::Any)
+        .classify(|e| match crate::rescue::status_of(e) {
+            Some((code, _)) => (code, e.to_string()),
+            // An upstream reset.
+            None => (
+                sluice_layers::grpc::status::Code::Unavailable,
+                e.to_string(),
+            ),
+        })
+        .on_report(move |report| metrics.fanout_report(report))
 }

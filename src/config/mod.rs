@@ -7,6 +7,7 @@
 //! application on `127.0.0.1:50051`.
 
 mod error;
+mod fanout;
 mod value;
 
 use std::{net::SocketAddr, time::Duration};
@@ -14,6 +15,10 @@ use std::{net::SocketAddr, time::Duration};
 use serde::Deserialize;
 
 pub use self::error::ConfigError;
+pub use self::fanout::{
+    FailWhen, FanoutConfig, FanoutMode, FanoutRouteConfig, MalformedConfig, MirrorRouteConfig,
+    OnErrorConfig, OverflowConfig, SecondaryConfig,
+};
 use self::value::MAX_WINDOW;
 pub use self::value::{ByteSize, HostPort, WindowSize};
 
@@ -156,6 +161,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// What happens when no route matches, and how routing reads calls.
     pub routing: RoutingConfig,
+    /// What fan-out and mirror routes share.
+    pub fanout: FanoutConfig,
 }
 
 /// `[upstreams.NAME]`: a named group of endpoints.
@@ -310,6 +317,12 @@ pub struct RouteConfig {
     /// Refuse instead of forwarding.
     #[serde(default)]
     pub refuse: Option<RefuseConfig>,
+    /// Send the call to several endpoints of a group and merge the answers.
+    #[serde(default)]
+    pub fanout: Option<FanoutRouteConfig>,
+    /// Send the call to a primary group, with copies to secondaries.
+    #[serde(default)]
+    pub mirror: Option<MirrorRouteConfig>,
     /// Caps the deadline of the calls this route forwards (the client's
     /// `grpc-timeout`, if shorter, still wins). No cap by default: long
     /// streams must not be cut by a surprise default.
@@ -603,31 +616,78 @@ impl Config {
     /// Checks what one value alone cannot: every route names a group that
     /// exists, and does exactly one thing.
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
-        for (i, route) in self.routes.iter().enumerate() {
-            let key = format!("routes[{i}]");
-            match (&route.upstream, &route.refuse) {
-                (Some(group), None) => {
-                    let name = group.get_ref();
-                    if name != DEFAULT_GROUP && !self.upstreams.contains_key(name) {
-                        return Err(ConfigError::at(
-                            text,
-                            group.span().start,
-                            format!("{key}.upstream"),
-                            format!("no upstream group named {name:?} (define [upstreams.{name}])"),
-                        ));
-                    }
-                }
-                (None, Some(_)) => {}
-                _ => {
-                    return Err(ConfigError::at_key(
+        let group_exists = |group: &toml::Spanned<String>, key: String| {
+            let name = group.get_ref();
+            if name == DEFAULT_GROUP || self.upstreams.contains_key(name) {
+                return Ok(());
+            }
+            Err(ConfigError::at(
+                text,
+                group.span().start,
+                key,
+                format!("no upstream group named {name:?} (define [upstreams.{name}])"),
+            ))
+        };
+        let header_name = |name: &str, key: String| {
+            http::HeaderName::try_from(name.to_ascii_lowercase())
+                .map(drop)
+                .map_err(|_| {
+                    ConfigError::at_key(
                         text,
                         key,
-                        "a route needs exactly one of `upstream` or `refuse`".to_owned(),
-                    ));
+                        format!(
+                            "{name:?} is not a valid metadata key (a lowercase HTTP header name)"
+                        ),
+                    )
+                })
+        };
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let actions = [
+                route.upstream.is_some(),
+                route.refuse.is_some(),
+                route.fanout.is_some(),
+                route.mirror.is_some(),
+            ];
+            if actions.iter().filter(|a| **a).count() != 1 {
+                return Err(ConfigError::at_key(
+                    text,
+                    key,
+                    "a route needs exactly one of `upstream`, `refuse`, `fanout` or `mirror`"
+                        .to_owned(),
+                ));
+            }
+            if let Some(group) = &route.upstream {
+                group_exists(group, format!("{key}.upstream"))?;
+            }
+            if let Some(f) = &route.fanout {
+                group_exists(&f.group, format!("{key}.fanout.group"))?;
+                if let Some(k) = &f.key {
+                    header_name(k, format!("{key}.fanout.key"))?;
                 }
             }
+            if let Some(m) = &route.mirror {
+                group_exists(&m.primary, format!("{key}.mirror.primary"))?;
+                for (j, s) in m.secondaries.iter().enumerate() {
+                    group_exists(s.upstream(), format!("{key}.mirror.secondaries[{j}]"))?;
+                }
+            }
+            for name in route.metadata.keys() {
+                header_name(name, format!("{key}.metadata.{name}"))?;
+            }
+        }
+        if self.fanout.metadata_field == 0 || self.fanout.metadata_field >= 1 << 29 {
+            return Err(ConfigError::at_key(
+                text,
+                "fanout.metadata_field".to_owned(),
+                "a protobuf field number is 1 to 536870911".to_owned(),
+            ));
         }
         for (name, group) in &self.upstreams {
+            header_name(
+                &group.dest_host_key,
+                format!("upstreams.{name}.dest_host_key"),
+            )?;
             if group.endpoints.is_empty() {
                 return Err(ConfigError::at_key(
                     text,

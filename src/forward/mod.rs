@@ -26,18 +26,14 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use sluice_layers::{
-    BoxError,
-    grpc::status::{self, Code},
-};
+use sluice_layers::{BoxError, grpc::status::Code};
 use tower::Service;
 
 use self::stream::RequestPump;
 pub(crate) use self::stream::ResponseBody;
 use crate::{
-    config::DEFAULT_GROUP,
     stats::{Counters, Gauge, Kind},
-    telemetry::metrics::{Metrics, RefusalReason},
+    telemetry::metrics::RefusalReason,
     upstream::{Groups, UpstreamError},
 };
 use sluice_layers::direct::Route;
@@ -96,7 +92,8 @@ impl ForwardError {
 const VIA: http::HeaderName = http::HeaderName::from_static("sluice-via");
 
 /// The forwarder service: each call goes to an endpoint of the group its
-/// [`Route`] names (the default group without one).
+/// [`Route`] names (the default target without one): the endpoint the
+/// route names, or one the group's strategies pick.
 ///
 /// Always ready: a call waits for an upstream connection inside its future,
 /// and fails with UNAVAILABLE if none can be had.
@@ -106,10 +103,16 @@ pub(crate) struct Forward {
     counters: Arc<Counters>,
     /// This instance's id in `sluice-via`.
     via: http::HeaderValue,
+    /// The group of a call without a route.
+    default_target: Arc<str>,
 }
 
 impl Forward {
-    pub(crate) fn new(groups: Arc<Groups>, counters: Arc<Counters>) -> Self {
+    pub(crate) fn new(
+        groups: Arc<Groups>,
+        counters: Arc<Counters>,
+        default_target: impl Into<Arc<str>>,
+    ) -> Self {
         let id =
             std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id());
         let via =
@@ -118,6 +121,7 @@ impl Forward {
             groups,
             counters,
             via,
+            default_target: default_target.into(),
         }
     }
 }
@@ -142,6 +146,7 @@ where
             self.groups.clone(),
             self.counters.clone(),
             self.via.clone(),
+            self.default_target.clone(),
             req,
         ))
     }
@@ -151,6 +156,7 @@ async fn forward<B>(
     groups: Arc<Groups>,
     counters: Arc<Counters>,
     via: http::HeaderValue,
+    default_target: Arc<str>,
     req: Request<B>,
 ) -> Result<Response<ResponseBody>, ForwardError>
 where
@@ -159,12 +165,13 @@ where
 {
     let (mut parts, body) = req.into_parts();
     let route = parts.extensions.remove::<Route>();
-    let target = match &route {
-        None => DEFAULT_GROUP,
-        Some(Route::One(destination)) => destination.target(),
+    let (target, endpoint_id) = match &route {
+        None => (&*default_target, None),
+        Some(Route::One(destination)) => (destination.target(), destination.endpoint()),
         Some(_) => {
             return Err(ForwardError::Unroutable(
-                "fan-out and mirror routes are not carried out yet".to_owned(),
+                "a fan-out or mirror route reached the forwarder; a FanoutLayer above carries those out"
+                    .to_owned(),
             ));
         }
     };
@@ -181,15 +188,21 @@ where
         ));
     }
     parts.headers.append(VIA, via);
-    let mut endpoint = group
-        .pick(&parts, None)
-        .ok_or_else(|| ForwardError::NoEndpoint(target.to_owned()))?;
+    let mut endpoint = match endpoint_id {
+        Some(id) => group
+            .find(id)
+            .ok_or_else(|| ForwardError::NoEndpoint(format!("{target}: no endpoint {id:?}")))?,
+        None => group
+            .pick(&parts, None)
+            .ok_or_else(|| ForwardError::NoEndpoint(target.to_owned()))?,
+    };
     let checkout = match endpoint.pool().checkout().await {
         Ok(checkout) => checkout,
-        // Nothing was sent: another endpoint of the group gets one try.
+        // Nothing was sent: another endpoint of the group gets one try
+        // (not when the route named this one).
         Err(e) => match group
             .pick(&parts, Some(&endpoint))
-            .filter(|_| group.len() > 1)
+            .filter(|_| group.len() > 1 && endpoint_id.is_none())
         {
             Some(other) => {
                 tracing::debug!(error = %e, "endpoint unreachable; trying another in its group");
@@ -231,78 +244,4 @@ where
     endpoint.observe(sent.elapsed());
     let (parts, recv) = response.into_parts();
     Ok(Response::from_parts(parts, ResponseBody::new(recv, lease)))
-}
-
-/// The one place leftover errors become what the client gets: a
-/// trailers-only gRPC status, or (for an upstream reset) the same error,
-/// which the server passes on as RST_STREAM with the upstream's reason.
-#[derive(Clone, Debug)]
-pub(crate) struct Rescue<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S> Rescue<S> {
-    pub(crate) fn new(inner: S, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
-    }
-}
-
-impl<S, R, B> Service<R> for Rescue<S>
-where
-    S: Service<R, Response = Response<B>, Error = ForwardError>,
-    B: Default,
-{
-    type Response = Response<B>;
-    type Error = ForwardError;
-    type Future = RescueFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        RescueFuture {
-            inner: self.inner.call(req),
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Response future of [`Rescue`].
-    #[derive(Debug)]
-    pub(crate) struct RescueFuture<F> {
-        #[pin]
-        inner: F,
-        metrics: Arc<Metrics>,
-    }
-}
-
-impl<F, B> Future for RescueFuture<F>
-where
-    F: Future<Output = Result<Response<B>, ForwardError>>,
-    B: Default,
-{
-    type Output = Result<Response<B>, ForwardError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
-        Poll::Ready(result.or_else(|e| rescue(e, this.metrics)))
-    }
-}
-
-fn rescue<B: Default>(err: ForwardError, metrics: &Metrics) -> Result<Response<B>, ForwardError> {
-    let Some((code, reason)) = err.status() else {
-        return Err(err);
-    };
-    let message = err.to_string();
-    if code == Code::Internal {
-        tracing::warn!(%message, "call failed inside sluice");
-    } else {
-        tracing::debug!(%message, "call refused");
-    }
-    metrics.refused(reason);
-    Ok(status::trailers_only(code, &message))
 }

@@ -55,6 +55,23 @@ impl RefusalReason {
     }
 }
 
+/// A mirror destination's outcome, by route and destination (group
+/// names from the config: bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct MirrorLabels {
+    route: String,
+    destination: String,
+    outcome: &'static str,
+}
+
+/// A fan-out destination's outcome, by route. Not by destination: a
+/// metadata key lets a client name any destination.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct FanoutLabels {
+    route: String,
+    outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RefusalLabels {
     pub(crate) reason: RefusalReason,
@@ -70,6 +87,8 @@ pub(crate) struct Metrics {
     pub(crate) refusals: Family<RefusalLabels, Counter>,
     drain_state: Gauge,
     pub(crate) calls: CallFamilies,
+    mirror_outcomes: Family<MirrorLabels, Counter>,
+    fanout_outcomes: Family<FanoutLabels, Counter>,
 }
 
 // === impl Metrics ===
@@ -138,8 +157,61 @@ impl Metrics {
                 "drain_state",
                 "0 serving, 1 draining, 2 drain deadline passed",
             ),
+            mirror_outcomes: register(
+                &mut registry,
+                "mirror_outcomes",
+                "Mirrored calls' destinations by route, destination and outcome",
+            ),
+            fanout_outcomes: register(
+                &mut registry,
+                "fanout_outcomes",
+                "Fan-out calls' destinations by route and outcome",
+            ),
             calls,
             registry,
+        }
+    }
+
+    /// Counts the outcomes of one fan-out or mirror call; a mirror also
+    /// gets a log line (its finalizer): debug when every destination was
+    /// OK, warn otherwise.
+    pub(crate) fn fanout_report(&self, report: &sluice_layers::fanout::Report) {
+        let route = report.route.as_deref().unwrap_or("").to_owned();
+        if !report.mirror {
+            for (_, outcome) in &report.destinations {
+                self.fanout_outcomes
+                    .get_or_create(&FanoutLabels {
+                        route: route.clone(),
+                        outcome: outcome.as_str(),
+                    })
+                    .inc();
+            }
+            return;
+        }
+        for (destination, outcome) in &report.destinations {
+            self.mirror_outcomes
+                .get_or_create(&MirrorLabels {
+                    route: route.clone(),
+                    destination: destination.to_string(),
+                    outcome: outcome.as_str(),
+                })
+                .inc();
+        }
+        let outcomes: Vec<String> = report
+            .destinations
+            .iter()
+            .map(|(d, o)| match o {
+                sluice_layers::fanout::Outcome::Failed { code, message } => {
+                    format!("{d}={} ({}: {message})", o.as_str(), code.name())
+                }
+                _ => format!("{d}={}", o.as_str()),
+            })
+            .collect();
+        let outcomes = outcomes.join(", ");
+        if report.destinations.iter().all(|(_, o)| o.as_str() == "ok") {
+            tracing::debug!(route = %route, %outcomes, "mirrored call ended");
+        } else {
+            tracing::warn!(route = %route, %outcomes, "mirrored call ended with a destination not ok");
         }
     }
 

@@ -76,6 +76,8 @@ pub(crate) struct Endpoint {
     /// Lowercased names `dest-host` matches: the host, the name it was
     /// resolved from, and the configured ids.
     ids: Box<[String]>,
+    /// The first id the config gave it, as written.
+    configured_id: Option<String>,
     default_route: bool,
 }
 
@@ -103,6 +105,7 @@ fn endpoint(
         ids.push(address.host().to_ascii_lowercase());
     }
     let mut default_route = false;
+    let mut configured_id = None;
     if let EndpointConfig::Detailed {
         ids: more,
         default_route: dr,
@@ -110,6 +113,7 @@ fn endpoint(
     } = e
     {
         ids.extend(more.iter().map(|i| i.to_ascii_lowercase()));
+        configured_id = more.first().cloned();
         default_route = *dr;
     }
     Endpoint {
@@ -121,6 +125,7 @@ fn endpoint(
         }),
         healthy: AtomicBool::new(true),
         ids: ids.into_boxed_slice(),
+        configured_id,
         default_route,
     }
 }
@@ -397,6 +402,22 @@ impl Group {
     pub(crate) fn len(&self) -> usize {
         self.snapshot().len()
     }
+
+    /// The endpoint with identifier `id` (its address, its host, or one of
+    /// its configured ids; case-insensitive).
+    pub(crate) fn find(&self, id: &str) -> Option<Arc<Endpoint>> {
+        let wanted = id.to_ascii_lowercase();
+        self.snapshot()
+            .iter()
+            .find(|e| e.ids.contains(&wanted) || e.address.to_string() == id)
+            .cloned()
+    }
+
+    /// The names a fan-out over the whole group reports its endpoints by:
+    /// the first configured id, else the address.
+    pub(crate) fn endpoint_names(&self) -> Vec<String> {
+        self.snapshot().iter().map(|e| e.name()).collect()
+    }
 }
 
 /// The destination host of a call: the group's metadata key, else the
@@ -435,6 +456,13 @@ impl Endpoint {
 
     pub(crate) fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// What a fan-out calls it: its first configured id, else its address.
+    fn name(&self) -> String {
+        self.configured_id
+            .clone()
+            .unwrap_or_else(|| self.address.to_string())
     }
 
     /// Whether the endpoint should be avoided: its last dial failed, or it
