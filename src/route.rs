@@ -206,14 +206,14 @@ fn describe(i: usize, r: &RouteConfig) -> String {
                 .secondaries
                 .iter()
                 .map(|s| match s {
-                    SecondaryConfig::Group(g) => format!("{} (block, swallow)", g.get_ref()),
+                    SecondaryConfig::Group(g) => format!("{g} (block, swallow)"),
                     SecondaryConfig::Detailed {
                         upstream,
                         overflow,
                         on_error,
                     } => format!(
                         "{} ({}, {})",
-                        upstream.get_ref(),
+                        upstream,
                         match overflow {
                             OverflowConfig::Block => "block",
                             OverflowConfig::Drop => "drop",
@@ -280,7 +280,7 @@ fn compile(r: &RouteConfig) -> Compiled {
                 .secondaries
                 .iter()
                 .map(|s| {
-                    let secondary = Secondary::new(destination(s.upstream().get_ref()));
+                    let secondary = Secondary::new(destination(s.upstream()));
                     match s {
                         SecondaryConfig::Group(_) => secondary,
                         SecondaryConfig::Detailed {

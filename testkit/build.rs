@@ -4,7 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.bytes(["."]);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["proto/echo.proto"],
+        &["proto/echo.proto", "proto/nodes.proto"],
         &["proto"],
     )?;
     Ok(())

@@ -55,11 +55,11 @@ pub struct MirrorRouteConfig {
 #[serde(untagged)]
 pub enum SecondaryConfig {
     /// Just the group: `block` and `swallow`.
-    Group(toml::Spanned<String>),
+    Group(String),
     /// The group with its policies.
     Detailed {
         /// The group.
-        upstream: toml::Spanned<String>,
+        upstream: String,
         /// `block` (the slowest paces the call) or `drop` (cancelled when
         /// it falls `[fanout] queue` frames behind; the primary is never
         /// slowed).
@@ -96,7 +96,7 @@ pub enum OnErrorConfig {
 
 impl SecondaryConfig {
     /// The group.
-    pub fn upstream(&self) -> &toml::Spanned<String> {
+    pub fn upstream(&self) -> &str {
         match self {
             Self::Group(g) | Self::Detailed { upstream: g, .. } => g,
         }

@@ -669,7 +669,14 @@ impl Config {
             if let Some(m) = &route.mirror {
                 group_exists(&m.primary, format!("{key}.mirror.primary"))?;
                 for (j, s) in m.secondaries.iter().enumerate() {
-                    group_exists(s.upstream(), format!("{key}.mirror.secondaries[{j}]"))?;
+                    let name = s.upstream();
+                    if name != DEFAULT_GROUP && !self.upstreams.contains_key(name) {
+                        return Err(ConfigError::at_key(
+                            text,
+                            format!("{key}.mirror.secondaries[{j}]"),
+                            format!("no upstream group named {name:?} (define [upstreams.{name}])"),
+                        ));
+                    }
                 }
             }
             for name in route.metadata.keys() {

@@ -214,11 +214,23 @@ where
     };
     crate::telemetry::trace::record_upstream(endpoint.address());
     let end_of_stream = body.is_end_stream();
+    // A copy the fan-out may cut off is reset as an error, never as a
+    // CANCEL a hyper server would read as the request's end.
+    let cut_reason = if parts
+        .extensions
+        .get::<sluice_layers::fanout::CutOff>()
+        .is_some()
+    {
+        h2::Reason::INTERNAL_ERROR
+    } else {
+        h2::Reason::CANCEL
+    };
     let head = Request::from_parts(parts, ());
     let sent = tokio::time::Instant::now();
     let (mut response, tx, lease) = endpoint.pool().send(checkout, head, end_of_stream)?;
 
-    let mut pump = (!end_of_stream).then(|| RequestPump::new(body, tx, lease.load().clone()));
+    let mut pump =
+        (!end_of_stream).then(|| RequestPump::new(body, tx, lease.load().clone(), cut_reason));
     // Drive the request body while waiting for the response headers.
     let response = poll_fn(|cx| {
         if let Some(pump) = pump.as_mut() {

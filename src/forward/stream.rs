@@ -48,6 +48,20 @@ pub(super) struct RequestPump<B> {
     sent_any: bool,
     /// Counts the pump while it runs on its own task.
     pub(super) gauge: Option<Gauge>,
+    /// The reset sent when the pump is dropped before the body ended (the
+    /// call was cancelled or cut off).
+    cut_reason: Reason,
+}
+
+impl<B> Drop for RequestPump<B> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Explicit, so the reason is ours rather than h2's implicit
+            // CANCEL (which it sends once every handle of the stream is
+            // gone; this one goes first).
+            self.tx.send_reset(self.cut_reason);
+        }
+    }
 }
 
 impl<B> RequestPump<B>
@@ -55,8 +69,14 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    pub(super) fn new(body: B, tx: SendStream<Bytes>, load: Arc<ConnLoad>) -> Self {
+    pub(super) fn new(
+        body: B,
+        tx: SendStream<Bytes>,
+        load: Arc<ConnLoad>,
+        cut_reason: Reason,
+    ) -> Self {
         Self {
+            cut_reason,
             body,
             tx,
             pending: None,
@@ -126,7 +146,7 @@ where
                 Some(Err(e)) => {
                     let e: BoxError = e.into();
                     debug!(error = %e, "downstream request body failed; cancelling upstream");
-                    self.tx.send_reset(Reason::CANCEL);
+                    self.tx.send_reset(self.cut_reason);
                     return Poll::Ready(());
                 }
                 None => {

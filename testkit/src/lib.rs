@@ -39,6 +39,21 @@ pub mod pb {
 
 pub use pb::{Reply, Req, echo_client::EchoClient};
 
+/// The generated messages, client and server of `proto/nodes.proto`: a
+/// Talos-style service for fan-out tests.
+pub mod npb {
+    #![allow(
+        missing_docs,
+        unreachable_pub,
+        clippy::use_self,
+        missing_debug_implementations
+    )]
+    tonic::include_proto!("sluice.test.nodes");
+}
+
+mod nodes;
+pub use nodes::{NodeCounts, NodeProbe, NodeServer};
+
 /// The `grpc-status-details-bin` bytes every steered failure carries, with
 /// bytes that are not valid UTF-8 on purpose.
 pub const FAILURE_DETAILS: &[u8] = b"\x00\x01\xfe\xffdetails";

@@ -8,6 +8,7 @@ mod conformance;
 mod deadline;
 mod drain;
 mod errors;
+mod fanout;
 mod flow;
 mod half_close;
 mod headers_first;

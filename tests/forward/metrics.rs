@@ -6,14 +6,14 @@ use sluice_testkit::Req;
 use crate::support::*;
 
 /// A scrape, parsed by a Prometheus text parser.
-async fn scrape(admin_addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+pub(crate) async fn scrape(admin_addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
     let (status, body) = admin(admin_addr, "GET", "/metrics").await;
     assert_eq!(status, 200);
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .expect("valid exposition")
 }
 
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     scrape
         .samples
         .iter()

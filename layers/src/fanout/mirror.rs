@@ -85,7 +85,8 @@ where
         let destination = secondary.destination();
         names.push(Arc::from(destination.name()));
         let (tx, tee) = tee::channel(settings.queue);
-        let req = call::request(&parts, destination, &[], tee, false);
+        let mut req = call::request(&parts, destination, &[], tee, false);
+        req.extensions_mut().insert(super::CutOff);
         let slot: Slot = Arc::default();
         let task = secondaries.spawn(discard(svc.clone(), req, slot.clone(), settings.clone()));
         outlets.push(match secondary.overflow_policy() {

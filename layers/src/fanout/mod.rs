@@ -224,6 +224,17 @@ pub const DEFAULT_MAX_REPLY_BYTES: usize = 4 << 20;
 /// gRPC's default maximum message size.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 
+/// Marks the request of a mirror secondary, which the fan-out may cut off
+/// (when the secondary falls behind in `drop` mode, or the call ends).
+///
+/// A forwarder that resets such a request stream should say
+/// `INTERNAL_ERROR`, not `CANCEL`: hyper (and so tonic) servers read a
+/// request stream reset with `CANCEL` or `NO_ERROR` as a clean end, so a
+/// client-streaming handler would take a cut-off copy for the whole
+/// request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CutOff;
+
 /// What a reply that does not have the expected layout does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]

@@ -1,0 +1,434 @@
+//! Issue #10: fan-out (merge and interleave) and mirror, through a real
+//! sluice to real tonic nodes in the Talos layout.
+
+use std::{net::SocketAddr, time::Duration};
+
+use sluice::{Config, Running};
+use sluice_testkit::{
+    NodeServer,
+    npb::{Chunk, LogsRequest, Metadata, VersionRequest, nodes_client::NodesClient},
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, Request, transport::Channel};
+
+use crate::support::*;
+
+/// A port nothing listens on: a node that is down.
+fn dead_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Group `nodes` of the named endpoints, a keyed fan-out route for the
+/// Nodes service (`nodes` metadata), `extra` TOML appended.
+fn config(nodes: &[(&str, SocketAddr)], extra: &str) -> Config {
+    let endpoints: Vec<String> = nodes
+        .iter()
+        .map(|(name, addr)| format!("{{ address = \"{addr}\", ids = [\"{name}\"] }}"))
+        .collect();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[upstream]
+address = "{first}"
+[upstreams.nodes]
+endpoints = [{endpoints}]
+[fanout]
+streaming_methods = ["*/Logs"]
+{extra}
+[[routes]]
+name = "nodes"
+method = "/sluice.test.nodes.Nodes/*"
+fanout = {{ group = "nodes", key = "nodes" }}
+"#,
+        first = nodes[0].1,
+        endpoints = endpoints.join(", "),
+    );
+    Config::from_toml_str(&text).expect("test config")
+}
+
+async fn start(config: &Config) -> (Running, NodesClient<Channel>) {
+    trace_init();
+    let sluice = sluice::run(config).await.expect("sluice");
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", sluice.listen_addr()))
+            .expect("uri")
+            .connect_lazy();
+    (sluice, NodesClient::new(channel))
+}
+
+fn to<M>(nodes: &str, msg: M) -> Request<M> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("nodes", nodes.parse().expect("ascii"));
+    req
+}
+
+fn hostname(m: &Option<Metadata>) -> &str {
+    m.as_ref().map_or("", |m| m.hostname.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_replies_carry_each_node_and_an_error_entry_for_the_one_down() {
+    let a = NodeServer::start("a");
+    let b = NodeServer::start("b");
+    let cfg = config(&[("a", a.addr), ("b", b.addr), ("c", dead_port())], "");
+    let (sluice, mut client) = start(&cfg).await;
+
+    let res = within(
+        "a merged call",
+        client.version(to("a,b,c", VersionRequest::default())),
+    )
+    .await
+    .expect("OK: not every node failed");
+    let summary = res
+        .metadata()
+        .get("sluice-fanout-status")
+        .map(|v| v.to_str().expect("ascii").to_owned());
+    let entries = res.into_inner().messages;
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    // The route's order: a, b, c.
+    assert_eq!(
+        (entries[0].node.as_str(), hostname(&entries[0].metadata)),
+        ("a", "a")
+    );
+    assert_eq!(
+        (entries[1].node.as_str(), hostname(&entries[1].metadata)),
+        ("b", "b")
+    );
+    let down = &entries[2];
+    assert_eq!(down.node, "", "an error entry has only metadata");
+    let meta = down.metadata.as_ref().expect("metadata");
+    assert_eq!(meta.hostname, "c");
+    assert!(!meta.error.is_empty());
+    assert_eq!(
+        meta.status.as_ref().map(|s| s.code),
+        Some(Code::Unavailable as i32)
+    );
+    // The trailer names each node's status (tonic merges a unary call's
+    // trailers into its metadata).
+    assert_eq!(summary.as_deref(), Some("a=OK, b=OK, c=UNAVAILABLE"));
+    // The routing key is stripped before forwarding.
+    let seen = a.probe.last_metadata().expect("a saw the call");
+    assert!(
+        seen.get("nodes").is_none(),
+        "the routing key reached the node"
+    );
+    drop(sluice);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_node_is_an_entry_and_all_failing_is_the_calls_status() {
+    let a = NodeServer::start("a");
+    let b = NodeServer::start("b");
+    let cfg = config(&[("a", a.addr), ("b", b.addr)], "");
+    let (_sluice, mut client) = start(&cfg).await;
+    // Both nodes fail as asked: the call fails with their code.
+    let err = within(
+        "an all-failing call",
+        client.version(to(
+            "a,b",
+            VersionRequest {
+                fail_code: Code::NotFound as i32,
+                delay_ms: 0,
+            },
+        )),
+    )
+    .await
+    .expect_err("every destination failed");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(
+        err.message().contains("every destination failed"),
+        "{err:?}"
+    );
+    // Repeated key values are destinations too, once each.
+    let mut req = to("a", VersionRequest::default());
+    req.metadata_mut()
+        .append("nodes", "b, a".parse().expect("ascii"));
+    let entries = within("repeated keys", client.version(req))
+        .await
+        .expect("OK")
+        .into_inner()
+        .messages;
+    let names: Vec<&str> = entries.iter().map(|e| e.node.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_fanout_delivers_every_line_of_every_node_enriched() {
+    let nodes: Vec<NodeServer> = ["a", "b", "c"]
+        .iter()
+        .map(|n| NodeServer::start(n))
+        .collect();
+    let named: Vec<(&str, SocketAddr)> = ["a", "b", "c"]
+        .iter()
+        .copied()
+        .zip(nodes.iter().map(|n| n.addr))
+        .collect();
+    let (_sluice, mut client) = start(&config(&named, "")).await;
+    let mut stream = within(
+        "the stream's headers",
+        client.logs(to(
+            "a,b,c",
+            LogsRequest {
+                lines: 20,
+                line_size: 10,
+                delay_ms: 0,
+            },
+        )),
+    )
+    .await
+    .expect("headers")
+    .into_inner();
+    let mut per_node: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    while let Some(line) = within("the next line", stream.next()).await {
+        let line = line.expect("a line");
+        assert_eq!(
+            hostname(&line.metadata),
+            line.node,
+            "enriched with its node"
+        );
+        per_node
+            .entry(line.node.clone())
+            .or_default()
+            .push(line.seq);
+    }
+    assert_eq!(per_node.len(), 3);
+    for (node, seqs) in per_node {
+        assert_eq!(
+            seqs,
+            (0..20).collect::<Vec<_>>(),
+            "node {node}: every line, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_stalls_every_node_then_gets_everything() {
+    let nodes: Vec<NodeServer> = ["a", "b", "c"]
+        .iter()
+        .map(|n| NodeServer::start(n))
+        .collect();
+    let named: Vec<(&str, SocketAddr)> = ["a", "b", "c"]
+        .iter()
+        .copied()
+        .zip(nodes.iter().map(|n| n.addr))
+        .collect();
+    let (_sluice, mut client) = start(&config(&named, "")).await;
+    // 3 × 4000 lines of 4 KiB (48 MiB): far past every window and queue.
+    let lines = 4000;
+    let mut stream = within(
+        "headers",
+        client.logs(to(
+            "a,b,c",
+            LogsRequest {
+                lines,
+                line_size: 4096,
+                delay_ms: 0,
+            },
+        )),
+    )
+    .await
+    .expect("headers")
+    .into_inner();
+    // Not reading: every node gets going, then every node stops short.
+    for n in &nodes {
+        n.probe.wait_for(LIMIT, |c| c.lines_sent > 0).await;
+    }
+    let settled = |n: &NodeServer| n.probe.counts().lines_sent;
+    let mut before: Vec<u64> = nodes.iter().map(settled).collect();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now: Vec<u64> = nodes.iter().map(settled).collect();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    for (n, sent) in nodes.iter().zip(&before) {
+        assert!(
+            *sent < u64::from(lines) / 2,
+            "a node sent {sent} of {lines} lines to a client that reads nothing: {:?}",
+            n.probe.counts()
+        );
+    }
+    // Reading again: everything arrives.
+    let mut got = 0;
+    while let Some(line) = within("the next line", stream.next()).await {
+        line.expect("a line");
+        got += 1;
+    }
+    assert_eq!(got, 3 * lines);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_stream_passes_unrewritten() {
+    let a = NodeServer::start("a");
+    let b = NodeServer::start("b");
+    let (_sluice, client) = start(&config(&[("a", a.addr), ("b", b.addr)], "")).await;
+    // The client accepts gzip, so the nodes compress every line.
+    let mut client = client.accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let mut stream = within(
+        "headers",
+        client.logs(to(
+            "a,b",
+            LogsRequest {
+                lines: 5,
+                line_size: 100,
+                delay_ms: 0,
+            },
+        )),
+    )
+    .await
+    .expect("headers")
+    .into_inner();
+    let mut got = 0;
+    while let Some(line) = within("the next line", stream.next()).await {
+        let line = line.expect("a line that decompresses and decodes");
+        // Left as the node sent it: no metadata was appended.
+        assert_eq!(hostname(&line.metadata), "");
+        assert_eq!(line.text.len(), 100);
+        got += 1;
+    }
+    assert_eq!(got, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_fanout_reaches_every_node() {
+    let nodes: Vec<NodeServer> = ["a", "b", "c"]
+        .iter()
+        .map(|n| NodeServer::start(n))
+        .collect();
+    let named: Vec<(&str, SocketAddr)> = ["a", "b", "c"]
+        .iter()
+        .copied()
+        .zip(nodes.iter().map(|n| n.addr))
+        .collect();
+    let (_sluice, mut client) = start(&config(&named, "")).await;
+    let mut stream = within(
+        "headers",
+        client.logs(to(
+            "a,b,c",
+            LogsRequest {
+                lines: 1_000_000,
+                line_size: 10,
+                delay_ms: 5,
+            },
+        )),
+    )
+    .await
+    .expect("headers")
+    .into_inner();
+    within("a first line", stream.next()).await;
+    drop(stream);
+    for n in &nodes {
+        n.probe.wait_for(LIMIT, |c| c.cancelled == 1).await;
+    }
+}
+
+/// Waits until the mirror finalizer counted `outcome` for `destination`
+/// once (the report comes when the last destination has ended).
+async fn reported(sluice: &Running, destination: &str, outcome: &str) {
+    let admin_addr = sluice.admin_addr().expect("admin");
+    within("the mirror's report", async {
+        loop {
+            let s = crate::metrics::scrape(admin_addr).await;
+            let labels = [("destination", destination), ("outcome", outcome)];
+            let n = crate::metrics::value(&s, "sluice_mirror_outcomes_total", &labels);
+            if n >= 1.0 {
+                assert_eq!(n, 1.0, "{destination} {outcome}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+fn mirror_config(primary: SocketAddr, shadow: SocketAddr, policy: &str) -> Config {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[upstream]
+address = "{primary}"
+[upstreams.primary]
+endpoints = ["{primary}"]
+[upstreams.shadow]
+endpoints = ["{shadow}"]
+[fanout]
+queue = 4
+[[routes]]
+name = "writes"
+method = "/sluice.test.nodes.Nodes/Write"
+mirror = {{ primary = "primary", secondaries = [{{ upstream = "shadow", overflow = "{policy}" }}] }}
+"#
+    );
+    Config::from_toml_str(&text).expect("mirror config")
+}
+
+/// Streams `n` chunks of `size` bytes to Write and returns the time the
+/// call took.
+async fn write(client: &mut NodesClient<Channel>, n: usize, size: usize) -> (Duration, u64) {
+    let chunks = tokio_stream::iter((0..n).map(move |_| Chunk {
+        data: vec![7u8; size].into(),
+    }));
+    let started = std::time::Instant::now();
+    let res = within("a mirrored write", client.write(chunks))
+        .await
+        .expect("the primary's OK");
+    let r = res.into_inner().messages;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].node, "primary", "only the primary answers");
+    (started.elapsed(), r[0].chunks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_secondary_in_drop_mode_never_slows_the_primary() {
+    let primary = NodeServer::start("primary");
+    // 20 ms per 16 KiB chunk: 300 chunks (4.8 MiB, more than the windows
+    // and queue in between hold) would take 6 s.
+    let shadow = NodeServer::start_with("shadow", Duration::from_millis(20));
+    let cfg = mirror_config(primary.addr, shadow.addr, "drop");
+    let (sluice, mut client) = start(&cfg).await;
+    let (took, chunks) = write(&mut client, 300, 16 << 10).await;
+    assert_eq!(chunks, 300);
+    assert!(
+        took < Duration::from_secs(2),
+        "the primary was paced by the secondary: {took:?}"
+    );
+    // The finalizer's report: the secondary was dropped.
+    reported(&sluice, "shadow", "dropped").await;
+    reported(&sluice, "primary", "ok").await;
+    // Cut off: it never got the whole write (it may even have been dropped
+    // before its call reached it).
+    let c = shadow.probe.counts();
+    assert_eq!(c.writes_done, 0, "{c:?}");
+    assert!(c.chunks < 300, "{c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_secondary_in_block_mode_paces_the_call_and_gets_everything() {
+    let primary = NodeServer::start("primary");
+    // 300 chunks of 16 KiB at 2 ms each: 0.6 s at the secondary, of which
+    // its windows and queues (about 1.4 MiB, 90 chunks) absorb 0.18 s.
+    let shadow = NodeServer::start_with("shadow", Duration::from_millis(2));
+    let cfg = mirror_config(primary.addr, shadow.addr, "block");
+    let (sluice, mut client) = start(&cfg).await;
+    let (took, chunks) = write(&mut client, 300, 16 << 10).await;
+    assert_eq!(chunks, 300);
+    let c = shadow.probe.wait_for(LIMIT, |c| c.writes_done == 1).await;
+    assert_eq!(c.chunks, 300, "the secondary got every chunk");
+    // Paced: the client could not run ahead of the secondary by more
+    // than the queue (4 frames) plus the windows in between.
+    assert!(
+        took >= Duration::from_millis(250),
+        "the call was not paced by the secondary: {took:?}"
+    );
+    reported(&sluice, "shadow", "ok").await;
+}
