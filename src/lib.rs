@@ -146,7 +146,8 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         }
     };
 
-    let shared = server::Shared::new(&config.server, counters.clone(), metrics.clone());
+    let tag_peer = config.enrich.forwarded || config.enrich.x_forwarded_for;
+    let shared = server::Shared::new(&config.server, tag_peer, counters.clone(), metrics.clone());
     let server = tokio::spawn(server::serve(
         listener,
         Arc::new(shared),

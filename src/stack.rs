@@ -6,13 +6,15 @@ use sluice_layers::{
     deadline::{Deadline, DeadlineLayer},
     direct::{Direct, DirectLayer},
     drain::{Drain, DrainLayer, Watch},
+    enrich::{Enrich, EnrichLayer},
     fanout::{Fanout, FanoutLayer, Malformed},
     peek::{Peek, PeekLayer},
 };
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, util::Either};
 
 use tower_http::{
     classify::{GrpcErrorsAsFailures, SharedClassifier},
+    request_id::{MakeRequestId, RequestId, SetRequestId, SetRequestIdLayer},
     trace::Trace,
 };
 
@@ -30,9 +32,12 @@ use crate::{
     upstream::Groups,
 };
 
+/// `x-request-id` for calls without one, when `[enrich] request_id`.
+type Ids<S> = Either<SetRequestId<S, MakeId>, S>;
+
 /// The stack between the server and the upstream.
 pub(crate) type Stack = Trace<
-    CallMetrics<Rescue<Drain<Peek<Direct<Fanout<Deadline<Forward>>, Routes>>>>>,
+    CallMetrics<Rescue<Drain<Enrich<Ids<Peek<Direct<Fanout<Deadline<Forward>>, Routes>>>>>>>,
     SharedClassifier<GrpcErrorsAsFailures>,
     trace::MakeSpan,
     (),
@@ -77,6 +82,17 @@ pub(crate) fn build(
         // saw the final GOAWAY, which promised to process them; later ones
         // h2 refuses itself (REFUSED_STREAM, retried by clients).
         .layer(DrainLayer::new(drain).admit_while_draining(true))
+        // Strip the keys a client must not set, then add this hop's
+        // (static values, forwarded, x-forwarded-for): before routing, so
+        // no route matches a spoofed key.
+        .layer(enrich_layer(config))
+        // A generated x-request-id for a call that has none (tower-http).
+        .option_layer(
+            config
+                .enrich
+                .request_id
+                .then(|| SetRequestIdLayer::x_request_id(MakeId::new())),
+        )
         // Read the first request message when a route matches on it (and
         // nothing otherwise); it is replayed to the upstream untouched.
         .layer(
@@ -127,4 +143,68 @@ fn fanout_layer(config: &Config, metrics: Arc<Metrics>) -> FanoutLayer {
             ),
         })
         .on_report(move |report| metrics.fanout_report(report))
+}
+
+/// `[enrich]` as a layer (an empty one passes calls untouched).
+fn enrich_layer(config: &Config) -> EnrichLayer {
+    let e = &config.enrich;
+    // validate() checked every key and value.
+    let name = |k: &str| http::HeaderName::try_from(k.to_ascii_lowercase()).ok();
+    let mut layer = EnrichLayer::new();
+    for k in e.strip.iter().filter_map(|k| name(k)) {
+        layer = layer.strip(k);
+    }
+    for p in &e.strip_prefixes {
+        layer = layer.strip_prefix(p.as_str());
+    }
+    for k in e.remove.iter().filter_map(|k| name(k)) {
+        layer = layer.remove(k);
+    }
+    for (k, v) in &e.set {
+        if let (Some(k), Ok(v)) = (name(k), http::HeaderValue::try_from(v.as_str())) {
+            layer = layer.set(k, v);
+        }
+    }
+    for (k, v) in &e.append {
+        if let (Some(k), Ok(v)) = (name(k), http::HeaderValue::try_from(v.as_str())) {
+            layer = layer.append(k, v);
+        }
+    }
+    if e.forwarded {
+        layer = layer.forwarded();
+    }
+    if e.x_forwarded_for {
+        layer = layer.x_forwarded_for();
+    }
+    layer
+}
+
+/// Request ids: this process's random prefix and a counter, unique
+/// without a lock or a random number per call.
+#[derive(Clone, Debug)]
+pub(crate) struct MakeId {
+    prefix: u64,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MakeId {
+    fn new() -> Self {
+        let prefix = std::hash::BuildHasher::hash_one(
+            &std::hash::RandomState::new(),
+            (std::process::id(), std::time::SystemTime::now()),
+        );
+        Self {
+            prefix,
+            next: Arc::default(),
+        }
+    }
+}
+
+impl MakeRequestId for MakeId {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        http::HeaderValue::try_from(format!("{:016x}-{n:x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
 }

@@ -71,6 +71,7 @@ mod macros;
 pub mod deadline;
 pub mod direct;
 pub mod drain;
+pub mod enrich;
 pub mod fanout;
 pub mod grpc;
 pub mod peek;

@@ -6,6 +6,7 @@
 //! [`DEFAULT_TOML`]: inbound h2c on port 15051, forwarding to the
 //! application on `127.0.0.1:50051`.
 
+mod enrich;
 mod error;
 mod fanout;
 mod value;
@@ -14,6 +15,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 
+pub use self::enrich::EnrichConfig;
 pub use self::error::ConfigError;
 pub use self::fanout::{
     FailWhen, FanoutConfig, FanoutMode, FanoutRouteConfig, MalformedConfig, MirrorRouteConfig,
@@ -163,6 +165,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// What fan-out and mirror routes share.
     pub fanout: FanoutConfig,
+    /// Request metadata added and stripped on every call.
+    pub enrich: EnrichConfig,
 }
 
 /// `[upstreams.NAME]`: a named group of endpoints.
@@ -681,6 +685,24 @@ impl Config {
             }
             for name in route.metadata.keys() {
                 header_name(name, format!("{key}.metadata.{name}"))?;
+            }
+        }
+        let e = &self.enrich;
+        for (what, keys) in [("strip", &e.strip), ("remove", &e.remove)] {
+            for (i, k) in keys.iter().enumerate() {
+                header_name(k, format!("enrich.{what}[{i}]"))?;
+            }
+        }
+        for (what, map) in [("set", &e.set), ("append", &e.append)] {
+            for (k, v) in map {
+                header_name(k, format!("enrich.{what}.{k}"))?;
+                if http::HeaderValue::try_from(v.as_str()).is_err() {
+                    return Err(ConfigError::at_key(
+                        text,
+                        format!("enrich.{what}.{k}"),
+                        format!("{v:?} is not a valid metadata value"),
+                    ));
+                }
             }
         }
         if self.fanout.metadata_field == 0 || self.fanout.metadata_field >= 1 << 29 {

@@ -69,6 +69,9 @@ pub(crate) struct Shared {
     max_resets_per_second: u32,
     max_in_flight: usize,
     refuse_non_grpc: bool,
+    /// Whether each call gets the peer's address as a request extension
+    /// (only when an enrich rule reads it: it costs an allocation).
+    tag_peer: bool,
     counters: Arc<Counters>,
     metrics: Arc<Metrics>,
 }
@@ -76,6 +79,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(
         config: &ServerConfig,
+        tag_peer: bool,
         counters: Arc<Counters>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -99,6 +103,7 @@ impl Shared {
             max_resets_per_second: config.max_resets_per_second,
             max_in_flight: config.max_in_flight,
             refuse_non_grpc: config.non_grpc == crate::config::NonGrpc::Refuse,
+            tag_peer,
             counters,
             metrics,
         }
@@ -293,7 +298,7 @@ pub(super) async fn serve<T, S, B>(
                         due.idle = None;
                         calls
                             .get_or_insert_with(FuturesUnordered::new)
-                            .push(admit(svc, req, respond, shared));
+                            .push(admit(svc, req, respond, shared, peer));
                         accepted = true;
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
@@ -382,6 +387,7 @@ fn admit<S, B>(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     shared: &Shared,
+    peer: SocketAddr,
 ) -> CallFuture<S::Future, B>
 where
     S: Service<Request<RecvBody>, Response = Response<B>>,
@@ -404,6 +410,11 @@ where
             "sluice is at server.max_in_flight calls; retry later",
         );
         return CallFuture::refused(call::refuse(req, respond, refusal, REFUSAL_LINGER));
+    }
+    let mut req = req;
+    if shared.tag_peer {
+        req.extensions_mut()
+            .insert(sluice_layers::enrich::PeerAddr(peer));
     }
     // The call counts as in flight until its answer is out or abandoned.
     let in_flight = Gauge::hold(&shared.counters, Kind::Call);

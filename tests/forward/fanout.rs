@@ -432,3 +432,90 @@ async fn a_slow_secondary_in_block_mode_paces_the_call_and_gets_everything() {
     );
     reported(&sluice, "shadow", "ok").await;
 }
+
+/// A whole-group merge route over echo servers, whose `Reply { bytes
+/// payload = 1; uint64 seq = 2; }` is not a list of field-1 entries as
+/// soon as `seq` is set.
+fn echo_fanout(a: SocketAddr, b: SocketAddr, malformed: &str) -> Config {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[upstream]
+address = "{a}"
+[upstreams.echoes]
+endpoints = [{{ address = "{a}", ids = ["e1"] }}, {{ address = "{b}", ids = ["e2"] }}]
+[fanout]
+malformed = "{malformed}"
+[[routes]]
+name = "echo everywhere"
+method = "/sluice.test.Echo/Unary"
+fanout = {{ group = "echoes" }}
+"#
+    );
+    Config::from_toml_str(&text).expect("echo fan-out config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_in_the_wrong_layout_fails_the_call_naming_the_destination() {
+    let (e1, e2) = (
+        sluice_testkit::EchoServer::start().await,
+        sluice_testkit::EchoServer::start().await,
+    );
+    trace_init();
+    let sluice = sluice::run(&echo_fanout(e1.addr, e2.addr, "fail"))
+        .await
+        .expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    // Without seq the reply is one field-1 entry: it merges.
+    let ok = within(
+        "a well-formed merge",
+        client.unary(sluice_testkit::Req {
+            payload: b"hi".to_vec().into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("merged");
+    assert_eq!(&ok.get_ref().payload[..2], b"hi", "{:?}", ok.get_ref());
+    // With seq (field 2) it is not the layout: INTERNAL, naming e1.
+    let err = within(
+        "a malformed merge",
+        client.unary(sluice_testkit::Req {
+            payload: b"hi".to_vec().into(),
+            seq: 5,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect_err("malformed");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(err.message().contains("e1"), "{err:?}");
+
+    // With `malformed = "pass"` it passes unenriched, and is counted.
+    let sluice = sluice::run(&echo_fanout(e1.addr, e2.addr, "pass"))
+        .await
+        .expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    let ok = within(
+        "a passed-through merge",
+        client.unary(sluice_testkit::Req {
+            payload: b"hi".to_vec().into(),
+            seq: 5,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("passed through");
+    assert_eq!(ok.get_ref().seq, 5);
+    assert_eq!(ok.get_ref().payload, b"hi".to_vec());
+    let s = crate::metrics::scrape(sluice.admin_addr().expect("admin")).await;
+    let malformed = crate::metrics::value(
+        &s,
+        "sluice_fanout_outcomes_total",
+        &[("route", "echo everywhere"), ("outcome", "malformed")],
+    );
+    assert_eq!(malformed, 2.0);
+}

@@ -7,6 +7,7 @@ mod cancel;
 mod conformance;
 mod deadline;
 mod drain;
+mod enrich;
 mod errors;
 mod fanout;
 mod flow;

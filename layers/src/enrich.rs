@@ -1,0 +1,335 @@
+//! Middleware that edits a call's request metadata on the way through:
+//! strips keys a client must not be able to set, removes, sets and appends
+//! static values, and adds the peer's address as `forwarded` (RFC 7239)
+//! and `x-forwarded-for`.
+//!
+//! The peer address comes from a [`PeerAddr`] request extension, which a
+//! server puts there (sluice's does when an enrich rule needs it). The
+//! order is fixed: strip (inbound copies of keys this hop owns go first),
+//! remove, set, append, then the forwarding headers. The body passes
+//! untouched; a request id (`x-request-id` when absent) is tower-http's
+//! `SetRequestIdLayer`, which composes with this layer.
+//!
+//! On the response side, the wire-level metadata of Talos's `AppendInfo`
+//! is a [`fanout`](crate::fanout) route's job; a fan-out to a single
+//! destination gives one upstream's replies that enrichment.
+//!
+//! # Example
+//!
+//! ```
+//! use std::net::SocketAddr;
+//! use bytes::Bytes;
+//! use http::{HeaderMap, Request, Response};
+//! use http_body_util::Empty;
+//! use sluice_layers::enrich::{EnrichLayer, PeerAddr};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), sluice_layers::BoxError> {
+//! let layer = EnrichLayer::new()
+//!     .strip_prefix("x-sluice-")
+//!     .set(http::HeaderName::from_static("x-env"), "prod".parse()?)
+//!     .forwarded()
+//!     .x_forwarded_for();
+//! let svc = ServiceBuilder::new().layer(layer).service_fn(|req: Request<Empty<Bytes>>| async move {
+//!     // The upstream sees what the layer made of the head.
+//!     let mut res = Response::new(Empty::<Bytes>::new());
+//!     *res.headers_mut() = req.headers().clone();
+//!     Ok::<_, std::convert::Infallible>(res)
+//! });
+//!
+//! let mut req = Request::new(Empty::new());
+//! req.headers_mut().insert("x-sluice-client-id", "spoofed".parse()?);
+//! req.headers_mut().insert("x-forwarded-for", "10.0.0.1".parse()?);
+//! req.extensions_mut().insert(PeerAddr("192.0.2.7:4711".parse::<SocketAddr>()?));
+//! let seen: HeaderMap = svc.oneshot(req).await?.headers().clone();
+//! assert!(seen.get("x-sluice-client-id").is_none());
+//! assert_eq!(seen["x-env"], "prod");
+//! assert_eq!(seen["forwarded"], "for=192.0.2.7:4711");
+//! assert_eq!(seen["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+//! # Ok(())
+//! # }
+//! ```
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The address of the peer that sent a request, as a request extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+#[derive(Clone, Debug, Default)]
+struct Rules {
+    strip: Vec<HeaderName>,
+    strip_prefixes: Vec<String>,
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+    append: Vec<(HeaderName, HeaderValue)>,
+    forwarded: bool,
+    x_forwarded_for: bool,
+}
+
+/// [`Layer`] that applies [`Enrich`] middleware.
+///
+/// See the [module docs](crate::enrich) for an example.
+#[derive(Clone, Debug, Default)]
+pub struct EnrichLayer {
+    rules: Arc<Rules>,
+}
+
+/// Middleware that edits request metadata.
+///
+/// See the [module docs](crate::enrich) for an example.
+#[derive(Clone, Debug)]
+pub struct Enrich<S> {
+    inner: S,
+    rules: Arc<Rules>,
+}
+
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+// === impl EnrichLayer ===
+
+impl EnrichLayer {
+    /// A layer that changes nothing until told to.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut Rules)) -> Self {
+        f(Arc::make_mut(&mut self.rules));
+        self
+    }
+
+    /// Removes every inbound value of `key` before anything is added.
+    #[must_use]
+    pub fn strip(self, key: HeaderName) -> Self {
+        self.with(|r| r.strip.push(key))
+    }
+
+    /// Removes every inbound key starting with `prefix` (lowercase, e.g.
+    /// `x-sluice-`) before anything is added.
+    #[must_use]
+    pub fn strip_prefix(self, prefix: impl Into<String>) -> Self {
+        self.with(|r| r.strip_prefixes.push(prefix.into().to_ascii_lowercase()))
+    }
+
+    /// Removes `key`.
+    #[must_use]
+    pub fn remove(self, key: HeaderName) -> Self {
+        self.with(|r| r.remove.push(key))
+    }
+
+    /// Sets `key` to `value`, replacing what the client sent.
+    #[must_use]
+    pub fn set(self, key: impl Into<HeaderName>, value: HeaderValue) -> Self {
+        let key = key.into();
+        self.with(|r| r.set.push((key, value)))
+    }
+
+    /// Adds `value` to `key`, after what the client sent.
+    #[must_use]
+    pub fn append(self, key: impl Into<HeaderName>, value: HeaderValue) -> Self {
+        let key = key.into();
+        self.with(|r| r.append.push((key, value)))
+    }
+
+    /// Adds an RFC 7239 `forwarded: for=<peer>` element.
+    #[must_use]
+    pub fn forwarded(self) -> Self {
+        self.with(|r| r.forwarded = true)
+    }
+
+    /// Adds the peer's IP to `x-forwarded-for` (one comma-separated value).
+    #[must_use]
+    pub fn x_forwarded_for(self) -> Self {
+        self.with(|r| r.x_forwarded_for = true)
+    }
+
+    /// Whether any rule needs the [`PeerAddr`] extension.
+    pub fn needs_peer(&self) -> bool {
+        self.rules.forwarded || self.rules.x_forwarded_for
+    }
+
+    /// Whether the layer changes nothing.
+    pub fn is_empty(&self) -> bool {
+        let r = &self.rules;
+        r.strip.is_empty()
+            && r.strip_prefixes.is_empty()
+            && r.remove.is_empty()
+            && r.set.is_empty()
+            && r.append.is_empty()
+            && !self.needs_peer()
+    }
+}
+
+impl<S> Layer<S> for EnrichLayer {
+    type Service = Enrich<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Enrich {
+            inner,
+            rules: self.rules.clone(),
+        }
+    }
+}
+
+// === impl Enrich ===
+
+impl<S> Enrich<S> {
+    /// Wraps `inner` with the rules of `layer`.
+    pub fn new(inner: S, layer: &EnrichLayer) -> Self {
+        layer.layer(inner)
+    }
+
+    /// Returns an empty [`EnrichLayer`].
+    pub fn layer() -> EnrichLayer {
+        EnrichLayer::new()
+    }
+
+    inner_accessors!();
+}
+
+impl<S, B> Service<Request<B>> for Enrich<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let peer = req.extensions().get::<PeerAddr>().copied();
+        self.rules.apply(req.headers_mut(), peer);
+        self.inner.call(req)
+    }
+}
+
+impl Rules {
+    fn apply(&self, headers: &mut HeaderMap, peer: Option<PeerAddr>) {
+        for key in self.strip.iter().chain(&self.remove) {
+            headers.remove(key);
+        }
+        if !self.strip_prefixes.is_empty() {
+            let doomed: Vec<HeaderName> = headers
+                .keys()
+                .filter(|k| {
+                    self.strip_prefixes
+                        .iter()
+                        .any(|p| k.as_str().starts_with(p.as_str()))
+                })
+                .cloned()
+                .collect();
+            for key in doomed {
+                headers.remove(key);
+            }
+        }
+        for (key, value) in &self.set {
+            headers.insert(key.clone(), value.clone());
+        }
+        for (key, value) in &self.append {
+            headers.append(key.clone(), value.clone());
+        }
+        let Some(PeerAddr(peer)) = peer else {
+            return;
+        };
+        if self.forwarded {
+            // RFC 7239 §6: an IPv6 node (with a port) is quoted.
+            let node = match peer {
+                SocketAddr::V4(v4) => format!("for={v4}"),
+                SocketAddr::V6(v6) => format!("for=\"{v6}\""),
+            };
+            if let Ok(v) = HeaderValue::try_from(node) {
+                headers.append(FORWARDED, v);
+            }
+        }
+        if self.x_forwarded_for {
+            let ip = peer.ip().to_string();
+            let list = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(before) if !before.trim().is_empty() => format!("{before}, {ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::try_from(list) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(layer: &EnrichLayer, headers: &[(&str, &str)], peer: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                HeaderName::try_from(*k).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        layer
+            .rules
+            .apply(&mut h, Some(PeerAddr(peer.parse().expect("addr"))));
+        h
+    }
+
+    #[test]
+    fn strips_before_it_adds_and_quotes_ipv6() {
+        let layer = EnrichLayer::new()
+            .strip(HeaderName::from_static("x-role"))
+            .strip_prefix("X-Sluice-")
+            .set(
+                HeaderName::from_static("x-role"),
+                HeaderValue::from_static("sidecar"),
+            )
+            .append(
+                HeaderName::from_static("x-hop"),
+                HeaderValue::from_static("b"),
+            )
+            .remove(HeaderName::from_static("x-debug"))
+            .forwarded()
+            .x_forwarded_for();
+        let h = applied(
+            &layer,
+            &[
+                ("x-role", "admin"),
+                ("x-sluice-client-id", "spoofed"),
+                ("x-sluice-other", "spoofed"),
+                ("x-hop", "a"),
+                ("x-debug", "1"),
+                ("forwarded", "for=10.0.0.1"),
+            ],
+            "[2001:db8::1]:4711",
+        );
+        let all = |k: &str| -> Vec<&str> {
+            h.get_all(k)
+                .iter()
+                .map(|v| v.to_str().expect("ascii"))
+                .collect()
+        };
+        assert_eq!(all("x-role"), ["sidecar"]);
+        assert!(all("x-sluice-client-id").is_empty() && all("x-sluice-other").is_empty());
+        assert_eq!(all("x-hop"), ["a", "b"]);
+        assert!(all("x-debug").is_empty());
+        assert_eq!(
+            all("forwarded"),
+            ["for=10.0.0.1", "for=\"[2001:db8::1]:4711\""]
+        );
+        assert_eq!(all("x-forwarded-for"), ["2001:db8::1"]);
+        assert!(layer.needs_peer() && !layer.is_empty());
+        assert!(EnrichLayer::new().is_empty());
+    }
+}
