@@ -345,3 +345,92 @@ fn a_malformed_otlp_endpoint_is_a_config_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("trace.otlp_endpoint"), "{stderr}");
 }
+
+/// Issue #10's acceptance: `config/fanout.toml`, run by the real binary
+/// against three tonic nodes: a keyed one-to-many call merges every node's
+/// reply, and a write is mirrored with only the primary answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fanout_example_config_runs_against_three_nodes() {
+    use sluice_testkit::{
+        NodeServer,
+        npb::{Chunk, VersionRequest, nodes_client::NodesClient},
+    };
+    let nodes: Vec<NodeServer> = ["node-1", "node-2", "node-3"]
+        .iter()
+        .map(|n| NodeServer::start(n))
+        .collect();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fanout.toml");
+    let mut text = std::fs::read_to_string(&path).expect("config/fanout.toml");
+    for (i, node) in nodes.iter().enumerate() {
+        text = text.replace(&format!("127.0.0.1:5006{}", i + 1), &node.addr.to_string());
+    }
+    let file = write_config(&text);
+    let check = sluice()
+        .args(["check", file.as_str()])
+        .output()
+        .expect("run");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        stdout.contains("fan out to the endpoints of nodes named by nodes"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("mirror: storage answers, copies to replica (drop, swallow)"),
+        "{stdout}"
+    );
+
+    let (mut proc, addr) = spawn(&[
+        "--config",
+        file.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+    ]);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_lazy();
+    let mut client = NodesClient::new(channel);
+    let mut req = tonic::Request::new(VersionRequest::default());
+    req.metadata_mut()
+        .insert("nodes", "node-1,node-2,node-3".parse().expect("ascii"));
+    let reply = tokio::time::timeout(LIMIT, client.version(req))
+        .await
+        .expect("in time")
+        .expect("a merged reply")
+        .into_inner();
+    let hosts: Vec<&str> = reply
+        .messages
+        .iter()
+        .map(|m| m.metadata.as_ref().map_or("", |md| md.hostname.as_str()))
+        .collect();
+    assert_eq!(hosts, ["node-1", "node-2", "node-3"]);
+    let names: Vec<&str> = reply.messages.iter().map(|m| m.node.as_str()).collect();
+    assert_eq!(names, hosts, "each entry is its node's own");
+
+    let chunks = tokio_stream::iter((0..3).map(|_| Chunk {
+        data: vec![1u8; 10].into(),
+    }));
+    let written = tokio::time::timeout(LIMIT, client.write(chunks))
+        .await
+        .expect("in time")
+        .expect("the primary's answer")
+        .into_inner();
+    assert_eq!(written.messages.len(), 1);
+    assert_eq!(
+        written.messages[0].node, "node-1",
+        "storage (node-1) answers"
+    );
+    // The replica got the copy.
+    nodes[1].probe.wait_for(LIMIT, |c| c.writes_done == 1).await;
+    assert_eq!(nodes[1].probe.counts().chunks, 3);
+    let status = tokio::task::spawn_blocking(move || terminate(&mut proc))
+        .await
+        .expect("join");
+    assert_eq!(status.code(), Some(0));
+}
