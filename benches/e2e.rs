@@ -179,6 +179,52 @@ fn main() {
         assert!(second.probe.counts().completed > 0, "the routed calls reached the second group");
         drop(routed);
 
+        // Fan-out to 3 (every unary call merged from three echo servers)
+        // and mirror to 1 (the default group answers, a second echo server
+        // gets a copy): sluice CPU per call beside the single-upstream one.
+        let third = EchoServer::start().await;
+        let fanout = start_sluice(
+            upstream.addr,
+            workers,
+            &format!(
+                "[upstreams.trio]\nendpoints = [\"{}\", \"{}\", \"{}\"]\n\
+                 [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nfanout = {{ group = \"trio\" }}\n",
+                upstream.addr, second.addr, third.addr
+            ),
+            "fanout",
+        );
+        let cpu0 = fanout.cpu_secs();
+        let through_fanout = measure(fanout.addr, Workload::Unary, dur).await;
+        let cpu_fanout = (fanout.cpu_secs() - cpu0) / through_fanout.ops as f64 * 1e6;
+        report("unary, fan-out to 3", direct, through_fanout, "rpc");
+        println!(
+            "{:<24} sluice CPU {cpu_fanout:.1} µs per call = {:.2}x a single call's",
+            "",
+            cpu_fanout / cpu_per_call
+        );
+        drop(fanout);
+        let mirror = start_sluice(
+            upstream.addr,
+            workers,
+            &format!(
+                "[upstreams.shadow]\nendpoints = [\"{}\"]\n\
+                 [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\n\
+                 mirror = {{ primary = \"default\", secondaries = [\"shadow\"] }}\n",
+                second.addr
+            ),
+            "mirror",
+        );
+        let cpu0 = mirror.cpu_secs();
+        let through_mirror = measure(mirror.addr, Workload::Unary, dur).await;
+        let cpu_mirror = (mirror.cpu_secs() - cpu0) / through_mirror.ops as f64 * 1e6;
+        report("unary, mirror to 1", direct, through_mirror, "rpc");
+        println!(
+            "{:<24} sluice CPU {cpu_mirror:.1} µs per call = {:.2}x a single call's",
+            "",
+            cpu_mirror / cpu_per_call
+        );
+        drop(mirror);
+
         for (name, workload) in [("server stream 1 KiB", Workload::Stream1K), ("server stream 64 KiB", Workload::Stream64K)] {
             let direct = measure(upstream.addr, workload, dur).await;
             let through = measure(sluice.addr, workload, dur).await;

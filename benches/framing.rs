@@ -200,8 +200,54 @@ fn drain_layer(c: &mut Criterion) {
     group.finish();
 }
 
+/// Issue #10 §5's worst case for peek: a 64 KiB first message sent as
+/// 65 536 one-byte DATA chunks (each chunk used to re-concatenate all the
+/// bytes so far: gigabytes of memcpy), beside the same message in one
+/// chunk.
+fn peek_worst_case(c: &mut Criterion) {
+    use http_body_util::StreamBody;
+    use sluice_layers::peek::{PeekLayer, ReplayBody};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let len = 64 * 1024 - 5;
+    let mut message = vec![0u8];
+    message.extend_from_slice(&u32::try_from(len).expect("fits").to_be_bytes());
+    message.extend(std::iter::repeat_n(7u8, len));
+    let message = Bytes::from(message);
+    type Chunks = StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
+    >;
+    let inner = service_fn(|_req: Request<ReplayBody<Chunks>>| async {
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let svc = PeekLayer::new().max_bytes(64 * 1024).layer(inner);
+    let mut group = c.benchmark_group("peek_64KiB_first_message");
+    group.sample_size(20);
+    for (name, chunk) in [("one_chunk", message.len()), ("one_byte_chunks", 1)] {
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = (0..message.len())
+                    .step_by(chunk)
+                    .map(|at| {
+                        Ok(http_body::Frame::data(
+                            message.slice(at..(at + chunk).min(message.len())),
+                        ))
+                    })
+                    .collect();
+                let body: Chunks = StreamBody::new(futures_util::stream::iter(frames));
+                let svc = svc.clone();
+                async move { svc.oneshot(Request::new(body)).await }
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    peek_worst_case,
     grpc_headers,
     deadline_layer,
     route_matching,

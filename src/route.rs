@@ -13,8 +13,8 @@ use sluice_layers::{
 };
 
 use crate::config::{
-    Config, DEFAULT_GROUP, Fallback, FanoutMode, FieldMatch, OnErrorConfig, OverflowConfig,
-    RouteConfig, SecondaryConfig, TextMatch,
+    CompressedMatch, Config, DEFAULT_GROUP, Fallback, FanoutMode, FieldMatch, OnErrorConfig,
+    OverflowConfig, RouteConfig, SecondaryConfig, TextMatch,
 };
 
 /// The endpoint names of a group, for a fan-out over all of them (the
@@ -125,10 +125,34 @@ impl Routes {
         }
     }
 
-    /// Whether any route looks at the first message (so calls must be
-    /// peeked).
+    /// Whether any route looks at the first message (so some calls must
+    /// be peeked).
     pub(crate) fn needs_peek(&self) -> bool {
         self.routes.iter().any(|r| r.field.is_some())
+    }
+
+    /// Whether the call with head `parts` must be peeked: a route on the
+    /// first message could still decide it, because no earlier route
+    /// decides on the head alone. Every other call is never read ahead.
+    pub(crate) fn wants_peek(&self, parts: &Parts) -> bool {
+        for route in self.routes.iter() {
+            if !route.head_matches(parts) {
+                continue;
+            }
+            if route.field.is_some() {
+                return true;
+            }
+            if let Action::FanOut(f) = &route.action
+                && f.key
+                    .as_ref()
+                    .is_some_and(|k| !parts.headers.contains_key(k))
+            {
+                // A keyed fan-out without its key passes the call on.
+                continue;
+            }
+            return false;
+        }
+        false
     }
 
     /// One line per route, for `sluice check`.
@@ -405,6 +429,18 @@ impl Routes {
 
 impl Compiled {
     fn matches(&self, parts: &Parts, peeked: &[PeekedMessage]) -> bool {
+        if !self.head_matches(parts) {
+            return false;
+        }
+        if let Some(field) = &self.field {
+            return field_matches(field, peeked.first());
+        }
+        true
+    }
+
+    /// Whether the conditions on the call's head (method, authority,
+    /// metadata) hold.
+    fn head_matches(&self, parts: &Parts) -> bool {
         if let Some(glob) = &self.method
             && !glob.matches(parts.uri.path())
         {
@@ -428,9 +464,6 @@ impl Compiled {
                 return false;
             }
         }
-        if let Some(field) = &self.field {
-            return field_matches(field, peeked.first());
-        }
         true
     }
 }
@@ -438,9 +471,15 @@ impl Compiled {
 /// A field condition on the first message. A compressed message never
 /// matches: its bytes are not protobuf until decompressed.
 fn field_matches(m: &FieldMatch, first: Option<&PeekedMessage>) -> bool {
-    let Some(first) = first.filter(|f| !f.compressed()) else {
+    let Some(first) = first else {
         return false;
     };
+    if first.compressed() {
+        // Its bytes are not protobuf until decompressed: the route says
+        // what such a call gets (a refuse route says `match`, so that
+        // compressing cannot bypass it).
+        return m.compressed == CompressedMatch::Match;
+    }
     let value = wire::find(first.payload(), &m.path);
     if let Some(want) = m.present {
         return value.is_some() == want;

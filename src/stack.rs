@@ -93,13 +93,18 @@ pub(crate) fn build(
                 .request_id
                 .then(|| SetRequestIdLayer::x_request_id(MakeId::new())),
         )
-        // Read the first request message when a route matches on it (and
-        // nothing otherwise); it is replayed to the upstream untouched.
-        .layer(
+        // Read the first request message of a call that a route on message
+        // contents could still match (and nothing of any other call); it
+        // is replayed to the upstream untouched.
+        .layer({
+            let which = routes.clone();
             PeekLayer::new()
                 .max_messages(usize::from(routes.needs_peek()))
-                .max_bytes(peek_max_bytes),
-        )
+                .max_bytes(peek_max_bytes)
+                .max_bytes_per_connection(config.routing.peek_max_bytes_per_connection.0 as usize)
+                .max_wait(config.routing.peek_timeout)
+                .when(move |parts| which.wants_peek(parts))
+        })
         // Pick each call's upstream group from the config's routes, or
         // refuse it with the status the route names.
         .layer(DirectLayer::new(routes))

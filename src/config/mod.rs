@@ -369,6 +369,22 @@ pub struct FieldMatch {
     /// The field is present.
     #[serde(default)]
     pub present: Option<bool>,
+    /// What a compressed first message gets, its bytes being unreadable:
+    /// `no-match` (the default) or `match` (for a refuse route, so that
+    /// compressing the message cannot bypass it).
+    #[serde(default)]
+    pub compressed: CompressedMatch,
+}
+
+/// What a field condition makes of a compressed first message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompressedMatch {
+    /// The condition does not hold.
+    #[default]
+    NoMatch,
+    /// The condition holds.
+    Match,
 }
 
 /// A refusal: the status the client gets.
@@ -390,8 +406,17 @@ pub struct RoutingConfig {
     /// When no route matches: `upstream` (the default group) or
     /// `unimplemented` (refuse with UNIMPLEMENTED).
     pub fallback: Fallback,
-    /// Bytes of request messages routing may hold to match on a field.
+    /// Bytes of request messages routing may hold to match on a field,
+    /// per call.
     pub peek_max_bytes: ByteSize,
+    /// The same, for all the calls of one downstream connection at once:
+    /// peeked memory is at most `server.max_connections` × this.
+    pub peek_max_bytes_per_connection: ByteSize,
+    /// How long a call routing must peek may take to send its first
+    /// message (its `grpc-timeout`, if shorter, wins); then it gets
+    /// DEADLINE_EXCEEDED.
+    #[serde(with = "value::duration")]
+    pub peek_timeout: Duration,
     /// Taken off the `grpc-timeout` forwarded upstream, so the upstream
     /// gives up (and answers) before sluice's own timer fires.
     #[serde(with = "value::duration_or_zero")]
@@ -878,6 +903,11 @@ impl Default for RoutingConfig {
             peek_max_bytes: ByteSize(
                 u32::try_from(sluice_layers::peek::DEFAULT_MAX_BYTES).expect("64 KiB fits"),
             ),
+            peek_max_bytes_per_connection: ByteSize(
+                u32::try_from(sluice_layers::peek::DEFAULT_MAX_BYTES_PER_CONNECTION)
+                    .expect("1 MiB fits"),
+            ),
+            peek_timeout: sluice_layers::peek::DEFAULT_MAX_WAIT,
             deadline_offset: Duration::ZERO,
         }
     }

@@ -586,3 +586,159 @@ async fn the_random_strategy_spreads_calls_regardless_of_latency() {
     assert_eq!(f + s, 100);
     assert!(f >= 25 && s >= 25, "random split {f}/{s}");
 }
+
+/// Issue #10 §5: a duplicated routing field routes as the upstream's
+/// parser reads it (the last value), not as the first occurrence says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicated_routing_field_routes_on_the_value_the_upstream_reads() {
+    trace_init();
+    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
+    let config = with_routes(
+        a.addr,
+        &format!(
+            "[upstreams.b]\nendpoints = [\"{}\"]\n\
+             [[routes]]\nfield = {{ path = \"8\", int = 42 }}\nupstream = \"b\"\n",
+            b.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut send = raw_client(sluice.listen_addr()).await;
+    // seq = 42, then seq = 1: one message, which the upstream reads as 1.
+    for (first, last, to_b) in [(42, 1, false), (1, 42, true)] {
+        let mut msg = Vec::new();
+        prost::Message::encode(
+            &Req {
+                seq: first,
+                ..Req::default()
+            },
+            &mut msg,
+        )
+        .expect("encode");
+        prost::Message::encode(
+            &Req {
+                seq: last,
+                ..Req::default()
+            },
+            &mut msg,
+        )
+        .expect("encode");
+        let mut framed = vec![0];
+        framed.extend_from_slice(&u32::try_from(msg.len()).expect("small").to_be_bytes());
+        framed.extend_from_slice(&msg);
+        let (res, mut body) = send.send_request(grpc_head("Unary"), false).expect("send");
+        body.send_data(framed.into(), true).expect("data");
+        let res = within("the answer", res).await.expect("response");
+        let mut recv = res.into_body();
+        while let Some(chunk) = within("the body", recv.data()).await {
+            chunk.expect("data");
+        }
+        // The answer is over, so the upstream that served it counted it.
+        let (got_a, got_b) = (a.probe.counts().completed, b.probe.counts().completed);
+        let served_by_b = if to_b {
+            got_b == 1
+        } else {
+            got_a == 1 && got_b == 0
+        };
+        assert!(served_by_b, "seq {first} then {last}: a {got_a}, b {got_b}");
+    }
+    assert_eq!(
+        b.probe.counts().completed,
+        1,
+        "only the call the parser reads as 42"
+    );
+    assert_eq!(a.probe.counts().completed, 1);
+}
+
+/// Issue #10 §5: a route on message contents makes only the calls it could
+/// still match wait for their first message, and that wait is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_calls_a_field_route_could_match_are_peeked_and_the_wait_is_bounded() {
+    trace_init();
+    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
+    let config = with_routes(
+        a.addr,
+        &format!(
+            "[upstreams.b]\nendpoints = [\"{}\"]\n\
+             [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nfield = {{ path = \"8\", int = 42 }}\nupstream = \"b\"\n",
+            b.addr
+        ),
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    // A bidi call whose client waits for the server before sending: no
+    // field route can match its method, so it is not read ahead and its
+    // response headers come.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Req>(1);
+    let mut replies = within(
+        "bidi response headers",
+        client.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("headers without a first message")
+    .into_inner();
+    tx.send(Req {
+        seq: 3,
+        ..Req::default()
+    })
+    .await
+    .expect("send");
+    let reply = within("a reply", replies.message())
+        .await
+        .expect("ok")
+        .expect("one");
+    assert_eq!(reply.seq, 3);
+    drop(tx);
+
+    // A unary call the field route could match, sending nothing within its
+    // deadline: DEADLINE_EXCEEDED from the peek, not a hang.
+    let mut send = raw_client(sluice.listen_addr()).await;
+    let mut head = grpc_head("Unary");
+    head.headers_mut()
+        .insert("grpc-timeout", "200m".parse().expect("value"));
+    let (res, _body) = send.send_request(head, false).expect("send");
+    let res = within("the peek's answer", res).await.expect("response");
+    assert_eq!(
+        res.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"4"[..]),
+        "{res:?}"
+    );
+    assert_eq!(
+        a.probe.counts().started + b.probe.counts().started,
+        1,
+        "only the bidi call went on"
+    );
+}
+
+/// Issue #10 §5: a refuse route on a field can say that a compressed first
+/// message matches, so compressing cannot bypass it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_refusal_can_refuse_compressed_messages_too() {
+    trace_init();
+    let a = EchoServer::start().await;
+    let config = with_routes(
+        a.addr,
+        "[[routes]]\nfield = { path = \"8\", int = 13, compressed = \"match\" }\n\
+         refuse = { code = \"PERMISSION_DENIED\", message = \"13 is unlucky\" }\n",
+    );
+    let sluice = sluice::run(&config).await.expect("sluice");
+    let mut client = sluice_testkit::client(sluice.listen_addr())
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let err = within(
+        "a compressed call",
+        client.unary(Req {
+            seq: 13,
+            ..Req::default()
+        }),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let mut plain = sluice_testkit::client(sluice.listen_addr());
+    plain
+        .unary(Req {
+            seq: 12,
+            ..Req::default()
+        })
+        .await
+        .expect("not 13");
+}

@@ -70,6 +70,12 @@ impl MessageCounter {
         started
     }
 
+    /// Whether the bytes so far end inside a message's payload (its prefix
+    /// read, some of its bytes still to come).
+    pub fn in_payload(&self) -> bool {
+        self.remaining > 0
+    }
+
     /// Whether the bytes so far end exactly at a message boundary.
     pub fn at_boundary(&self) -> bool {
         self.prefix_seen == 0 && self.remaining == 0

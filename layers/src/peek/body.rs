@@ -19,6 +19,9 @@ pin_project! {
         // `head`, for `replace_first_message`.
         first_len: Option<usize>,
         trailers: Option<HeaderMap>,
+        // The share of the connection's peek budget the head holds, given
+        // back once it is replayed.
+        reservation: Option<super::Reservation>,
         #[pin]
         rest: Option<B>,
     }
@@ -39,8 +42,14 @@ impl<B> ReplayBody<B> {
             head: chunks,
             first_len,
             trailers,
+            reservation: None,
             rest,
         }
+    }
+
+    pub(super) fn holding(mut self, reservation: super::Reservation) -> Self {
+        self.reservation = Some(reservation);
+        self
     }
 
     /// A body with nothing to replay around `body`.
@@ -84,6 +93,9 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         if let Some(chunk) = this.head.pop_front() {
+            if this.head.is_empty() {
+                *this.reservation = None;
+            }
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if let Some(trailers) = this.trailers.take() {

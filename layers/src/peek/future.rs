@@ -1,23 +1,31 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request, Response, request::Parts};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::{Peeked, PeekedMessage, ReplayBody};
+use super::{Held, PeekLayer, Peeked, PeekedMessage, ReplayBody, Reservation};
 use crate::{
     BoxError,
     grpc::{
-        framing::PREFIX_LEN,
+        framing::{MessageCounter, PREFIX_LEN},
         status::{self, Code},
+        timeout,
     },
 };
+
+/// Chunks shorter than this are gathered into one buffer, so one-byte DATA
+/// frames cost a byte each, not a queue entry each.
+const SMALL_CHUNK: usize = 512;
 
 pin_project! {
     /// Response future of [`Peek`](super::Peek): reads the first messages,
@@ -52,9 +60,21 @@ struct Reading<S, B> {
     parts: Parts,
     body: B,
     chunks: Vec<Bytes>,
+    /// Small chunks being gathered, behind every one in `chunks`.
+    tail: BytesMut,
     buffered: usize,
+    /// Message boundaries in the bytes so far, counted as they arrive (so
+    /// the work is linear in the bytes, whatever the chunk sizes).
+    counter: MessageCounter,
+    started: usize,
     max_messages: usize,
     max_bytes: usize,
+    max_bytes_per_connection: usize,
+    reservation: Reservation,
+    /// The end of the wait for the messages.
+    timer: Pin<Box<Sleep>>,
+    /// The client's `grpc-timeout`, and when the peek began.
+    budget: Option<(Duration, Instant)>,
 }
 
 /// What the bytes read so far hold.
@@ -87,8 +107,11 @@ where
         }
     }
 
-    pub(super) fn new(inner: S, req: Request<B>, max_messages: usize, max_bytes: usize) -> Self {
+    pub(super) fn new(inner: S, req: Request<B>, layer: &PeekLayer, held: Arc<Held>) -> Self {
         let (parts, body) = req.into_parts();
+        let sent = timeout::from_headers(&parts.headers);
+        let now = Instant::now();
+        let wait = sent.map_or(layer.max_wait, |t| t.min(layer.max_wait));
         Self {
             state: State::Reading {
                 reading: Some(Reading {
@@ -96,27 +119,67 @@ where
                     parts,
                     body,
                     chunks: Vec::new(),
+                    tail: BytesMut::new(),
                     buffered: 0,
-                    max_messages,
-                    max_bytes,
+                    counter: MessageCounter::default(),
+                    started: 0,
+                    max_messages: layer.max_messages,
+                    max_bytes: layer.max_bytes,
+                    max_bytes_per_connection: layer.max_bytes_per_connection,
+                    reservation: Reservation::new(held),
+                    timer: Box::pin(tokio::time::sleep_until(now + wait)),
+                    budget: sent.map(|t| (t, now)),
                 }),
             },
         }
     }
 }
 
-/// The bytes read so far as one buffer: the chunk itself when there is one
-/// (no copy), else one concatenation (bounded by the byte budget).
-fn contiguous(chunks: &[Bytes]) -> Bytes {
-    match chunks {
-        [] => Bytes::new(),
-        [one] => one.clone(),
-        many => {
-            let mut all = BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
-            for c in many {
-                all.extend_from_slice(c);
+impl<S, B> Reading<S, B> {
+    /// Takes a chunk in; `false` when a budget would be passed.
+    fn push(&mut self, data: Bytes) -> bool {
+        self.buffered += data.len();
+        if self.buffered > self.max_bytes
+            || !self
+                .reservation
+                .take(data.len(), self.max_bytes_per_connection)
+        {
+            return false;
+        }
+        self.started += self.counter.push(&data);
+        if data.len() < SMALL_CHUNK {
+            self.tail.extend_from_slice(&data);
+        } else {
+            if !self.tail.is_empty() {
+                self.chunks.push(self.tail.split().freeze());
             }
-            all.freeze()
+            self.chunks.push(data);
+        }
+        true
+    }
+
+    /// Whether the wanted messages are all in.
+    fn complete(&self) -> bool {
+        let whole = self.started - usize::from(self.counter.in_payload());
+        whole >= self.max_messages
+    }
+
+    /// The bytes read so far as one buffer: the chunk itself when there is
+    /// one (no copy), else one concatenation, once.
+    fn contiguous(&mut self) -> Bytes {
+        if !self.tail.is_empty() {
+            self.chunks.push(self.tail.split().freeze());
+        }
+        match self.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut all = BytesMut::with_capacity(self.buffered);
+                for c in many {
+                    all.extend_from_slice(c);
+                }
+                all.freeze()
+            }
         }
     }
 }
@@ -166,25 +229,23 @@ where
                     // Whether the request body is over, as opposed to whether
                     // the peek is: with nothing to peek, the body stays whole.
                     let mut ended = r.body.is_end_stream();
-                    let mut progress = if ended || r.max_messages == 0 {
-                        parse(&contiguous(&r.chunks), r.max_messages, true)
-                    } else {
-                        Progress::More
-                    };
-                    while let Progress::More = progress {
+                    while !ended && !r.complete() {
+                        if r.timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Ok(status::answer(
+                                status::Answered::Deadline,
+                                Code::DeadlineExceeded,
+                                "the first request messages did not come in time",
+                            )));
+                        }
                         match ready!(Pin::new(&mut r.body).poll_frame(cx)) {
                             Some(Ok(frame)) => match frame.into_data() {
                                 Ok(data) => {
-                                    r.buffered += data.len();
-                                    if r.buffered > r.max_bytes {
+                                    if !r.push(data) {
                                         return Poll::Ready(Ok(status::answer(
                                             status::Answered::PeekBudget,
                                             Code::ResourceExhausted,
                                             "request messages exceed the peek budget",
                                         )));
-                                    }
-                                    if !data.is_empty() {
-                                        r.chunks.push(data);
                                     }
                                     ended = r.body.is_end_stream();
                                 }
@@ -204,8 +265,9 @@ where
                             }
                             None => ended = true,
                         }
-                        progress = parse(&contiguous(&r.chunks), r.max_messages, ended);
                     }
+                    let all = r.contiguous();
+                    let progress = parse(&all, r.max_messages, true);
                     let Progress::Done(peeked, head, first_len) = progress else {
                         unreachable!("the loop ends on Done")
                     };
@@ -213,13 +275,24 @@ where
                         mut inner,
                         mut parts,
                         body,
+                        reservation,
+                        budget,
                         ..
                     } = reading.take().expect("taken once");
                     parts.extensions.insert(peeked);
+                    // The deadline runs from the client's send: pass on
+                    // what the wait left of it.
+                    if let Some((sent, since)) = budget {
+                        let left = sent.saturating_sub(since.elapsed());
+                        parts.headers.insert(
+                            timeout::GRPC_TIMEOUT,
+                            timeout::encode(left.max(Duration::from_millis(1))),
+                        );
+                    }
                     let rest = (!ended).then_some(body);
                     let req = Request::from_parts(
                         parts,
-                        ReplayBody::new(head, first_len, trailers, rest),
+                        ReplayBody::new(head, first_len, trailers, rest).holding(reservation),
                     );
                     state.set(State::Calling {
                         fut: inner.call(req),

@@ -16,13 +16,24 @@
 //! - Peeking more than [`max_bytes`](PeekLayer::max_bytes) (one big
 //!   message, or many small ones) is refused with a trailers-only
 //!   `RESOURCE_EXHAUSTED`: the budget bounds what a call can make the proxy
-//!   hold.
+//!   hold. [`max_bytes_per_connection`](PeekLayer::max_bytes_per_connection)
+//!   bounds what all the calls of one connection (one [`Peek`] made by the
+//!   layer) hold at once, until each call's peeked bytes are replayed.
+//! - [`when`](PeekLayer::when) picks the calls to peek from their head
+//!   (sluice peeks only calls that a route on message contents could still
+//!   match); the others are never read ahead.
+//! - The wait for the first messages is bounded by the call's
+//!   `grpc-timeout` and by [`max_wait`](PeekLayer::max_wait)
+//!   (`DEADLINE_EXCEEDED`): a client that waits for the server before
+//!   sending cannot hold a call open with no answer. The `grpc-timeout`
+//!   passed on is what is left of it.
+//! - Reading is linear in the bytes read, however small the DATA frames.
 //!
 //! # Example
 //!
 //! ```
 //! use bytes::Bytes;
-//! use http::{Request, Response};
+//! use http::{Request, Response, request::Parts};
 //! use http_body_util::{BodyExt, Full};
 //! use sluice_layers::peek::{PeekLayer, Peeked, ReplayBody};
 //! use tower::{Service, ServiceBuilder, ServiceExt};
@@ -49,10 +60,18 @@
 mod body;
 mod future;
 
-use std::task::{Context, Poll};
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, request::Parts};
 use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -67,6 +86,13 @@ pub const DEFAULT_MAX_MESSAGES: usize = 1;
 /// request messages routing looks at, small enough that 10 000 calls peeking
 /// at once stay under 1 GiB.
 pub const DEFAULT_MAX_BYTES: usize = 64 * 1024;
+/// Bytes all the calls of one connection may make the peek hold at once by
+/// default: 1 MiB, sixteen calls at the full per-call budget.
+pub const DEFAULT_MAX_BYTES_PER_CONNECTION: usize = 1 << 20;
+/// How long a call may take to send its first messages by default: 10 s.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(10);
+
+type When = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 
 /// The messages [`Peek`] read, in the request's extensions.
 #[derive(Clone, Debug, Default)]
@@ -84,10 +110,62 @@ pub struct PeekedMessage {
 /// [`Layer`] that applies [`Peek`] middleware.
 ///
 /// See the [module docs](crate::peek) for an example.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct PeekLayer {
     max_messages: usize,
     max_bytes: usize,
+    max_bytes_per_connection: usize,
+    max_wait: Duration,
+    when: Option<When>,
+}
+
+impl fmt::Debug for PeekLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeekLayer")
+            .field("max_messages", &self.max_messages)
+            .field("max_bytes", &self.max_bytes)
+            .field("max_bytes_per_connection", &self.max_bytes_per_connection)
+            .field("max_wait", &self.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes held by the peeks of one connection.
+#[derive(Debug, Default)]
+pub(crate) struct Held(AtomicUsize);
+
+/// A call's share of its connection's peek budget, given back on drop.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    held: Arc<Held>,
+    bytes: usize,
+}
+
+impl Reservation {
+    pub(crate) fn new(held: Arc<Held>) -> Self {
+        Self { held, bytes: 0 }
+    }
+
+    /// Takes `n` more bytes; `false` (taking nothing) past `max`.
+    pub(crate) fn take(&mut self, n: usize, max: usize) -> bool {
+        let ok = self
+            .held
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                h.checked_add(n).filter(|t| *t <= max)
+            })
+            .is_ok();
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.held.0.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// Middleware that reads the first messages of each request body and
@@ -98,6 +176,7 @@ pub struct PeekLayer {
 pub struct Peek<S> {
     inner: S,
     layer: PeekLayer,
+    held: Arc<Held>,
 }
 
 // === impl Peeked ===
@@ -139,11 +218,16 @@ impl PeekedMessage {
 // === impl PeekLayer ===
 
 impl PeekLayer {
-    /// Peeks [`DEFAULT_MAX_MESSAGES`] within [`DEFAULT_MAX_BYTES`].
+    /// Peeks [`DEFAULT_MAX_MESSAGES`] of every call within
+    /// [`DEFAULT_MAX_BYTES`], [`DEFAULT_MAX_BYTES_PER_CONNECTION`] and
+    /// [`DEFAULT_MAX_WAIT`].
     pub const fn new() -> Self {
         Self {
             max_messages: DEFAULT_MAX_MESSAGES,
             max_bytes: DEFAULT_MAX_BYTES,
+            max_bytes_per_connection: DEFAULT_MAX_BYTES_PER_CONNECTION,
+            max_wait: DEFAULT_MAX_WAIT,
+            when: None,
         }
     }
 
@@ -161,6 +245,31 @@ impl PeekLayer {
         self.max_bytes = n;
         self
     }
+
+    /// Sets the budget of all the calls of one connection (one service
+    /// made by this layer) together; beyond it a call is refused with
+    /// `RESOURCE_EXHAUSTED`.
+    #[must_use]
+    pub const fn max_bytes_per_connection(mut self, n: usize) -> Self {
+        self.max_bytes_per_connection = n;
+        self
+    }
+
+    /// Sets how long a call may take to send its first messages (its
+    /// `grpc-timeout`, if shorter, wins); then it gets `DEADLINE_EXCEEDED`.
+    #[must_use]
+    pub const fn max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = wait;
+        self
+    }
+
+    /// Peeks only the calls whose head `f` accepts; the others pass with
+    /// nothing read ahead.
+    #[must_use]
+    pub fn when(mut self, f: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
+        self.when = Some(Arc::new(f));
+        self
+    }
 }
 
 impl Default for PeekLayer {
@@ -175,7 +284,10 @@ impl<S> Layer<S> for PeekLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Peek {
             inner,
-            layer: *self,
+            layer: self.clone(),
+            // Each service the layer makes (sluice: each connection) has a
+            // budget of its own.
+            held: Arc::default(),
         }
     }
 }
@@ -209,7 +321,11 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if self.layer.max_messages == 0 {
+        let (parts, body) = req.into_parts();
+        let wanted =
+            self.layer.max_messages > 0 && self.layer.when.as_ref().is_none_or(|when| when(&parts));
+        let req = Request::from_parts(parts, body);
+        if !wanted {
             // Nothing to peek: call the (ready) inner service at once, with
             // no clone and no buffering.
             let req = req.map(ReplayBody::passthrough);
@@ -217,7 +333,7 @@ where
         }
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(ready, req, self.layer.max_messages, self.layer.max_bytes)
+        ResponseFuture::new(ready, req, &self.layer, self.held.clone())
     }
 }
 

@@ -183,3 +183,89 @@ async fn the_first_message_can_be_replaced() {
         [message(0, b"rewritten!"), message(0, b"kept")].concat()
     );
 }
+
+#[tokio::test]
+async fn one_byte_frames_are_read_whole_and_replayed() {
+    let (tx, rx) = mpsc::channel(1 << 16);
+    let m = message(0, &[9u8; 40_000]);
+    for b in &m {
+        tx.try_send(Bytes::copy_from_slice(&[*b])).expect("room");
+    }
+    drop(tx);
+    let (seen_tx, seen) = oneshot::channel();
+    let svc = PeekLayer::new().layer(recorder(seen_tx));
+    let res = svc
+        .oneshot(Request::new(Chunks(rx)))
+        .await
+        .expect("answered");
+    assert_eq!(status::code_of(res.headers()), None, "not refused");
+    let (peeked, body) = seen.await.expect("the inner service ran");
+    assert_eq!(peeked.len(), 1);
+    assert_eq!(peeked[0].payload().len(), 40_000);
+    assert_eq!(&body[..], &m[..]);
+}
+
+#[tokio::test]
+async fn calls_the_predicate_declines_are_not_read_ahead() {
+    // A body that never sends: a peek would wait; a skipped call goes on.
+    let (_tx, rx) = mpsc::channel::<Bytes>(1);
+    let svc = PeekLayer::new()
+        .when(|parts| parts.uri.path().starts_with("/routed."))
+        .layer(service_fn(|req: Request<ReplayBody<Chunks>>| async move {
+            assert!(req.extensions().get::<Peeked>().is_none(), "peeked");
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        }));
+    let req = Request::post("/other.Svc/M").body(Chunks(rx)).expect("req");
+    let res = tokio::time::timeout(std::time::Duration::from_secs(5), svc.oneshot(req))
+        .await
+        .expect("not held waiting for a message")
+        .expect("answered");
+    assert_eq!(status::code_of(res.headers()), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_for_the_first_message_is_bounded_by_grpc_timeout_and_max_wait() {
+    for (header, wait, want) in [
+        (Some("200m"), std::time::Duration::from_secs(10), 200),
+        (None, std::time::Duration::from_millis(300), 300),
+    ] {
+        let (_tx, rx) = mpsc::channel::<Bytes>(1);
+        let (seen_tx, _seen) = oneshot::channel();
+        let svc = PeekLayer::new().max_wait(wait).layer(recorder(seen_tx));
+        let mut req = Request::new(Chunks(rx));
+        if let Some(h) = header {
+            req.headers_mut()
+                .insert("grpc-timeout", h.parse().expect("value"));
+        }
+        let started = tokio::time::Instant::now();
+        let res = svc.oneshot(req).await.expect("answered");
+        assert_eq!(status::code_of(res.headers()), Some(Code::DeadlineExceeded));
+        assert_eq!(started.elapsed().as_millis(), want);
+    }
+}
+
+#[tokio::test]
+async fn one_connections_peeks_share_a_budget() {
+    // Two calls of one service (one connection), each holding 600 bytes of
+    // an unfinished message, against a 1000-byte connection budget.
+    let (seen_tx, _seen) = oneshot::channel();
+    let svc = PeekLayer::new()
+        .max_bytes_per_connection(1000)
+        .layer(recorder::<Chunks>(seen_tx));
+    let part = Bytes::from(message(0, &[1u8; 2000])[..600].to_vec());
+    let (tx1, rx1) = mpsc::channel(1);
+    tx1.send(part.clone()).await.expect("send");
+    let first = tokio::spawn(svc.clone().oneshot(Request::new(Chunks(rx1))));
+    tokio::task::yield_now().await;
+    let (tx2, rx2) = mpsc::channel(1);
+    tx2.send(part).await.expect("send");
+    let second = svc
+        .oneshot(Request::new(Chunks(rx2)))
+        .await
+        .expect("answered");
+    assert_eq!(
+        status::code_of(second.headers()),
+        Some(Code::ResourceExhausted)
+    );
+    first.abort();
+}
