@@ -78,6 +78,8 @@ pub(crate) struct Endpoint {
     ids: Box<[String]>,
     /// The first id the config gave it, as written.
     configured_id: Option<String>,
+    /// Its address as text (`host:port`), which a fan-out may name it by.
+    label: String,
     default_route: bool,
 }
 
@@ -116,6 +118,7 @@ fn endpoint(
         configured_id = more.first().cloned();
         default_route = *dr;
     }
+    let label = address.to_string();
     Endpoint {
         address,
         pool: Pool::new(upstream, counters.clone()),
@@ -126,6 +129,7 @@ fn endpoint(
         healthy: AtomicBool::new(true),
         ids: ids.into_boxed_slice(),
         configured_id,
+        label,
         default_route,
     }
 }
@@ -406,10 +410,9 @@ impl Group {
     /// The endpoint with identifier `id` (its address, its host, or one of
     /// its configured ids; case-insensitive).
     pub(crate) fn find(&self, id: &str) -> Option<Arc<Endpoint>> {
-        let wanted = id.to_ascii_lowercase();
         self.snapshot()
             .iter()
-            .find(|e| e.ids.contains(&wanted) || e.address.to_string() == id)
+            .find(|e| e.label == id || e.ids.iter().any(|i| i.eq_ignore_ascii_case(id)))
             .cloned()
     }
 
@@ -462,7 +465,7 @@ impl Endpoint {
     fn name(&self) -> String {
         self.configured_id
             .clone()
-            .unwrap_or_else(|| self.address.to_string())
+            .unwrap_or_else(|| self.label.clone())
     }
 
     /// Whether the endpoint should be avoided: its last dial failed, or it

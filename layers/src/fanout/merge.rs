@@ -1,14 +1,18 @@
 //! Merge mode: every destination's unary reply, concatenated into one.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::Poll,
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, request::Parts};
 use http_body::Body;
-use tokio::task::JoinSet;
 use tower_service::Service;
 
 use super::{
@@ -55,44 +59,55 @@ where
 {
     let destinations = route.destinations();
     let names: Vec<Arc<str>> = destinations.iter().map(|d| Arc::from(d.name())).collect();
-    // Dropping the set (the client cancelled) cancels every destination.
-    let mut tasks = JoinSet::new();
+    // The destinations and the request pump are driven by this future
+    // itself, no task each: dropping it (the client cancelled) drops them,
+    // which cancels every destination.
     let budget = Arc::new(AtomicUsize::new(settings.max_reply_bytes));
     let mut outlets = Vec::with_capacity(destinations.len());
+    let mut calls: Vec<Option<Pin<Box<dyn Future<Output = Collected> + Send>>>> =
+        Vec::with_capacity(destinations.len());
     for (index, destination) in destinations.iter().enumerate() {
         let (tx, tee) = tee::channel(settings.queue);
         outlets.push(Outlet::new(tx));
         // Merging rewrites the reply, so it must arrive uncompressed.
         let req = call::request(&parts, destination, route.stripped(), tee, true);
-        tasks.spawn(collect(
+        calls.push(Some(Box::pin(collect(
             index,
             svc.clone(),
             req,
             settings.clone(),
             budget.clone(),
-        ));
+        ))));
     }
-    tasks.spawn(async move {
-        tee::pump(body, outlets).await;
-        None
-    });
+    let mut pump = Some(Box::pin(tee::pump(body, outlets)));
 
     let mut replies: Vec<Option<Collected>> = (0..names.len()).map(|_| None).collect();
     let mut arrival = Vec::with_capacity(names.len());
-    while arrival.len() < names.len() {
-        match tasks.join_next().await {
-            Some(Ok(Some(c))) => {
+    std::future::poll_fn(|cx| {
+        if let Some(p) = pump.as_mut()
+            && p.as_mut().poll(cx).is_ready()
+        {
+            pump = None;
+        }
+        for slot in &mut calls {
+            if let Some(call) = slot
+                && let Poll::Ready(c) = call.as_mut().poll(cx)
+            {
                 arrival.push(c.index);
                 let index = c.index;
                 replies[index] = Some(c);
+                *slot = None;
             }
-            Some(Ok(None)) => {}
-            // A destination panicked: its slot stays empty (cancelled).
-            Some(Err(_)) | None => break,
         }
-    }
+        if calls.iter().all(Option::is_none) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
     // The request pump, if the client is still sending, is cut off here.
-    drop(tasks);
+    drop(pump);
 
     let order: Vec<usize> = if route.mode() == Mode::MergeByArrival {
         arrival
@@ -223,7 +238,7 @@ async fn collect<S, B, RB>(
     req: Request<RequestBody<B>>,
     settings: Arc<Settings>,
     budget: Arc<AtomicUsize>,
-) -> Option<Collected>
+) -> Collected
 where
     S: Service<Request<RequestBody<B>>, Response = Response<RB>>,
     S::Error: Into<BoxError>,
@@ -233,12 +248,12 @@ where
     let res = match call::call(svc, req, &settings).await {
         Ok(res) => res,
         Err(outcome) => {
-            return Some(Collected {
+            return Collected {
                 index,
                 headers: None,
                 messages: Vec::new(),
                 outcome,
-            });
+            };
         }
     };
     let (headers, mut reply) = Reply::new(res, settings.max_reply_bytes);
@@ -263,10 +278,10 @@ where
             Next::End(outcome) => break outcome,
         }
     };
-    Some(Collected {
+    Collected {
         index,
         headers: Some(headers),
         messages,
         outcome,
-    })
+    }
 }
