@@ -178,13 +178,22 @@ impl Metrics {
     pub(crate) fn fanout_report(&self, report: &sluice_layers::fanout::Report) {
         let route = report.route.as_deref().unwrap_or("").to_owned();
         if !report.mirror {
+            // One lookup per distinct outcome (usually one: all ok).
+            let mut counts: Vec<(&'static str, u64)> = Vec::with_capacity(2);
             for (_, outcome) in &report.destinations {
+                let label = outcome.as_str();
+                match counts.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((label, 1)),
+                }
+            }
+            for (outcome, n) in counts {
                 self.fanout_outcomes
                     .get_or_create(&FanoutLabels {
                         route: route.clone(),
-                        outcome: outcome.as_str(),
+                        outcome,
                     })
-                    .inc();
+                    .inc_by(n);
             }
             return;
         }

@@ -2,7 +2,6 @@
 
 use std::{
     future::Future,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -11,6 +10,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use http::{HeaderMap, HeaderValue, Request, Response, request::Parts};
 use http_body::Body;
 use tower_service::Service;
@@ -64,20 +64,20 @@ where
     // which cancels every destination.
     let budget = Arc::new(AtomicUsize::new(settings.max_reply_bytes));
     let mut outlets = Vec::with_capacity(destinations.len());
-    let mut calls: Vec<Option<Pin<Box<dyn Future<Output = Collected> + Send>>>> =
-        Vec::with_capacity(destinations.len());
+    // Only the destinations that were woken are polled again.
+    let mut calls = FuturesUnordered::new();
     for (index, destination) in destinations.iter().enumerate() {
         let (tx, tee) = tee::channel(settings.queue);
         outlets.push(Outlet::new(tx));
         // Merging rewrites the reply, so it must arrive uncompressed.
         let req = call::request(&parts, destination, route.stripped(), tee, true);
-        calls.push(Some(Box::pin(collect(
+        calls.push(collect(
             index,
             svc.clone(),
             req,
             settings.clone(),
             budget.clone(),
-        ))));
+        ));
     }
     let mut pump = Some(Box::pin(tee::pump(body, outlets)));
 
@@ -89,21 +89,15 @@ where
         {
             pump = None;
         }
-        for slot in &mut calls {
-            if let Some(call) = slot
-                && let Poll::Ready(c) = call.as_mut().poll(cx)
-            {
-                arrival.push(c.index);
-                let index = c.index;
-                replies[index] = Some(c);
-                *slot = None;
-            }
+        while let Poll::Ready(next) = calls.poll_next_unpin(cx) {
+            let Some(c) = next else {
+                return Poll::Ready(());
+            };
+            arrival.push(c.index);
+            let index = c.index;
+            replies[index] = Some(c);
         }
-        if calls.iter().all(Option::is_none) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
+        Poll::Pending
     })
     .await;
     // The request pump, if the client is still sending, is cut off here.
