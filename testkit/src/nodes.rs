@@ -90,8 +90,10 @@ impl nodes_server::Nodes for Node {
         req: Request<VersionRequest>,
     ) -> Result<Response<VersionResponse>, Status> {
         self.start(req.metadata());
+        let mut guard = Unfinished(Some(self.probe.clone()));
         let req = req.into_inner();
         tokio::time::sleep(Duration::from_millis(req.delay_ms)).await;
+        guard.0 = None;
         if req.fail_code != 0 {
             return Err(Status::new(
                 tonic::Code::from_i32(req.fail_code),

@@ -348,6 +348,42 @@ async fn reported(sluice: &Running, destination: &str, outcome: &str) {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_merge_reaches_every_node_still_working() {
+    let nodes: Vec<NodeServer> = ["a", "b", "c"]
+        .iter()
+        .map(|n| NodeServer::start(n))
+        .collect();
+    let named: Vec<(&str, SocketAddr)> = ["a", "b", "c"]
+        .iter()
+        .copied()
+        .zip(nodes.iter().map(|n| n.addr))
+        .collect();
+    let (_sluice, mut client) = start(&config(&named, "")).await;
+    // Every node takes a minute to answer; the client gives up once all
+    // three are working on it.
+    let call = client.version(to(
+        "a,b,c",
+        VersionRequest {
+            fail_code: 0,
+            delay_ms: 60_000,
+        },
+    ));
+    let started = async {
+        for n in &nodes {
+            n.probe.wait_for(LIMIT, |c| c.started == 1).await;
+        }
+    };
+    tokio::select! {
+        _ = call => panic!("the call answered before every node started"),
+        () = started => {}
+    }
+    // The call future is dropped: every node sees its call cancelled.
+    for n in &nodes {
+        n.probe.wait_for(LIMIT, |c| c.cancelled == 1).await;
+    }
+}
+
 fn mirror_config(primary: SocketAddr, shadow: SocketAddr, policy: &str) -> Config {
     let text = format!(
         r#"
