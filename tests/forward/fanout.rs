@@ -555,3 +555,46 @@ async fn a_reply_in_the_wrong_layout_fails_the_call_naming_the_destination() {
     );
     assert_eq!(malformed, 2.0);
 }
+
+/// A secondary cut off in drop mode is reset with INTERNAL_ERROR: hyper
+/// (tonic) servers read RST_STREAM(CANCEL) on a request stream as its clean
+/// end, and would take the cut-off copy for the whole request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_secondary_is_reset_as_an_error_not_a_cancel() {
+    let primary = NodeServer::start("primary");
+    // A raw h2 upstream that never gives window back: the copy backs up.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let shadow = listener.local_addr().expect("addr");
+    let (reason_tx, reason_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut conn = h2::server::handshake(tcp).await.expect("h2");
+        let (req, _respond) = conn.accept().await.expect("a stream").expect("ok");
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let mut body = req.into_body();
+        loop {
+            match body.data().await {
+                // Read, but never release capacity: the window stays shut.
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let _ = reason_tx.send(e.reason());
+                    return;
+                }
+                None => {
+                    let _ = reason_tx.send(None);
+                    return;
+                }
+            }
+        }
+    });
+    let cfg = mirror_config(primary.addr, shadow, "drop");
+    let (_sluice, mut client) = start(&cfg).await;
+    let (_, chunks) = write(&mut client, 300, 16 << 10).await;
+    assert_eq!(chunks, 300, "the primary got the whole write");
+    let reason = within("the shadow's reset", reason_rx)
+        .await
+        .expect("a verdict");
+    assert_eq!(reason, Some(h2::Reason::INTERNAL_ERROR));
+}
