@@ -171,6 +171,12 @@ fn main() {
         peak_rss = peak_rss.max(sluice.rss_kib());
         report("unary 256 B", direct, through, "rpc");
         println!("{:<24} sluice CPU {cpu_per_call:.1} µs per call", "");
+        let direct1 = measure(upstream.addr, Workload::UnarySequential, dur).await;
+        let cpu0 = sluice.cpu_secs();
+        let through1 = measure(sluice.addr, Workload::UnarySequential, dur).await;
+        let cpu_seq = (sluice.cpu_secs() - cpu0) / through1.ops as f64 * 1e6;
+        report("unary, 1 in flight", direct1, through1, "rpc");
+        println!("{:<24} sluice CPU {cpu_seq:.1} µs per call", "");
         let cpu0 = routed.cpu_secs();
         let through_routed = measure(routed.addr, Workload::Unary, dur).await;
         let cpu_routed = (routed.cpu_secs() - cpu0) / through_routed.ops as f64 * 1e6;

@@ -21,17 +21,27 @@ pub(crate) const SERVER_STREAMS: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Workload {
     Unary,
+    /// One client making one unary call after another (one in flight): the
+    /// connection goes idle between calls.
+    UnarySequential,
     Bidi,
     Stream1K,
     Stream64K,
 }
 
 impl Workload {
-    pub(crate) const ALL: [Self; 4] = [Self::Unary, Self::Bidi, Self::Stream1K, Self::Stream64K];
+    pub(crate) const ALL: [Self; 5] = [
+        Self::Unary,
+        Self::UnarySequential,
+        Self::Bidi,
+        Self::Stream1K,
+        Self::Stream64K,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Unary => "unary",
+            Self::UnarySequential => "unary1",
             Self::Bidi => "bidi",
             Self::Stream1K => "stream1k",
             Self::Stream64K => "stream64k",
@@ -44,7 +54,7 @@ impl Workload {
 
     pub(crate) fn unit(self) -> &'static str {
         match self {
-            Self::Unary => "calls",
+            Self::Unary | Self::UnarySequential => "calls",
             Self::Bidi => "round trips",
             Self::Stream1K | Self::Stream64K => "messages",
         }
@@ -52,7 +62,7 @@ impl Workload {
 
     pub(crate) fn bytes_per_op(self) -> f64 {
         match self {
-            Self::Unary => (2 * UNARY_PAYLOAD) as f64,
+            Self::Unary | Self::UnarySequential => (2 * UNARY_PAYLOAD) as f64,
             Self::Bidi => (2 * BIDI_PAYLOAD) as f64,
             Self::Stream1K => 1024.0,
             Self::Stream64K => 65536.0,
@@ -100,6 +110,23 @@ pub(crate) async fn run_load(
                     lat
                 });
             }
+        }
+        Workload::UnarySequential => {
+            let mut client = clients[0].clone();
+            tasks.spawn(async move {
+                let mut lat = Vec::with_capacity(1 << 14);
+                let payload = bytes::Bytes::from(vec![7u8; UNARY_PAYLOAD]);
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let req = Req {
+                        payload: payload.clone(),
+                        ..Req::default()
+                    };
+                    client.unary(req).await.expect("unary call");
+                    lat.push(t.elapsed().as_micros() as u32);
+                }
+                lat
+            });
         }
         Workload::Bidi => {
             for i in 0..BIDI_STREAMS {

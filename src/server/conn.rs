@@ -55,6 +55,12 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(10);
 /// Rounds of "calls, then h2" one poll of a connection runs while h2 keeps
 /// waking calls.
 const MAX_ROUNDS: u32 = 8;
+
+/// How long a connection whose calls all ended keeps its buffers before
+/// giving them back: a client making one call after another (one in flight)
+/// would otherwise free and allocate h2's read and write buffers and the
+/// batch buffer on every call.
+const SHRINK_AFTER: Duration = Duration::from_millis(50);
 /// The text of the 415 answer to HTTP/2 requests that are not gRPC.
 const NOT_GRPC: &str = "sluice serves gRPC only: content-type must be application/grpc\n";
 
@@ -145,11 +151,14 @@ struct Due {
     ping: Instant,
     /// While a PING is unanswered: when the client counts as dead.
     pong: Option<Instant>,
+    /// After the last call ended: when the idle connection gives back its
+    /// buffers.
+    shrink: Option<Instant>,
 }
 
 impl Due {
     fn next(&self) -> Instant {
-        [self.idle, self.grace, self.pong]
+        [self.idle, self.grace, self.pong, self.shrink]
             .into_iter()
             .flatten()
             .fold(self.ping, Instant::min)
@@ -221,6 +230,7 @@ pub(super) async fn serve<T, S, B>(
         grace: None,
         ping: Instant::now() + shared.keepalive_interval,
         pong: None,
+        shrink: None,
     };
     let mut timer = pin!(sleep_until(due.next()));
     let mut draining = pin!(watch.signaled());
@@ -263,6 +273,7 @@ pub(super) async fn serve<T, S, B>(
             }
             if calls.as_ref().is_some_and(FuturesUnordered::is_empty) {
                 calls = None;
+                due.shrink = Some(Instant::now() + SHRINK_AFTER);
             }
             if calls.is_none() && due.idle.is_none() && due.grace.is_none() {
                 due.idle = Some(Instant::now() + shared.idle_timeout);
@@ -296,6 +307,7 @@ pub(super) async fn serve<T, S, B>(
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
                         due.idle = None;
+                        due.shrink = None;
                         calls
                             .get_or_insert_with(FuturesUnordered::new)
                             .push(admit(svc, req, respond, shared, peer));
@@ -345,6 +357,9 @@ pub(super) async fn serve<T, S, B>(
                     due.idle = None;
                     due.grace = Some(now + GOAWAY_GRACE);
                 }
+                if due.shrink.is_some_and(|t| t <= now) {
+                    due.shrink = None;
+                }
                 if due.ping <= now {
                     due.ping = now + shared.keepalive_interval;
                     if due.pong.is_none()
@@ -361,8 +376,9 @@ pub(super) async fn serve<T, S, B>(
             }
         }
         let _ = flusher.poll_flush_batched(cx, &mut flush_deferred);
-        if calls.is_none() {
-            // Idle: h2's buffers and ours hold nothing the connection needs.
+        if calls.is_none() && due.shrink.is_none() {
+            // Idle (from the start, or SHRINK_AFTER since the last call):
+            // h2's buffers and ours hold nothing the connection needs.
             conn.shrink_buffers();
             flusher.shrink();
         }
