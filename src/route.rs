@@ -6,7 +6,8 @@ use std::sync::Arc;
 use http::{HeaderName, request::Parts};
 use sluice_layers::{
     direct::{
-        Destination, Director, FanOut, Mirror, Mode, OnError, Overflow, Refusal, Route, Secondary,
+        Destination, Director, Edits, FanOut, Mirror, Mode, OnError, Overflow, Refusal, Route,
+        Secondary,
     },
     grpc::{status::Code, wire},
     peek::PeekedMessage,
@@ -69,6 +70,7 @@ struct FanoutAction {
     mode: Option<Mode>,
     timeout: Option<std::time::Duration>,
     name: Option<Arc<str>>,
+    edits: Option<Arc<Edits>>,
 }
 
 /// A `*` pattern: literal pieces that must appear in order, the first at
@@ -269,11 +271,37 @@ fn describe(i: usize, r: &RouteConfig) -> String {
     format!("route {i}{name}: {when} {then}{cap}")
 }
 
+/// A route's `enrich` as destination edits (validate() checked the keys).
+fn edits(r: &RouteConfig) -> Option<Arc<Edits>> {
+    let e = r.enrich.as_ref()?;
+    let name = |k: &str| HeaderName::try_from(k.to_ascii_lowercase()).ok();
+    let value = |v: &str| http::HeaderValue::try_from(v).ok();
+    let mut edits = Edits::new();
+    for k in e.remove.iter().filter_map(|k| name(k)) {
+        edits = edits.remove(k);
+    }
+    for (k, v) in &e.set {
+        if let (Some(k), Some(v)) = (name(k), value(v)) {
+            edits = edits.set(k, v);
+        }
+    }
+    for (k, v) in &e.append {
+        if let (Some(k), Some(v)) = (name(k), value(v)) {
+            edits = edits.append(k, v);
+        }
+    }
+    (!edits.is_empty()).then(|| Arc::new(edits))
+}
+
 fn compile(r: &RouteConfig) -> Compiled {
+    let edits = edits(r);
     let destination = |group: &str| {
         let mut destination = Destination::new(group);
         if let Some(timeout) = r.timeout {
             destination = destination.with_timeout(timeout);
+        }
+        if let Some(edits) = &edits {
+            destination = destination.with_edits(edits.clone());
         }
         destination
     };
@@ -289,6 +317,7 @@ fn compile(r: &RouteConfig) -> Compiled {
                 FanoutMode::Interleave => Mode::Interleave,
             });
             Action::FanOut(FanoutAction {
+                edits: edits.clone(),
                 group: Arc::from(f.group.get_ref().as_str()),
                 key: f
                     .key
@@ -402,6 +431,9 @@ impl Routes {
                 let mut d = Destination::new(f.group.clone()).with_endpoint(id);
                 if let Some(t) = f.timeout {
                     d = d.with_timeout(t);
+                }
+                if let Some(e) = &f.edits {
+                    d = d.with_edits(e.clone());
                 }
                 d
             })

@@ -327,6 +327,10 @@ pub struct RouteConfig {
     /// Send the call to a primary group, with copies to secondaries.
     #[serde(default)]
     pub mirror: Option<MirrorRouteConfig>,
+    /// Metadata this route changes on the calls it forwards: `remove`,
+    /// `set` and `append` (the rest of `[enrich]` is global only).
+    #[serde(default)]
+    pub enrich: Option<EnrichConfig>,
     /// Caps the deadline of the calls this route forwards (the client's
     /// `grpc-timeout`, if shorter, still wins). No cap by default: long
     /// streams must not be cut by a surprise default.
@@ -711,25 +715,23 @@ impl Config {
             for name in route.metadata.keys() {
                 header_name(name, format!("{key}.metadata.{name}"))?;
             }
-        }
-        let e = &self.enrich;
-        for (what, keys) in [("strip", &e.strip), ("remove", &e.remove)] {
-            for (i, k) in keys.iter().enumerate() {
-                header_name(k, format!("enrich.{what}[{i}]"))?;
-            }
-        }
-        for (what, map) in [("set", &e.set), ("append", &e.append)] {
-            for (k, v) in map {
-                header_name(k, format!("enrich.{what}.{k}"))?;
-                if http::HeaderValue::try_from(v.as_str()).is_err() {
+            if let Some(e) = &route.enrich {
+                if !e.strip.is_empty()
+                    || !e.strip_prefixes.is_empty()
+                    || e.forwarded
+                    || e.x_forwarded_for
+                    || e.request_id
+                {
                     return Err(ConfigError::at_key(
                         text,
-                        format!("enrich.{what}.{k}"),
-                        format!("{v:?} is not a valid metadata value"),
+                        format!("{key}.enrich"),
+                        "a route's enrich takes only remove, set and append (strip, forwarded, x_forwarded_for and request_id are [enrich] settings)".to_owned(),
                     ));
                 }
+                self.check_edits(text, e, &format!("{key}.enrich"))?;
             }
         }
+        self.check_edits(text, &self.enrich, "enrich")?;
         if self.fanout.metadata_field == 0 || self.fanout.metadata_field >= 1 << 29 {
             return Err(ConfigError::at_key(
                 text,
@@ -751,6 +753,40 @@ impl Config {
             }
         }
         self.upstream.validate(text)
+    }
+
+    /// Every key and value of an `[enrich]` table (`at` is its key) is a
+    /// valid header name and value.
+    fn check_edits(&self, text: &str, e: &EnrichConfig, at: &str) -> Result<(), ConfigError> {
+        let bad_name = |k: &str, key: String| {
+            ConfigError::at_key(
+                text,
+                key,
+                format!("{k:?} is not a valid metadata key (a lowercase HTTP header name)"),
+            )
+        };
+        for (what, keys) in [("strip", &e.strip), ("remove", &e.remove)] {
+            for (i, k) in keys.iter().enumerate() {
+                if http::HeaderName::try_from(k.to_ascii_lowercase()).is_err() {
+                    return Err(bad_name(k, format!("{at}.{what}[{i}]")));
+                }
+            }
+        }
+        for (what, map) in [("set", &e.set), ("append", &e.append)] {
+            for (k, v) in map {
+                if http::HeaderName::try_from(k.to_ascii_lowercase()).is_err() {
+                    return Err(bad_name(k, format!("{at}.{what}.{k}")));
+                }
+                if http::HeaderValue::try_from(v.as_str()).is_err() {
+                    return Err(ConfigError::at_key(
+                        text,
+                        format!("{at}.{what}.{k}"),
+                        format!("{v:?} is not a valid metadata value"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads a configuration file.

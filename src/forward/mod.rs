@@ -167,7 +167,12 @@ where
     let route = parts.extensions.remove::<Route>();
     let (target, endpoint_id) = match &route {
         None => (&*default_target, None),
-        Some(Route::One(destination)) => (destination.target(), destination.endpoint()),
+        Some(Route::One(destination)) => {
+            if let Some(edits) = destination.edits() {
+                edits.apply(&mut parts.headers);
+            }
+            (destination.target(), destination.endpoint())
+        }
         Some(_) => {
             return Err(ForwardError::Unroutable(
                 "a fan-out or mirror route reached the forwarder; a FanoutLayer above carries those out"

@@ -103,3 +103,45 @@ async fn without_enrich_the_head_passes_untouched() {
         assert!(seen.get(k).is_none(), "{k} added without [enrich]");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_edits_the_metadata_of_the_calls_it_forwards() {
+    let (upstream, sluice) = setup(|config| {
+        let extra = sluice::Config::from_toml_str(
+            r#"
+[[routes]]
+method = "/sluice.test.Echo/Unary"
+upstream = "default"
+enrich = { set = { "x-tier" = "gold" }, remove = ["x-debug"], append = { "x-hop" = "route" } }
+"#,
+        )
+        .expect("route enrich config");
+        config.routes = extra.routes;
+    })
+    .await;
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    let mut req = Request::new(Req::default());
+    req.metadata_mut().insert("x-debug", "1".parse().expect("ascii"));
+    within("a routed call", client.unary(req)).await.expect("ok");
+    let seen = upstream.probe.last_metadata().expect("seen");
+    assert_eq!(seen.get("x-tier").map(|v| v.to_str().ok()), Some(Some("gold")));
+    assert!(seen.get("x-debug").is_none());
+    assert_eq!(seen.get("x-hop").map(|v| v.to_str().ok()), Some(Some("route")));
+    // A call the route does not match is left alone.
+    let mut req = Request::new(Req { replies: 1, ..Req::default() });
+    req.metadata_mut().insert("x-debug", "1".parse().expect("ascii"));
+    let mut s = within("a stream", client.server_stream(req)).await.expect("ok").into_inner();
+    while within("a reply", s.message()).await.expect("ok").is_some() {}
+    let seen = upstream.probe.last_metadata().expect("seen");
+    assert!(seen.get("x-tier").is_none());
+    assert!(seen.get("x-debug").is_some());
+}
+
+#[test]
+fn a_route_enrich_takes_only_edits() {
+    let err = sluice::Config::from_toml_str(
+        "[[routes]]\nupstream = \"default\"\nenrich = { forwarded = true }\n",
+    )
+    .expect_err("forwarded is global");
+    assert!(err.to_string().contains("routes[0].enrich"), "{err}");
+}

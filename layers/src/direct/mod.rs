@@ -74,7 +74,9 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use self::route::{Destination, FanOut, Mirror, Mode, OnError, Overflow, Route, Secondary};
+pub use self::route::{
+    Destination, Edits, FanOut, Mirror, Mode, OnError, Overflow, Route, Secondary,
+};
 use crate::{
     grpc::status::{self, Code},
     peek::{Peeked, PeekedMessage},

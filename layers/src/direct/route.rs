@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::HeaderName;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Where a call goes; in the request's extensions after
 /// [`Direct`](super::Direct).
@@ -29,6 +29,76 @@ pub struct Destination {
     endpoint: Option<Arc<str>>,
     first_message: Option<Bytes>,
     timeout: Option<Duration>,
+    edits: Option<Arc<Edits>>,
+}
+
+/// Metadata a route changes on the calls it sends to a destination:
+/// keys removed, then set, then appended. The forwarder applies them.
+///
+/// ```
+/// use http::{HeaderMap, HeaderName, HeaderValue};
+/// use sluice_layers::direct::Edits;
+///
+/// let edits = Edits::new()
+///     .remove(HeaderName::from_static("x-debug"))
+///     .set(HeaderName::from_static("x-tier"), HeaderValue::from_static("gold"));
+/// let mut headers = HeaderMap::new();
+/// headers.insert("x-debug", HeaderValue::from_static("1"));
+/// edits.apply(&mut headers);
+/// assert!(headers.get("x-debug").is_none());
+/// assert_eq!(headers["x-tier"], "gold");
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Edits {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+    append: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Edits {
+    /// No edits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Removes `key`.
+    #[must_use]
+    pub fn remove(mut self, key: HeaderName) -> Self {
+        self.remove.push(key);
+        self
+    }
+
+    /// Sets `key` to `value`, replacing what was there.
+    #[must_use]
+    pub fn set(mut self, key: HeaderName, value: HeaderValue) -> Self {
+        self.set.push((key, value));
+        self
+    }
+
+    /// Adds `value` to `key`.
+    #[must_use]
+    pub fn append(mut self, key: HeaderName, value: HeaderValue) -> Self {
+        self.append.push((key, value));
+        self
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.append.is_empty()
+    }
+
+    /// Applies the edits to `headers`.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for key in &self.remove {
+            headers.remove(key);
+        }
+        for (key, value) in &self.set {
+            headers.insert(key.clone(), value.clone());
+        }
+        for (key, value) in &self.append {
+            headers.append(key.clone(), value.clone());
+        }
+    }
 }
 
 /// A one-to-many route (Talos's `One2Many`): the call goes to every
@@ -150,7 +220,21 @@ impl Destination {
             endpoint: None,
             first_message: None,
             timeout: None,
+            edits: None,
         }
+    }
+
+    /// Changes the metadata of the calls sent to this destination (a
+    /// route's own enrichment; a forwarder applies it).
+    #[must_use]
+    pub fn with_edits(mut self, edits: Arc<Edits>) -> Self {
+        self.edits = Some(edits);
+        self
+    }
+
+    /// The metadata edits, if any.
+    pub fn edits(&self) -> Option<&Edits> {
+        self.edits.as_deref()
     }
 
     /// Sends the call to the endpoint of the target group with this
