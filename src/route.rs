@@ -387,7 +387,7 @@ impl Director for Routes {
                 Action::Forward(r) => Ok(r.clone()),
                 Action::Refuse(r) => Err(r.clone()),
                 Action::FanOut(f) => match self.fan_out(f, parts) {
-                    Some(route) => Ok(route),
+                    Some(decision) => decision,
                     // The key is absent: this route is not for the call.
                     None => continue,
                 },
@@ -405,8 +405,11 @@ impl Director for Routes {
 
 impl Routes {
     /// The destinations of a fan-out for the call with head `parts`:
-    /// `None` when the route has a key and the call does not carry it.
-    fn fan_out(&self, f: &FanoutAction, parts: &Parts) -> Option<Route> {
+    /// `None` when the route has a key and the call does not carry it; a
+    /// refusal when the key names more destinations than the group has
+    /// endpoints (each would cost an upstream call: a client must not be
+    /// able to multiply its call beyond the group).
+    fn fan_out(&self, f: &FanoutAction, parts: &Parts) -> Option<Result<Route, Refusal>> {
         let ids: Vec<String> = match &f.key {
             None => (self.members)(&f.group),
             Some(key) => {
@@ -421,6 +424,17 @@ impl Routes {
                 }
                 if ids.is_empty() {
                     return None;
+                }
+                let endpoints = (self.members)(&f.group).len();
+                if ids.len() > endpoints {
+                    return Some(Err(Refusal::new(
+                        Code::InvalidArgument,
+                        format!(
+                            "{key} names {} destinations; group {} has {endpoints} endpoints",
+                            ids.len(),
+                            f.group
+                        ),
+                    )));
                 }
                 ids
             }
@@ -453,7 +467,7 @@ impl Routes {
         if let Some(name) = &f.name {
             route = route.named(name.clone());
         }
-        Some(Route::FanOut(route))
+        Some(Ok(Route::FanOut(route)))
     }
 }
 

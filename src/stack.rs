@@ -139,6 +139,7 @@ fn fanout_layer(config: &Config, metrics: Arc<Metrics>) -> FanoutLayer {
             MalformedConfig::Pass => Malformed::PassThrough,
         })
         .fail_when_any(f.fail_when == FailWhen::Any)
+        .secondary_grace(f.secondary_grace)
         .classify(|e| match crate::rescue::status_of(e) {
             Some((code, _)) => (code, e.to_string()),
             // An upstream reset.

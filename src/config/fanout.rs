@@ -127,6 +127,11 @@ pub struct FanoutConfig {
     /// Methods (globs) whose fan-out interleaves when the route does not
     /// say: whether a method streams is not visible on the wire.
     pub streaming_methods: Vec<String>,
+    /// How long mirror secondaries may run on once the primary has ended
+    /// (and hold an `on_error = "fail"` call's end); then they are
+    /// cancelled and reported `cancelled`: 30 s.
+    #[serde(with = "super::value::duration")]
+    pub secondary_grace: std::time::Duration,
 }
 
 /// What a malformed reply does.
@@ -161,6 +166,7 @@ impl Default for FanoutConfig {
             malformed: MalformedConfig::Fail,
             fail_when: FailWhen::All,
             streaming_methods: Vec::new(),
+            secondary_grace: sluice_layers::fanout::DEFAULT_SECONDARY_GRACE,
         }
     }
 }

@@ -121,16 +121,32 @@ enrich = { set = { "x-tier" = "gold" }, remove = ["x-debug"], append = { "x-hop"
     .await;
     let mut client = sluice_testkit::client(sluice.listen_addr());
     let mut req = Request::new(Req::default());
-    req.metadata_mut().insert("x-debug", "1".parse().expect("ascii"));
-    within("a routed call", client.unary(req)).await.expect("ok");
+    req.metadata_mut()
+        .insert("x-debug", "1".parse().expect("ascii"));
+    within("a routed call", client.unary(req))
+        .await
+        .expect("ok");
     let seen = upstream.probe.last_metadata().expect("seen");
-    assert_eq!(seen.get("x-tier").map(|v| v.to_str().ok()), Some(Some("gold")));
+    assert_eq!(
+        seen.get("x-tier").map(|v| v.to_str().ok()),
+        Some(Some("gold"))
+    );
     assert!(seen.get("x-debug").is_none());
-    assert_eq!(seen.get("x-hop").map(|v| v.to_str().ok()), Some(Some("route")));
+    assert_eq!(
+        seen.get("x-hop").map(|v| v.to_str().ok()),
+        Some(Some("route"))
+    );
     // A call the route does not match is left alone.
-    let mut req = Request::new(Req { replies: 1, ..Req::default() });
-    req.metadata_mut().insert("x-debug", "1".parse().expect("ascii"));
-    let mut s = within("a stream", client.server_stream(req)).await.expect("ok").into_inner();
+    let mut req = Request::new(Req {
+        replies: 1,
+        ..Req::default()
+    });
+    req.metadata_mut()
+        .insert("x-debug", "1".parse().expect("ascii"));
+    let mut s = within("a stream", client.server_stream(req))
+        .await
+        .expect("ok")
+        .into_inner();
     while within("a reply", s.message()).await.expect("ok").is_some() {}
     let seen = upstream.probe.last_metadata().expect("seen");
     assert!(seen.get("x-tier").is_none());

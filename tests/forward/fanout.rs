@@ -598,3 +598,49 @@ async fn a_dropped_secondary_is_reset_as_an_error_not_a_cancel() {
         .expect("a verdict");
     assert_eq!(reason, Some(h2::Reason::INTERNAL_ERROR));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_cannot_name_more_destinations_than_the_group_has() {
+    let a = NodeServer::start("a");
+    let b = NodeServer::start("b");
+    let (_sluice, mut client) = start(&config(&[("a", a.addr), ("b", b.addr)], "")).await;
+    let err = within(
+        "an oversized fan-out",
+        client.version(to("a,b,x,y,z", VersionRequest::default())),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(a.probe.counts().started + b.probe.counts().started, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_that_never_answers_is_cancelled_after_the_grace() {
+    let primary = NodeServer::start("primary");
+    // A raw h2 upstream that takes the call and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let shadow = listener.local_addr().expect("addr");
+    let (reset_tx, reset_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut conn = h2::server::handshake(tcp).await.expect("h2");
+        let (_req, mut respond) = conn.accept().await.expect("a stream").expect("ok");
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+        let _ = reset_tx.send(reason.ok());
+    });
+    let mut cfg = mirror_config(primary.addr, shadow, "block");
+    cfg.fanout.secondary_grace = Duration::from_millis(200);
+    let (sluice, mut client) = start(&cfg).await;
+    let (_, chunks) = write(&mut client, 3, 10).await;
+    assert_eq!(chunks, 3);
+    // The secondary is cut off after the grace, and reported cancelled.
+    let reason = within("the secondary's reset", reset_rx)
+        .await
+        .expect("reset");
+    assert!(reason.is_some());
+    reported(&sluice, "shadow", "cancelled").await;
+    reported(&sluice, "primary", "ok").await;
+}

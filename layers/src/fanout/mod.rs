@@ -235,6 +235,13 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CutOff;
 
+/// How long mirror secondaries may run on once the primary has ended
+/// (and how long an `OnError::Fail` secondary may hold the primary's
+/// trailers) by default: 30 s, sluice's drain deadline. Past it they are
+/// cancelled and reported so; without the bound, a secondary that never
+/// answers would hold a task and a stream per call forever.
+pub const DEFAULT_SECONDARY_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What a reply that does not have the expected layout does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -258,6 +265,7 @@ pub(crate) struct Settings {
     append: AppendInfo,
     malformed: Malformed,
     fail_when_any: bool,
+    secondary_grace: std::time::Duration,
     reporter: Option<Reporter>,
     classify: Classifier,
 }
@@ -321,6 +329,7 @@ impl FanoutLayer {
                 append: AppendInfo::default(),
                 malformed: Malformed::Fail,
                 fail_when_any: false,
+                secondary_grace: DEFAULT_SECONDARY_GRACE,
                 reporter: None,
                 classify: Arc::new(call::unavailable),
             }),
@@ -335,6 +344,7 @@ impl FanoutLayer {
             append: shared.append,
             malformed: shared.malformed,
             fail_when_any: shared.fail_when_any,
+            secondary_grace: shared.secondary_grace,
             reporter: shared.reporter.clone(),
             classify: shared.classify.clone(),
         });
@@ -381,6 +391,13 @@ impl FanoutLayer {
     #[must_use]
     pub fn fail_when_any(self, yes: bool) -> Self {
         self.with(|s| s.fail_when_any = yes)
+    }
+
+    /// How long mirror secondaries may run on after the primary ended
+    /// (default [`DEFAULT_SECONDARY_GRACE`]).
+    #[must_use]
+    pub fn secondary_grace(self, grace: std::time::Duration) -> Self {
+        self.with(|s| s.secondary_grace = grace)
     }
 
     /// Calls `f` once per fan-out or mirror call with every destination's
