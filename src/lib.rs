@@ -29,6 +29,7 @@ mod stack;
 mod stats;
 pub mod telemetry;
 mod upstream;
+mod via;
 mod window;
 
 use std::{

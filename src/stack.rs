@@ -30,6 +30,7 @@ use crate::{
         trace,
     },
     upstream::Groups,
+    via::Via,
 };
 
 /// `x-request-id` for calls without one, when `[enrich] request_id`.
@@ -37,7 +38,7 @@ type Ids<S> = Either<SetRequestId<S, MakeId>, S>;
 
 /// The stack between the server and the upstream.
 pub(crate) type Stack = Trace<
-    CallMetrics<Rescue<Drain<Enrich<Ids<Peek<Direct<Fanout<Deadline<Forward>>, Routes>>>>>>>,
+    CallMetrics<Rescue<Drain<Enrich<Ids<Peek<Direct<Via<Fanout<Deadline<Forward>>>, Routes>>>>>>>,
     SharedClassifier<GrpcErrorsAsFailures>,
     trace::MakeSpan,
     (),
@@ -108,6 +109,9 @@ pub(crate) fn build(
         // Pick each call's upstream group from the config's routes, or
         // refuse it with the status the route names.
         .layer(DirectLayer::new(routes))
+        // Append this instance to sluice-via; a call that already carries
+        // it (a routing loop) gets ABORTED.
+        .layer_fn(|inner| Via::new(inner, metrics.clone()))
         // Carry out fan-out and mirror routes: the layers below run once
         // per destination, each with its own deadline cap.
         .layer(fanout_layer(config, metrics.clone()))

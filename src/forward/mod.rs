@@ -52,9 +52,6 @@ pub(crate) enum ForwardError {
     /// as a reset with the same reason.
     #[error("upstream reset the call: {0}")]
     UpstreamReset(#[source] h2::Error),
-    /// The call already passed through this sluice: a routing loop.
-    #[error("routing loop: this call already passed through this sluice (sluice-via {0})")]
-    Loop(String),
     /// The director chose a route this forwarder cannot follow: a fan-out
     /// or mirror route, or a group that does not exist. Routes read from a
     /// config never do (the config checks its groups, and its routes have
@@ -79,17 +76,10 @@ impl ForwardError {
             Self::Upstream(_) | Self::UpstreamLost(_) => {
                 (Code::Unavailable, RefusalReason::upstream_unavailable)
             }
-            // ABORTED, as linkerd answers loops: retrying the same call
-            // would loop again, which is not FAILED_PRECONDITION's "fix the
-            // system state first".
-            Self::Loop(_) => (Code::Aborted, RefusalReason::routing_loop),
             Self::NoEndpoint(_) => (Code::Unavailable, RefusalReason::no_endpoint),
         })
     }
 }
-
-/// The header that records which sluice instances a call passed through.
-const VIA: http::HeaderName = http::HeaderName::from_static("sluice-via");
 
 /// The forwarder service: each call goes to an endpoint of the group its
 /// [`Route`] names (the default target without one): the endpoint the
@@ -101,8 +91,6 @@ const VIA: http::HeaderName = http::HeaderName::from_static("sluice-via");
 pub(crate) struct Forward {
     groups: Arc<Groups>,
     counters: Arc<Counters>,
-    /// This instance's id in `sluice-via`.
-    via: http::HeaderValue,
     /// The group of a call without a route.
     default_target: Arc<str>,
 }
@@ -113,14 +101,9 @@ impl Forward {
         counters: Arc<Counters>,
         default_target: impl Into<Arc<str>>,
     ) -> Self {
-        let id =
-            std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id());
-        let via =
-            http::HeaderValue::try_from(format!("{id:016x}")).expect("hex is a valid header value");
         Self {
             groups,
             counters,
-            via,
             default_target: default_target.into(),
         }
     }
@@ -145,7 +128,6 @@ where
         Box::pin(forward(
             self.groups.clone(),
             self.counters.clone(),
-            self.via.clone(),
             self.default_target.clone(),
             req,
         ))
@@ -155,7 +137,6 @@ where
 async fn forward<B>(
     groups: Arc<Groups>,
     counters: Arc<Counters>,
-    via: http::HeaderValue,
     default_target: Arc<str>,
     req: Request<B>,
 ) -> Result<Response<ResponseBody>, ForwardError>
@@ -183,16 +164,6 @@ where
     let group = groups
         .get(target)
         .ok_or_else(|| ForwardError::Unroutable(format!("no upstream group named {target:?}")))?;
-    if parts.headers.get_all(&VIA).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|id| id.trim_ascii() == via.as_bytes())
-    }) {
-        return Err(ForwardError::Loop(
-            String::from_utf8_lossy(via.as_bytes()).into_owned(),
-        ));
-    }
-    parts.headers.append(VIA, via);
     let mut endpoint = match endpoint_id {
         Some(id) => group
             .find(id)
