@@ -24,22 +24,29 @@ pub type Members = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
 /// The routes of a config, ready to match: sluice's built-in
 /// [`Director`].
+///
+/// One pointer: every connection's stack holds a copy, so its size is paid
+/// per idle connection.
 #[derive(Clone)]
 pub struct Routes {
-    routes: Arc<[Compiled]>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: Box<[Compiled]>,
     fallback: Fallback,
     /// The fallback route, built once: cloning it is a reference count.
     default_route: Route,
     members: Members,
     /// `[fanout] streaming_methods`.
-    streaming: Arc<[Glob]>,
+    streaming: Box<[Glob]>,
 }
 
 impl std::fmt::Debug for Routes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Routes")
-            .field("routes", &self.routes)
-            .field("fallback", &self.fallback)
+            .field("routes", &self.inner.routes)
+            .field("fallback", &self.inner.fallback)
             .finish_non_exhaustive()
     }
 }
@@ -119,25 +126,27 @@ impl Routes {
             .map(|g| Glob::new(g))
             .collect();
         Self {
-            routes: config.routes.iter().map(compile).collect(),
-            streaming: globs.into(),
-            fallback: config.routing.fallback,
-            default_route: Route::to(DEFAULT_GROUP),
-            members,
+            inner: Arc::new(Inner {
+                routes: config.routes.iter().map(compile).collect(),
+                streaming: globs.into(),
+                fallback: config.routing.fallback,
+                default_route: Route::to(DEFAULT_GROUP),
+                members,
+            }),
         }
     }
 
     /// Whether any route looks at the first message (so some calls must
     /// be peeked).
     pub(crate) fn needs_peek(&self) -> bool {
-        self.routes.iter().any(|r| r.field.is_some())
+        self.inner.routes.iter().any(|r| r.field.is_some())
     }
 
     /// Whether the call with head `parts` must be peeked: a route on the
     /// first message could still decide it, because no earlier route
     /// decides on the head alone. Every other call is never read ahead.
     pub(crate) fn wants_peek(&self, parts: &Parts) -> bool {
-        for route in self.routes.iter() {
+        for route in self.inner.routes.iter() {
             if !route.head_matches(parts) {
                 continue;
             }
@@ -379,7 +388,7 @@ fn compile(r: &RouteConfig) -> Compiled {
 
 impl Director for Routes {
     fn direct(&mut self, parts: &Parts, peeked: &[PeekedMessage]) -> Result<Route, Refusal> {
-        for route in self.routes.iter() {
+        for route in self.inner.routes.iter() {
             if !route.matches(parts, peeked) {
                 continue;
             }
@@ -393,8 +402,8 @@ impl Director for Routes {
                 },
             };
         }
-        match self.fallback {
-            Fallback::Upstream => Ok(self.default_route.clone()),
+        match self.inner.fallback {
+            Fallback::Upstream => Ok(self.inner.default_route.clone()),
             Fallback::Unimplemented => Err(Refusal::new(
                 Code::Unimplemented,
                 format!("no route for {}", parts.uri.path()),
@@ -411,7 +420,7 @@ impl Routes {
     /// able to multiply its call beyond the group).
     fn fan_out(&self, f: &FanoutAction, parts: &Parts) -> Option<Result<Route, Refusal>> {
         let ids: Vec<String> = match &f.key {
-            None => (self.members)(&f.group),
+            None => (self.inner.members)(&f.group),
             Some(key) => {
                 let mut ids = Vec::new();
                 for value in parts.headers.get_all(key) {
@@ -425,7 +434,7 @@ impl Routes {
                 if ids.is_empty() {
                     return None;
                 }
-                let endpoints = (self.members)(&f.group).len();
+                let endpoints = (self.inner.members)(&f.group).len();
                 if ids.len() > endpoints {
                     return Some(Err(Refusal::new(
                         Code::InvalidArgument,
@@ -454,7 +463,7 @@ impl Routes {
             .collect();
         let mode = f.mode.unwrap_or_else(|| {
             let path = parts.uri.path();
-            if self.streaming.iter().any(|g| g.matches(path)) {
+            if self.inner.streaming.iter().any(|g| g.matches(path)) {
                 Mode::Interleave
             } else {
                 Mode::Merge

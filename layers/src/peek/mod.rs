@@ -171,12 +171,27 @@ impl Drop for Reservation {
 /// Middleware that reads the first messages of each request body and
 /// replays them to the inner service.
 ///
+/// Each clone has a peek budget of its own
+/// ([`max_bytes_per_connection`](PeekLayer::max_bytes_per_connection)):
+/// a server that clones its stack once per connection gets one budget
+/// per connection.
+///
 /// See the [module docs](crate::peek) for an example.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Peek<S> {
     inner: S,
     layer: PeekLayer,
     held: Arc<Held>,
+}
+
+impl<S: Clone> Clone for Peek<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+            held: Arc::default(),
+        }
+    }
 }
 
 // === impl Peeked ===

@@ -246,26 +246,51 @@ async fn the_wait_for_the_first_message_is_bounded_by_grpc_timeout_and_max_wait(
 
 #[tokio::test]
 async fn one_connections_peeks_share_a_budget() {
+    use tower::Service;
     // Two calls of one service (one connection), each holding 600 bytes of
     // an unfinished message, against a 1000-byte connection budget.
     let (seen_tx, _seen) = oneshot::channel();
-    let svc = PeekLayer::new()
+    let mut svc = PeekLayer::new()
         .max_bytes_per_connection(1000)
         .layer(recorder::<Chunks>(seen_tx));
     let part = Bytes::from(message(0, &[1u8; 2000])[..600].to_vec());
     let (tx1, rx1) = mpsc::channel(1);
     tx1.send(part.clone()).await.expect("send");
-    let first = tokio::spawn(svc.clone().oneshot(Request::new(Chunks(rx1))));
-    tokio::task::yield_now().await;
-    let (tx2, rx2) = mpsc::channel(1);
-    tx2.send(part).await.expect("send");
-    let second = svc
-        .oneshot(Request::new(Chunks(rx2)))
+    let first = svc
+        .ready()
         .await
-        .expect("answered");
+        .expect("ready")
+        .call(Request::new(Chunks(rx1)));
+    let first = tokio::spawn(first);
+    tokio::task::yield_now().await;
+    assert!(!first.is_finished(), "the first call is still reading");
+    let (tx2, rx2) = mpsc::channel(1);
+    tx2.send(part.clone()).await.expect("send");
+    let second = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(Request::new(Chunks(rx2)));
+    let second = second.await.expect("answered");
     assert_eq!(
         status::code_of(second.headers()),
         Some(Code::ResourceExhausted)
     );
+    // A clone (another connection) has a budget of its own.
+    let (tx3, rx3) = mpsc::channel(1);
+    tx3.send(part).await.expect("send");
+    let mut other = svc.clone();
+    let third = other
+        .ready()
+        .await
+        .expect("ready")
+        .call(Request::new(Chunks(rx3)));
+    let third = tokio::spawn(third);
+    tokio::task::yield_now().await;
+    assert!(
+        !third.is_finished(),
+        "the other connection's call is still reading"
+    );
     first.abort();
+    third.abort();
 }
