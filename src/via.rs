@@ -27,8 +27,9 @@ const VIA: HeaderName = HeaderName::from_static("sluice-via");
 #[derive(Clone, Debug)]
 pub(crate) struct Via<S> {
     inner: S,
-    /// This instance's id.
-    id: HeaderValue,
+    /// This instance's id (behind a pointer: every connection's stack
+    /// holds a copy).
+    id: Arc<HeaderValue>,
     metrics: Arc<Metrics>,
 }
 
@@ -38,7 +39,11 @@ impl<S> Via<S> {
         let id =
             std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id());
         let id = HeaderValue::try_from(format!("{id:016x}")).expect("hex is a valid header value");
-        Self { inner, id, metrics }
+        Self {
+            inner,
+            id: Arc::new(id),
+            metrics,
+        }
     }
 }
 
@@ -70,7 +75,7 @@ where
             tracing::debug!(%message, "call refused");
             return Either::Right(ready(Ok(status::trailers_only(Code::Aborted, &message))));
         }
-        req.headers_mut().append(VIA, self.id.clone());
+        req.headers_mut().append(VIA, HeaderValue::clone(&self.id));
         Either::Left(self.inner.call(req))
     }
 }

@@ -180,7 +180,9 @@ impl Drop for Reservation {
 #[derive(Debug)]
 pub struct Peek<S> {
     inner: S,
-    layer: PeekLayer,
+    // Behind a pointer: a server holds one copy of its stack per
+    // connection.
+    layer: Arc<PeekLayer>,
     held: Arc<Held>,
 }
 
@@ -299,7 +301,7 @@ impl<S> Layer<S> for PeekLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Peek {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
             // Each service the layer makes (sluice: each connection) has a
             // budget of its own.
             held: Arc::default(),
