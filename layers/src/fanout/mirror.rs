@@ -3,6 +3,7 @@
 //! dropped; a report with every outcome when the last one ends.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -56,6 +57,8 @@ pub(super) struct MirrorBody<B> {
     /// The primary's trailers, held while secondaries whose failure fails
     /// the call are still running.
     held: Option<HeaderMap>,
+    /// How long the held trailers may wait.
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
     ended: bool,
 }
 
@@ -130,6 +133,7 @@ where
                     inner,
                     calls: Some(calls),
                     held: None,
+                    grace: None,
                     ended,
                 }),
             ))
@@ -257,8 +261,14 @@ impl Drop for Calls {
             detached: true,
         };
         self.reported = true;
+        let grace = rest.settings.secondary_grace;
         runtime.spawn(async move {
-            while rest.secondaries.join_next().await.is_some() {}
+            // Bounded: a secondary that never answers is cancelled (and
+            // reported so) `secondary_grace` after the primary ended.
+            let _ = tokio::time::timeout(grace, async {
+                while rest.secondaries.join_next().await.is_some() {}
+            })
+            .await;
             rest.cancel();
         });
     }
@@ -278,11 +288,19 @@ where
                 let Some(calls) = self.calls.as_mut() else {
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 };
-                // Wait for every secondary before the end of the call.
+                // Wait for every secondary before the end of the call, at
+                // most `secondary_grace`; then the ones left are cancelled.
                 while let Poll::Ready(Some(_)) = calls.secondaries.poll_join_next(cx) {}
                 if !calls.secondaries.is_empty() {
-                    self.held = Some(trailers);
-                    return Poll::Pending;
+                    let grace = calls.settings.secondary_grace;
+                    let timer = self
+                        .grace
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(grace)));
+                    if timer.as_mut().poll(cx).is_pending() {
+                        self.held = Some(trailers);
+                        return Poll::Pending;
+                    }
+                    calls.secondaries.abort_all();
                 }
                 let mut trailers = trailers;
                 if calls.primary == Some(Outcome::Ok)
