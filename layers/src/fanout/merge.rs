@@ -44,7 +44,7 @@ struct Collected {
 pub(super) async fn merge<S, B, RB>(
     svc: S,
     parts: Parts,
-    body: B,
+    mut body: B,
     route: FanOut,
     settings: Arc<Settings>,
 ) -> Response<ResponseBody<RB>>
@@ -63,12 +63,13 @@ where
     // itself, no task each: dropping it (the client cancelled) drops them,
     // which cancels every destination.
     let budget = Arc::new(AtomicUsize::new(settings.max_reply_bytes));
+    let (early, complete) = tee::prefetch(&mut body);
     let mut outlets = Vec::with_capacity(destinations.len());
     // Only the destinations that were woken are polled again.
     let mut calls = FuturesUnordered::new();
     for (index, destination) in destinations.iter().enumerate() {
-        let (tx, tee) = tee::channel(settings.queue);
-        outlets.push(Outlet::new(tx));
+        let (tx, tee) = tee::split(&early, complete, settings.queue);
+        outlets.extend(tx.map(Outlet::new));
         // Merging rewrites the reply, so it must arrive uncompressed.
         let req = call::request(&parts, destination, route.stripped(), tee, true);
         calls.push(collect(
@@ -79,7 +80,8 @@ where
             budget.clone(),
         ));
     }
-    let mut pump = Some(Box::pin(tee::pump(body, outlets)));
+    // A request that was all there needs no pump.
+    let mut pump = (!complete).then(|| Box::pin(tee::pump(body, outlets)));
 
     let mut replies: Vec<Option<Collected>> = (0..names.len()).map(|_| None).collect();
     let mut arrival = Vec::with_capacity(names.len());

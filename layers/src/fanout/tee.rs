@@ -30,7 +30,10 @@ pub(super) enum Item {
 /// client's frames, in order.
 #[derive(Debug)]
 pub(super) struct Tee {
-    rx: mpsc::Receiver<Item>,
+    /// Frames read before the destinations were called.
+    ready: std::collections::VecDeque<Item>,
+    /// The rest, from the pump; `None` when `ready` holds the whole body.
+    rx: Option<mpsc::Receiver<Item>>,
     ended: bool,
 }
 
@@ -47,7 +50,13 @@ impl Tee {
         if self.ended {
             return Poll::Ready(None);
         }
-        let item = std::task::ready!(self.rx.poll_recv(cx));
+        let item = match self.ready.pop_front() {
+            Some(item) => Some(item),
+            None => match &mut self.rx {
+                Some(rx) => std::task::ready!(rx.poll_recv(cx)),
+                None => None,
+            },
+        };
         Poll::Ready(match item {
             Some(Item::Data(d)) => Some(Ok(Frame::data(d))),
             Some(Item::Trailers(t)) => {
@@ -87,7 +96,92 @@ pub(super) struct Outlet {
 /// A queue of `capacity` frames for one destination.
 pub(super) fn channel(capacity: usize) -> (mpsc::Sender<Item>, Tee) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    (tx, Tee { rx, ended: false })
+    (
+        tx,
+        Tee {
+            ready: std::collections::VecDeque::new(),
+            rx: Some(rx),
+            ended: false,
+        },
+    )
+}
+
+/// The most frames [`prefetch`] reads.
+const PREFETCH: usize = 8;
+
+/// Reads what the client's body already has, without waiting: a unary
+/// request usually is all there. Returns the frames and whether they are
+/// the whole body (then no queue and no pump are needed).
+pub(super) fn prefetch<B>(body: &mut B) -> (Vec<Item>, bool)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let mut items = Vec::new();
+    while items.len() < PREFETCH {
+        if body.is_end_stream() {
+            items.push(Item::End);
+            return (items, true);
+        }
+        match Pin::new(&mut *body).poll_frame(&mut cx) {
+            Poll::Pending => break,
+            Poll::Ready(None) => {
+                items.push(Item::End);
+                return (items, true);
+            }
+            Poll::Ready(Some(Err(e))) => {
+                items.push(Item::Failed(Arc::from(e.into().to_string())));
+                return (items, true);
+            }
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => items.push(Item::Data(data)),
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        items.push(Item::Trailers(trailers));
+                        return (items, true);
+                    }
+                }
+            },
+        }
+    }
+    (items, false)
+}
+
+/// The body of one destination: `items` first, then (when they are not
+/// the whole body) a queue the pump feeds. Returns the queue's sender.
+pub(super) fn split(
+    items: &[Item],
+    complete: bool,
+    capacity: usize,
+) -> (Option<mpsc::Sender<Item>>, Tee) {
+    let ready = items.iter().map(Item::copy).collect();
+    if complete {
+        return (
+            None,
+            Tee {
+                ready,
+                rx: None,
+                ended: false,
+            },
+        );
+    }
+    let (tx, mut tee) = channel(capacity);
+    tee.ready = ready;
+    (Some(tx), tee)
+}
+
+impl Item {
+    /// The same frame, sharing its bytes.
+    fn copy(&self) -> Self {
+        match self {
+            Self::Data(d) => Self::Data(d.clone()),
+            Self::Trailers(t) => Self::Trailers(t.clone()),
+            Self::End => Self::End,
+            Self::Failed(why) => Self::Failed(why.clone()),
+        }
+    }
 }
 
 impl Outlet {
@@ -170,13 +264,7 @@ where
         };
         let last = !matches!(item, Item::Data(_));
         for outlet in &mut outlets {
-            let copy = match &item {
-                Item::Data(d) => Item::Data(d.clone()),
-                Item::Trailers(t) => Item::Trailers(t.clone()),
-                Item::End => Item::End,
-                Item::Failed(why) => Item::Failed(why.clone()),
-            };
-            outlet.send(copy).await;
+            outlet.send(item.copy()).await;
         }
         if last {
             return;
