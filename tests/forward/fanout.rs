@@ -644,3 +644,65 @@ async fn a_secondary_that_never_answers_is_cancelled_after_the_grace() {
     reported(&sluice, "shadow", "cancelled").await;
     reported(&sluice, "primary", "ok").await;
 }
+
+/// A raw h2 upstream that answers every call with one message (flag
+/// `flag`, bytes `payload`) and grpc-status 0.
+async fn raw_node(flag: u8, payload: &'static [u8]) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let res = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-encoding", "gzip")
+                        .body(())
+                        .expect("response");
+                    let Ok(mut send) = respond.send_response(res, false) else {
+                        continue;
+                    };
+                    let mut m = vec![flag];
+                    m.extend_from_slice(
+                        &u32::try_from(payload.len()).expect("small").to_be_bytes(),
+                    );
+                    m.extend_from_slice(payload);
+                    let _ = send.send_data(m.into(), false);
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", "0".parse().expect("value"));
+                    let _ = send.send_trailers(t);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_reply_is_never_merged_and_counts_as_failed() {
+    let a = NodeServer::start("a");
+    // Compressed bytes (flag 1) that would decode as anything at all.
+    let zipped = raw_node(1, b"\x1f\x8b\x08\x00not-really").await;
+    let (_sluice, mut client) = start(&config(&[("a", a.addr), ("z", zipped)], "")).await;
+    let reply = within(
+        "a merge with a compressed reply",
+        client.version(to("a,z", VersionRequest::default())),
+    )
+    .await
+    .expect("OK: one destination answered")
+    .into_inner();
+    assert_eq!(reply.messages.len(), 2, "{reply:?}");
+    assert_eq!(reply.messages[0].node, "a");
+    let z = reply.messages[1].metadata.as_ref().expect("an error entry");
+    assert_eq!(z.hostname, "z");
+    assert!(z.error.contains("compressed"), "{z:?}");
+    assert_eq!(
+        z.status.as_ref().map(|s| s.code),
+        Some(Code::Internal as i32)
+    );
+}
