@@ -15,9 +15,9 @@
 //! DATA frame of a stream) are not copied: they go out at once, in one
 //! vectored write together with whatever is buffered before them.
 //!
-//! The buffer holds at most [`HIGH_WATER`] bytes plus one write of less than
-//! [`DIRECT_WRITE`] bytes; past that a writer waits for the socket, which is
-//! how a peer that stops reading pushes back on h2.
+//! The buffer holds at most [`HIGH_WATER`] bytes (a write is copied only
+//! when it fits); past that a writer waits for the socket, which is how a
+//! peer that stops reading pushes back on h2.
 //!
 //! The same type replays bytes a sniffer read ahead ([`BatchIo::with_prefix`]),
 //! so that the protocol can be decided by reading (an event to wait for)
