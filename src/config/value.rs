@@ -14,11 +14,14 @@ pub struct WindowSize(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u32);
 
-/// A `host:port` address; the host may be a name, resolved when dialling.
+/// A `host:port` address (the host may be a name, resolved when
+/// dialling), or `unix:/path` for a Unix domain socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostPort {
+    /// The host; for a Unix socket, its path.
     host: String,
     port: u16,
+    unix: bool,
 }
 
 pub(super) const MAX_WINDOW: u64 = (1 << 31) - 1;
@@ -32,15 +35,22 @@ impl HostPort {
         &self.host
     }
 
-    /// The port.
+    /// The port (0 for a Unix socket).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The path, for a Unix domain socket (`unix:/path`).
+    pub fn unix_path(&self) -> Option<&std::path::Path> {
+        self.unix.then(|| std::path::Path::new(&self.host))
     }
 }
 
 impl fmt::Display for HostPort {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
+        if self.unix {
+            write!(f, "unix:{}", self.host)
+        } else if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)
         } else {
             write!(f, "{}:{}", self.host, self.port)
@@ -53,6 +63,7 @@ impl From<std::net::SocketAddr> for HostPort {
         Self {
             host: addr.ip().to_string(),
             port: addr.port(),
+            unix: false,
         }
     }
 }
@@ -61,6 +72,16 @@ impl FromStr for HostPort {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("a Unix socket path must be absolute, got {s:?}"));
+            }
+            return Ok(Self {
+                host: path.to_owned(),
+                port: 0,
+                unix: true,
+            });
+        }
         let (host, port) = s
             .rsplit_once(':')
             .ok_or_else(|| format!("expected host:port, got {s:?}"))?;
@@ -75,6 +96,7 @@ impl FromStr for HostPort {
         Ok(Self {
             host: host.to_owned(),
             port,
+            unix: false,
         })
     }
 }

@@ -165,11 +165,9 @@ impl Groups {
                 )
                 .unwrap_or_else(|_| HeaderName::from_static(DEFAULT_DEST_HOST_KEY)),
             });
-            if group_config
-                .endpoints
-                .iter()
-                .any(|e| e.address().host().parse::<IpAddr>().is_err())
-            {
+            if group_config.endpoints.iter().any(|e| {
+                e.address().unix_path().is_none() && e.address().host().parse::<IpAddr>().is_err()
+            }) {
                 tasks.push(tokio::spawn(resolve(
                     name.clone(),
                     group.clone(),
@@ -241,7 +239,7 @@ async fn resolve(
         let mut wanted: Vec<(EndpointConfig, Option<SocketAddr>)> = Vec::new();
         for e in &group_config.endpoints {
             let address = e.address();
-            if address.host().parse::<IpAddr>().is_ok() {
+            if address.unix_path().is_some() || address.host().parse::<IpAddr>().is_ok() {
                 wanted.push((e.clone(), None));
                 continue;
             }

@@ -34,11 +34,14 @@ use bytes::Bytes;
 use h2::SendStream;
 use h2::client::{ResponseFuture, SendRequest};
 use http::Request;
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 mod group;
 mod health;
+mod stream;
+
+use self::stream::Stream;
 
 pub(crate) use self::group::Groups;
 use crate::{
@@ -412,23 +415,21 @@ impl Pool {
             target: inner.name.clone(),
             reason: Arc::from(reason),
         };
-        let target = (inner.target.host(), inner.target.port());
-        let tcp =
-            match tokio::time::timeout(inner.config.connect_timeout, TcpStream::connect(target))
-                .await
-            {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => return Err(unreachable(e.to_string())),
-                Err(_) => {
-                    return Err(unreachable(format!(
-                        "connect timed out after {:?}",
-                        inner.config.connect_timeout
-                    )));
-                }
-            };
-        if let Err(e) = tcp.set_nodelay(true) {
-            debug!(error = %e, "cannot set TCP_NODELAY on an upstream connection");
-        }
+        let tcp = match tokio::time::timeout(
+            inner.config.connect_timeout,
+            Stream::connect(&inner.target),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "connect timed out after {:?}",
+                    inner.config.connect_timeout
+                )));
+            }
+        };
         let (io, flusher) = batch::new(tcp);
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(inner.config.initial_stream_window.0)
@@ -509,7 +510,7 @@ impl Pool {
 /// gone (a dead host, a silent network drop), and the connection is
 /// dropped so its calls fail with UNAVAILABLE instead of hanging.
 async fn drive(
-    connection: Flushed<h2::client::Connection<BatchIo<TcpStream>, Bytes>, TcpStream>,
+    connection: Flushed<h2::client::Connection<BatchIo<Stream>, Bytes>, Stream>,
     (interval, timeout): (Duration, Duration),
     idle_timeout: Duration,
     in_flight: &AtomicUsize,

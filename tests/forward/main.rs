@@ -23,3 +23,4 @@ mod routing;
 #[allow(dead_code)]
 mod raw;
 mod trailers;
+mod unix;
