@@ -1,12 +1,13 @@
 //! Middleware that edits a call's request metadata on the way through:
 //! strips keys a client must not be able to set, removes, sets and appends
 //! static values, and adds the peer's address as `forwarded` (RFC 7239)
-//! and `x-forwarded-for`.
+//! and `x-forwarded-for`, and the verified client identity (a
+//! [`PeerIdentity`] extension) under a key of its own.
 //!
 //! The peer address comes from a [`PeerAddr`] request extension, which a
 //! server puts there (sluice's does when an enrich rule needs it). The
 //! order is fixed: strip (inbound copies of keys this hop owns go first),
-//! remove, set, append, then the forwarding headers. The body passes
+//! remove, set, append, the client identity, then the forwarding headers. The body passes
 //! untouched; a request id (`x-request-id` when absent) is tower-http's
 //! `SetRequestIdLayer`, which composes with this layer.
 //!
@@ -61,6 +62,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::identity::PeerIdentity;
+
 /// The address of the peer that sent a request, as a request extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
@@ -74,6 +77,8 @@ struct Rules {
     append: Vec<(HeaderName, HeaderValue)>,
     forwarded: bool,
     x_forwarded_for: bool,
+    /// The key [`PeerIdentity::id`] goes under (inbound copies stripped).
+    client_id: Option<HeaderName>,
 }
 
 /// [`Layer`] that applies [`Enrich`] middleware.
@@ -154,6 +159,16 @@ impl EnrichLayer {
         self.with(|r| r.x_forwarded_for = true)
     }
 
+    /// Strips every inbound value of `key`, then sets it to the call's
+    /// [`PeerIdentity::id`] when the request carries a [`PeerIdentity`]
+    /// (sluice's default key is `x-sluice-client-id`). A call without a
+    /// verified identity reaches the upstream without the key, so the
+    /// upstream can trust whatever value it sees.
+    #[must_use]
+    pub fn client_id(self, key: HeaderName) -> Self {
+        self.with(|r| r.client_id = Some(key))
+    }
+
     /// Whether any rule needs the [`PeerAddr`] extension.
     pub fn needs_peer(&self) -> bool {
         self.rules.forwarded || self.rules.x_forwarded_for
@@ -168,6 +183,7 @@ impl EnrichLayer {
             && r.set.is_empty()
             && r.append.is_empty()
             && !self.needs_peer()
+            && r.client_id.is_none()
     }
 }
 
@@ -212,14 +228,27 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let peer = req.extensions().get::<PeerAddr>().copied();
-        self.rules.apply(req.headers_mut(), peer);
+        let id = match &self.rules.client_id {
+            Some(_) => req
+                .extensions()
+                .get::<PeerIdentity>()
+                .and_then(|id| HeaderValue::from_str(id.id()).ok()),
+            None => None,
+        };
+        self.rules.apply(req.headers_mut(), peer, id);
         self.inner.call(req)
     }
 }
 
 impl Rules {
-    fn apply(&self, headers: &mut HeaderMap, peer: Option<PeerAddr>) {
-        for key in self.strip.iter().chain(&self.remove) {
+    /// `client_id`: the verified identity, if the call has one.
+    fn apply(
+        &self,
+        headers: &mut HeaderMap,
+        peer: Option<PeerAddr>,
+        client_id: Option<HeaderValue>,
+    ) {
+        for key in self.strip.iter().chain(&self.remove).chain(&self.client_id) {
             headers.remove(key);
         }
         if !self.strip_prefixes.is_empty() {
@@ -241,6 +270,10 @@ impl Rules {
         }
         for (key, value) in &self.append {
             headers.append(key.clone(), value.clone());
+        }
+        // Last: no other rule can change or remove it.
+        if let (Some(key), Some(id)) = (&self.client_id, client_id) {
+            headers.insert(key.clone(), id);
         }
         let Some(PeerAddr(peer)) = peer else {
             return;
@@ -282,7 +315,7 @@ mod tests {
         }
         layer
             .rules
-            .apply(&mut h, Some(PeerAddr(peer.parse().expect("addr"))));
+            .apply(&mut h, Some(PeerAddr(peer.parse().expect("addr"))), None);
         h
     }
 
@@ -331,5 +364,42 @@ mod tests {
         assert_eq!(all("x-forwarded-for"), ["2001:db8::1"]);
         assert!(layer.needs_peer() && !layer.is_empty());
         assert!(EnrichLayer::new().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_client_id_is_the_verified_identity_and_never_the_clients() {
+        use crate::identity::IdentityParts;
+        use tower::{ServiceExt, service_fn};
+        let key = HeaderName::from_static("x-sluice-client-id");
+        // A prefix strip of the same family must not take the identity.
+        let layer = EnrichLayer::new()
+            .strip_prefix("x-sluice-")
+            .client_id(key.clone());
+        assert!(!layer.is_empty());
+        let seen = |identity: Option<PeerIdentity>| {
+            let layer = layer.clone();
+            async move {
+                let svc = layer.layer(service_fn(|req: Request<()>| async move {
+                    Ok::<_, std::convert::Infallible>(req.headers().clone())
+                }));
+                let mut req = Request::new(());
+                req.headers_mut()
+                    .append("x-sluice-client-id", HeaderValue::from_static("spoofed"));
+                if let Some(id) = identity {
+                    req.extensions_mut().insert(id);
+                }
+                let h = svc.oneshot(req).await.expect("infallible");
+                h.get_all("x-sluice-client-id")
+                    .iter()
+                    .map(|v| v.to_str().expect("ascii").to_owned())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let web = PeerIdentity::new(IdentityParts {
+            uris: vec!["spiffe://td/web".into()],
+            ..IdentityParts::default()
+        });
+        assert_eq!(seen(Some(web)).await, ["spiffe://td/web"]);
+        assert!(seen(None).await.is_empty());
     }
 }

@@ -15,6 +15,7 @@
 //! | [`grpc::wire`] | reading one protobuf field by path (`1.2`) without a descriptor |
 //! | [`peek`] | [`PeekLayer`](peek::PeekLayer): the first request messages, readable and replayed |
 //! | [`direct`] | [`DirectLayer`](direct::DirectLayer): a [`Director`](direct::Director) picks each call's route, or refuses it |
+//! | [`identity`] | [`PeerIdentity`](identity::PeerIdentity), the verified client of a call, and [`IdentityRule`](identity::IdentityRule) to require one |
 //! | [`drain`] | [`DrainLayer`](drain::DrainLayer): refuses new calls with `UNAVAILABLE` once draining, holds the drain open until in-flight bodies end |
 //!
 //! Every refusal a layer makes is a gRPC response (HTTP 200, `grpc-status`,
@@ -74,6 +75,7 @@ pub mod drain;
 pub mod enrich;
 pub mod fanout;
 pub mod grpc;
+pub mod identity;
 pub mod peek;
 #[cfg(test)]
 mod test_util;
