@@ -22,12 +22,14 @@ mod admin;
 mod batch;
 pub mod config;
 mod forward;
+mod net;
 mod rescue;
 pub mod route;
 mod server;
 mod stack;
 mod stats;
 pub mod telemetry;
+pub mod tls;
 mod upstream;
 mod via;
 mod window;
@@ -76,13 +78,28 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// A Unix socket path could not be bound.
+    #[error("cannot listen on {}: {source}", path.display())]
+    BindUnix {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate, key or CA bundle cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A running sluice.
 #[derive(Debug)]
 pub struct Running {
     listen: SocketAddr,
+    tls_listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
+    reload_requested: Arc<Notify>,
+    reloader: Option<JoinHandle<()>>,
     signal: drain::Signal,
     watch: drain::Watch,
     drain_requested: Arc<Notify>,
@@ -92,6 +109,17 @@ pub struct Running {
     groups: Arc<Groups>,
     counters: Arc<Counters>,
     drain: DrainConfig,
+}
+
+/// Asks a [`Running`] sluice to reload its TLS material.
+#[derive(Clone, Debug)]
+pub struct ReloadHandle(Arc<Notify>);
+
+impl ReloadHandle {
+    /// See [`Running::reload_tls`].
+    pub fn reload(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// How a drain went.
@@ -109,13 +137,39 @@ pub struct DrainReport {
 ///
 /// # Errors
 ///
-/// [`RunError::Bind`] when the proxy or admin address cannot be bound.
+/// [`RunError::Bind`] when the proxy or admin address cannot be bound,
+/// [`RunError::Tls`] when TLS material cannot be used.
 pub async fn run(config: &Config) -> Result<Running, RunError> {
-    let listener = bind(config.server.listen, config.server.reuse_port)?;
-    let listen = local_addr(&listener, config.server.listen)?;
+    let server_tls = match &config.server.tls {
+        Some(t) => Some(Arc::new(tls::server::ServerTls::new(t)?)),
+        None => None,
+    };
     let counters = Arc::new(Counters::default());
     let metrics = Arc::new(Metrics::new());
-    let groups = Arc::new(Groups::from_config(config, &counters));
+    let groups = Arc::new(Groups::from_config(config, &counters)?);
+    let listener = bind(config.server.listen, config.server.reuse_port)?;
+    let listen = local_addr(&listener, config.server.listen)?;
+    // (listener, TLS on it?)
+    let tls_only = server_tls.is_some()
+        && config
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.listen.is_none());
+    let mut listeners = vec![(net::Listener::Tcp(listener), tls_only)];
+    let mut tls_listen = tls_only.then_some(listen);
+    if let Some(addr) = config.server.tls.as_ref().and_then(|t| t.listen) {
+        let l = bind(addr, config.server.reuse_port)?;
+        tls_listen = Some(local_addr(&l, addr)?);
+        listeners.push((net::Listener::Tcp(l), true));
+    }
+    if let Some(path) = &config.server.listen_unix {
+        let l = net::Listener::bind_unix(path).map_err(|source| RunError::BindUnix {
+            path: path.clone(),
+            source,
+        })?;
+        listeners.push((l, false));
+    }
     let (signal, watch) = drain::channel();
     let stack = stack::build(
         config,
@@ -148,18 +202,52 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     };
 
     let tag_peer = config.enrich.forwarded || config.enrich.x_forwarded_for;
-    let shared = server::Shared::new(&config.server, tag_peer, counters.clone(), metrics.clone());
-    let server = tokio::spawn(server::serve(
-        listener,
-        Arc::new(shared),
-        stack,
-        config.server.max_connections,
-        watch.clone(),
-        aborted,
+    let shared = Arc::new(server::Shared::new(
+        &config.server,
+        tag_peer,
+        counters.clone(),
+        metrics.clone(),
     ));
+    let servers = listeners.into_iter().map(|(listener, is_tls)| {
+        server::serve(
+            listener,
+            if is_tls { server_tls.clone() } else { None },
+            shared.clone(),
+            stack.clone(),
+            config.server.max_connections,
+            watch.clone(),
+            aborted.clone(),
+        )
+    });
+    let servers: Vec<_> = servers.collect();
+    let server = tokio::spawn(async move {
+        futures_util::future::join_all(servers).await;
+    });
+
+    let mut materials: Vec<Arc<dyn tls::reload::Reload>> = groups.tls_materials().to_vec();
+    materials.extend(
+        server_tls
+            .iter()
+            .map(|t| t.material() as Arc<dyn tls::reload::Reload>),
+    );
+    let reload_requested = Arc::new(Notify::new());
+    let reloader = (!materials.is_empty()).then(|| {
+        tokio::spawn(
+            tls::reload::Reloader {
+                materials,
+                interval: config.tls.reload_interval,
+                requested: reload_requested.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(),
+        )
+    });
     Ok(Running {
         listen,
+        tls_listen,
         admin,
+        reload_requested,
+        reloader,
         signal,
         watch,
         drain_requested,
@@ -226,6 +314,25 @@ impl Running {
     /// config said port 0).
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen
+    }
+
+    /// The address of the TLS listener, if there is one (the same as
+    /// [`Running::listen_addr`] when `server.listen` speaks TLS only).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listen
+    }
+
+    /// Reads every certificate, key and CA bundle again now, whether or not
+    /// the files look changed (what SIGHUP does). Material that does not
+    /// parse is kept as it was.
+    pub fn reload_tls(&self) {
+        self.reload_requested.notify_one();
+    }
+
+    /// A handle that does [`Running::reload_tls`] from elsewhere (a signal
+    /// handler task).
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle(self.reload_requested.clone())
     }
 
     /// The address the admin server is bound to, unless it is off.
@@ -302,6 +409,9 @@ impl Running {
         .await;
         if let Some(admin) = self.admin_task.take() {
             admin.abort();
+        }
+        if let Some(reloader) = self.reloader.take() {
+            reloader.abort();
         }
         DrainReport {
             elapsed: start.elapsed(),

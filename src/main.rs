@@ -94,18 +94,65 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
 fn check(file: &std::path::Path) -> ExitCode {
     match Config::from_file(file) {
         Ok(config) => {
+            if let Err(e) = sluice::tls::check(&config) {
+                eprintln!("sluice: bad TLS material: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             println!("{}: ok", file.display());
-            println!("  listen    {} (h2c)", config.server.listen);
-            println!("  upstream  {}", config.upstream.address);
+            let tls = config.server.tls.as_ref();
+            let plain = if tls.is_some_and(|t| t.listen.is_none()) {
+                "TLS"
+            } else {
+                "h2c"
+            };
+            println!("  listen    {} ({plain})", config.server.listen);
+            if let Some(addr) = tls.and_then(|t| t.listen) {
+                println!("  listen    {addr} (TLS)");
+            }
+            if let Some(auth) = tls.and_then(|t| t.client_auth.as_ref()) {
+                println!(
+                    "  clients   certificates {:?} against {}, roles from {:?}; identity as {}",
+                    auth.mode,
+                    auth.ca.display(),
+                    auth.roles,
+                    config.client_id_key().unwrap_or("(not forwarded)")
+                );
+            }
+            if let Some(path) = &config.server.listen_unix {
+                println!("  listen    {} (h2c, Unix socket)", path.display());
+            }
+            let upstream_tls = |t: Option<&sluice::config::UpstreamTlsConfig>| match t {
+                None => String::new(),
+                Some(t) => format!(
+                    " over TLS (CA {}{}{})",
+                    t.ca.as_ref()
+                        .map_or_else(|| "webpki roots".to_owned(), |c| c.display().to_string()),
+                    t.server_name
+                        .as_ref()
+                        .map(|n| format!(", name {n}"))
+                        .unwrap_or_default(),
+                    if t.cert.is_some() {
+                        ", client certificate"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+            println!(
+                "  upstream  {}{}",
+                config.upstream.address,
+                upstream_tls(config.upstream.tls.as_ref())
+            );
             for (name, group) in &config.upstreams {
                 let endpoints: Vec<String> =
                     group.endpoints.iter().map(ToString::to_string).collect();
                 let strategy: Vec<String> =
                     group.strategy.iter().map(|s| format!("{s:?}")).collect();
                 println!(
-                    "  group     {name}: {} (strategy {})",
+                    "  group     {name}: {} (strategy {}){}",
                     endpoints.join(", "),
-                    strategy.join(" → ")
+                    strategy.join(" → "),
+                    upstream_tls(group.tls.as_ref())
                 );
             }
             for line in sluice::describe_routes(&config) {
@@ -131,14 +178,34 @@ async fn serve(config: Config) -> ExitCode {
     let admin = running
         .admin_addr()
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let tls = match running.tls_addr() {
+        Some(a) if a == running.listen_addr() => " (TLS)".to_owned(),
+        Some(a) => format!(" (h2c) and {a} (TLS)"),
+        None => " (h2c)".to_owned(),
+    };
     info!(
         listen = %running.listen_addr(),
         upstream = %config.upstream.address,
         admin = %admin,
-        "sluice listening on {} (h2c), forwarding to {}, admin on {admin}",
+        "sluice listening on {}{tls}, forwarding to {}, admin on {admin}",
         running.listen_addr(),
         config.upstream.address,
     );
+    #[cfg(unix)]
+    {
+        let reload = running.reload_handle();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        info!("SIGHUP: reloading TLS material");
+                        reload.reload();
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "cannot listen for SIGHUP; TLS files are still polled"),
+        }
+    }
     tokio::select! {
         () = shutdown_signal() => info!("shutdown signal received; draining"),
         () = running.drain_requested() => info!("POST /drain received; draining"),

@@ -10,6 +10,7 @@ use sluice_layers::{
         Secondary,
     },
     grpc::{status::Code, wire},
+    identity::{IdentityRule, PeerIdentity},
     peek::PeekedMessage,
 };
 
@@ -57,6 +58,8 @@ struct Compiled {
     authority: Option<String>,
     metadata: Vec<(HeaderName, TextMatch)>,
     field: Option<FieldMatch>,
+    /// Who may make the calls the route matches.
+    identity: Option<IdentityRule>,
     action: Action,
 }
 
@@ -277,7 +280,17 @@ fn describe(i: usize, r: &RouteConfig) -> String {
         .timeout
         .map(|t| format!(" (deadline capped at {t:?})"))
         .unwrap_or_default();
-    format!("route {i}{name}: {when} {then}{cap}")
+    let only = r
+        .identity
+        .as_ref()
+        .map(|id| {
+            format!(
+                " (only for {}; others PERMISSION_DENIED)",
+                id.rule().describe()
+            )
+        })
+        .unwrap_or_default();
+    format!("route {i}{name}: {when} {then}{cap}{only}")
 }
 
 /// A route's `enrich` as destination edits (validate() checked the keys).
@@ -382,6 +395,7 @@ fn compile(r: &RouteConfig) -> Compiled {
             })
             .collect(),
         field: r.field.clone(),
+        identity: r.identity.as_ref().map(crate::config::IdentityConfig::rule),
         action,
     }
 }
@@ -391,6 +405,18 @@ impl Director for Routes {
         for route in self.inner.routes.iter() {
             if !route.matches(parts, peeked) {
                 continue;
+            }
+            if let Some(rule) = &route.identity {
+                // Says what is missing, never what would have passed.
+                let identity = parts.extensions.get::<PeerIdentity>();
+                if !rule.permits(identity) {
+                    let message = if identity.is_none() {
+                        "this method requires a verified client certificate"
+                    } else {
+                        "the client's identity is not permitted to call this method"
+                    };
+                    return Err(Refusal::new(Code::PermissionDenied, message));
+                }
             }
             return match &route.action {
                 Action::Forward(r) => Ok(r.clone()),

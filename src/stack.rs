@@ -186,6 +186,9 @@ fn enrich_layer(config: &Config) -> EnrichLayer {
     if e.x_forwarded_for {
         layer = layer.x_forwarded_for();
     }
+    if let Some(key) = config.client_id_key().and_then(name) {
+        layer = layer.client_id(key);
+    }
     layer
 }
 

@@ -27,4 +27,8 @@ pub struct EnrichConfig {
     pub x_forwarded_for: bool,
     /// Give a call without an `x-request-id` a generated one.
     pub request_id: bool,
+    /// The key the verified client identity goes under (inbound copies
+    /// stripped): `x-sluice-client-id` when client certificates are
+    /// verified and this is unset; `""` turns it off.
+    pub client_id: Option<String>,
 }

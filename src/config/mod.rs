@@ -9,6 +9,7 @@
 mod enrich;
 mod error;
 mod fanout;
+mod tls;
 mod value;
 
 use std::{net::SocketAddr, time::Duration};
@@ -20,6 +21,10 @@ pub use self::error::ConfigError;
 pub use self::fanout::{
     FailWhen, FanoutConfig, FanoutMode, FanoutRouteConfig, MalformedConfig, MirrorRouteConfig,
     OnErrorConfig, OverflowConfig, SecondaryConfig,
+};
+pub use self::tls::{
+    ClientAuthConfig, ClientAuthMode, DEFAULT_CLIENT_ID_KEY, DEFAULT_RELOAD_INTERVAL,
+    IdentityConfig, RoleSource, ServerTlsConfig, TlsConfig, UpstreamTlsConfig,
 };
 use self::value::MAX_WINDOW;
 pub use self::value::{ByteSize, HostPort, WindowSize};
@@ -167,6 +172,8 @@ pub struct Config {
     pub fanout: FanoutConfig,
     /// Request metadata added and stripped on every call.
     pub enrich: EnrichConfig,
+    /// `[tls]`: reloading of every certificate, key and CA file.
+    pub tls: TlsConfig,
 }
 
 /// `[upstreams.NAME]`: a named group of endpoints.
@@ -191,6 +198,18 @@ pub struct GroupConfig {
     /// a name resolves to is an endpoint of its own.
     #[serde(default = "default_resolve_interval", with = "value::duration")]
     pub resolve_interval: Duration,
+    /// TLS to this group's endpoints; plaintext h2c unless given.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+    /// `upstream.connect_timeout` for this group.
+    #[serde(default, deserialize_with = "value::optional_duration")]
+    pub connect_timeout: Option<Duration>,
+    /// `upstream.max_connections` for this group.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// `upstream.idle_timeout` for this group.
+    #[serde(default, deserialize_with = "value::optional_duration")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// How often endpoint names are resolved again: 30 s, a common DNS TTL for
@@ -336,6 +355,9 @@ pub struct RouteConfig {
     /// streams must not be cut by a surprise default.
     #[serde(default, deserialize_with = "value::optional_duration")]
     pub timeout: Option<Duration>,
+    /// Which verified clients may make these calls; anyone when unset.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
 }
 
 /// A condition on a text value.
@@ -534,6 +556,11 @@ pub struct ServerConfig {
     pub max_resets_per_second: u32,
     /// What to do with HTTP/2 requests that are not gRPC.
     pub non_grpc: NonGrpc,
+    /// A Unix domain socket to serve h2c on as well (a path; an old socket
+    /// file there is replaced).
+    pub listen_unix: Option<std::path::PathBuf>,
+    /// TLS: on `server.listen`, or on a listener of its own.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// What sluice does with an HTTP/2 request whose content-type is not gRPC.
@@ -589,6 +616,8 @@ pub struct UpstreamConfig {
     /// reopened on demand); the pool never keeps dead weight.
     #[serde(with = "value::duration")]
     pub idle_timeout: Duration,
+    /// TLS to the upstream; plaintext h2c unless given.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 /// `[runtime]`: the tokio runtime.
@@ -721,17 +750,19 @@ impl Config {
                     || e.forwarded
                     || e.x_forwarded_for
                     || e.request_id
+                    || e.client_id.is_some()
                 {
                     return Err(ConfigError::at_key(
                         text,
                         format!("{key}.enrich"),
-                        "a route's enrich takes only remove, set and append (strip, forwarded, x_forwarded_for and request_id are [enrich] settings)".to_owned(),
+                        "a route's enrich takes only remove, set and append (strip, forwarded, x_forwarded_for and request_id and client_id are [enrich] settings)".to_owned(),
                     ));
                 }
                 self.check_edits(text, e, &format!("{key}.enrich"))?;
             }
         }
         self.check_edits(text, &self.enrich, "enrich")?;
+        self.check_tls(text)?;
         if self.fanout.metadata_field == 0 || self.fanout.metadata_field >= 1 << 29 {
             return Err(ConfigError::at_key(
                 text,
@@ -753,6 +784,89 @@ impl Config {
             }
         }
         self.upstream.validate(text)
+    }
+
+    /// What the TLS settings need of each other: cert and key together, a
+    /// server name that is one, identities only where they are verified.
+    fn check_tls(&self, text: &str) -> Result<(), ConfigError> {
+        let verifies_clients = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth.is_some());
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.identity.is_some() && !verifies_clients {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("routes[{i}].identity"),
+                    "a route can require identities only when [server.tls] has client_auth (nothing verifies them otherwise)".to_owned(),
+                ));
+            }
+        }
+        if let Some(tls) = &self.server.tls
+            && tls.listen == Some(self.server.listen)
+        {
+            return Err(ConfigError::at_key(
+                text,
+                "server.tls.listen".to_owned(),
+                "the same address as server.listen; leave it out to serve TLS only on server.listen".to_owned(),
+            ));
+        }
+        if let Some(key) = self.client_id_key()
+            && http::HeaderName::try_from(key.to_ascii_lowercase()).is_err()
+        {
+            return Err(ConfigError::at_key(
+                text,
+                "enrich.client_id".to_owned(),
+                format!("{key:?} is not a valid metadata key (a lowercase HTTP header name)"),
+            ));
+        }
+        let upstreams = std::iter::once(("upstream".to_owned(), self.upstream.tls.as_ref())).chain(
+            self.upstreams
+                .iter()
+                .map(|(name, g)| (format!("upstreams.{name}"), g.tls.as_ref())),
+        );
+        for (at, tls) in upstreams {
+            let Some(tls) = tls else { continue };
+            if tls.cert.is_some() != tls.key.is_some() {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("{at}.tls"),
+                    "a client certificate needs both `cert` and `key`".to_owned(),
+                ));
+            }
+            if let Some(name) = &tls.server_name
+                && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("{at}.tls.server_name"),
+                    format!("{name:?} is not a DNS name or an IP address"),
+                ));
+            }
+        }
+        for (name, g) in &self.upstreams {
+            if g.max_connections == Some(0) {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("upstreams.{name}.max_connections"),
+                    "must be at least 1".to_owned(),
+                ));
+            }
+            if g.tls.as_ref().is_some_and(|t| t.server_name.is_none())
+                && g.endpoints
+                    .iter()
+                    .any(|e| e.address().unix_path().is_some())
+            {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("upstreams.{name}.tls"),
+                    "TLS over a Unix socket needs `server_name` (the path names no host)"
+                        .to_owned(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every key and value of an `[enrich]` table (`at` is its key) is a
@@ -799,7 +913,59 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml_str(&text).map_err(|e| e.in_file(path))
+        let mut config = Self::from_toml_str(&text).map_err(|e| e.in_file(path))?;
+        let base = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Makes every relative file path (certificates, keys, CA bundles)
+    /// relative to `base`, the config file's directory.
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        if let Some(tls) = &mut self.server.tls {
+            tls.resolve_paths(base);
+        }
+        if let Some(tls) = &mut self.upstream.tls {
+            tls.resolve_paths(base);
+        }
+        for group in self.upstreams.values_mut() {
+            if let Some(tls) = &mut group.tls {
+                tls.resolve_paths(base);
+            }
+        }
+    }
+
+    /// The metadata key a verified client identity goes under, if any:
+    /// `enrich.client_id` (empty: none), else [`DEFAULT_CLIENT_ID_KEY`]
+    /// when client certificates are verified.
+    pub fn client_id_key(&self) -> Option<&str> {
+        match self.enrich.client_id.as_deref() {
+            Some("") => None,
+            Some(key) => Some(key),
+            None => self
+                .server
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_auth.as_ref())
+                .map(|_| DEFAULT_CLIENT_ID_KEY),
+        }
+    }
+
+    /// The settings of the endpoints of group `group`: `[upstream]`'s,
+    /// with what the group sets itself.
+    pub fn group_upstream(&self, group: &GroupConfig) -> UpstreamConfig {
+        let mut u = self.upstream.clone();
+        if let Some(t) = group.connect_timeout {
+            u.connect_timeout = t;
+        }
+        if let Some(n) = group.max_connections {
+            u.max_connections = n;
+        }
+        if let Some(t) = group.idle_timeout {
+            u.idle_timeout = t;
+        }
+        u.tls.clone_from(&group.tls);
+        u
     }
 
     /// The embedded default configuration.
@@ -827,6 +993,8 @@ impl Default for ServerConfig {
             max_pending_accept_resets: DEFAULT_MAX_PENDING_ACCEPT_RESETS,
             max_resets_per_second: DEFAULT_MAX_RESETS_PER_SECOND,
             non_grpc: NonGrpc::Refuse,
+            listen_unix: None,
+            tls: None,
         }
     }
 }
@@ -889,6 +1057,7 @@ impl Default for UpstreamConfig {
             keepalive_interval: DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            tls: None,
         }
     }
 }

@@ -10,7 +10,6 @@
 
 use std::{
     future::{Future, poll_fn},
-    net::SocketAddr,
     pin::pin,
     sync::{
         Arc,
@@ -122,6 +121,10 @@ impl Shared {
     pub(crate) fn counters(&self) -> &Arc<Counters> {
         &self.counters
     }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
 }
 
 /// Wakes the connection task for its calls, and notes that it did.
@@ -197,7 +200,7 @@ pub(super) async fn serve<T, S, B>(
     svc: &mut S,
     shared: &Shared,
     watch: Watch,
-    peer: SocketAddr,
+    peer: &super::Peer,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
     S: Service<Request<RecvBody>, Response = Response<B>>,
@@ -403,7 +406,7 @@ fn admit<S, B>(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     shared: &Shared,
-    peer: SocketAddr,
+    peer: &super::Peer,
 ) -> CallFuture<S::Future, B>
 where
     S: Service<Request<RecvBody>, Response = Response<B>>,
@@ -428,9 +431,14 @@ where
         return CallFuture::refused(call::refuse(req, respond, refusal, REFUSAL_LINGER));
     }
     let mut req = req;
-    if shared.tag_peer {
+    if shared.tag_peer
+        && let Some(addr) = peer.addr
+    {
         req.extensions_mut()
-            .insert(sluice_layers::enrich::PeerAddr(peer));
+            .insert(sluice_layers::enrich::PeerAddr(addr));
+    }
+    if let Some(identity) = &peer.identity {
+        req.extensions_mut().insert(identity.clone());
     }
     // The call counts as in flight until its answer is out or abandoned.
     let in_flight = Gauge::hold(&shared.counters, Kind::Call);

@@ -6,10 +6,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use sluice_layers::{BoxError, drain::Watch};
+use sluice_layers::{BoxError, drain::Watch, identity::PeerIdentity};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::TcpListener,
     sync::watch,
     task::JoinSet,
     time::Instant,
@@ -18,7 +17,9 @@ use tower::Service;
 use tracing::{debug, warn};
 
 use crate::{
+    net::Listener,
     stats::{Gauge, Kind},
+    tls::server::ServerTls,
     window::RecvBody,
 };
 
@@ -34,14 +35,35 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How long a connection over `max_connections` gets to take its GOAWAY.
 const REFUSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Who is at the other end of a connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Peer {
+    /// Its address (none over a Unix socket).
+    pub(crate) addr: Option<SocketAddr>,
+    /// The identity its verified client certificate proves.
+    pub(crate) identity: Option<PeerIdentity>,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("unix"),
+        }
+    }
+}
+
 /// Accepts connections until the drain begins; then tells every
 /// connection to go (GOAWAY in two steps, in-flight streams complete) and
 /// waits for them to close, unless `abort` turns true first (the drain
 /// deadline passed and the flush window ran out), which closes them at once.
 ///
 /// Each connection task holds a drain guard until its connection closes.
+/// With `tls`, each connection's TLS handshake runs first, in its own task
+/// and under the handshake deadline.
 pub(crate) async fn serve<S, B>(
-    listener: TcpListener,
+    listener: Listener,
+    tls: Option<Arc<ServerTls>>,
     shared: Arc<Shared>,
     svc: S,
     max_connections: usize,
@@ -62,16 +84,23 @@ pub(crate) async fn serve<S, B>(
             _ = &mut draining => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-                    }
+                Ok((io, addr)) => {
+                    let peer = Peer { addr, identity: None };
                     if shared.counters().snapshot().downstream_connections >= max_connections {
-                        conns.spawn(refuse_connection(tcp, peer));
+                        // Over TLS too the refusal is h2's GOAWAY, after
+                        // the handshake: a client gets a reason, not a
+                        // reset.
+                        match &tls {
+                            None => conns.spawn(refuse_connection(io, peer)),
+                            Some(tls) => conns.spawn(refuse_tls_connection(io, tls.clone(), shared.clone(), peer)),
+                        };
                         continue;
                     }
                     let gauge = Gauge::hold(shared.counters(), Kind::DownstreamConnection);
-                    conns.spawn(connection(tcp, shared.clone(), svc.clone(), watch.clone(), gauge, peer));
+                    match &tls {
+                        None => conns.spawn(connection(io, shared.clone(), svc.clone(), watch.clone(), gauge, peer)),
+                        Some(tls) => conns.spawn(tls_connection(io, tls.clone(), shared.clone(), svc.clone(), watch.clone(), gauge, peer)),
+                    };
                 }
                 Err(e) if is_per_connection(&e) => debug!(error = %e, "accept failed"),
                 Err(e) => {
@@ -95,7 +124,7 @@ pub(crate) async fn serve<S, B>(
 /// A connection over `max_connections`: completes the HTTP/2 handshake and
 /// answers GOAWAY(ENHANCE_YOUR_CALM) with last-stream-id 0, so the client
 /// knows to go elsewhere rather than seeing a bare close.
-async fn refuse_connection<T>(io: T, peer: SocketAddr)
+async fn refuse_connection<T>(io: T, peer: Peer)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -112,15 +141,51 @@ where
     let _ = tokio::time::timeout(REFUSE_GRACE, refused).await;
 }
 
-/// Serves one connection: decides what it speaks, under the handshake
-/// deadline, then serves HTTP/2 or refuses it.
-async fn connection<T, S, B>(
-    mut io: T,
+/// [`refuse_connection`] after a TLS handshake.
+async fn refuse_tls_connection<T>(io: T, tls: Arc<ServerTls>, shared: Arc<Shared>, peer: Peer)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + REFUSE_GRACE;
+    if let Some((io, _)) = handshake(io, &tls, &shared, &peer, deadline).await {
+        refuse_connection(io, peer).await;
+    }
+}
+
+/// The TLS handshake of a connection from `peer`, by `deadline`; a
+/// failure is logged (debug: clients fail handshakes all the time) and
+/// counted by reason.
+async fn handshake<T>(
+    io: T,
+    tls: &ServerTls,
+    shared: &Shared,
+    peer: &Peer,
+    deadline: Instant,
+) -> Option<(tokio_rustls::server::TlsStream<T>, Option<PeerIdentity>)>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    match tls.accept(io, deadline).await {
+        Ok(accepted) => Some(accepted),
+        Err(e) => {
+            let reason = crate::tls::failure_reason(&e);
+            debug!(%peer, reason, error = %e, "TLS handshake failed");
+            shared.metrics().tls_handshake_failed("downstream", reason);
+            None
+        }
+    }
+}
+
+/// Serves one TLS connection: the handshake, then [`connection`]'s work
+/// on the decrypted stream, all by the one handshake deadline.
+async fn tls_connection<T, S, B>(
+    io: T,
+    tls: Arc<ServerTls>,
     shared: Arc<Shared>,
     svc: S,
     watch: Watch,
-    _gauge: Gauge,
-    peer: SocketAddr,
+    gauge: Gauge,
+    mut peer: Peer,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
     S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
@@ -128,8 +193,56 @@ async fn connection<T, S, B>(
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let _guard = watch.guard();
+    let guard = watch.guard();
     let deadline = Instant::now() + shared.handshake_timeout();
+    let Some((io, identity)) = handshake(io, &tls, &shared, &peer, deadline).await else {
+        return;
+    };
+    drop(tls);
+    peer.identity = identity;
+    serve_connection(io, shared, svc, watch, gauge, peer, deadline, guard).await;
+}
+
+/// Serves one connection: decides what it speaks, under the handshake
+/// deadline, then serves HTTP/2 or refuses it.
+async fn connection<T, S, B>(
+    io: T,
+    shared: Arc<Shared>,
+    svc: S,
+    watch: Watch,
+    gauge: Gauge,
+    peer: Peer,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let guard = watch.guard();
+    let deadline = Instant::now() + shared.handshake_timeout();
+    serve_connection(io, shared, svc, watch, gauge, peer, deadline, guard).await;
+}
+
+/// What [`connection`] and [`tls_connection`] share: the sniff, then
+/// HTTP/2 or a refusal.
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<T, S, B>(
+    mut io: T,
+    shared: Arc<Shared>,
+    svc: S,
+    watch: Watch,
+    _gauge: Gauge,
+    peer: Peer,
+    deadline: Instant,
+    _guard: sluice_layers::drain::Guard,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let (protocol, prefix) = match sniff::sniff(&mut io, deadline).await {
         Ok(sniffed) => sniffed,
         Err(e) => {
@@ -142,7 +255,7 @@ async fn connection<T, S, B>(
             // The stack by reference: moved in, it would take its space in
             // this future twice.
             let mut svc = svc;
-            conn::serve(io, prefix, deadline, &mut svc, &shared, watch, peer).await;
+            conn::serve(io, prefix, deadline, &mut svc, &shared, watch, &peer).await;
         }
         // The refusals are boxed: rare, and the connection future of every
         // HTTP/2 connection would otherwise carry their size.
@@ -153,6 +266,10 @@ async fn connection<T, S, B>(
         sniff::Protocol::BadPreface => {
             debug!(%peer, "not an HTTP/2 preface (or a first frame that is not SETTINGS); GOAWAY(PROTOCOL_ERROR)");
             Box::pin(sniff::refuse_bad_preface(io, deadline)).await;
+        }
+        sniff::Protocol::Tls => {
+            debug!(%peer, "a TLS handshake on the h2c port; answering with a TLS alert");
+            Box::pin(sniff::refuse_tls(io, deadline)).await;
         }
         sniff::Protocol::Closed => {}
     }

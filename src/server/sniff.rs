@@ -19,6 +19,8 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The preface plus the header of the first frame, which must be SETTINGS.
 const SNIFF_LEN: usize = PREFACE.len() + 9;
 const SETTINGS: u8 = 0x4;
+/// The content type of a TLS handshake record, then its major version.
+const TLS_HANDSHAKE: u8 = 0x16;
 /// How much of an HTTP/1 request head sluice reads before answering, so that
 /// closing does not turn into a reset that loses the answer.
 const HTTP1_HEAD_MAX: usize = 16 * 1024;
@@ -39,6 +41,8 @@ pub(super) enum Protocol {
     /// followed by a first frame that is not SETTINGS: a connection error
     /// PROTOCOL_ERROR (RFC 9113 §3.4).
     BadPreface,
+    /// A TLS record (a ClientHello): a TLS client on the h2c port.
+    Tls,
     /// The peer closed before deciding anything.
     Closed,
 }
@@ -70,8 +74,10 @@ where
 
 /// The protocol `bytes` show, or `None` while they could still be either.
 fn decide(bytes: &[u8]) -> Option<Protocol> {
-    if bytes.is_empty() {
-        return None;
+    match bytes {
+        [] | [TLS_HANDSHAKE] => return None,
+        [TLS_HANDSHAKE, 3, ..] => return Some(Protocol::Tls),
+        _ => {}
     }
     let preface = bytes.len().min(PREFACE.len());
     if bytes[..preface] == PREFACE[..preface] {
@@ -139,6 +145,25 @@ where
     .await;
 }
 
+/// Answers a TLS ClientHello on the h2c port with a fatal
+/// `handshake_failure` alert (a plaintext record, as every TLS stack can
+/// read before encryption starts), so that the client fails at once with a
+/// TLS error instead of waiting for a ServerHello; then closes.
+pub(super) async fn refuse_tls<T>(mut io: T, deadline: Instant)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    const ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
+    let _ = timeout_at(deadline, async {
+        io.write_all(&ALERT).await?;
+        io.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while io.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
 /// Answers an HTTP/1.x request with 505 and closes the connection; `head`
 /// is what the sniffer read of the request already.
 pub(super) async fn refuse_http1<T>(mut io: T, head: Bytes, deadline: Instant)
@@ -187,8 +212,11 @@ mod tests {
         );
         assert_eq!(decide(b"P"), None);
         assert_eq!(decide(b"PRI * HTTP/2.0\r\n"), None);
-        // A TLS ClientHello, lowercase, or a preface that diverges.
-        assert_eq!(decide(b"\x16\x03\x01"), Some(Protocol::BadPreface));
+        // A TLS ClientHello is told so; a lone 0x16 waits for one more.
+        assert_eq!(decide(b"\x16\x03\x01"), Some(Protocol::Tls));
+        assert_eq!(decide(b"\x16"), None);
+        assert_eq!(decide(b"\x16\x04"), Some(Protocol::BadPreface));
+        // Lowercase, or a preface that diverges.
         assert_eq!(decide(b"get / HTTP/1.1"), Some(Protocol::BadPreface));
         assert_eq!(
             decide(b"PRI * HTTP/2.0\r\n\r\nXX"),

@@ -72,6 +72,20 @@ pub(crate) struct FanoutLabels {
     outcome: &'static str,
 }
 
+/// A failed TLS handshake: which side, and why (a fixed set of reasons).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct HandshakeLabels {
+    side: &'static str,
+    reason: &'static str,
+}
+
+/// A reload of TLS material: which (a config key) and how it went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReloadLabels {
+    material: String,
+    outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RefusalLabels {
     pub(crate) reason: RefusalReason,
@@ -89,6 +103,8 @@ pub(crate) struct Metrics {
     pub(crate) calls: CallFamilies,
     mirror_outcomes: Family<MirrorLabels, Counter>,
     fanout_outcomes: Family<FanoutLabels, Counter>,
+    tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    tls_reloads: Family<ReloadLabels, Counter>,
 }
 
 // === impl Metrics ===
@@ -167,9 +183,36 @@ impl Metrics {
                 "fanout_outcomes",
                 "Fan-out calls' destinations by route and outcome",
             ),
+            tls_handshake_failures: register(
+                &mut registry,
+                "tls_handshake_failures",
+                "TLS handshakes that failed, by side (downstream, upstream) and reason",
+            ),
+            tls_reloads: register(
+                &mut registry,
+                "tls_reloads",
+                "Reloads of certificates, keys and CA bundles, by material and outcome",
+            ),
             calls,
             registry,
         }
+    }
+
+    /// Counts a failed TLS handshake.
+    pub(crate) fn tls_handshake_failed(&self, side: &'static str, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&HandshakeLabels { side, reason })
+            .inc();
+    }
+
+    /// Counts a reload of TLS material (`swapped` or `failed`).
+    pub(crate) fn tls_reloaded(&self, material: &str, outcome: &'static str) {
+        self.tls_reloads
+            .get_or_create(&ReloadLabels {
+                material: material.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts the outcomes of one fan-out or mirror call; a mirror also

@@ -31,13 +31,14 @@ use http::{HeaderName, request::Parts};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::Pool;
+use super::{Connector, Pool};
 use crate::{
     config::{
         Config, DEFAULT_DEST_HOST_KEY, DEFAULT_GROUP, EndpointConfig, GroupConfig,
-        HealthCheckConfig, HostPort, Strategy,
+        HealthCheckConfig, HostPort, Strategy, UpstreamConfig,
     },
     stats::Counters,
+    tls::{TlsError, client::ClientTls, reload::Reload},
 };
 
 /// Latency assumed for an endpoint with no observation yet: 30 ms,
@@ -52,6 +53,8 @@ pub(crate) struct Groups {
     by_name: HashMap<Arc<str>, Arc<Group>>,
     /// Health-check and resolver tasks, stopped by [`Groups::close`].
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The groups' TLS material.
+    materials: Vec<Arc<dyn Reload>>,
 }
 
 /// The endpoints of one group. The list is swapped whole when names
@@ -89,9 +92,28 @@ struct PeakEwma {
     at: Instant,
 }
 
+/// What every endpoint of a group is dialled with.
+#[derive(Clone, Debug)]
+struct Settings {
+    upstream: UpstreamConfig,
+    tls: Option<Arc<ClientTls>>,
+}
+
+impl Settings {
+    /// `upstream`, with TLS material read for `key` (the config key) if
+    /// it asks for TLS.
+    fn new(key: &str, upstream: UpstreamConfig) -> Result<Self, TlsError> {
+        let tls = match &upstream.tls {
+            Some(t) => Some(Arc::new(ClientTls::new(format!("{key}.tls"), t)?)),
+            None => None,
+        };
+        Ok(Self { upstream, tls })
+    }
+}
+
 /// Builds the endpoint for `e`, at `resolved` when a name was resolved.
 fn endpoint(
-    config: &Config,
+    settings: &Settings,
     counters: &Arc<Counters>,
     e: &EndpointConfig,
     resolved: Option<SocketAddr>,
@@ -100,8 +122,14 @@ fn endpoint(
         Some(addr) => HostPort::from(addr),
         None => e.address().clone(),
     };
-    let mut upstream = config.upstream.clone();
+    let mut upstream = settings.upstream.clone();
     upstream.address = address.clone();
+    let connector = settings
+        .tls
+        .as_ref()
+        .map_or_else(Connector::default, |tls| {
+            Connector::tls(tls.clone(), e.address().host())
+        });
     let mut ids = vec![e.address().host().to_ascii_lowercase()];
     if resolved.is_some() {
         ids.push(address.host().to_ascii_lowercase());
@@ -121,7 +149,7 @@ fn endpoint(
     let label = address.to_string();
     Endpoint {
         address,
-        pool: Pool::new(upstream, counters.clone()),
+        pool: Pool::new(upstream, connector, counters.clone()),
         rtt: Mutex::new(PeakEwma {
             nanos: DEFAULT_RTT.as_nanos() as f64,
             at: Instant::now(),
@@ -137,14 +165,22 @@ fn endpoint(
 // === impl Groups ===
 
 impl Groups {
-    pub(crate) fn from_config(config: &Config, counters: &Arc<Counters>) -> Self {
+    /// Every group of `config`, with its TLS material read.
+    ///
+    /// # Errors
+    ///
+    /// A group's TLS files cannot be used.
+    pub(crate) fn from_config(config: &Config, counters: &Arc<Counters>) -> Result<Self, TlsError> {
         let mut by_name = HashMap::new();
+        let mut materials: Vec<Arc<dyn Reload>> = Vec::new();
         let default = EndpointConfig::Address(config.upstream.address.clone());
+        let settings = Settings::new("upstream", config.upstream.clone())?;
+        materials.extend(settings.tls.iter().map(|t| t.material() as Arc<dyn Reload>));
         by_name.insert(
             Arc::from(DEFAULT_GROUP),
             Arc::new(Group {
                 endpoints: RwLock::new(Arc::from([Arc::new(endpoint(
-                    config, counters, &default, None,
+                    &settings, counters, &default, None,
                 ))])),
                 strategies: Box::new([Strategy::LeastLoaded]),
                 dest_host_key: HeaderName::from_static(DEFAULT_DEST_HOST_KEY),
@@ -152,10 +188,15 @@ impl Groups {
         );
         let mut tasks = Vec::new();
         for (name, group_config) in &config.upstreams {
+            let settings = Settings::new(
+                &format!("upstreams.{name}"),
+                config.group_upstream(group_config),
+            )?;
+            materials.extend(settings.tls.iter().map(|t| t.material() as Arc<dyn Reload>));
             let endpoints: Vec<Arc<Endpoint>> = group_config
                 .endpoints
                 .iter()
-                .map(|e| Arc::new(endpoint(config, counters, e, None)))
+                .map(|e| Arc::new(endpoint(&settings, counters, e, None)))
                 .collect();
             let group = Arc::new(Group {
                 endpoints: RwLock::new(endpoints.into()),
@@ -172,7 +213,7 @@ impl Groups {
                     name.clone(),
                     group.clone(),
                     group_config.clone(),
-                    config.clone(),
+                    settings.clone(),
                     counters.clone(),
                 )));
             }
@@ -181,10 +222,16 @@ impl Groups {
             }
             by_name.insert(Arc::from(name.as_str()), group);
         }
-        Self {
+        Ok(Self {
             by_name,
             tasks: Mutex::new(tasks),
-        }
+            materials,
+        })
+    }
+
+    /// The TLS material of every group, for the reloader.
+    pub(crate) fn tls_materials(&self) -> &[Arc<dyn Reload>] {
+        &self.materials
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&Group> {
@@ -230,7 +277,7 @@ async fn resolve(
     name: String,
     group: Arc<Group>,
     group_config: GroupConfig,
-    config: Config,
+    settings: Settings,
     counters: Arc<Counters>,
 ) {
     let mut tick = tokio::time::interval(group_config.resolve_interval);
@@ -259,7 +306,7 @@ async fn resolve(
         }
         let current = group.snapshot();
         let (next, gone) = reconcile(&current, &wanted, |e, resolved| {
-            Arc::new(endpoint(&config, &counters, e, resolved))
+            Arc::new(endpoint(&settings, &counters, e, resolved))
         });
         if next.is_empty() {
             continue;
@@ -525,7 +572,7 @@ mod tests {
 
     #[tokio::test]
     async fn reconcile_keeps_staying_endpoints_adds_new_ones_and_lets_gone_ones_go() {
-        let config = Config::default();
+        let config = Settings::new("upstream", UpstreamConfig::default()).expect("plaintext");
         let counters = Arc::new(Counters::default());
         let name: EndpointConfig =
             EndpointConfig::Address("svc.local:80".parse().expect("hostport"));

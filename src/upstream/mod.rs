@@ -37,11 +37,12 @@ use http::Request;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+mod connect;
 mod group;
 mod health;
-mod stream;
 
-use self::stream::Stream;
+pub(crate) use self::connect::Connector;
+use crate::net::Stream;
 
 pub(crate) use self::group::Groups;
 use crate::{
@@ -97,6 +98,7 @@ pub(crate) struct Pool {
 #[derive(Debug)]
 struct Inner {
     target: HostPort,
+    connector: Connector,
     name: Arc<str>,
     config: UpstreamConfig,
     conns: Mutex<Vec<Conn>>,
@@ -127,6 +129,10 @@ struct Conn {
     id: u64,
     send: SendRequest<Bytes>,
     load: Arc<ConnLoad>,
+    /// The TLS material generation it was opened with.
+    generation: u64,
+    /// Set when sluice lets go of it: its end is not the upstream's doing.
+    evicted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the calls on one connection share with the pool.
@@ -213,11 +219,16 @@ impl Drop for SendBlocked {
 // === impl Pool ===
 
 impl Pool {
-    pub(crate) fn new(config: UpstreamConfig, counters: Arc<Counters>) -> Self {
+    pub(crate) fn new(
+        config: UpstreamConfig,
+        connector: Connector,
+        counters: Arc<Counters>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 name: Arc::from(config.address.to_string()),
                 target: config.address.clone(),
+                connector,
                 config,
                 conns: Mutex::default(),
                 dial: tokio::sync::Mutex::default(),
@@ -415,14 +426,17 @@ impl Pool {
             target: inner.name.clone(),
             reason: Arc::from(reason),
         };
+        // Read before dialling: material swapped during the handshake makes
+        // this connection one to replace, never one wrongly kept.
+        let generation = inner.connector.generation();
         let tcp = match tokio::time::timeout(
             inner.config.connect_timeout,
-            Stream::connect(&inner.target),
+            inner.connector.connect(&inner.target),
         )
         .await
         {
             Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Ok(Err(e)) => return Err(unreachable(e.0)),
             Err(_) => {
                 return Err(unreachable(format!(
                     "connect timed out after {:?}",
@@ -441,10 +455,13 @@ impl Pool {
             .await
             .map_err(|e| unreachable(format!("HTTP/2 handshake failed: {e}")))?;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let evicted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conn = Conn {
             id,
             send,
             load: Arc::default(),
+            generation,
+            evicted: evicted.clone(),
         };
         inner.conns.lock().expect("pool lock").push(conn.clone());
         let gauge = Gauge::hold(&inner.counters, Kind::UpstreamConnection);
@@ -464,7 +481,6 @@ impl Pool {
                 }
             }
         };
-        let evicted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let evict = {
             let evicted = evicted.clone();
             move || {
@@ -584,15 +600,25 @@ impl Inner {
 
     fn prune_locked(&self, conns: &mut Vec<Conn>) {
         let mut cx = Context::from_waker(Waker::noop());
-        conns.retain_mut(|c| match c.send.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(e)) => {
-                if e.is_go_away() && e.is_remote() {
-                    self.mark_draining();
-                }
-                false
+        let generation = self.connector.generation();
+        conns.retain_mut(|c| {
+            if c.generation != generation {
+                // Opened with TLS material that has since been replaced:
+                // no new calls; the calls on it finish, then h2 closes it.
+                debug!(upstream = %self.name, id = c.id, "TLS material reloaded; replacing the connection once its calls end");
+                c.evicted.store(true, Ordering::Relaxed);
+                return false;
             }
-            Poll::Pending => false,
+            match c.send.poll_ready(&mut cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(e)) => {
+                    if e.is_go_away() && e.is_remote() {
+                        self.mark_draining();
+                    }
+                    false
+                }
+                Poll::Pending => false,
+            }
         });
     }
 

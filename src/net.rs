@@ -1,5 +1,6 @@
-//! The transports an upstream connection runs over: TCP, or a Unix domain
-//! socket (a sidecar often reaches its application over one).
+//! The transports sluice serves and dials: TCP, or a Unix domain socket
+//! (a sidecar often talks to its application over one), and on the
+//! upstream side either of them with TLS.
 
 use std::{
     io,
@@ -14,11 +15,12 @@ use tokio::{
 
 use crate::config::HostPort;
 
-/// An open upstream transport.
+/// An open transport.
 #[derive(Debug)]
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<tokio_rustls::client::TlsStream<Self>>),
 }
 
 impl Stream {
@@ -44,6 +46,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -57,6 +60,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -68,6 +72,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -75,6 +80,7 @@ impl AsyncWrite for Stream {
         match self {
             Self::Tcp(s) => s.is_write_vectored(),
             Self::Unix(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
         }
     }
 
@@ -82,6 +88,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
             Self::Unix(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -89,6 +96,52 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+/// A bound listener: TCP, or a Unix domain socket.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// The next connection, with the peer's address (none over a Unix
+    /// socket). TCP connections get `TCP_NODELAY`.
+    pub(crate) async fn accept(&self) -> io::Result<(Stream, Option<std::net::SocketAddr>)> {
+        match self {
+            Self::Tcp(l) => {
+                let (tcp, peer) = l.accept().await?;
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+                }
+                Ok((Stream::Tcp(tcp), Some(peer)))
+            }
+            Self::Unix(l) => {
+                let (unix, _) = l.accept().await?;
+                Ok((Stream::Unix(unix), None))
+            }
+        }
+    }
+
+    /// Binds a Unix socket at `path`, replacing a socket file left there
+    /// (by a sluice that stopped, or the one this replaces); any other
+    /// kind of file there is an error.
+    pub(crate) fn bind_unix(path: &std::path::Path) -> io::Result<Self> {
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        tokio::net::UnixListener::bind(path).map(Self::Unix)
     }
 }

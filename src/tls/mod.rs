@@ -1,0 +1,133 @@
+//! TLS with rustls (the ring provider): the downstream listener's
+//! handshake and the identity in a verified client certificate
+//! ([`server`]), TLS to upstreams ([`client`]), and the certificates, keys
+//! and CA bundles read from files and swapped in whole when they change
+//! ([`reload`]).
+//!
+//! Every TLS connection negotiates ALPN `h2` (a client that offers only
+//! other protocols fails the handshake with `no_application_protocol`),
+//! over TLS 1.3 or 1.2.
+
+use std::{io, path::Path, sync::Arc};
+
+use rustls::{RootCertStore, crypto::CryptoProvider};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+pub(crate) mod client;
+mod identity;
+pub(crate) mod reload;
+pub(crate) mod server;
+
+/// The one protocol sluice speaks over TLS.
+const ALPN_H2: &[u8] = b"h2";
+
+/// Why TLS material could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read or parsed.
+    #[error("{}: {reason}", path.display())]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pieces do not make a TLS configuration (a key that does not
+    /// match its certificate, a CA bundle with no usable certificate).
+    #[error("{what}: {source}")]
+    Config {
+        /// Which configuration.
+        what: String,
+        /// rustls's reason.
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// TLS 1.3 and 1.2.
+static VERSIONS: [&rustls::SupportedProtocolVersion; 2] =
+    [&rustls::version::TLS13, &rustls::version::TLS12];
+
+fn versions() -> &'static [&'static rustls::SupportedProtocolVersion] {
+    &VERSIONS
+}
+
+fn file_error(path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::File {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The certificates of a PEM file, in order; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no PEM certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
+}
+
+/// A CA bundle: every certificate of the file must be a usable root.
+fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// Why a handshake failed, as a metric label.
+pub(crate) fn failure_reason(e: &io::Error) -> &'static str {
+    use rustls::Error as E;
+    let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof => "closed",
+            io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        };
+    };
+    match tls {
+        E::NoCertificatesPresented => "no_client_certificate",
+        E::InvalidCertificate(_) => "bad_certificate",
+        E::NoApplicationProtocol => "no_application_protocol",
+        E::InvalidMessage(_) => "not_tls",
+        E::AlertReceived(_) => "alert_from_client",
+        E::PeerIncompatible(_) => "incompatible",
+        E::PeerMisbehaved(_) | E::InappropriateMessage { .. } => "protocol",
+        _ => "other",
+    }
+}
+
+/// Loads every piece of TLS material `config` names, as `sluice check`
+/// and [`crate::run`] do: the first file that cannot be used is the error.
+///
+/// # Errors
+///
+/// [`TlsError`] naming the file (or the configuration) that is unusable.
+pub fn check(config: &crate::Config) -> Result<(), TlsError> {
+    if let Some(tls) = &config.server.tls {
+        server::build(tls)?;
+    }
+    let groups = std::iter::once(config.upstream.tls.as_ref())
+        .chain(config.upstreams.values().map(|g| g.tls.as_ref()));
+    for tls in groups.flatten() {
+        client::build(tls)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! TLS material that follows its files: built once at start, rebuilt when
+//! a file changes (polled) or on request (SIGHUP), and swapped in whole.
+//!
+//! A rebuild that fails (a half-written or corrupt file, a key that does
+//! not match) keeps the material in use and logs the file once per
+//! change; readiness is untouched. Handshakes take the current material
+//! each time, so a swap affects new connections only; connections already
+//! open carry on with what they negotiated.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+use tracing::{error, info};
+
+use super::TlsError;
+use crate::telemetry::metrics::Metrics;
+
+/// What identifies a file's content without reading it: its size, its
+/// modification time and its inode (an atomic rename, as Kubernetes does
+/// for secrets, changes the inode even within one clock tick).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &std::path::Path) -> Option<Self> {
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode,
+        })
+    }
+}
+
+/// Material of type `T` built from files.
+pub(crate) struct Reloadable<T> {
+    /// The config key it comes from, for logs and metrics.
+    name: String,
+    paths: Vec<PathBuf>,
+    stamps: Mutex<Vec<Option<Stamp>>>,
+    current: RwLock<Arc<T>>,
+    /// Bumped at every swap.
+    generation: AtomicU64,
+    build: Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>,
+}
+
+impl<T> std::fmt::Debug for Reloadable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloadable")
+            .field("name", &self.name)
+            .field("paths", &self.paths)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Reloadable<T> {
+    /// Builds the material once.
+    ///
+    /// # Errors
+    ///
+    /// What `build` says.
+    pub(crate) fn new(
+        name: String,
+        paths: Vec<PathBuf>,
+        build: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static,
+    ) -> Result<Self, TlsError> {
+        let stamps = paths.iter().map(|p| Stamp::of(p)).collect();
+        let first = build()?;
+        Ok(Self {
+            name,
+            paths,
+            stamps: Mutex::new(stamps),
+            current: RwLock::new(Arc::new(first)),
+            generation: AtomicU64::new(0),
+            build: Box::new(build),
+        })
+    }
+
+    /// The material in use now.
+    pub(crate) fn current(&self) -> Arc<T> {
+        self.current.read().expect("tls material lock").clone()
+    }
+
+    /// How many times the material was swapped.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// What a reload did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reloaded {
+    Unchanged,
+    Swapped,
+    Failed,
+}
+
+/// Material the [`Reloader`] looks after.
+pub(crate) trait Reload: Send + Sync + std::fmt::Debug {
+    /// Rebuilds if a file changed, or in any case when `force`.
+    fn reload(&self, force: bool, metrics: &Metrics) -> Reloaded;
+}
+
+impl<T: Send + Sync> Reload for Reloadable<T> {
+    fn reload(&self, force: bool, metrics: &Metrics) -> Reloaded {
+        let now: Vec<Option<Stamp>> = self.paths.iter().map(|p| Stamp::of(p)).collect();
+        {
+            let mut stamps = self.stamps.lock().expect("tls stamps lock");
+            if !force && *stamps == now {
+                return Reloaded::Unchanged;
+            }
+            // Recorded before the outcome is known: a file that fails to
+            // parse is reported once, not at every poll.
+            *stamps = now;
+        }
+        match (self.build)() {
+            Ok(material) => {
+                *self.current.write().expect("tls material lock") = Arc::new(material);
+                let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                info!(material = %self.name, generation, "TLS material reloaded");
+                metrics.tls_reloaded(&self.name, "swapped");
+                Reloaded::Swapped
+            }
+            Err(e) => {
+                error!(material = %self.name, error = %e, "TLS material changed but cannot be used; keeping what is in use");
+                metrics.tls_reloaded(&self.name, "failed");
+                Reloaded::Failed
+            }
+        }
+    }
+}
+
+/// Polls every piece of TLS material every `interval`, and all of it at
+/// once when asked (SIGHUP).
+#[derive(Debug)]
+pub(crate) struct Reloader {
+    pub(crate) materials: Vec<Arc<dyn Reload>>,
+    pub(crate) interval: Duration,
+    pub(crate) requested: Arc<Notify>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    /// Runs until dropped (aborted with the process's other tasks).
+    pub(crate) async fn run(self) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            let force = tokio::select! {
+                _ = tick.tick() => false,
+                () = self.requested.notified() => true,
+            };
+            for m in &self.materials {
+                m.reload(force, &self.metrics);
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! How an upstream endpoint is dialled: the [`Connector`].
+
+use std::sync::Arc;
+
+use crate::{config::HostPort, net::Stream, tls::client::ClientTls};
+
+/// How one endpoint is dialled: plaintext, or TLS with its group's
+/// material and the name its certificate must carry.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Connector {
+    tls: Option<(Arc<ClientTls>, Arc<str>)>,
+}
+
+/// Why a dial failed: the text goes to the client in `grpc-message`.
+#[derive(Debug)]
+pub(crate) struct ConnectError(pub(crate) String);
+
+impl Connector {
+    /// TLS with `tls`, checking `host` (the endpoint's configured host, not
+    /// the address it resolved to) unless the group names a server.
+    pub(crate) fn tls(tls: Arc<ClientTls>, host: &str) -> Self {
+        Self {
+            tls: Some((tls, Arc::from(host))),
+        }
+    }
+
+    /// The material generation a connection dialled now is opened with (0
+    /// for plaintext, which never changes).
+    pub(crate) fn generation(&self) -> u64 {
+        self.tls.as_ref().map_or(0, |(tls, _)| tls.generation())
+    }
+
+    /// Dials `target` and, for TLS, runs the handshake (ALPN `h2`).
+    pub(crate) async fn connect(&self, target: &HostPort) -> Result<Stream, ConnectError> {
+        let plain = Stream::connect(target)
+            .await
+            .map_err(|e| ConnectError(e.to_string()))?;
+        let Some((tls, host)) = &self.tls else {
+            return Ok(plain);
+        };
+        match tls.connect(plain, host).await {
+            Ok(s) => Ok(Stream::Tls(Box::new(s))),
+            Err(e) => Err(ConnectError(format!("TLS handshake failed: {e}"))),
+        }
+    }
+}
