@@ -54,6 +54,8 @@ pub mod npb {
 mod nodes;
 pub use nodes::{NodeCounts, NodeProbe, NodeServer};
 
+pub mod pki;
+
 /// The `grpc-status-details-bin` bytes every steered failure carries, with
 /// bytes that are not valid UTF-8 on purpose.
 pub const FAILURE_DETAILS: &[u8] = b"\x00\x01\xfe\xffdetails";

@@ -22,5 +22,6 @@ mod routing;
 // Shared with tests/memory.rs, which uses the parts this binary does not.
 #[allow(dead_code)]
 mod raw;
+mod tls;
 mod trailers;
 mod unix;

@@ -1,0 +1,792 @@
+//! Issue #11: TLS on both sides with rustls, client certificates and the
+//! identity they prove, routes that require one, certificates reloaded
+//! under load, and the failures a wrong client meets (fast and clear,
+//! never a hang). Certificates come from a throwaway CA per test
+//! (`sluice_testkit::pki`).
+
+use std::{sync::Arc, time::Duration};
+
+use sluice::{Config, Running};
+use sluice_testkit::{
+    EchoClient, EchoServer, Req,
+    pki::{Leaf, Pki},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::{
+    metrics::{scrape, value},
+    support::*,
+};
+
+const WEB: &str = "spiffe://test.local/ns/prod/sa/web";
+const BATCH: &str = "spiffe://test.local/ns/prod/sa/batch";
+
+/// A PKI with a server certificate (`server.pem`/`server.key`) and two
+/// clients: `web` (role `os:admin`) and `batch` (role `os:reader`).
+fn pki() -> Pki {
+    let pki = Pki::new("sluice test CA");
+    pki.write("server", &Leaf::server());
+    pki.write("web", &Leaf::client(WEB, &["os:admin"]));
+    pki.write("batch", &Leaf::client(BATCH, &["os:reader"]));
+    pki
+}
+
+/// `[server.tls]` on `server.listen` with the PKI's server certificate,
+/// and client certificates `mode` (`None`: not asked for).
+fn tls_config(pki: &Pki, upstream: std::net::SocketAddr, mode: Option<&str>) -> Config {
+    let client_auth = mode
+        .map(|m| {
+            format!(
+                "client_auth = {{ ca = {:?}, mode = {m:?} }}\n",
+                pki.path("ca.pem")
+            )
+        })
+        .unwrap_or_default();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = {:?}\nkey = {:?}\n{client_auth}\
+         [upstream]\naddress = \"{upstream}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nreload_interval = \"50ms\"\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+    );
+    Config::from_toml_str(&text).expect("tls config")
+}
+
+/// A tonic client of sluice's TLS listener, trusting the PKI's CA, with
+/// the client certificate `who` (`None`: without one).
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    who: Option<&str>,
+) -> Result<EchoClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pki.ca_pem()))
+        .domain_name("localhost");
+    if let Some(who) = who {
+        let cert = std::fs::read(pki.path(&format!("{who}.pem"))).expect("cert");
+        let key = std::fs::read(pki.path(&format!("{who}.key"))).expect("key");
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(EchoClient::new(channel))
+}
+
+async fn start(config: &Config) -> Running {
+    trace_init();
+    sluice::run(config).await.expect("sluice starts")
+}
+
+fn spoofing(seq: u64) -> tonic::Request<Req> {
+    let mut req = tonic::Request::new(Req {
+        seq,
+        ..Req::default()
+    });
+    req.metadata_mut().insert(
+        "x-sluice-client-id",
+        "spiffe://evil/admin".parse().expect("ascii"),
+    );
+    req
+}
+
+async fn handshake_failures(sluice: &Running, reason: &str) -> f64 {
+    let scrape = scrape(sluice.admin_addr().expect("admin")).await;
+    value(
+        &scrape,
+        "sluice_tls_handshake_failures_total",
+        &[("side", "downstream"), ("reason", reason)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_refuse_a_client_without_one_and_forward_the_identity() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let sluice = start(&tls_config(&pki, upstream.addr, Some("required"))).await;
+    assert_eq!(sluice.tls_addr(), Some(sluice.listen_addr()));
+
+    let mut web = within(
+        "TLS connect",
+        tls_client(sluice.listen_addr(), &pki, Some("web")),
+    )
+    .await
+    .expect("a client with a certificate connects");
+    let reply = within("a call with a certificate", web.unary(spoofing(7)))
+        .await
+        .expect("served")
+        .into_inner();
+    assert_eq!(reply.seq, 7);
+    let seen = upstream.probe.last_metadata().expect("metadata");
+    let ids: Vec<_> = seen.get_all("x-sluice-client-id").iter().collect();
+    assert_eq!(ids.len(), 1, "the client's copy is stripped: {ids:?}");
+    assert_eq!(ids[0], WEB);
+
+    // Without a certificate: TLS 1.3 lets the client finish its side of
+    // the handshake, so the refusal shows on the first call. It must be a
+    // failure, quickly, and nothing reaches the upstream.
+    let before = upstream.probe.counts().started;
+    let started = std::time::Instant::now();
+    let outcome = within("a call without a certificate", async {
+        match tls_client(sluice.listen_addr(), &pki, None).await {
+            Err(e) => Err(e.to_string()),
+            Ok(mut anon) => anon
+                .unary(Req::default())
+                .await
+                .map(drop)
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+        }
+    })
+    .await;
+    let err = outcome.expect_err("no certificate, no call");
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+    assert_eq!(upstream.probe.counts().started, before);
+    within("the failure is counted", async {
+        while handshake_failures(&sluice, "no_client_certificate").await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_client_certificates_serve_a_client_without_one_with_no_identity() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let sluice = start(&tls_config(&pki, upstream.addr, Some("optional"))).await;
+
+    let mut anon = within("TLS connect", tls_client(sluice.listen_addr(), &pki, None))
+        .await
+        .expect("connects");
+    within("a call without a certificate", anon.unary(spoofing(1)))
+        .await
+        .expect("optional: served");
+    let seen = upstream.probe.last_metadata().expect("metadata");
+    assert!(
+        seen.get("x-sluice-client-id").is_none(),
+        "no identity, and the client's own value is stripped: {seen:?}"
+    );
+
+    let mut batch = within(
+        "TLS connect",
+        tls_client(sluice.listen_addr(), &pki, Some("batch")),
+    )
+    .await
+    .expect("connects");
+    within("a call with a certificate", batch.unary(spoofing(2)))
+        .await
+        .expect("served");
+    let seen = upstream.probe.last_metadata().expect("metadata");
+    assert_eq!(seen.get("x-sluice-client-id").expect("identity"), BATCH);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_refuses_an_identity_it_does_not_accept_with_permission_denied() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let mut config = tls_config(&pki, upstream.addr, Some("optional"));
+    let routes = Config::from_toml_str(
+        "[[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nupstream = \"default\"\n\
+         identity = { spiffe_trust_domain = \"test.local\", prefix = \"spiffe://test.local/ns/prod/\", roles = [\"os:admin\"] }\n",
+    );
+    // A route with identity needs client_auth: on its own it is refused.
+    let err = routes.expect_err("identity without client_auth");
+    assert!(err.to_string().contains("client_auth"), "{err}");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\ncert = {:?}\nkey = {:?}\n\
+         client_auth = {{ ca = {:?}, mode = \"optional\" }}\n\
+         [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nupstream = \"default\"\n\
+         identity = {{ spiffe_trust_domain = \"test.local\", prefix = \"spiffe://test.local/ns/prod/\", roles = [\"os:admin\"] }}\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("ca.pem"),
+    );
+    config.routes = Config::from_toml_str(&text).expect("routes").routes;
+    let sluice = start(&config).await;
+
+    let mut web = within(
+        "connect",
+        tls_client(sluice.listen_addr(), &pki, Some("web")),
+    )
+    .await
+    .expect("connects");
+    within("an admin's call", web.unary(Req::default()))
+        .await
+        .expect("os:admin in prod passes");
+
+    let mut batch = within(
+        "connect",
+        tls_client(sluice.listen_addr(), &pki, Some("batch")),
+    )
+    .await
+    .expect("connects");
+    let denied = within("a reader's call", batch.unary(Req::default()))
+        .await
+        .expect_err("os:reader is refused");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(
+        !denied.message().contains("os:admin") && !denied.message().contains("test.local"),
+        "the refusal names nothing of the rule: {}",
+        denied.message()
+    );
+
+    let mut anon = within("connect", tls_client(sluice.listen_addr(), &pki, None))
+        .await
+        .expect("connects");
+    let denied = within("an anonymous call", anon.unary(Req::default()))
+        .await
+        .expect_err("no identity is refused");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(
+        denied.message().contains("certificate"),
+        "{}",
+        denied.message()
+    );
+    // Other methods are not under the rule.
+    let count = upstream.probe.counts().started;
+    assert_eq!(count, 1, "only the admin's call reached the upstream");
+}
+
+/// A tonic echo server speaking TLS with the PKI's server certificate and
+/// requiring client certificates from its CA.
+async fn tls_upstream(pki: &Pki) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let identity = Identity::from_pem(
+        std::fs::read(pki.path("server.pem")).expect("cert"),
+        std::fs::read(pki.path("server.key")).expect("key"),
+    );
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(Certificate::from_pem(pki.ca_pem()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let probe = sluice_testkit::Probe::default();
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .expect("tls server")
+        .add_service(sluice_testkit::pb::echo_server::EchoServer::new(
+            sluice_testkit::Echo::new(probe),
+        ))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    (
+        addr,
+        tokio::spawn(async move {
+            let _ = server.await;
+        }),
+    )
+}
+
+fn upstream_tls(config: &mut Config, pki: &Pki, with_cert: bool) {
+    config.upstream.tls = Some(sluice::config::UpstreamTlsConfig {
+        ca: Some(pki.path("ca.pem")),
+        server_name: Some("localhost".to_owned()),
+        cert: with_cert.then(|| pki.path("web.pem")),
+        key: with_cert.then(|| pki.path("web.key")),
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_upstream_that_requires_a_client_certificate() {
+    let pki = pki();
+    let (addr, server) = tls_upstream(&pki).await;
+
+    let mut with = config(addr);
+    upstream_tls(&mut with, &pki, true);
+    let sluice = start(&with).await;
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    let reply = within(
+        "a call to the TLS upstream",
+        client.unary(Req {
+            seq: 3,
+            ..Req::default()
+        }),
+    )
+    .await
+    .expect("sluice presents its client certificate")
+    .into_inner();
+    assert_eq!(reply.seq, 3);
+
+    let mut without = config(addr);
+    upstream_tls(&mut without, &pki, false);
+    let bare = start(&without).await;
+    let mut client = sluice_testkit::client(bare.listen_addr());
+    let refused = within(
+        "a call without a client certificate",
+        client.unary(Req::default()),
+    )
+    .await
+    .expect_err("the upstream refuses sluice");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let message = refused.message().to_ascii_lowercase();
+    assert!(
+        message.contains("certificate"),
+        "the reason is in grpc-message: {message}"
+    );
+
+    // A CA that did not sign the upstream's certificate: UNAVAILABLE, and
+    // the message says why.
+    let other = Pki::new("another CA");
+    let mut wrong = config(addr);
+    wrong.upstream.tls = Some(sluice::config::UpstreamTlsConfig {
+        ca: Some(other.path("ca.pem")),
+        server_name: Some("localhost".to_owned()),
+        cert: None,
+        key: None,
+    });
+    let untrusting = start(&wrong).await;
+    let mut client = sluice_testkit::client(untrusting.listen_addr());
+    let refused = within(
+        "a call to an untrusted upstream",
+        client.unary(Req::default()),
+    )
+    .await
+    .expect_err("an unknown issuer is refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused.message().contains("TLS handshake failed"),
+        "{}",
+        refused.message()
+    );
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_on_the_tls_port_and_tls_on_the_h2c_port_fail_fast() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let mut config = tls_config(&pki, upstream.addr, None);
+    let tls = config.server.tls.as_mut().expect("tls");
+    tls.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    // A hang would be cut by the handshake timeout: make that longer than
+    // the test's own limit, so that only a real refusal passes.
+    config.server.handshake_timeout = Duration::from_secs(60);
+    let sluice = start(&config).await;
+    let tls_addr = sluice.tls_addr().expect("a TLS listener");
+    assert_ne!(tls_addr, sluice.listen_addr());
+
+    // Both listeners serve.
+    normal_calls(sluice.listen_addr(), 1).await;
+    let mut over_tls = within("connect", tls_client(tls_addr, &pki, None))
+        .await
+        .expect("connects");
+    within("a call over TLS", over_tls.unary(Req::default()))
+        .await
+        .expect("served");
+
+    // h2c on the TLS port: rustls answers the bytes with an alert, which
+    // an h2c client reads as a broken frame: an error at once.
+    let mut plain = sluice_testkit::client(tls_addr);
+    let started = std::time::Instant::now();
+    let err = within("h2c on the TLS port", plain.unary(Req::default()))
+        .await
+        .expect_err("not TLS");
+    assert!(
+        // Which code depends on what the client was doing when the alert
+        // came (reading a frame, writing into a closed socket); what
+        // matters is that it comes at once, not at a timeout.
+        started.elapsed() < Duration::from_secs(5),
+        "{err:?}"
+    );
+    let mut raw = tokio::net::TcpStream::connect(tls_addr)
+        .await
+        .expect("connect");
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    within(
+        "the TLS port answers and closes",
+        raw.read_to_end(&mut answer),
+    )
+    .await
+    .expect("read");
+    assert_eq!(
+        answer.first(),
+        Some(&0x15),
+        "a TLS alert record: {answer:?}"
+    );
+
+    // TLS on the h2c port: a handshake_failure alert, then close.
+    within(
+        "TLS on the h2c port",
+        tls_client(sluice.listen_addr(), &pki, None),
+    )
+    .await
+    .expect_err("the h2c port does not speak TLS");
+    let connector = rustls_connector(&pki, &[b"h2"]);
+    let tcp = tokio::net::TcpStream::connect(sluice.listen_addr())
+        .await
+        .expect("connect");
+    let err = within(
+        "a TLS handshake on the h2c port",
+        connector.connect("localhost".try_into().expect("name"), tcp),
+    )
+    .await
+    .expect_err("refused");
+    assert!(
+        format!("{err:?}").contains("HandshakeFailure"),
+        "an alert, not a timeout or a reset: {err:?}"
+    );
+    assert!(handshake_failures(&sluice, "not_tls").await >= 1.0);
+}
+
+fn rustls_connector(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes())
+        .next()
+        .expect("a certificate")
+        .expect("pem");
+    roots.add(ca).expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+use rustls_pki_types::pem::PemObject;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_only_client_gets_no_application_protocol_and_a_stalled_one_the_timeout() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let mut config = tls_config(&pki, upstream.addr, None);
+    config.server.handshake_timeout = Duration::from_millis(300);
+    let sluice = start(&config).await;
+
+    let connector = rustls_connector(&pki, &[b"http/1.1"]);
+    let tcp = tokio::net::TcpStream::connect(sluice.listen_addr())
+        .await
+        .expect("connect");
+    let err = within(
+        "an http/1.1-only handshake",
+        connector.connect("localhost".try_into().expect("name"), tcp),
+    )
+    .await
+    .expect_err("no common protocol");
+    assert!(
+        format!("{err:?}").contains("NoApplicationProtocol"),
+        "a no_application_protocol alert: {err:?}"
+    );
+    assert!(handshake_failures(&sluice, "no_application_protocol").await >= 1.0);
+
+    // A client that connects and sends nothing is closed at the handshake
+    // timeout (not before, not never).
+    let started = std::time::Instant::now();
+    let mut idle = tokio::net::TcpStream::connect(sluice.listen_addr())
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 64];
+    let n = within("the stalled handshake is closed", idle.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    // A client that sends half a ClientHello and stalls: the same.
+    let mut half = tokio::net::TcpStream::connect(sluice.listen_addr())
+        .await
+        .expect("connect");
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .expect("write");
+    let n = within("the half handshake is closed", half.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    within("both are counted as timeouts", async {
+        while handshake_failures(&sluice, "timeout").await < 2.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// The leaf certificate a fresh handshake with `addr` is shown.
+async fn served_leaf(addr: std::net::SocketAddr, pki: &Pki) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = within(
+        "a handshake",
+        rustls_connector(pki, &[b"h2"]).connect("localhost".try_into().expect("name"), tcp),
+    )
+    .await
+    .expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("certificates")[0].to_vec()
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("pem")
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotated_every_200ms_under_load_fail_no_call() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let sluice = start(&tls_config(&pki, upstream.addr, None)).await;
+    let addr = sluice.listen_addr();
+    assert_eq!(
+        served_leaf(addr, &pki).await,
+        pem_der(&std::fs::read_to_string(pki.path("server.pem")).expect("pem"))
+    );
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One client on one connection opened before the rotations.
+    let mut old = within("connect", tls_client(addr, &pki, None))
+        .await
+        .expect("connects");
+    let old_conn = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                old.unary(Req {
+                    seq: n,
+                    ..Req::default()
+                })
+                .await
+                .unwrap_or_else(|s| panic!("a call on the old connection failed: {s:?}"));
+                n += 1;
+            }
+            n
+        }
+    });
+    // Another that opens a new connection for every call.
+    let ca = pki.ca_pem();
+    let new_conns = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&ca))
+                    .domain_name("localhost");
+                let channel = Endpoint::from_shared(format!("https://{addr}"))
+                    .expect("uri")
+                    .tls_config(tls)
+                    .expect("tls")
+                    .connect()
+                    .await
+                    .unwrap_or_else(|e| panic!("a new connection failed: {e:?}"));
+                EchoClient::new(channel)
+                    .unary(Req::default())
+                    .await
+                    .unwrap_or_else(|s| panic!("a call on a new connection failed: {s:?}"));
+                n += 1;
+            }
+            n
+        }
+    });
+    let mut last = String::new();
+    for round in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let leaf = Leaf {
+            common_name: format!("localhost round {round}"),
+            ..Leaf::server()
+        };
+        pki.write("server", &leaf);
+        last = std::fs::read_to_string(pki.path("server.pem")).expect("pem");
+    }
+    // New handshakes see the newest certificate once the reload ran.
+    let newest = pem_der(&last);
+    within("the newest certificate is served", async {
+        while served_leaf(addr, &pki).await != newest {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let on_old = within("the old-connection client", old_conn)
+        .await
+        .expect("no failure");
+    let on_new = within("the new-connection client", new_conns)
+        .await
+        .expect("no failure");
+    assert!(
+        on_old > 20 && on_new > 5,
+        "load ran: {on_old} old, {on_new} new"
+    );
+
+    // A corrupt replacement: logged, counted, and the last good
+    // certificate stays in use.
+    let scrape_failed = || async {
+        let s = scrape(sluice.admin_addr().expect("admin")).await;
+        value(
+            &s,
+            "sluice_tls_reloads_total",
+            &[("material", "server.tls"), ("outcome", "failed")],
+        )
+    };
+    let failed_before = scrape_failed().await;
+    sluice_testkit::pki::replace(
+        &pki.path("server.pem"),
+        b"-----BEGIN CERTIFICATE-----\nnot base64\n",
+    );
+    within("the corrupt file is seen and refused", async {
+        while scrape_failed().await <= failed_before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        served_leaf(addr, &pki).await,
+        newest,
+        "the old material stays"
+    );
+    normal_tls_call(addr, &pki).await;
+    assert!(sluice.is_ready());
+}
+
+async fn normal_tls_call(addr: std::net::SocketAddr, pki: &Pki) {
+    let mut client = within("connect", tls_client(addr, pki, None))
+        .await
+        .expect("connects");
+    within("a call", client.unary(Req::default()))
+        .await
+        .expect("served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_client_certificate_rotation_replaces_connections_once_their_calls_end() {
+    let pki = pki();
+    let (addr, server) = tls_upstream(&pki).await;
+    let mut config = config(addr);
+    upstream_tls(&mut config, &pki, true);
+    config.tls.reload_interval = Duration::from_millis(50);
+    let sluice = start(&config).await;
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    within("a first call", client.unary(Req::default()))
+        .await
+        .expect("served");
+    assert_eq!(sluice.stats().upstream_connections, 1);
+    // A call in flight on that connection while the certificate rotates.
+    let mut slow = client.clone();
+    let in_flight = tokio::spawn(async move {
+        slow.unary(Req {
+            delay_ms: 1500,
+            ..Req::default()
+        })
+        .await
+    });
+    let scrape_swapped = || async {
+        let s = scrape(sluice.admin_addr().expect("admin")).await;
+        value(
+            &s,
+            "sluice_tls_reloads_total",
+            &[("material", "upstream.tls"), ("outcome", "swapped")],
+        )
+    };
+    pki.write("web", &Leaf::client(WEB, &["os:admin", "rotated"]));
+    within("the new client certificate is loaded", async {
+        while scrape_swapped().await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    within("a call after the rotation", client.unary(Req::default()))
+        .await
+        .expect("a new connection with the new certificate serves it");
+    assert_eq!(
+        sluice.stats().upstream_connections,
+        2,
+        "the old connection still carries its call; a new one took the new call"
+    );
+    within("the call in flight", in_flight)
+        .await
+        .expect("joined")
+        .expect("the call on the old connection completes");
+    eventually("the old connection closes once its call ended", || {
+        sluice.stats().upstream_connections == 1
+    })
+    .await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_is_served_on_a_unix_socket_beside_tcp() {
+    let upstream = EchoServer::start().await;
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sluice-listen-{}.sock", std::process::id()));
+    let mut config = config(upstream.addr);
+    config.server.listen_unix = Some(path.clone());
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).or_else(|_| {
+        std::fs::remove_file(&path)?;
+        std::os::unix::net::UnixListener::bind(&path)
+    }));
+    let sluice = start(&config).await;
+    let unix = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    let (mut send, conn) = h2::client::handshake(unix).await.expect("h2 over unix");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let (response, mut body) = send.send_request(grpc_head("Unary"), false).expect("send");
+    body.send_data(
+        grpc_frame(&Req {
+            seq: 5,
+            ..Req::default()
+        }),
+        true,
+    )
+    .expect("data");
+    let response = within("a call over the unix socket", response)
+        .await
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = within("reply", body.data()).await {
+        got.extend_from_slice(&chunk.expect("chunk"));
+    }
+    let trailers = within("trailers", body.trailers())
+        .await
+        .expect("trailers")
+        .expect("some");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert!(got.len() > 5, "a reply message");
+    assert_eq!(upstream.probe.counts().completed, 1);
+    normal_calls(sluice.listen_addr(), 1).await;
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn unusable_tls_files_fail_the_start_naming_the_file() {
+    let pki = pki();
+    let upstream: std::net::SocketAddr = "127.0.0.1:1".parse().expect("addr");
+    let mut config = tls_config(&pki, upstream, Some("required"));
+    std::fs::write(pki.path("server.key"), "not a key").expect("write");
+    let err = sluice::run(&config).await.expect_err("a bad key");
+    assert!(err.to_string().contains("server.key"), "{err}");
+    pki.write("server", &Leaf::server());
+    config
+        .server
+        .tls
+        .as_mut()
+        .expect("tls")
+        .client_auth
+        .as_mut()
+        .expect("auth")
+        .ca = pki.path("missing.pem");
+    let err = sluice::run(&config).await.expect_err("a missing CA");
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    // A key that is not the certificate's.
+    let (_, other_key) = pki.issue(&Leaf::server());
+    std::fs::write(pki.path("server.key"), other_key).expect("write");
+    let mut config = tls_config(&pki, upstream, None);
+    config.tls.reload_interval = Duration::from_secs(60);
+    let err = sluice::run(&config).await.expect_err("a mismatched key");
+    assert!(err.to_string().contains("server.tls"), "{err}");
+}
