@@ -434,3 +434,82 @@ async fn the_fanout_example_config_runs_against_three_nodes() {
         .expect("join");
     assert_eq!(status.code(), Some(0));
 }
+
+/// Issue #11's acceptance: `config/tls.toml`, run by the real binary in
+/// front of a tonic upstream: a client with the example client certificate
+/// makes the admin-only call and its identity reaches the upstream; a
+/// client without one is served elsewhere and refused there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_example_config_runs_with_and_without_a_client_certificate() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let check = sluice()
+        .arg("check")
+        .arg(dir.join("tls.toml"))
+        .output()
+        .expect("run");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        stdout.contains("(TLS)") && stdout.contains("PERMISSION_DENIED"),
+        "{stdout}"
+    );
+
+    let upstream = EchoServer::start().await;
+    let config = dir.join("tls.toml");
+    let upstream_addr = upstream.addr.to_string();
+    let (_proc, addr) = spawn(&[
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream_addr,
+        "--admin",
+        "off",
+    ]);
+    let read = |f: &str| std::fs::read(dir.join("tls").join(f)).expect("example file");
+    let client = |with_cert: bool| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")))
+            .domain_name("localhost");
+        if with_cert {
+            tls = tls.identity(Identity::from_pem(read("client.pem"), read("client.key")));
+        }
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls")
+            .connect_lazy();
+        sluice_testkit::EchoClient::new(channel)
+    };
+    let uploads = || tokio_stream::iter([Req::default(), Req::default()]);
+
+    let mut admin = client(true);
+    let reply = tokio::time::timeout(LIMIT, admin.client_stream(uploads()))
+        .await
+        .expect("in time")
+        .expect("an admin may write")
+        .into_inner();
+    assert_eq!(reply.seq, 2, "both messages arrived");
+    let seen = upstream.probe.last_metadata().expect("metadata");
+    assert_eq!(
+        seen.get("x-sluice-client-id").expect("the identity"),
+        "spiffe://example.org/ns/default/sa/client"
+    );
+
+    let mut anon = client(false);
+    tokio::time::timeout(LIMIT, anon.unary(Req::default()))
+        .await
+        .expect("in time")
+        .expect("anyone may read");
+    let denied = tokio::time::timeout(LIMIT, anon.client_stream(uploads()))
+        .await
+        .expect("in time")
+        .expect_err("no certificate, no write");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+}
