@@ -19,7 +19,7 @@ use support::{
     SluiceProcess,
     load::{
         BIDI_STREAMS, CONNECTIONS, SERVER_STREAMS, UNARY_PAYLOAD, UNARY_PER_CONNECTION, Workload,
-        run_load,
+        run_load, run_load_on,
     },
     percentile,
 };
@@ -114,6 +114,84 @@ async fn idle_connection_cost(sluice: &SluiceProcess) -> f64 {
         task.abort();
     }
     (after.saturating_sub(before) as f64 * 1024.0) / IDLE_CONNECTIONS as f64
+}
+
+/// How many TLS handshakes the handshake-cost phase makes at most, and how
+/// many at once.
+const HANDSHAKES: usize = 2000;
+const HANDSHAKES_AT_ONCE: usize = 8;
+
+/// TLS clients of `addr`, one per connection, trusting `pki`'s CA.
+fn tls_clients(
+    addr: SocketAddr,
+    pki: &sluice_testkit::pki::Pki,
+) -> Vec<sluice_testkit::EchoClient<tonic::transport::Channel>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    (0..CONNECTIONS)
+        .map(|_| {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pki.ca_pem()))
+                .domain_name("localhost");
+            let channel = Endpoint::from_shared(format!("https://{addr}"))
+                .expect("uri")
+                .tcp_nodelay(true)
+                .tls_config(tls)
+                .expect("tls")
+                .connect_lazy();
+            sluice_testkit::EchoClient::new(channel)
+        })
+        .collect()
+}
+
+/// New TLS connections to `addr`, each to the point where sluice's HTTP/2
+/// SETTINGS arrived, [`HANDSHAKES_AT_ONCE`] at a time, until
+/// [`HANDSHAKES`] or `dur`; returns how many were made.
+async fn handshakes(addr: SocketAddr, pki: &sluice_testkit::pki::Pki, dur: Duration) -> usize {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(pki.ca_pem().as_bytes()).expect("ca"))
+        .expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: every handshake is a full one.
+    config.resumption = rustls::client::Resumption::disabled();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let end = Instant::now() + dur;
+    let made = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..HANDSHAKES_AT_ONCE {
+        let (connector, made) = (connector.clone(), made.clone());
+        tasks.spawn(async move {
+            while Instant::now() < end
+                && made.load(std::sync::atomic::Ordering::Relaxed) < HANDSHAKES
+            {
+                let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let tls = connector
+                    .connect("localhost".try_into().expect("name"), tcp)
+                    .await
+                    .expect("handshake");
+                let (mut send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+                let task = tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                std::future::poll_fn(|cx| send.poll_ready(cx))
+                    .await
+                    .expect("settings");
+                drop(send);
+                task.abort();
+                made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    made.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn report(name: &str, direct: Result, through: Result, unit: &str) {
@@ -230,6 +308,45 @@ fn main() {
             cpu_mirror / cpu_per_call
         );
         drop(mirror);
+
+        // TLS in, h2c out: the same unary load over TLS connections, and
+        // the cost of a full handshake.
+        let pki = sluice_testkit::pki::Pki::new("e2e bench CA");
+        let (cert, key) = pki.write("server", &sluice_testkit::pki::Leaf::server());
+        let tls = start_sluice(
+            upstream.addr,
+            workers,
+            &format!("[server.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+            "tls",
+        );
+        let cpu0 = tls.cpu_secs();
+        let (ops, secs, mut lat) = run_load_on(tls_clients(tls.addr, &pki), Workload::Unary, dur).await;
+        let cpu_tls = (tls.cpu_secs() - cpu0) / ops as f64 * 1e6;
+        let through_tls = Result {
+            ops_per_sec: ops as f64 / secs,
+            mb_per_sec: ops as f64 * Workload::Unary.bytes_per_op() / secs / 1e6,
+            p50_us: percentile(&mut lat, 0.50),
+            p99_us: percentile(&mut lat, 0.99),
+            ops,
+        };
+        report("unary 256 B, TLS in", direct, through_tls, "rpc");
+        println!(
+            "{:<24} sluice CPU {cpu_tls:.1} µs per call ({:.2}x plaintext's {cpu_per_call:.1}); {:.2}x plaintext RPC/s",
+            "",
+            cpu_tls / cpu_per_call,
+            through_tls.ops_per_sec / through.ops_per_sec,
+        );
+        let cpu0 = tls.cpu_secs();
+        let t0 = Instant::now();
+        let made = handshakes(tls.addr, &pki, dur).await;
+        let cpu_hs = (tls.cpu_secs() - cpu0) / made as f64 * 1e6;
+        println!(
+            "{:<24} {made} full handshakes (TLS 1.3, P-256, no resumption) in {:.1} s: sluice CPU {cpu_hs:.0} µs each = {:.0} new connections/s at one core",
+            "TLS handshakes",
+            t0.elapsed().as_secs_f64(),
+            1e6 / cpu_hs
+        );
+        drop(tls);
 
         for (name, workload) in [("server stream 1 KiB", Workload::Stream1K), ("server stream 64 KiB", Workload::Stream64K)] {
             let direct = measure(upstream.addr, workload, dur).await;

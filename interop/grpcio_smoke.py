@@ -34,7 +34,7 @@ class Echo(rpc.EchoServicer):
             ctx.add_callback(cancelled.set)
             time.sleep(req.delay_ms / 1000)
         md = dict(ctx.invocation_metadata())
-        ctx.set_trailing_metadata((('x-seen', md.get('x-custom', '')),))
+        ctx.set_trailing_metadata((('x-seen', md.get('x-custom', '')), ('x-client-id', md.get('x-sluice-client-id', ''))))
         return pb.Reply(payload=req.payload, seq=req.seq)
     def ServerStream(self, req, ctx):
         for i in range(req.replies):
@@ -128,6 +128,85 @@ t = time.time(); good = served(50, b'p' * (128 << 10))
 check(f'4 unread uploads: another client served {good}/50 in {time.time()-t:.2f}s', good == 50)
 for u in unread:
     u.cancel()
+# Issue #11: TLS in (grpcio's own TLS stack, BoringSSL), h2c out, with a
+# client certificate giving an identity, and a route requiring one.
+def tls_files():
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID, ExtendedKeyUsageOID
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    import datetime, ipaddress
+    now = datetime.datetime.now(datetime.timezone.utc)
+    def pem(obj):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    def key_pem(k):
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'interop CA')])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    def leaf(name, sans, eku, org=None):
+        k = ec.generate_private_key(ec.SECP256R1())
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, name)] + ([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)] if org else [])
+        c = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca_name).public_key(k.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+             .sign(ca_key, hashes.SHA256()))
+        return pem(c), key_pem(k)
+    server = leaf('localhost', [x509.DNSName('localhost'), x509.IPAddress(ipaddress.ip_address('127.0.0.1'))], ExtendedKeyUsageOID.SERVER_AUTH)
+    client = leaf('client', [x509.UniformResourceIdentifier('spiffe://interop.test/ns/a/sa/client')], ExtendedKeyUsageOID.CLIENT_AUTH, 'os:admin')
+    files = {'ca.pem': pem(ca), 'server.pem': server[0], 'server.key': server[1], 'client.pem': client[0], 'client.key': client[1]}
+    for name, data in files.items():
+        with open(os.path.join(GEN, name), 'wb') as f:
+            f.write(data)
+    return files
+files = tls_files()
+tls_conf = os.path.join(GEN, 'tls.toml')
+with open(tls_conf, 'w') as f:
+    f.write(f'''[server.tls]
+cert = "server.pem"
+key = "server.key"
+client_auth = {{ ca = "ca.pem", mode = "optional" }}
+[[routes]]
+method = "/sluice.test.Echo/ClientStream"
+upstream = "default"
+identity = {{ spiffe_trust_domain = "interop.test", roles = ["os:admin"] }}
+''')
+tls_proc = subprocess.Popen([SLUICE, '--config', tls_conf, '--listen', '127.0.0.1:0', '--upstream', f'127.0.0.1:{up}', '--admin', 'off'],
+                            stderr=subprocess.PIPE, text=True)
+tls_addr = re.search(r'listening on (\S+)', tls_proc.stderr.readline()).group(1)
+threading.Thread(target=lambda: [None for _ in tls_proc.stderr], daemon=True).start()
+NAME = [('grpc.ssl_target_name_override', 'localhost')]
+anon = rpc.EchoStub(grpc.secure_channel(tls_addr, grpc.ssl_channel_credentials(files['ca.pem']), options=BIG + NAME))
+r, call = anon.Unary.with_call(pb.Req(seq=11), metadata=(('x-sluice-client-id', 'spoofed'),))
+check('TLS: unary, no client certificate, spoofed id stripped', r.seq == 11 and dict(call.trailing_metadata()).get('x-client-id') == '')
+seqs = [x.seq for x in anon.Bidi(iter([pb.Req(seq=i) for i in range(100)]))]
+check('TLS: bidi 100 in order', seqs == list(range(100)))
+try:
+    anon.ClientStream(iter([pb.Req()]), timeout=5)
+    check('TLS: identity route refuses an anonymous client', False)
+except grpc.RpcError as e:
+    check('TLS: identity route refuses an anonymous client with PERMISSION_DENIED', e.code() == grpc.StatusCode.PERMISSION_DENIED)
+creds = grpc.ssl_channel_credentials(files['ca.pem'], files['client.key'], files['client.pem'])
+mtls = rpc.EchoStub(grpc.secure_channel(tls_addr, creds, options=BIG + NAME))
+r, call = mtls.Unary.with_call(pb.Req(seq=12))
+check('TLS: client certificate identity reaches the upstream',
+      dict(call.trailing_metadata()).get('x-client-id') == 'spiffe://interop.test/ns/a/sa/client')
+r = mtls.ClientStream(iter([pb.Req(payload=bytes([i])) for i in range(5)]), timeout=5)
+check('TLS: identity route lets the admin through', r.seq == 5)
+t = time.time()
+try:
+    rpc.EchoStub(grpc.insecure_channel(tls_addr)).Unary(pb.Req(), timeout=5)
+    check('TLS: h2c client on the TLS port fails', False)
+except grpc.RpcError as e:
+    check(f'TLS: h2c client on the TLS port fails fast ({e.code().name} in {time.time()-t:.2f}s)', time.time() - t < 3)
+tls_proc.terminate(); tls_proc.wait(10)
 server.stop(0)
 t = time.time()
 try:

@@ -83,7 +83,16 @@ pub(crate) async fn run_load(
     workload: Workload,
     dur: Duration,
 ) -> (u64, f64, Vec<u32>) {
-    let clients = clients(addr);
+    run_load_on(clients(addr), workload, dur).await
+}
+
+/// [`run_load`] over `clients` (one per connection, [`CONNECTIONS`] of
+/// them), however they connect.
+pub(crate) async fn run_load_on(
+    clients: Vec<EchoClient<Channel>>,
+    workload: Workload,
+    dur: Duration,
+) -> (u64, f64, Vec<u32>) {
     for c in &clients {
         c.clone().unary(Req::default()).await.expect("warm-up call");
     }
