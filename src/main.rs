@@ -175,6 +175,23 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
+    // Before the address is logged: a harness that reads the line and
+    // sends SIGHUP must find the handler in place.
+    #[cfg(unix)]
+    {
+        let reload = running.reload_handle();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        info!("SIGHUP: reloading TLS material");
+                        reload.reload();
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "cannot listen for SIGHUP; TLS files are still polled"),
+        }
+    }
     let admin = running
         .admin_addr()
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
@@ -191,21 +208,6 @@ async fn serve(config: Config) -> ExitCode {
         running.listen_addr(),
         config.upstream.address,
     );
-    #[cfg(unix)]
-    {
-        let reload = running.reload_handle();
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(mut hup) => {
-                tokio::spawn(async move {
-                    while hup.recv().await.is_some() {
-                        info!("SIGHUP: reloading TLS material");
-                        reload.reload();
-                    }
-                });
-            }
-            Err(e) => warn!(error = %e, "cannot listen for SIGHUP; TLS files are still polled"),
-        }
-    }
     tokio::select! {
         () = shutdown_signal() => info!("shutdown signal received; draining"),
         () = running.drain_requested() => info!("POST /drain received; draining"),

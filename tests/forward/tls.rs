@@ -434,6 +434,14 @@ async fn plaintext_on_the_tls_port_and_tls_on_the_h2c_port_fail_fast() {
 }
 
 fn rustls_connector(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    rustls_connector_with(pki, alpn, rustls::DEFAULT_VERSIONS)
+}
+
+fn rustls_connector_with(
+    pki: &Pki,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     let ca = rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes())
         .next()
@@ -443,7 +451,7 @@ fn rustls_connector(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()
+    .with_protocol_versions(versions)
     .expect("versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
@@ -789,4 +797,38 @@ async fn unusable_tls_files_fail_the_start_naming_the_file() {
     config.tls.reload_interval = Duration::from_secs(60);
     let err = sluice::run(&config).await.expect_err("a mismatched key");
     assert!(err.to_string().contains("server.tls"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_1_2_client_is_served_and_negotiates_h2() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let sluice = start(&tls_config(&pki, upstream.addr, None)).await;
+    let tcp = tokio::net::TcpStream::connect(sluice.listen_addr())
+        .await
+        .expect("connect");
+    let tls = within(
+        "a TLS 1.2 handshake",
+        rustls_connector_with(&pki, &[b"h2"], &[&rustls::version::TLS12])
+            .connect("localhost".try_into().expect("name"), tcp),
+    )
+    .await
+    .expect("TLS 1.2 is accepted");
+    let conn = tls.get_ref().1;
+    assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, h2conn) = h2::client::handshake(tls).await.expect("h2 over TLS");
+    tokio::spawn(async move {
+        let _ = h2conn.await;
+    });
+    let (response, mut body) = send.send_request(grpc_head("Unary"), false).expect("send");
+    body.send_data(grpc_frame(&Req::default()), true).expect("data");
+    let response = within("the reply", response).await.expect("response");
+    let mut body = response.into_body();
+    while within("reply data", body.data()).await.is_some() {}
+    let trailers = within("trailers", body.trailers())
+        .await
+        .expect("trailers")
+        .expect("some");
+    assert_eq!(trailers["grpc-status"], "0");
 }
