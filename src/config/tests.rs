@@ -176,3 +176,70 @@ fn the_upstream_connection_window_covers_every_stream_window() {
     .expect("1 MiB covers 10 x 64 KiB");
     assert_eq!(ok.upstream.connection_window(), 1 << 20);
 }
+
+#[test]
+fn tls_settings_that_cannot_work_are_refused_with_their_key() {
+    let tls = "[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+    let e = invalid(&format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n{tls}listen = \"127.0.0.1:1\"\n"
+    ));
+    assert!(e.to_string().contains("server.tls.listen"), "{e}");
+    let e = invalid("[upstream]\ntls = { cert = \"c.pem\" }\n");
+    assert!(e.to_string().contains("both `cert` and `key`"), "{e}");
+    let e = invalid("[upstream]\ntls = { server_name = \"not a name!\" }\n");
+    assert!(e.to_string().contains("upstream.tls.server_name"), "{e}");
+    let e = invalid(
+        "[upstreams.app]\nendpoints = [\"unix:/run/app.sock\"]\ntls = { ca = \"ca.pem\" }\n",
+    );
+    assert!(e.to_string().contains("server_name"), "{e}");
+    let e = invalid(&format!(
+        "{tls}client_auth = {{ ca = \"ca.pem\", roles = \"subject\" }}\n"
+    ));
+    assert!(e.to_string().contains("oid:1.2.3"), "{e}");
+    let e = invalid(&format!(
+        "{tls}client_auth = {{ ca = \"ca.pem\", mode = \"maybe\" }}\n"
+    ));
+    assert!(e.to_string().contains("server.tls.client_auth.mode"), "{e}");
+    let e = invalid("[[routes]]\nupstream = \"default\"\nenrich = { client_id = \"x-id\" }\n");
+    assert!(e.to_string().contains("client_id"), "{e}");
+    let e = invalid(&format!(
+        "{tls}client_auth = {{ ca = \"ca.pem\" }}\n[enrich]\nclient_id = \"bad key\"\n"
+    ));
+    assert!(e.to_string().contains("enrich.client_id"), "{e}");
+}
+
+#[test]
+fn the_client_id_key_defaults_on_with_client_auth_and_paths_follow_the_file() {
+    let tls = "[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+    let plain = Config::from_toml_str(tls).expect("tls");
+    assert_eq!(plain.client_id_key(), None);
+    let mut mtls = Config::from_toml_str(&format!("{tls}client_auth = {{ ca = \"ca.pem\" }}\n"))
+        .expect("mtls");
+    assert_eq!(mtls.client_id_key(), Some(DEFAULT_CLIENT_ID_KEY));
+    let off = Config::from_toml_str(&format!(
+        "{tls}client_auth = {{ ca = \"ca.pem\" }}\n[enrich]\nclient_id = \"\"\n"
+    ))
+    .expect("off");
+    assert_eq!(off.client_id_key(), None);
+    mtls.resolve_paths(std::path::Path::new("/etc/sluice"));
+    let t = mtls.server.tls.as_ref().expect("tls");
+    assert_eq!(t.cert, std::path::Path::new("/etc/sluice/c.pem"));
+    assert_eq!(
+        t.client_auth.as_ref().expect("auth").ca,
+        std::path::Path::new("/etc/sluice/ca.pem")
+    );
+    let group = Config::from_toml_str(
+        "[upstream]\nmax_connections = 9\n[upstreams.far]\nendpoints = [\"10.0.0.1:443\"]\nmax_connections = 2\ntls = { server_name = \"far.example\" }\n",
+    )
+    .expect("group");
+    let settings = group.group_upstream(&group.upstreams["far"]);
+    assert_eq!(settings.max_connections, 2);
+    assert_eq!(
+        settings.tls.and_then(|t| t.server_name).as_deref(),
+        Some("far.example")
+    );
+    assert!(
+        group.upstream.tls.is_none(),
+        "the default group stays plaintext"
+    );
+}

@@ -92,7 +92,8 @@ mod tests {
         let der = cert(|p| {
             p.distinguished_name.push(DnType::CommonName, "web-1");
             // (rcgen keeps one value per attribute type.)
-            p.distinguished_name.push(DnType::OrganizationName, "os:admin");
+            p.distinguished_name
+                .push(DnType::OrganizationName, "os:admin");
             p.distinguished_name
                 .push(DnType::OrganizationalUnitName, "team-a");
             p.subject_alt_names = vec![
@@ -113,7 +114,10 @@ mod tests {
         assert_eq!(id.id(), "spiffe://td/ns/prod/sa/web");
         assert_eq!(id.trust_domain(), Some("td"));
         let parts = id.parts();
-        assert_eq!(parts.uris, ["urn:example:web", "spiffe://td/ns/prod/sa/web"]);
+        assert_eq!(
+            parts.uris,
+            ["urn:example:web", "spiffe://td/ns/prod/sa/web"]
+        );
         assert_eq!(parts.dns_names, ["web.prod.svc"]);
         assert_eq!(parts.common_name.as_deref(), Some("web-1"));
         assert_eq!(parts.roles, ["os:admin"]);

@@ -815,14 +815,18 @@ async fn a_tls_1_2_client_is_served_and_negotiates_h2() {
     .await
     .expect("TLS 1.2 is accepted");
     let conn = tls.get_ref().1;
-    assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
     assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
     let (mut send, h2conn) = h2::client::handshake(tls).await.expect("h2 over TLS");
     tokio::spawn(async move {
         let _ = h2conn.await;
     });
     let (response, mut body) = send.send_request(grpc_head("Unary"), false).expect("send");
-    body.send_data(grpc_frame(&Req::default()), true).expect("data");
+    body.send_data(grpc_frame(&Req::default()), true)
+        .expect("data");
     let response = within("the reply", response).await.expect("response");
     let mut body = response.into_body();
     while within("reply data", body.data()).await.is_some() {}
