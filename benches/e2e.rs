@@ -88,16 +88,46 @@ async fn measure(addr: SocketAddr, workload: Workload, dur: Duration) -> Result 
     }
 }
 
+/// A client connection's driver, plaintext or TLS.
+type ConnTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Memory sluice needs per idle downstream connection: open many h2
-/// connections that do nothing, and divide the RSS growth.
-async fn idle_connection_cost(sluice: &SluiceProcess) -> f64 {
+/// connections (over TLS with `tls`) that do nothing, and divide the RSS
+/// growth.
+async fn idle_connection_cost(
+    sluice: &SluiceProcess,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> f64 {
     let before = sluice.rss_kib();
     let mut conns = Vec::with_capacity(IDLE_CONNECTIONS);
     for _ in 0..IDLE_CONNECTIONS {
         let tcp = tokio::net::TcpStream::connect(sluice.addr)
             .await
             .expect("connect");
-        let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+        let (send, conn) = match tls {
+            None => {
+                let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+                (
+                    send,
+                    Box::pin(async move {
+                        let _ = conn.await;
+                    }) as ConnTask,
+                )
+            }
+            Some(tls) => {
+                let tls = tls
+                    .connect("localhost".try_into().expect("name"), tcp)
+                    .await
+                    .expect("tls handshake");
+                let (send, conn) = h2::client::handshake(tls).await.expect("handshake");
+                (
+                    send,
+                    Box::pin(async move {
+                        let _ = conn.await;
+                    }) as ConnTask,
+                )
+            }
+        };
         let task = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -118,7 +148,7 @@ async fn idle_connection_cost(sluice: &SluiceProcess) -> f64 {
 
 /// How many TLS handshakes the handshake-cost phase makes at most, and how
 /// many at once.
-const HANDSHAKES: usize = 2000;
+const HANDSHAKES: usize = 20_000;
 const HANDSHAKES_AT_ONCE: usize = 8;
 
 /// TLS clients of `addr`, one per connection, trusting `pki`'s CA.
@@ -143,10 +173,9 @@ fn tls_clients(
         .collect()
 }
 
-/// New TLS connections to `addr`, each to the point where sluice's HTTP/2
-/// SETTINGS arrived, [`HANDSHAKES_AT_ONCE`] at a time, until
-/// [`HANDSHAKES`] or `dur`; returns how many were made.
-async fn handshakes(addr: SocketAddr, pki: &sluice_testkit::pki::Pki, dur: Duration) -> usize {
+/// A rustls client trusting `pki`'s CA, ALPN h2, without session
+/// resumption: every handshake is a full one.
+fn tls_connector(pki: &sluice_testkit::pki::Pki) -> tokio_rustls::TlsConnector {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -162,7 +191,14 @@ async fn handshakes(addr: SocketAddr, pki: &sluice_testkit::pki::Pki, dur: Durat
     config.alpn_protocols = vec![b"h2".to_vec()];
     // No session resumption: every handshake is a full one.
     config.resumption = rustls::client::Resumption::disabled();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// New TLS connections to `addr`, each to the point where sluice's HTTP/2
+/// SETTINGS arrived, [`HANDSHAKES_AT_ONCE`] at a time, until
+/// [`HANDSHAKES`] or `dur`; returns how many were made.
+async fn handshakes(addr: SocketAddr, pki: &sluice_testkit::pki::Pki, dur: Duration) -> usize {
+    let connector = tls_connector(pki);
     let end = Instant::now() + dur;
     let made = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -368,8 +404,17 @@ fn main() {
         // A fresh process: after the load phases the allocator hands freed
         // memory back to new connections and the growth would read as zero.
         let fresh = start_sluice(upstream.addr, workers, "", "idle");
-        let per_conn = idle_connection_cost(&fresh).await;
+        let per_conn = idle_connection_cost(&fresh, None).await;
         println!("sluice memory per idle downstream connection: {:.1} KiB ({IDLE_CONNECTIONS} connections, fresh process)", per_conn / 1024.0);
+        drop(fresh);
+        let fresh_tls = start_sluice(
+            upstream.addr,
+            workers,
+            &format!("[server.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+            "tls-idle",
+        );
+        let per_tls = idle_connection_cost(&fresh_tls, Some(&tls_connector(&pki))).await;
+        println!("sluice memory per idle TLS downstream connection: {:.1} KiB ({IDLE_CONNECTIONS} connections, fresh process)", per_tls / 1024.0);
         println!("e2e done in {:.1} s", started.elapsed().as_secs_f64());
     });
 }

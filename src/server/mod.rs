@@ -177,14 +177,16 @@ where
 }
 
 /// Serves one TLS connection: the handshake, then [`connection`]'s work
-/// on the decrypted stream, all by the one handshake deadline.
+/// on the decrypted stream, all by the one handshake deadline. The
+/// handshake and the TLS stream are boxed: rustls's connection state is
+/// large, and unboxed it would be in every connection future.
 async fn tls_connection<T, S, B>(
     io: T,
     tls: Arc<ServerTls>,
     shared: Arc<Shared>,
-    svc: S,
+    mut svc: S,
     watch: Watch,
-    gauge: Gauge,
+    _gauge: Gauge,
     mut peer: Peer,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -193,14 +195,14 @@ async fn tls_connection<T, S, B>(
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let guard = watch.guard();
+    let _guard = watch.guard();
     let deadline = Instant::now() + shared.handshake_timeout();
-    let Some((io, identity)) = handshake(io, &tls, &shared, &peer, deadline).await else {
+    let Some((io, identity)) = Box::pin(handshake(io, &tls, &shared, &peer, deadline)).await else {
         return;
     };
     drop(tls);
     peer.identity = identity;
-    serve_connection(io, shared, svc, watch, gauge, peer, deadline, guard).await;
+    serve_io(Box::new(io), &shared, &mut svc, watch, &peer, deadline).await;
 }
 
 /// Serves one connection: decides what it speaks, under the handshake
@@ -208,9 +210,9 @@ async fn tls_connection<T, S, B>(
 async fn connection<T, S, B>(
     io: T,
     shared: Arc<Shared>,
-    svc: S,
+    mut svc: S,
     watch: Watch,
-    gauge: Gauge,
+    _gauge: Gauge,
     peer: Peer,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -219,23 +221,22 @@ async fn connection<T, S, B>(
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let guard = watch.guard();
+    let _guard = watch.guard();
     let deadline = Instant::now() + shared.handshake_timeout();
-    serve_connection(io, shared, svc, watch, gauge, peer, deadline, guard).await;
+    serve_io(io, &shared, &mut svc, watch, &peer, deadline).await;
 }
 
 /// What [`connection`] and [`tls_connection`] share: the sniff, then
-/// HTTP/2 or a refusal.
-#[allow(clippy::too_many_arguments)]
-async fn serve_connection<T, S, B>(
+/// HTTP/2 or a refusal. Everything but the transport by reference: an
+/// async fn keeps its arguments for its whole life, so values moved in
+/// here would take their space in every connection future twice.
+async fn serve_io<T, S, B>(
     mut io: T,
-    shared: Arc<Shared>,
-    svc: S,
+    shared: &Shared,
+    svc: &mut S,
     watch: Watch,
-    _gauge: Gauge,
-    peer: Peer,
+    peer: &Peer,
     deadline: Instant,
-    _guard: sluice_layers::drain::Guard,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
     S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
@@ -252,10 +253,7 @@ async fn serve_connection<T, S, B>(
     };
     match protocol {
         sniff::Protocol::Http2 => {
-            // The stack by reference: moved in, it would take its space in
-            // this future twice.
-            let mut svc = svc;
-            conn::serve(io, prefix, deadline, &mut svc, &shared, watch, &peer).await;
+            conn::serve(io, prefix, deadline, svc, shared, watch, peer).await;
         }
         // The refusals are boxed: rare, and the connection future of every
         // HTTP/2 connection would otherwise carry their size.

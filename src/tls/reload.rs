@@ -167,9 +167,16 @@ impl Reloader {
                 _ = tick.tick() => false,
                 () = self.requested.notified() => true,
             };
-            for m in &self.materials {
-                m.reload(force, &self.metrics);
-            }
+            // Reading and parsing files blocks: off the runtime's threads
+            // (on the default current-thread runtime it would stall every
+            // connection meanwhile).
+            let (materials, metrics) = (self.materials.clone(), self.metrics.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                for m in &materials {
+                    m.reload(force, &metrics);
+                }
+            })
+            .await;
         }
     }
 }
