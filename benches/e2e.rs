@@ -173,25 +173,8 @@ fn tls_clients(
         .collect()
 }
 
-/// A rustls client trusting `pki`'s CA, ALPN h2, without session
-/// resumption: every handshake is a full one.
 fn tls_connector(pki: &sluice_testkit::pki::Pki) -> tokio_rustls::TlsConnector {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_slice(pki.ca_pem().as_bytes()).expect("ca"))
-        .expect("root");
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    // No session resumption: every handshake is a full one.
-    config.resumption = rustls::client::Resumption::disabled();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    pki.connector(&[b"h2"], rustls::DEFAULT_VERSIONS)
 }
 
 /// New TLS connections to `addr`, each to the point where sluice's HTTP/2

@@ -514,39 +514,11 @@ async fn the_tls_example_config_runs_with_and_without_a_client_certificate() {
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 }
 
-/// The leaf certificate a fresh TLS handshake with `addr` is shown.
-async fn served_leaf(addr: SocketAddr, ca_pem: &str) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("ca"))
-        .expect("root");
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let tls = tokio::time::timeout(
-        LIMIT,
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-            .connect("localhost".try_into().expect("name"), tcp),
-    )
-    .await
-    .expect("in time")
-    .expect("handshake");
-    tls.get_ref().1.peer_certificates().expect("certificates")[0].to_vec()
-}
-
 /// SIGHUP reloads the certificates at once, with polling too slow to
 /// matter (an hour).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_certificates() {
-    use rustls_pki_types::pem::PemObject;
-    use sluice_testkit::pki::{Leaf, Pki};
+    use sluice_testkit::pki::{Leaf, Pki, der};
     let pki = Pki::new("cli test CA");
     let (cert, key) = pki.write("server", &Leaf::server());
     let file = write_config(&format!(
@@ -562,12 +534,8 @@ async fn sighup_reloads_the_certificates() {
         "--admin",
         "off",
     ]);
-    let der = |path: &std::path::Path| {
-        rustls_pki_types::CertificateDer::from_pem_file(path)
-            .expect("pem")
-            .to_vec()
-    };
-    assert_eq!(served_leaf(addr, &pki.ca_pem()).await, der(&cert));
+    let der = |path: &std::path::Path| der(&std::fs::read_to_string(path).expect("pem"));
+    assert_eq!(pki.served_leaf(addr).await, der(&cert));
     pki.write(
         "server",
         &Leaf {
@@ -582,7 +550,7 @@ async fn sighup_reloads_the_certificates() {
         .expect("kill");
     assert!(hup.success());
     tokio::time::timeout(LIMIT, async {
-        while served_leaf(addr, &pki.ca_pem()).await != second {
+        while pki.served_leaf(addr).await != second {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })

@@ -169,6 +169,64 @@ pub fn replace(path: &Path, contents: &[u8]) {
     std::fs::rename(&aside, path).expect("rename into place");
 }
 
+impl Pki {
+    /// A rustls client trusting this CA, offering `alpn`, over `versions`
+    /// (`rustls::DEFAULT_VERSIONS` for both), without session resumption:
+    /// every handshake is a full one.
+    ///
+    /// # Panics
+    ///
+    /// If the CA certificate does not parse (it always does).
+    pub fn connector(
+        &self,
+        alpn: &[&[u8]],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der(&self.ca_pem()).into()).expect("a CA root");
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.resumption = rustls::client::Resumption::disabled();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    }
+
+    /// The leaf certificate (DER) a fresh handshake with `addr`, as
+    /// `localhost`, is shown.
+    ///
+    /// # Panics
+    ///
+    /// If the connection or the handshake fails, or takes over 10 s.
+    pub async fn served_leaf(&self, addr: std::net::SocketAddr) -> Vec<u8> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let connect = self
+            .connector(&[b"h2"], rustls::DEFAULT_VERSIONS)
+            .connect("localhost".try_into().expect("name"), tcp);
+        let tls = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+            .await
+            .expect("a handshake in time")
+            .expect("handshake");
+        tls.get_ref().1.peer_certificates().expect("certificates")[0].to_vec()
+    }
+}
+
+/// The DER of the first certificate of `pem`.
+///
+/// # Panics
+///
+/// If `pem` holds no certificate.
+pub fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("a PEM certificate")
+        .to_vec()
+}
+
 impl Drop for Pki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -434,32 +434,8 @@ async fn plaintext_on_the_tls_port_and_tls_on_the_h2c_port_fail_fast() {
 }
 
 fn rustls_connector(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    rustls_connector_with(pki, alpn, rustls::DEFAULT_VERSIONS)
+    pki.connector(alpn, rustls::DEFAULT_VERSIONS)
 }
-
-fn rustls_connector_with(
-    pki: &Pki,
-    alpn: &[&[u8]],
-    versions: &[&'static rustls::SupportedProtocolVersion],
-) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes())
-        .next()
-        .expect("a certificate")
-        .expect("pem");
-    roots.add(ca).expect("root");
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(versions)
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
-use rustls_pki_types::pem::PemObject;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_only_client_gets_no_application_protocol_and_a_stalled_one_the_timeout() {
@@ -520,22 +496,12 @@ async fn an_http1_only_client_gets_no_application_protocol_and_a_stalled_one_the
     .await;
 }
 
-/// The leaf certificate a fresh handshake with `addr` is shown.
 async fn served_leaf(addr: std::net::SocketAddr, pki: &Pki) -> Vec<u8> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let tls = within(
-        "a handshake",
-        rustls_connector(pki, &[b"h2"]).connect("localhost".try_into().expect("name"), tcp),
-    )
-    .await
-    .expect("handshake");
-    tls.get_ref().1.peer_certificates().expect("certificates")[0].to_vec()
+    pki.served_leaf(addr).await
 }
 
 fn pem_der(pem: &str) -> Vec<u8> {
-    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .expect("pem")
-        .to_vec()
+    sluice_testkit::pki::der(pem)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -809,7 +775,7 @@ async fn a_tls_1_2_client_is_served_and_negotiates_h2() {
         .expect("connect");
     let tls = within(
         "a TLS 1.2 handshake",
-        rustls_connector_with(&pki, &[b"h2"], &[&rustls::version::TLS12])
+        pki.connector(&[b"h2"], &[&rustls::version::TLS12])
             .connect("localhost".try_into().expect("name"), tcp),
     )
     .await
