@@ -406,6 +406,17 @@ impl Director for Routes {
             if !route.matches(parts, peeked) {
                 continue;
             }
+            let decision = match &route.action {
+                Action::Forward(r) => Ok(r.clone()),
+                Action::Refuse(r) => Err(r.clone()),
+                Action::FanOut(f) => match self.fan_out(f, parts) {
+                    Some(decision) => decision,
+                    // The key is absent: this route is not for the call.
+                    None => continue,
+                },
+            };
+            // Only once the route is the call's: a route that passes the
+            // call on must not refuse it.
             if let Some(rule) = &route.identity {
                 // Says what is missing, never what would have passed.
                 let identity = parts.extensions.get::<PeerIdentity>();
@@ -418,15 +429,7 @@ impl Director for Routes {
                     return Err(Refusal::new(Code::PermissionDenied, message));
                 }
             }
-            return match &route.action {
-                Action::Forward(r) => Ok(r.clone()),
-                Action::Refuse(r) => Err(r.clone()),
-                Action::FanOut(f) => match self.fan_out(f, parts) {
-                    Some(decision) => decision,
-                    // The key is absent: this route is not for the call.
-                    None => continue,
-                },
-            };
+            return decision;
         }
         match self.inner.fallback {
             Fallback::Upstream => Ok(self.inner.default_route.clone()),
@@ -514,6 +517,12 @@ impl Compiled {
             return false;
         }
         if let Some(field) = &self.field {
+            // A route that requires identities fails closed: a compressed
+            // first message, whose fields cannot be read, counts as a
+            // match, so that compressing cannot skip the requirement.
+            if self.identity.is_some() && peeked.first().is_some_and(PeekedMessage::compressed) {
+                return true;
+            }
             return field_matches(field, peeked.first());
         }
         true

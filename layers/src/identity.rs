@@ -76,12 +76,16 @@ impl PeerIdentity {
 
     /// The one string that names the peer: its SPIFFE id, else its first
     /// URI SAN, else its first DNS SAN, else its common name, else `""`.
+    ///
+    /// A common name that looks like a URI (`scheme://…`) is never the id:
+    /// name constraints on a CA bind SANs, not the CN, so a constrained
+    /// intermediate could otherwise issue `CN=spiffe://other-domain/…`.
     pub fn id(&self) -> &str {
         let p = &*self.parts;
         self.spiffe_id()
             .or(p.uris.first().map(String::as_str))
             .or(p.dns_names.first().map(String::as_str))
-            .or(p.common_name.as_deref())
+            .or(p.common_name.as_deref().filter(|cn| !cn.contains("://")))
             .unwrap_or("")
     }
 
@@ -164,12 +168,23 @@ impl IdentityRule {
         let Some(identity) = identity else {
             return false;
         };
-        let id = identity.id();
+        // A rule naming a SPIFFE id is held against the SPIFFE id (a URI
+        // SAN) alone, whatever the id falls back to.
+        let subject = |rule: &str| {
+            if rule.starts_with(SPIFFE) {
+                identity.spiffe_id().unwrap_or("")
+            } else {
+                identity.id()
+            }
+        };
         self.trust_domain
             .as_deref()
             .is_none_or(|d| identity.trust_domain() == Some(d))
-            && (self.exact.is_empty() || self.exact.iter().any(|e| e == id))
-            && self.prefix.as_deref().is_none_or(|p| id.starts_with(p))
+            && (self.exact.is_empty() || self.exact.iter().any(|e| subject(e) == e))
+            && self
+                .prefix
+                .as_deref()
+                .is_none_or(|p| subject(p).starts_with(p))
             && (self.roles.is_empty() || self.roles.iter().any(|r| identity.has_role(r)))
     }
 
@@ -266,5 +281,44 @@ mod tests {
                 .permits(Some(&id))
         );
         assert!(!IdentityRule::new().permits(None));
+    }
+
+    #[test]
+    fn a_common_name_never_passes_for_a_spiffe_id() {
+        // No SANs: only a CN, shaped like a SPIFFE id.
+        let forged = with(IdentityParts {
+            common_name: Some("spiffe://prod/ns/ops/sa/admin".into()),
+            ..IdentityParts::default()
+        });
+        assert_eq!(forged.id(), "");
+        assert!(
+            !IdentityRule::new()
+                .prefix("spiffe://prod/ns/ops/")
+                .permits(Some(&forged))
+        );
+        assert!(
+            !IdentityRule::new()
+                .exact("spiffe://prod/ns/ops/sa/admin")
+                .permits(Some(&forged))
+        );
+        // A DNS identity cannot pass a SPIFFE rule either.
+        let dns = with(IdentityParts {
+            dns_names: vec!["spiffe://prod/ns/ops/sa/admin".into()],
+            ..IdentityParts::default()
+        });
+        assert!(
+            !IdentityRule::new()
+                .exact("spiffe://prod/ns/ops/sa/admin")
+                .permits(Some(&dns))
+        );
+        let plain = with(IdentityParts {
+            common_name: Some("legacy-client".into()),
+            ..IdentityParts::default()
+        });
+        assert!(
+            IdentityRule::new()
+                .exact("legacy-client")
+                .permits(Some(&plain))
+        );
     }
 }

@@ -531,7 +531,9 @@ pub struct ServerConfig {
     /// zero-gap restart. Only sockets that set it share a port, so another
     /// program on the port still makes the bind fail.
     pub reuse_port: bool,
-    /// Time allowed for the preface and the first request.
+    /// Time allowed for the TLS handshake (on a TLS listener), the preface
+    /// and the first request, all together: what a client that stalls
+    /// costs at most.
     #[serde(with = "value::duration")]
     pub handshake_timeout: Duration,
     /// A connection with no call in flight this long is closed with GOAWAY.
@@ -580,7 +582,8 @@ pub enum NonGrpc {
 pub struct UpstreamConfig {
     /// `host:port` of the upstream's h2c server.
     pub address: HostPort,
-    /// Time allowed to open a TCP connection to the upstream.
+    /// Time allowed to open a connection to the upstream, TCP (or Unix)
+    /// connect and TLS handshake together.
     #[serde(with = "value::duration")]
     pub connect_timeout: Duration,
     /// Connections opened to one upstream endpoint at most.
@@ -784,89 +787,6 @@ impl Config {
             }
         }
         self.upstream.validate(text)
-    }
-
-    /// What the TLS settings need of each other: cert and key together, a
-    /// server name that is one, identities only where they are verified.
-    fn check_tls(&self, text: &str) -> Result<(), ConfigError> {
-        let verifies_clients = self
-            .server
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.client_auth.is_some());
-        for (i, route) in self.routes.iter().enumerate() {
-            if route.identity.is_some() && !verifies_clients {
-                return Err(ConfigError::at_key(
-                    text,
-                    format!("routes[{i}].identity"),
-                    "a route can require identities only when [server.tls] has client_auth (nothing verifies them otherwise)".to_owned(),
-                ));
-            }
-        }
-        if let Some(tls) = &self.server.tls
-            && tls.listen == Some(self.server.listen)
-        {
-            return Err(ConfigError::at_key(
-                text,
-                "server.tls.listen".to_owned(),
-                "the same address as server.listen; leave it out to serve TLS only on server.listen".to_owned(),
-            ));
-        }
-        if let Some(key) = self.client_id_key()
-            && http::HeaderName::try_from(key.to_ascii_lowercase()).is_err()
-        {
-            return Err(ConfigError::at_key(
-                text,
-                "enrich.client_id".to_owned(),
-                format!("{key:?} is not a valid metadata key (a lowercase HTTP header name)"),
-            ));
-        }
-        let upstreams = std::iter::once(("upstream".to_owned(), self.upstream.tls.as_ref())).chain(
-            self.upstreams
-                .iter()
-                .map(|(name, g)| (format!("upstreams.{name}"), g.tls.as_ref())),
-        );
-        for (at, tls) in upstreams {
-            let Some(tls) = tls else { continue };
-            if tls.cert.is_some() != tls.key.is_some() {
-                return Err(ConfigError::at_key(
-                    text,
-                    format!("{at}.tls"),
-                    "a client certificate needs both `cert` and `key`".to_owned(),
-                ));
-            }
-            if let Some(name) = &tls.server_name
-                && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
-            {
-                return Err(ConfigError::at_key(
-                    text,
-                    format!("{at}.tls.server_name"),
-                    format!("{name:?} is not a DNS name or an IP address"),
-                ));
-            }
-        }
-        for (name, g) in &self.upstreams {
-            if g.max_connections == Some(0) {
-                return Err(ConfigError::at_key(
-                    text,
-                    format!("upstreams.{name}.max_connections"),
-                    "must be at least 1".to_owned(),
-                ));
-            }
-            if g.tls.as_ref().is_some_and(|t| t.server_name.is_none())
-                && g.endpoints
-                    .iter()
-                    .any(|e| e.address().unix_path().is_some())
-            {
-                return Err(ConfigError::at_key(
-                    text,
-                    format!("upstreams.{name}.tls"),
-                    "TLS over a Unix socket needs `server_name` (the path names no host)"
-                        .to_owned(),
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// Every key and value of an `[enrich]` table (`at` is its key) is a

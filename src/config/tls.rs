@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::value;
+use super::{ConfigError, value};
 
 /// How often certificate, key and CA files are checked for changes: 5 s.
 /// A Kubernetes secret update takes up to a minute to reach a pod, so a
@@ -209,5 +209,103 @@ impl UpstreamTlsConfig {
         {
             resolve(p, base);
         }
+    }
+}
+
+impl super::Config {
+    /// What the TLS settings need of each other: cert and key together, a
+    /// server name that is one, identities only where they are verified.
+    pub(super) fn check_tls(&self, text: &str) -> Result<(), ConfigError> {
+        let verifies_clients = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth.is_some());
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.identity.is_some() && !verifies_clients {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("routes[{i}].identity"),
+                    "a route can require identities only when [server.tls] has client_auth (nothing verifies them otherwise)".to_owned(),
+                ));
+            }
+        }
+        if let Some(tls) = &self.server.tls
+            && tls.listen == Some(self.server.listen)
+        {
+            return Err(ConfigError::at_key(
+                text,
+                "server.tls.listen".to_owned(),
+                "the same address as server.listen; leave it out to serve TLS only on server.listen".to_owned(),
+            ));
+        }
+        if let Some(key) = self.client_id_key()
+            && http::HeaderName::try_from(key.to_ascii_lowercase()).is_err()
+        {
+            return Err(ConfigError::at_key(
+                text,
+                "enrich.client_id".to_owned(),
+                format!("{key:?} is not a valid metadata key (a lowercase HTTP header name)"),
+            ));
+        }
+        let upstreams = std::iter::once(("upstream".to_owned(), self.upstream.tls.as_ref())).chain(
+            self.upstreams
+                .iter()
+                .map(|(name, g)| (format!("upstreams.{name}"), g.tls.as_ref())),
+        );
+        for (at, tls) in upstreams {
+            let Some(tls) = tls else { continue };
+            if tls.cert.is_some() != tls.key.is_some() {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("{at}.tls"),
+                    "a client certificate needs both `cert` and `key`".to_owned(),
+                ));
+            }
+            if let Some(name) = &tls.server_name
+                && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("{at}.tls.server_name"),
+                    format!("{name:?} is not a DNS name or an IP address"),
+                ));
+            }
+        }
+        if self
+            .upstream
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.server_name.is_none())
+            && self.upstream.address.unix_path().is_some()
+        {
+            return Err(ConfigError::at_key(
+                text,
+                "upstream.tls".to_owned(),
+                "TLS over a Unix socket needs `server_name` (the path names no host)".to_owned(),
+            ));
+        }
+        for (name, g) in &self.upstreams {
+            if g.max_connections == Some(0) {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("upstreams.{name}.max_connections"),
+                    "must be at least 1".to_owned(),
+                ));
+            }
+            if g.tls.as_ref().is_some_and(|t| t.server_name.is_none())
+                && g.endpoints
+                    .iter()
+                    .any(|e| e.address().unix_path().is_some())
+            {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("upstreams.{name}.tls"),
+                    "TLS over a Unix socket needs `server_name` (the path names no host)"
+                        .to_owned(),
+                ));
+            }
+        }
+        Ok(())
     }
 }

@@ -87,13 +87,15 @@ pub(crate) async fn serve<S, B>(
                 Ok((io, addr)) => {
                     let peer = Peer { addr, identity: None };
                     if shared.counters().snapshot().downstream_connections >= max_connections {
-                        // Over TLS too the refusal is h2's GOAWAY, after
-                        // the handshake: a client gets a reason, not a
-                        // reset.
+                        // Over TLS the connection is closed at once: a
+                        // GOAWAY would need a handshake first, a private-key
+                        // operation per connection of a flood.
                         match &tls {
-                            None => conns.spawn(refuse_connection(io, peer)),
-                            Some(tls) => conns.spawn(refuse_tls_connection(io, tls.clone(), shared.clone(), peer)),
-                        };
+                            None => {
+                                conns.spawn(refuse_connection(io, peer));
+                            }
+                            Some(_) => debug!(%peer, "connection limit reached; closing a TLS connection before its handshake"),
+                        }
                         continue;
                     }
                     let gauge = Gauge::hold(shared.counters(), Kind::DownstreamConnection);
@@ -139,17 +141,6 @@ where
         }
     };
     let _ = tokio::time::timeout(REFUSE_GRACE, refused).await;
-}
-
-/// [`refuse_connection`] after a TLS handshake.
-async fn refuse_tls_connection<T>(io: T, tls: Arc<ServerTls>, shared: Arc<Shared>, peer: Peer)
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let deadline = Instant::now() + REFUSE_GRACE;
-    if let Some((io, _)) = handshake(io, &tls, &shared, &peer, deadline).await {
-        refuse_connection(io, peer).await;
-    }
 }
 
 /// The TLS handshake of a connection from `peer`, by `deadline`; a

@@ -53,6 +53,10 @@ pub(crate) struct Reloadable<T> {
     name: String,
     paths: Vec<PathBuf>,
     stamps: Mutex<Vec<Option<Stamp>>>,
+    /// A hash of the files' bytes when the material in use was built: a
+    /// touch or a SIGHUP with nothing changed swaps nothing (a swap
+    /// replaces every upstream connection opened with the old material).
+    content: Mutex<u64>,
     current: RwLock<Arc<T>>,
     /// Bumped at every swap.
     generation: AtomicU64,
@@ -81,11 +85,13 @@ impl<T> Reloadable<T> {
         build: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static,
     ) -> Result<Self, TlsError> {
         let stamps = paths.iter().map(|p| Stamp::of(p)).collect();
+        let content = content_hash(&paths);
         let first = build()?;
         Ok(Self {
             name,
             paths,
             stamps: Mutex::new(stamps),
+            content: Mutex::new(content),
             current: RwLock::new(Arc::new(first)),
             generation: AtomicU64::new(0),
             build: Box::new(build),
@@ -101,6 +107,16 @@ impl<T> Reloadable<T> {
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
+}
+
+/// A hash of the bytes of `paths` (a missing file hashes as empty).
+fn content_hash(paths: &[PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in paths {
+        std::fs::read(p).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
 }
 
 /// What a reload did.
@@ -129,8 +145,13 @@ impl<T: Send + Sync> Reload for Reloadable<T> {
             // parse is reported once, not at every poll.
             *stamps = now;
         }
+        let content = content_hash(&self.paths);
+        if *self.content.lock().expect("tls content lock") == content {
+            return Reloaded::Unchanged;
+        }
         match (self.build)() {
             Ok(material) => {
+                *self.content.lock().expect("tls content lock") = content;
                 *self.current.write().expect("tls material lock") = Arc::new(material);
                 let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 info!(material = %self.name, generation, "TLS material reloaded");

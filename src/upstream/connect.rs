@@ -24,6 +24,11 @@ impl Connector {
         }
     }
 
+    /// Whether connections are TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// The material generation a connection dialled now is opened with (0
     /// for plaintext, which never changes).
     pub(crate) fn generation(&self) -> u64 {

@@ -463,7 +463,6 @@ impl Pool {
             generation,
             evicted: evicted.clone(),
         };
-        inner.conns.lock().expect("pool lock").push(conn.clone());
         let gauge = Gauge::hold(&inner.counters, Kind::UpstreamConnection);
         let pool = Arc::downgrade(&self.inner);
         let name = inner.name.clone();
@@ -488,6 +487,16 @@ impl Pool {
                 evict();
             }
         };
+        // Over TLS 1.3 an upstream that refuses sluice's client certificate
+        // says so only after sluice's side of the handshake is done: one
+        // PING answered proves it took the connection, before any call
+        // (or the retirement of a working older connection) depends on it.
+        let (verified, verdict) = if inner.connector.is_tls() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some((tx, inner.config.connect_timeout)), Some(rx))
+        } else {
+            (None, None)
+        };
         tokio::spawn(async move {
             let _gauge = gauge;
             let ended = drive(
@@ -497,6 +506,7 @@ impl Pool {
                 &load.in_flight,
                 &name,
                 evict,
+                verified,
             )
             .await;
             if let Err(e) = &ended {
@@ -516,6 +526,25 @@ impl Pool {
                 pool.remove(id);
             }
         });
+        if let Some(verdict) = verdict {
+            // The drive task bounds the wait by connect_timeout.
+            let refused = match verdict.await {
+                Ok(Ok(())) => None,
+                Ok(Err(reason)) => Some(reason),
+                Err(_) => Some("the connection ended at once".to_owned()),
+            };
+            if let Some(reason) = refused {
+                // Not the endpoint draining: sluice gives the connection up.
+                conn.evicted.store(true, Ordering::Relaxed);
+                return Err(unreachable(format!("TLS: {reason}")));
+            }
+        }
+        {
+            let mut conns = inner.conns.lock().expect("pool lock");
+            conns.push(conn.clone());
+            // A connection with new TLS material exists: the old ones go.
+            inner.retire_locked(&mut conns, generation, false);
+        }
         debug!(upstream = %inner.name, id, "upstream connection open");
         Ok(conn)
     }
@@ -532,6 +561,7 @@ async fn drive(
     in_flight: &AtomicUsize,
     name: &str,
     evict: impl Fn(),
+    verified: Option<(tokio::sync::oneshot::Sender<Result<(), String>>, Duration)>,
 ) -> Result<(), h2::Error> {
     tokio::pin!(connection);
     let mut pinger = connection.as_mut().get_pin_mut().ping_pong();
@@ -544,6 +574,34 @@ async fn drive(
         }
         polled
     };
+    if let (Some((tx, within)), Some(p)) = (verified, pinger.as_mut()) {
+        tokio::select! {
+            result = std::future::poll_fn(&mut poll_connection) => {
+                let reason = match &result {
+                    Ok(()) => "the upstream closed the connection at once".to_owned(),
+                    Err(e) => format!("the upstream refused the connection: {e}"),
+                };
+                let _ = tx.send(Err(reason));
+                return result;
+            }
+            pong = tokio::time::timeout(within, p.ping(h2::Ping::opaque())) => match pong {
+                Ok(Ok(_)) => {
+                    if tx.send(Ok(())).is_err() {
+                        // The dial gave up meanwhile.
+                        return Ok(());
+                    }
+                }
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(format!("the upstream refused the connection: {e}")));
+                    return Err(e);
+                }
+                Err(_) => {
+                    let _ = tx.send(Err(format!("no answer to the first PING within {within:?}")));
+                    return Ok(());
+                }
+            },
+        }
+    }
     let mut next = Instant::now() + interval;
     // Idle when no call was in flight at two checks `idle_timeout` apart:
     // then the pool lets go of the connection, and h2 closes it (GOAWAY)
@@ -600,25 +658,15 @@ impl Inner {
 
     fn prune_locked(&self, conns: &mut Vec<Conn>) {
         let mut cx = Context::from_waker(Waker::noop());
-        let generation = self.connector.generation();
-        conns.retain_mut(|c| {
-            if c.generation != generation {
-                // Opened with TLS material that has since been replaced:
-                // no new calls; the calls on it finish, then h2 closes it.
-                debug!(upstream = %self.name, id = c.id, "TLS material reloaded; replacing the connection once its calls end");
-                c.evicted.store(true, Ordering::Relaxed);
-                return false;
-            }
-            match c.send.poll_ready(&mut cx) {
-                Poll::Ready(Ok(())) => true,
-                Poll::Ready(Err(e)) => {
-                    if e.is_go_away() && e.is_remote() {
-                        self.mark_draining();
-                    }
-                    false
+        conns.retain_mut(|c| match c.send.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => {
+                if e.is_go_away() && e.is_remote() {
+                    self.mark_draining();
                 }
-                Poll::Pending => false,
+                false
             }
+            Poll::Pending => false,
         });
     }
 
@@ -630,9 +678,36 @@ impl Inner {
         self.prune_locked(&mut conns);
         let max_streams = self.config.max_streams_per_connection as usize;
         let load = |c: &&Conn| c.load.in_flight.load(Ordering::Relaxed);
+        // Connections opened with TLS material since replaced are used only
+        // while no connection with the new material can be had (its dial
+        // may fail: an upstream that does not trust the new certificate
+        // yet must not fail calls that the old one still serves).
+        let generation = self.connector.generation();
+        let has_slot = |c: &&Conn| load(c) < c.send.current_max_send_streams().min(max_streams);
+        let stale = conns
+            .iter()
+            .filter(|c| c.generation < generation)
+            .filter(has_slot)
+            .min_by_key(|c| load(c))
+            .cloned();
+        if stale.is_some() && conns.len() >= self.config.max_connections {
+            // Make room for a connection with the new material: idle old
+            // ones go now, busy ones once their calls end.
+            let before = conns.len();
+            self.retire_locked(&mut conns, generation, true);
+            if conns.len() < before {
+                let fallback = conns
+                    .iter()
+                    .filter(has_slot)
+                    .min_by_key(|c| load(c))
+                    .cloned();
+                return Pick::Dial(fallback);
+            }
+        }
         let mut free = conns
             .iter()
-            .filter(|c| load(c) < c.send.current_max_send_streams().min(max_streams));
+            .filter(|c| c.generation >= generation)
+            .filter(has_slot);
         let (mut best_clear, mut best_any): (Option<&Conn>, Option<&Conn>) = (None, None);
         for c in &mut free {
             if best_any.is_none_or(|b| load(&c) < load(&b)) {
@@ -647,10 +722,26 @@ impl Inner {
         if let Some(c) = best_clear {
             return Pick::Conn(c.clone());
         }
+        let fallback = best_any.cloned().or(stale);
         if conns.len() < self.config.max_connections {
-            return Pick::Dial(best_any.cloned());
+            return Pick::Dial(fallback);
         }
-        best_any.map_or(Pick::Wait, |c| Pick::Conn(c.clone()))
+        fallback.map_or(Pick::Wait, Pick::Conn)
+    }
+
+    /// Takes connections opened with material older than `generation` out
+    /// of the pool (only the idle ones when `idle_only`): no new calls;
+    /// the calls on them finish, then h2 closes them.
+    fn retire_locked(&self, conns: &mut Vec<Conn>, generation: u64, idle_only: bool) {
+        conns.retain(|c| {
+            let retire = c.generation < generation
+                && (!idle_only || c.load.in_flight.load(Ordering::Relaxed) == 0);
+            if retire {
+                debug!(upstream = %self.name, id = c.id, "TLS material reloaded; replacing the connection once its calls end");
+                c.evicted.store(true, Ordering::Relaxed);
+            }
+            !retire
+        });
     }
 
     fn mark_draining(&self) {

@@ -244,14 +244,42 @@ async fn a_route_refuses_an_identity_it_does_not_accept_with_permission_denied()
         "{}",
         denied.message()
     );
+    assert_eq!(
+        upstream.probe.counts().started,
+        1,
+        "only the admin's call reached the upstream"
+    );
     // Other methods are not under the rule.
-    let count = upstream.probe.counts().started;
-    assert_eq!(count, 1, "only the admin's call reached the upstream");
+    let replies = within(
+        "another method, anonymous",
+        anon.server_stream(Req {
+            replies: 2,
+            ..Req::default()
+        }),
+    )
+    .await
+    .expect("not under the rule");
+    let mut replies = replies.into_inner();
+    let mut n = 0;
+    while within("a reply", replies.message())
+        .await
+        .expect("ok")
+        .is_some()
+    {
+        n += 1;
+    }
+    assert_eq!(n, 2);
 }
 
 /// A tonic echo server speaking TLS with the PKI's server certificate and
 /// requiring client certificates from its CA.
-async fn tls_upstream(pki: &Pki) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+async fn tls_upstream(
+    pki: &Pki,
+) -> (
+    std::net::SocketAddr,
+    sluice_testkit::Probe,
+    tokio::task::JoinHandle<()>,
+) {
     let identity = Identity::from_pem(
         std::fs::read(pki.path("server.pem")).expect("cert"),
         std::fs::read(pki.path("server.key")).expect("key"),
@@ -268,11 +296,12 @@ async fn tls_upstream(pki: &Pki) -> (std::net::SocketAddr, tokio::task::JoinHand
         .tls_config(tls)
         .expect("tls server")
         .add_service(sluice_testkit::pb::echo_server::EchoServer::new(
-            sluice_testkit::Echo::new(probe),
+            sluice_testkit::Echo::new(probe.clone()),
         ))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     (
         addr,
+        probe,
         tokio::spawn(async move {
             let _ = server.await;
         }),
@@ -291,7 +320,7 @@ fn upstream_tls(config: &mut Config, pki: &Pki, with_cert: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_upstream_that_requires_a_client_certificate() {
     let pki = pki();
-    let (addr, server) = tls_upstream(&pki).await;
+    let (addr, probe, server) = tls_upstream(&pki).await;
 
     let mut with = config(addr);
     upstream_tls(&mut with, &pki, true);
@@ -470,7 +499,7 @@ async fn an_http1_only_client_gets_no_application_protocol_and_a_stalled_one_the
     let mut buf = [0u8; 64];
     let n = within("the stalled handshake is closed", idle.read(&mut buf))
         .await
-        .unwrap_or(0);
+        .expect("a close, not a reset");
     assert_eq!(n, 0, "closed without an answer");
     assert!(
         started.elapsed() >= Duration::from_millis(250),
@@ -486,7 +515,7 @@ async fn an_http1_only_client_gets_no_application_protocol_and_a_stalled_one_the
         .expect("write");
     let n = within("the half handshake is closed", half.read(&mut buf))
         .await
-        .unwrap_or(0);
+        .expect("a close, not a reset");
     assert_eq!(n, 0);
     within("both are counted as timeouts", async {
         while handshake_failures(&sluice, "timeout").await < 2.0 {
@@ -516,21 +545,45 @@ async fn certificates_rotated_every_200ms_under_load_fail_no_call() {
     );
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // One client on one connection opened before the rotations.
-    let mut old = within("connect", tls_client(addr, &pki, None))
+    // One client on one raw connection opened before the rotations: it
+    // cannot reconnect behind the test's back, so every call on it is a
+    // call on the old connection, and its certificate stays the first.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = pki
+        .connector(&[b"h2"], rustls::DEFAULT_VERSIONS)
+        .connect("localhost".try_into().expect("name"), tcp)
         .await
-        .expect("connects");
+        .expect("handshake");
+    let old_leaf = tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec();
+    assert_eq!(old_leaf, served_leaf(addr, &pki).await);
+    let (mut old, h2conn) = h2::client::handshake(tls).await.expect("h2");
+    let old_driver = tokio::spawn(h2conn);
     let old_conn = tokio::spawn({
         let stop = stop.clone();
         async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                old.unary(Req {
-                    seq: n,
-                    ..Req::default()
-                })
-                .await
-                .unwrap_or_else(|s| panic!("a call on the old connection failed: {s:?}"));
+                let (response, mut body) = old
+                    .send_request(grpc_head("Unary"), false)
+                    .expect("the old connection takes a call");
+                body.send_data(
+                    grpc_frame(&Req {
+                        seq: n,
+                        ..Req::default()
+                    }),
+                    true,
+                )
+                .expect("data");
+                let mut body = response
+                    .await
+                    .expect("a response on the old connection")
+                    .into_body();
+                while body.data().await.is_some() {}
+                let trailers = body.trailers().await.expect("trailers").expect("some");
+                assert_eq!(
+                    trailers["grpc-status"], "0",
+                    "call {n} on the old connection"
+                );
                 n += 1;
             }
             n
@@ -580,6 +633,10 @@ async fn certificates_rotated_every_200ms_under_load_fail_no_call() {
         }
     })
     .await;
+    assert!(
+        !old_driver.is_finished(),
+        "the old connection is still open after every rotation"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let on_old = within("the old-connection client", old_conn)
         .await
@@ -634,7 +691,7 @@ async fn normal_tls_call(addr: std::net::SocketAddr, pki: &Pki) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_client_certificate_rotation_replaces_connections_once_their_calls_end() {
     let pki = pki();
-    let (addr, server) = tls_upstream(&pki).await;
+    let (addr, probe, server) = tls_upstream(&pki).await;
     let mut config = config(addr);
     upstream_tls(&mut config, &pki, true);
     config.tls.reload_interval = Duration::from_millis(50);
@@ -661,6 +718,10 @@ async fn an_upstream_client_certificate_rotation_replaces_connections_once_their
             &[("material", "upstream.tls"), ("outcome", "swapped")],
         )
     };
+    eventually("the slow call is at the upstream", || {
+        probe.counts().started == 2
+    })
+    .await;
     pki.write("web", &Leaf::client(WEB, &["os:admin", "rotated"]));
     within("the new client certificate is loaded", async {
         while scrape_swapped().await < 1.0 {
@@ -801,4 +862,82 @@ async fn a_tls_1_2_client_is_served_and_negotiates_h2() {
         .expect("trailers")
         .expect("some");
     assert_eq!(trailers["grpc-status"], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_rejects_the_new_client_certificate_keeps_being_served_on_the_old_connection()
+ {
+    let pki = pki();
+    let (addr, _probe, server) = tls_upstream(&pki).await;
+    let mut config = config(addr);
+    upstream_tls(&mut config, &pki, true);
+    config.tls.reload_interval = Duration::from_millis(50);
+    let sluice = start(&config).await;
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    within("a first call", client.unary(Req::default()))
+        .await
+        .expect("served");
+    // The new certificate parses, but the upstream does not trust its CA
+    // (it rotated first on sluice's side).
+    let other = Pki::new("a CA the upstream does not know yet");
+    let (cert, key) = other.issue(&Leaf::client(WEB, &["os:admin"]));
+    sluice_testkit::pki::replace(&pki.path("web.key"), key.as_bytes());
+    sluice_testkit::pki::replace(&pki.path("web.pem"), cert.as_bytes());
+    let swapped = || async {
+        let s = scrape(sluice.admin_addr().expect("admin")).await;
+        value(
+            &s,
+            "sluice_tls_reloads_total",
+            &[("material", "upstream.tls"), ("outcome", "swapped")],
+        )
+    };
+    within("the new certificate is loaded", async {
+        while swapped().await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for seq in 0..20 {
+        let reply = within(
+            "a call after the rotation",
+            client.unary(Req {
+                seq,
+                ..Req::default()
+            }),
+        )
+        .await
+        .unwrap_or_else(|s| panic!("call {seq} failed while the old connection works: {s:?}"));
+        assert_eq!(reply.into_inner().seq, seq);
+    }
+    assert_eq!(sluice.stats().upstream_connections, 1, "still the old one");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_over_the_connection_limit_is_closed_before_its_handshake() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let mut config = tls_config(&pki, upstream.addr, None);
+    config.server.max_connections = 1;
+    let sluice = start(&config).await;
+    let mut first = within("connect", tls_client(sluice.listen_addr(), &pki, None))
+        .await
+        .expect("the first connection is served");
+    within("a call", first.unary(Req::default()))
+        .await
+        .expect("served");
+    let tcp = tokio::net::TcpStream::connect(sluice.listen_addr())
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    let err = within(
+        "a handshake over the limit",
+        rustls_connector(&pki, &[b"h2"]).connect("localhost".try_into().expect("name"), tcp),
+    )
+    .await
+    .expect_err("closed, no handshake");
+    assert!(started.elapsed() < Duration::from_secs(5), "{err:?}");
+    within("the first still works", first.unary(Req::default()))
+        .await
+        .expect("served");
 }
