@@ -635,4 +635,65 @@ mod tests {
         assert!(!g("/a*b*c", "/axxcyyb"));
         assert!(!g("/ab*ba", "/aba"), "pieces may not overlap");
     }
+
+    fn head(path: &str, metadata: &[(&str, &str)], identity: Option<&str>) -> Parts {
+        let mut req = http::Request::post(format!("http://x{path}"));
+        for (k, v) in metadata {
+            req = req.header(*k, *v);
+        }
+        let (mut parts, ()) = req.body(()).expect("request").into_parts();
+        if let Some(id) = identity {
+            parts
+                .extensions
+                .insert(PeerIdentity::new(sluice_layers::identity::IdentityParts {
+                    uris: vec![id.to_owned()],
+                    ..Default::default()
+                }));
+        }
+        parts
+    }
+
+    #[test]
+    fn an_identity_rule_binds_only_calls_the_route_takes_and_fails_closed_on_compression() {
+        let tls = "[server.tls]\ncert = \"c\"\nkey = \"k\"\nclient_auth = { ca = \"ca\" }\n";
+        let config = Config::from_toml_str(&format!(
+            "{tls}[upstreams.nodes]\nendpoints = [{{ address = \"127.0.0.1:1\", ids = [\"n1\"] }}]\n\
+             [[routes]]\nmethod = \"/a.B/Fan\"\nfanout = {{ group = \"nodes\", key = \"nodes\" }}\n\
+             identity = {{ exact = [\"spiffe://td/admin\"] }}\n\
+             [[routes]]\nmethod = \"/a.B/Put\"\nfield = {{ path = \"1\", equals = \"secret\" }}\nupstream = \"default\"\n\
+             identity = {{ exact = [\"spiffe://td/admin\"] }}\n\
+             [[routes]]\nupstream = \"default\"\n"
+        ))
+        .expect("config");
+        let mut routes = Routes::from_config(&config);
+        let denied =
+            |r: &Result<Route, Refusal>| matches!(r, Err(e) if e.code() == Code::PermissionDenied);
+        // A keyed fan-out without its key passes the call on: no refusal.
+        let r = routes.direct(&head("/a.B/Fan", &[], Some("spiffe://td/other")), &[]);
+        assert!(matches!(r, Ok(Route::One(_))), "{r:?}");
+        let r = routes.direct(
+            &head("/a.B/Fan", &[("nodes", "n1")], Some("spiffe://td/other")),
+            &[],
+        );
+        assert!(denied(&r));
+        let r = routes.direct(
+            &head("/a.B/Fan", &[("nodes", "n1")], Some("spiffe://td/admin")),
+            &[],
+        );
+        assert!(matches!(r, Ok(Route::FanOut(_))), "{r:?}");
+        // A field route: the field's value decides, unless the message is
+        // compressed; then the rule applies (fails closed).
+        let secret = PeekedMessage::new(bytes::Bytes::from_static(b"\x0a\x06secret"));
+        let r = routes.direct(&head("/a.B/Put", &[], None), std::slice::from_ref(&secret));
+        assert!(denied(&r));
+        let other = PeekedMessage::new(bytes::Bytes::from_static(b"\x0a\x05other"));
+        let r = routes.direct(&head("/a.B/Put", &[], None), &[other]);
+        assert!(
+            matches!(r, Ok(Route::One(_))),
+            "not the field's value: the next route"
+        );
+        let squeezed = secret.with_compressed(true);
+        let r = routes.direct(&head("/a.B/Put", &[], None), &[squeezed]);
+        assert!(denied(&r), "compressing does not skip the rule: {r:?}");
+    }
 }

@@ -221,6 +221,14 @@ impl PeekedMessage {
         }
     }
 
+    /// The same message, marked compressed (its flag byte 1) or not: for
+    /// directors' tests.
+    #[must_use]
+    pub fn with_compressed(mut self, compressed: bool) -> Self {
+        self.compressed = compressed;
+        self
+    }
+
     /// Whether the message is compressed (its flag byte is 1).
     pub fn compressed(&self) -> bool {
         self.compressed
