@@ -320,7 +320,7 @@ fn upstream_tls(config: &mut Config, pki: &Pki, with_cert: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_upstream_that_requires_a_client_certificate() {
     let pki = pki();
-    let (addr, probe, server) = tls_upstream(&pki).await;
+    let (addr, _probe, server) = tls_upstream(&pki).await;
 
     let mut with = config(addr);
     upstream_tls(&mut with, &pki, true);
