@@ -30,6 +30,7 @@ mod stack;
 mod stats;
 pub mod telemetry;
 pub mod tls;
+mod tunnel;
 mod upstream;
 mod via;
 mod window;
@@ -48,7 +49,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-pub use crate::{config::Config, stats::Stats};
+pub use crate::{config::Config, stats::Stats, tunnel::tracker::Snapshot as AgentTunnels};
 use crate::{
     config::{AdminListen, DrainConfig},
     stats::Counters,
@@ -97,6 +98,9 @@ pub enum RunError {
 pub struct Running {
     listen: SocketAddr,
     tls_listen: Option<SocketAddr>,
+    tunnel_listen: Option<SocketAddr>,
+    tunnel_tasks: Vec<JoinHandle<()>>,
+    tracker: Option<Arc<tunnel::tracker::Tracker>>,
     admin: Option<SocketAddr>,
     reload_requested: Arc<Notify>,
     reloader: Option<JoinHandle<()>>,
@@ -163,6 +167,14 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         tls_listen = Some(local_addr(&l, addr)?);
         listeners.push((net::Listener::Tcp(l), true));
     }
+    let hub_listener = match &config.tunnel.hub {
+        Some(hub) => {
+            let l = bind(hub.listen, config.server.reuse_port)?;
+            let addr = local_addr(&l, hub.listen)?;
+            Some((l, addr))
+        }
+        None => None,
+    };
     if let Some(path) = &config.server.listen_unix {
         let l = net::Listener::bind_unix(path).map_err(|source| RunError::BindUnix {
             path: path.clone(),
@@ -224,6 +236,41 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         futures_util::future::join_all(servers).await;
     });
 
+    let mut tunnel_tasks = Vec::new();
+    let tunnel_listen = hub_listener.as_ref().map(|(_, addr)| *addr);
+    if let (Some(hub), Some((listener, _))) = (&config.tunnel.hub, hub_listener) {
+        // Groups::from_config creates the agents' group when the config
+        // does not.
+        let group = groups.group(&hub.group).expect("the agents' group exists");
+        let upstream = config
+            .upstreams
+            .get(&hub.group)
+            .map_or_else(|| config.upstream.clone(), |g| config.group_upstream(g));
+        tunnel_tasks.push(tokio::spawn(
+            tunnel::hub::Hub {
+                listener,
+                config: hub.clone(),
+                group,
+                upstream,
+                counters: counters.clone(),
+                watch: watch.clone(),
+            }
+            .serve(),
+        ));
+    }
+    let mut tracker = None;
+    if let Some(agent) = &config.tunnel.agent {
+        let t = tunnel::tracker::Tracker::new(agent.expiry, agent.connections);
+        tracker = Some(t.clone());
+        tunnel_tasks.push(tokio::spawn(tunnel::agent::run(
+            agent.clone(),
+            t,
+            shared.clone(),
+            stack.clone(),
+            watch.clone(),
+        )));
+    }
+
     let mut materials: Vec<Arc<dyn tls::reload::Reload>> = groups.tls_materials().to_vec();
     materials.extend(
         server_tls
@@ -245,6 +292,9 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     Ok(Running {
         listen,
         tls_listen,
+        tunnel_listen,
+        tunnel_tasks,
+        tracker,
         admin,
         reload_requested,
         reloader,
@@ -320,6 +370,21 @@ impl Running {
     /// [`Running::listen_addr`] when `server.listen` speaks TLS only).
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_listen
+    }
+
+    /// The address agents dial, when this sluice is a tunnel hub.
+    pub fn tunnel_addr(&self) -> Option<SocketAddr> {
+        self.tunnel_listen
+    }
+
+    /// The agent's tunnel pool now, when this sluice is a tunnel agent.
+    pub fn agent_tunnels(&self) -> Option<AgentTunnels> {
+        self.tracker.as_ref().map(|t| t.snapshot())
+    }
+
+    /// Endpoints of group `group` now (for a hub: the agents connected).
+    pub fn group_len(&self, group: &str) -> usize {
+        self.groups.get(group).map_or(0, |g| g.len())
     }
 
     /// Reads every certificate, key and CA bundle again now, whether or not
@@ -412,6 +477,9 @@ impl Running {
         }
         if let Some(reloader) = self.reloader.take() {
             reloader.abort();
+        }
+        for task in self.tunnel_tasks.drain(..) {
+            task.abort();
         }
         DrainReport {
             elapsed: start.elapsed(),

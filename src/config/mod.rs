@@ -10,6 +10,7 @@ mod enrich;
 mod error;
 mod fanout;
 mod tls;
+mod tunnel;
 mod value;
 
 use std::{net::SocketAddr, time::Duration};
@@ -25,6 +26,10 @@ pub use self::fanout::{
 pub use self::tls::{
     ClientAuthConfig, ClientAuthMode, DEFAULT_CLIENT_ID_KEY, DEFAULT_RELOAD_INTERVAL,
     IdentityConfig, RoleSource, ServerTlsConfig, TlsConfig, UpstreamTlsConfig,
+};
+pub use self::tunnel::{
+    AgentConfig, DEFAULT_AGENT_GROUP, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN, DEFAULT_HUB_EXPIRY,
+    DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT, HubConfig, HubPeerConfig, IdentifiersConfig, TunnelConfig,
 };
 use self::value::MAX_WINDOW;
 pub use self::value::{ByteSize, HostPort, WindowSize};
@@ -174,6 +179,8 @@ pub struct Config {
     pub enrich: EnrichConfig,
     /// `[tls]`: reloading of every certificate, key and CA file.
     pub tls: TlsConfig,
+    /// `[tunnel]`: reverse tunnels (hub, agent).
+    pub tunnel: TunnelConfig,
 }
 
 /// `[upstreams.NAME]`: a named group of endpoints.
@@ -181,7 +188,8 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// The endpoints: `"host:port"`, or a table with identifiers and the
-    /// default-route mark.
+    /// default-route mark. Empty only for the group tunnel agents join.
+    #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
     /// How an endpoint is chosen: strategies tried in order, falling
     /// through to the next only when one finds no endpoint.
@@ -766,6 +774,7 @@ impl Config {
         }
         self.check_edits(text, &self.enrich, "enrich")?;
         self.check_tls(text)?;
+        self.check_tunnel(text)?;
         if self.fanout.metadata_field == 0 || self.fanout.metadata_field >= 1 << 29 {
             return Err(ConfigError::at_key(
                 text,
@@ -778,7 +787,8 @@ impl Config {
                 &group.dest_host_key,
                 format!("upstreams.{name}.dest_host_key"),
             )?;
-            if group.endpoints.is_empty() {
+            let agents_join = self.tunnel.hub.as_ref().is_some_and(|h| h.group == *name);
+            if group.endpoints.is_empty() && !agents_join {
                 return Err(ConfigError::at_key(
                     text,
                     format!("upstreams.{name}.endpoints"),

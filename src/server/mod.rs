@@ -264,6 +264,27 @@ async fn serve_io<T, S, B>(
     }
 }
 
+/// Serves a connection sluice dialled itself (an agent's tunnel to a
+/// hub) as a downstream one: the hub is the HTTP/2 client.
+pub(crate) async fn serve_tunnel<S, B>(
+    io: crate::net::Stream,
+    shared: Arc<Shared>,
+    svc: S,
+    watch: Watch,
+) where
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let gauge = Gauge::hold(shared.counters(), Kind::DownstreamConnection);
+    let peer = Peer {
+        addr: None,
+        identity: None,
+    };
+    connection(io, shared, svc, watch, gauge, peer).await;
+}
+
 /// Resolves once `flag` says true (or its sender is gone).
 async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;

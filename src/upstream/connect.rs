@@ -1,6 +1,6 @@
 //! How an upstream endpoint is dialled: the [`Connector`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::{config::HostPort, net::Stream, tls::client::ClientTls};
 
@@ -9,6 +9,9 @@ use crate::{config::HostPort, net::Stream, tls::client::ClientTls};
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Connector {
     tls: Option<(Arc<ClientTls>, Arc<str>)>,
+    /// A tunnel an agent dialled in: the one connection this endpoint
+    /// will ever have, taken by the first dial.
+    tunnel: Option<Arc<Mutex<Option<Stream>>>>,
 }
 
 /// Why a dial failed: the text goes to the client in `grpc-message`.
@@ -21,6 +24,15 @@ impl Connector {
     pub(crate) fn tls(tls: Arc<ClientTls>, host: &str) -> Self {
         Self {
             tls: Some((tls, Arc::from(host))),
+            tunnel: None,
+        }
+    }
+
+    /// The connection an agent opened (after its tunnel handshake).
+    pub(crate) fn tunnel(stream: Stream) -> Self {
+        Self {
+            tls: None,
+            tunnel: Some(Arc::new(Mutex::new(Some(stream)))),
         }
     }
 
@@ -37,6 +49,13 @@ impl Connector {
 
     /// Dials `target` and, for TLS, runs the handshake (ALPN `h2`).
     pub(crate) async fn connect(&self, target: &HostPort) -> Result<Stream, ConnectError> {
+        if let Some(tunnel) = &self.tunnel {
+            return tunnel
+                .lock()
+                .expect("tunnel lock")
+                .take()
+                .ok_or_else(|| ConnectError("the agent's tunnel is gone".to_owned()));
+        }
         let plain = Stream::connect(target)
             .await
             .map_err(|e| ConnectError(e.to_string()))?;

@@ -81,7 +81,8 @@ pub(crate) struct Endpoint {
     ids: Box<[String]>,
     /// The first id the config gave it, as written.
     configured_id: Option<String>,
-    /// Its address as text (`host:port`), which a fan-out may name it by.
+    /// Its address as text (`host:port`), which a fan-out may name it by
+    /// (an agent: its id).
     label: String,
     default_route: bool,
 }
@@ -162,6 +163,70 @@ fn endpoint(
     }
 }
 
+/// How long a tunnel's connection may idle before the pool lets it go: a
+/// year. The agent dialled it; closing it idle would only make the agent
+/// dial again.
+const TUNNEL_IDLE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// What the hub knows of an agent that dialled in.
+#[derive(Debug)]
+pub(crate) struct AgentEndpoint<'a> {
+    /// Its id.
+    pub(crate) id: &'a str,
+    /// Every name `dest-host` finds it by (its id first).
+    pub(crate) ids: Vec<String>,
+    pub(crate) default_route: bool,
+    /// Where its tunnel comes from.
+    pub(crate) peer: SocketAddr,
+}
+
+impl Group {
+    /// An endpoint for an agent's tunnel `stream`, added to the group;
+    /// [`Group::remove`] takes it out when the tunnel ends.
+    pub(crate) fn add_agent(
+        &self,
+        agent: &AgentEndpoint<'_>,
+        stream: crate::net::Stream,
+        upstream: &UpstreamConfig,
+        counters: &Arc<Counters>,
+    ) -> Arc<Endpoint> {
+        let mut upstream = upstream.clone();
+        upstream.address = HostPort::from(agent.peer);
+        upstream.max_connections = 1;
+        upstream.idle_timeout = TUNNEL_IDLE;
+        upstream.tls = None;
+        let endpoint = Arc::new(Endpoint {
+            address: upstream.address.clone(),
+            pool: Pool::new(upstream, Connector::tunnel(stream), counters.clone()),
+            rtt: Mutex::new(PeakEwma {
+                nanos: DEFAULT_RTT.as_nanos() as f64,
+                at: Instant::now(),
+            }),
+            healthy: AtomicBool::new(true),
+            ids: agent.ids.iter().map(|i| i.to_ascii_lowercase()).collect(),
+            configured_id: Some(agent.id.to_owned()),
+            label: agent.id.to_owned(),
+            default_route: agent.default_route,
+        });
+        let mut endpoints = self.endpoints.write().expect("endpoints lock");
+        let mut list = endpoints.to_vec();
+        list.push(endpoint.clone());
+        *endpoints = list.into();
+        endpoint
+    }
+
+    /// Takes `endpoint` out of the group; calls already on it go on.
+    pub(crate) fn remove(&self, endpoint: &Arc<Endpoint>) {
+        let mut endpoints = self.endpoints.write().expect("endpoints lock");
+        let list: Vec<_> = endpoints
+            .iter()
+            .filter(|e| !Arc::ptr_eq(e, endpoint))
+            .cloned()
+            .collect();
+        *endpoints = list.into();
+    }
+}
+
 // === impl Groups ===
 
 impl Groups {
@@ -222,11 +287,30 @@ impl Groups {
             }
             by_name.insert(Arc::from(name.as_str()), group);
         }
+        // The group tunnel agents join exists even with no [upstreams]
+        // entry: empty until an agent dials in.
+        if let Some(hub) = &config.tunnel.hub
+            && !by_name.contains_key(hub.group.as_str())
+        {
+            by_name.insert(
+                Arc::from(hub.group.as_str()),
+                Arc::new(Group {
+                    endpoints: RwLock::new(Arc::from([])),
+                    strategies: Box::new([Strategy::DestHost, Strategy::LeastLoaded]),
+                    dest_host_key: HeaderName::from_static(DEFAULT_DEST_HOST_KEY),
+                }),
+            );
+        }
         Ok(Self {
             by_name,
             tasks: Mutex::new(tasks),
             materials,
         })
+    }
+
+    /// Group `name`, shared.
+    pub(crate) fn group(&self, name: &str) -> Option<Arc<Group>> {
+        self.by_name.get(name).cloned()
     }
 
     /// The TLS material of every group, for the reloader.

@@ -44,7 +44,7 @@ mod health;
 pub(crate) use self::connect::Connector;
 use crate::net::Stream;
 
-pub(crate) use self::group::Groups;
+pub(crate) use self::group::{AgentEndpoint, Group, Groups};
 use crate::{
     batch::{self, BatchIo, Flushed},
     config::{HostPort, UpstreamConfig},
@@ -122,6 +122,8 @@ struct Inner {
     slot_freed: Arc<tokio::sync::Notify>,
     /// Calls waiting for a slot.
     waiting: Arc<AtomicUsize>,
+    /// Woken when a connection's task ends.
+    ended: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug)]
@@ -242,6 +244,7 @@ impl Pool {
                 closed: std::sync::atomic::AtomicBool::new(false),
                 slot_freed: Arc::default(),
                 waiting: Arc::default(),
+                ended: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -312,6 +315,26 @@ impl Pool {
         self.inner.prune();
         let at = self.inner.goaway_at_ms.load(Ordering::Relaxed);
         at != 0 && self.inner.created.elapsed() < Duration::from_millis(at) + DRAINING_HOLD
+    }
+
+    /// Opens a connection now (a tunnel's, which the agent already
+    /// dialled), rather than at the first call.
+    pub(crate) async fn warm(&self) -> Result<(), UpstreamError> {
+        self.checkout_conn().await.map(drop)
+    }
+
+    /// Resolves once no connection of this pool is open (after
+    /// [`Pool::warm`]: when the tunnel is gone).
+    pub(crate) async fn gone(&self) {
+        loop {
+            let ended = self.inner.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.inner.conns.lock().expect("pool lock").is_empty() {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// Closes every connection once its streams are done: the connections
@@ -524,6 +547,7 @@ impl Pool {
                     pool.mark_draining();
                 }
                 pool.remove(id);
+                pool.ended.notify_waiters();
             }
         });
         if let Some(verdict) = verdict {

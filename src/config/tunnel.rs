@@ -1,0 +1,227 @@
+//! `[tunnel.hub]` and `[tunnel.agent]`: reverse tunnels. A sluice may be
+//! either, both, or (the sidecar default) neither.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::Deserialize;
+
+use super::{ConfigError, HostPort, value};
+
+/// The group accepted agents join by default.
+pub const DEFAULT_AGENT_GROUP: &str = "agents";
+/// How long a tunnel handshake may take: 10 s, as the HTTP/2 handshake.
+pub const DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent remembers a hub it has not heard of: 3 min
+/// (Teleport's proxy expiry).
+pub const DEFAULT_HUB_EXPIRY: Duration = Duration::from_secs(180);
+/// The first wait after a failed dial, doubling with jitter up to
+/// [`DEFAULT_BACKOFF_MAX`].
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait between dials: 15 s (Talos's gRPC MaxDelay).
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// `[tunnel]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// Accept agents.
+    pub hub: Option<HubConfig>,
+    /// Dial hubs.
+    pub agent: Option<AgentConfig>,
+}
+
+/// A hub as `hubs = [...]` of `[tunnel.hub]` names it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubPeerConfig {
+    /// Its name.
+    pub name: String,
+    /// Its group.
+    #[serde(default = "default_hub_group")]
+    pub group: String,
+    /// Its generation.
+    #[serde(default = "default_generation")]
+    pub generation: u64,
+}
+
+/// `[tunnel.hub]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Where agents dial (HTTP/1.1 Upgrade, then HTTP/2 with the hub as
+    /// client).
+    pub listen: SocketAddr,
+    /// This hub's name, which agents claim tunnels by.
+    pub name: String,
+    /// The hubs' group; agents keep tunnels only to the newest generation
+    /// of each group.
+    #[serde(default = "default_hub_group")]
+    pub hub_group: String,
+    /// This hub's generation (raise it for a rollout).
+    #[serde(default = "default_generation")]
+    pub generation: u64,
+    /// The other hubs agents should hold tunnels to (gossip).
+    #[serde(default)]
+    pub peers: Vec<HubPeerConfig>,
+    /// The upstream group accepted agents join.
+    #[serde(default = "default_agent_group")]
+    pub group: String,
+    /// Tokens an agent may present; empty: none needed.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// Time an agent has for the whole handshake.
+    #[serde(default = "default_handshake_timeout", with = "value::duration")]
+    pub handshake_timeout: Duration,
+}
+
+/// `identifiers = { … }` of `[tunnel.agent]` (konnectivity's).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentifiersConfig {
+    /// Host names `dest-host` finds this agent by.
+    pub host: Vec<String>,
+    /// IPv4 addresses likewise.
+    pub ipv4: Vec<String>,
+    /// IPv6 addresses likewise.
+    pub ipv6: Vec<String>,
+    /// Whether `default-route` may choose this agent.
+    pub default_route: bool,
+}
+
+/// `[tunnel.agent]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Hub addresses to dial (often one load-balanced address).
+    pub hubs: Vec<HostPort>,
+    /// This agent's id, which hubs route by.
+    pub id: String,
+    /// More names to be found by.
+    #[serde(default)]
+    pub identifiers: IdentifiersConfig,
+    /// The token hubs ask for.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Tunnels at most; 0: one per desired hub.
+    #[serde(default)]
+    pub connections: usize,
+    /// A hub not heard of this long is forgotten.
+    #[serde(default = "default_expiry", with = "value::duration")]
+    pub expiry: Duration,
+    /// Time allowed for the connect and the handshake.
+    #[serde(default = "default_handshake_timeout", with = "value::duration")]
+    pub handshake_timeout: Duration,
+    /// First wait after a failed dial.
+    #[serde(default = "default_backoff_min", with = "value::duration")]
+    pub backoff_min: Duration,
+    /// Longest wait between dials.
+    #[serde(default = "default_backoff_max", with = "value::duration")]
+    pub backoff_max: Duration,
+}
+
+fn default_hub_group() -> String {
+    "hubs".to_owned()
+}
+fn default_generation() -> u64 {
+    1
+}
+fn default_agent_group() -> String {
+    DEFAULT_AGENT_GROUP.to_owned()
+}
+fn default_handshake_timeout() -> Duration {
+    DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT
+}
+fn default_expiry() -> Duration {
+    DEFAULT_HUB_EXPIRY
+}
+fn default_backoff_min() -> Duration {
+    DEFAULT_BACKOFF_MIN
+}
+fn default_backoff_max() -> Duration {
+    DEFAULT_BACKOFF_MAX
+}
+
+/// Names and ids travel in headers: letters, digits and `-._:` only.
+fn is_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 253
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+}
+
+impl super::Config {
+    pub(super) fn check_tunnel(&self, text: &str) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, message: String| Err(ConfigError::at_key(text, key.to_owned(), message));
+        if let Some(hub) = &self.tunnel.hub {
+            if !is_name(&hub.name) {
+                return bad(
+                    "tunnel.hub.name",
+                    format!("{:?}: letters, digits and -._: only", hub.name),
+                );
+            }
+            if !is_name(&hub.hub_group) {
+                return bad(
+                    "tunnel.hub.hub_group",
+                    "letters, digits and -._: only".to_owned(),
+                );
+            }
+            for (i, p) in hub.peers.iter().enumerate() {
+                if !is_name(&p.name) || !is_name(&p.group) {
+                    return bad(
+                        &format!("tunnel.hub.peers[{i}]"),
+                        "names and groups: letters, digits and -._: only".to_owned(),
+                    );
+                }
+            }
+            if hub.listen == self.server.listen {
+                return bad(
+                    "tunnel.hub.listen",
+                    "the same address as server.listen; agents need a port of their own".to_owned(),
+                );
+            }
+            if hub
+                .tokens
+                .iter()
+                .any(|t| t.is_empty() || t.bytes().any(|b| !b.is_ascii_graphic()))
+            {
+                return bad(
+                    "tunnel.hub.tokens",
+                    "a token is printable ASCII without spaces".to_owned(),
+                );
+            }
+        }
+        if let Some(agent) = &self.tunnel.agent {
+            if agent.hubs.is_empty() {
+                return bad(
+                    "tunnel.agent.hubs",
+                    "an agent needs at least one hub address".to_owned(),
+                );
+            }
+            if !is_name(&agent.id) {
+                return bad(
+                    "tunnel.agent.id",
+                    format!("{:?}: letters, digits and -._: only", agent.id),
+                );
+            }
+            if agent
+                .token
+                .as_ref()
+                .is_some_and(|t| t.is_empty() || t.bytes().any(|b| !b.is_ascii_graphic()))
+            {
+                return bad(
+                    "tunnel.agent.token",
+                    "a token is printable ASCII without spaces".to_owned(),
+                );
+            }
+            if agent.backoff_min.is_zero() || agent.backoff_max < agent.backoff_min {
+                return bad(
+                    "tunnel.agent.backoff_max",
+                    "backoff_min must be above zero and at most backoff_max".to_owned(),
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! The agent: keeps tunnels to the hubs its [`Tracker`] wants, and serves
+//! each one as a downstream HTTP/2 connection through the normal stack,
+//! forwarding to the local upstream.
+//!
+//! Every dial holds a lease, released on every path when its task ends
+//! (a failed connect or handshake, a duplicate claim, a tunnel that
+//! closed), after a backoff with jitter when the dial failed. When the
+//! drain begins no more dials are made, and each tunnel's connection gets
+//! GOAWAY like any downstream connection: the hub prefers other agents
+//! for new calls and the calls in flight finish.
+
+use std::{
+    hash::BuildHasher,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use sluice_layers::{BoxError, drain::Watch};
+use tokio::{task::JoinSet, time::Instant};
+use tower::Service;
+use tracing::{debug, info, warn};
+
+use super::{
+    handshake::{self, AgentHello, Identifiers},
+    tracker::{Lease, Tracker},
+};
+use crate::{
+    config::{AgentConfig, HostPort},
+    net::Stream,
+    server::{self, Shared},
+    window::RecvBody,
+};
+
+/// What every tunnel task of the agent shares.
+#[derive(Debug)]
+struct Dialer {
+    hello: AgentHello,
+    config: AgentConfig,
+    /// Consecutive failed dials, for the backoff.
+    failures: AtomicU32,
+}
+
+/// Keeps the agent's tunnels until the drain begins; then waits for them
+/// to close.
+pub(crate) async fn run<S, B>(
+    config: AgentConfig,
+    tracker: Arc<Tracker>,
+    shared: Arc<Shared>,
+    svc: S,
+    watch: Watch,
+) where
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    let i = &config.identifiers;
+    let dialer = Arc::new(Dialer {
+        hello: AgentHello {
+            id: config.id.clone(),
+            identifiers: Identifiers {
+                host: i.host.clone(),
+                ipv4: i.ipv4.clone(),
+                ipv6: i.ipv6.clone(),
+                default_route: i.default_route,
+            },
+            versions: handshake::VERSIONS.to_vec(),
+            token: config.token.clone(),
+        },
+        failures: AtomicU32::new(0),
+        config,
+    });
+    let draining = watch.clone().signaled();
+    tokio::pin!(draining);
+    let mut tunnels = JoinSet::new();
+    let mut next = 0usize;
+    loop {
+        let changed = tracker.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        while let Some(lease) = tracker.try_acquire() {
+            let hubs = &dialer.config.hubs;
+            let hub = hubs[next % hubs.len()].clone();
+            next = next.wrapping_add(1);
+            tunnels.spawn(tunnel(
+                lease,
+                hub,
+                dialer.clone(),
+                tracker.clone(),
+                shared.clone(),
+                svc.clone(),
+                watch.clone(),
+            ));
+        }
+        tokio::select! {
+            _ = &mut draining => break,
+            () = &mut changed => {}
+            Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
+        }
+    }
+    info!("draining: no more tunnel dials");
+    while tunnels.join_next().await.is_some() {}
+}
+
+/// One dial: connect, handshake, claim, then serve the tunnel until it
+/// closes. The lease goes with the task.
+async fn tunnel<S, B>(
+    mut lease: Lease,
+    hub: HostPort,
+    dialer: Arc<Dialer>,
+    tracker: Arc<Tracker>,
+    shared: Arc<Shared>,
+    svc: S,
+    watch: Watch,
+) where
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let deadline = Instant::now() + dialer.config.handshake_timeout;
+    let dialled = async {
+        let mut io = tokio::time::timeout_at(deadline, Stream::connect(&hub))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let answer = handshake::agent(&mut io, &dialer.hello, &hub.to_string(), deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((io, answer))
+    };
+    let (io, answer) = match dialled.await {
+        Ok(ok) => ok,
+        Err(reason) => {
+            warn!(%hub, %reason, "tunnel dial failed");
+            backoff(&dialer).await;
+            return;
+        }
+    };
+    let name = answer.hub.name.clone();
+    tracker.track(std::iter::once(answer.hub).chain(answer.hubs));
+    if !lease.claim(&name) {
+        debug!(%hub, hub_name = %name, "already holding a tunnel to this hub; closing and dialling again");
+        // Not a failure, but the same address may lead there again: no
+        // hot loop.
+        tokio::time::sleep(dialer.config.backoff_min).await;
+        return;
+    }
+    dialer.failures.store(0, Ordering::Relaxed);
+    info!(%hub, hub_name = %name, version = answer.version, "tunnel open");
+    // The tunnel has a drain of its own, begun by the process's drain or
+    // once a newer hub generation holds every tunnel wanted
+    // (make-before-break): GOAWAY, then the calls on it finish. The
+    // process's drain waits for it through `_held`.
+    let _held = watch.guard();
+    let (signal, own) = sluice_layers::drain::channel();
+    let mut signal = Some(signal);
+    let serve = server::serve_tunnel(io, shared, svc, own);
+    tokio::pin!(serve);
+    let draining = watch.signaled();
+    tokio::pin!(draining);
+    loop {
+        let changed = tracker.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if signal.is_some()
+            && tracker.is_surplus(&name)
+            && let Some(signal) = signal.take()
+        {
+            info!(%hub, hub_name = %name, "a newer hub generation holds the tunnels wanted; closing this one");
+            tokio::spawn(signal.drain());
+        }
+        tokio::select! {
+            () = &mut serve => break,
+            _ = &mut draining, if signal.is_some() => {
+                if let Some(signal) = signal.take() {
+                    tokio::spawn(signal.drain());
+                }
+            }
+            () = &mut changed => {}
+        }
+    }
+    info!(%hub, hub_name = %name, "tunnel closed");
+}
+
+/// Waits `backoff_min × 2^failures` (at most `backoff_max`), with full
+/// jitter between half and all of it, and counts the failure.
+async fn backoff(dialer: &Dialer) {
+    let failures = dialer.failures.fetch_add(1, Ordering::Relaxed);
+    let c = &dialer.config;
+    let full = c
+        .backoff_min
+        .saturating_mul(1 << failures.min(20))
+        .min(c.backoff_max);
+    let random = std::hash::RandomState::new().hash_one(failures);
+    let jitter = 0.5 + (random % 1000) as f64 / 2000.0;
+    tokio::time::sleep(Duration::from_secs_f64(full.as_secs_f64() * jitter)).await;
+}

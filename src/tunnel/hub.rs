@@ -1,0 +1,137 @@
+//! The hub: accepts agents' tunnels and makes each one an endpoint of the
+//! agents' upstream group, for as long as the tunnel lasts.
+//!
+//! An agent that fails the handshake (a bad token, no common version, a
+//! malformed or stalled request) is refused with its reason within
+//! `tunnel.hub.handshake_timeout`. An accepted one is dialled at once (the
+//! hub is the HTTP/2 client on the connection the agent opened); when the
+//! tunnel ends its endpoint leaves the group, and calls in flight on it
+//! fail with UNAVAILABLE at once (the connection is gone). An agent that
+//! drains sends GOAWAY on its tunnel: its endpoint counts as draining and
+//! is chosen last.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use sluice_layers::drain::Watch;
+use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use tracing::{debug, info, warn};
+
+use super::handshake::{self, HubPolicy};
+use crate::{
+    config::{HubConfig, UpstreamConfig},
+    net::Stream,
+    stats::Counters,
+    upstream::{AgentEndpoint, Group},
+};
+
+/// Everything the accept loop needs.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    pub(crate) listener: TcpListener,
+    pub(crate) config: HubConfig,
+    pub(crate) group: Arc<Group>,
+    /// Settings the agents' endpoints take (windows, keepalive).
+    pub(crate) upstream: UpstreamConfig,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) watch: Watch,
+}
+
+impl Hub {
+    fn policy(&self) -> HubPolicy {
+        let me = super::tracker::HubInfo {
+            name: self.config.name.clone(),
+            group: self.config.hub_group.clone(),
+            generation: self.config.generation,
+        };
+        let mut hubs = vec![me.clone()];
+        hubs.extend(self.config.peers.iter().map(|p| super::tracker::HubInfo {
+            name: p.name.clone(),
+            group: p.group.clone(),
+            generation: p.generation,
+        }));
+        HubPolicy {
+            me,
+            hubs,
+            tokens: self.config.tokens.clone(),
+        }
+    }
+
+    /// Accepts agents until the drain begins. Tunnels then end with the
+    /// upstream pools (closed last by the drain), once their calls are
+    /// done.
+    pub(crate) async fn serve(self) {
+        let policy = Arc::new(self.policy());
+        let draining = self.watch.clone().signaled();
+        tokio::pin!(draining);
+        let mut tunnels = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = &mut draining => break,
+                Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
+                accepted = self.listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        let deadline = Instant::now() + self.config.handshake_timeout;
+                        tunnels.spawn(tunnel(
+                            tcp,
+                            peer,
+                            policy.clone(),
+                            self.group.clone(),
+                            self.upstream.clone(),
+                            self.counters.clone(),
+                            deadline,
+                        ));
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "accepting an agent failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(self.listener);
+        // The tunnels' tasks only watch for their end; the endpoints stay
+        // in the group until the pools close.
+        tunnels.detach_all();
+    }
+}
+
+/// One agent: the handshake, its endpoint in the group while the tunnel
+/// lasts.
+async fn tunnel(
+    mut tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    policy: Arc<HubPolicy>,
+    group: Arc<Group>,
+    upstream: UpstreamConfig,
+    counters: Arc<Counters>,
+    deadline: Instant,
+) {
+    let (hello, version) = match handshake::hub(&mut tcp, &policy, deadline).await {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            warn!(%peer, error = %e, "agent refused");
+            return;
+        }
+    };
+    let id = hello.id.clone();
+    let mut ids = vec![hello.id.clone()];
+    let i = &hello.identifiers;
+    ids.extend(i.host.iter().chain(&i.ipv4).chain(&i.ipv6).cloned());
+    let agent = AgentEndpoint {
+        id: &id,
+        ids,
+        default_route: i.default_route,
+        peer,
+    };
+    let endpoint = group.add_agent(&agent, Stream::Tcp(tcp), &upstream, &counters);
+    if let Err(e) = endpoint.pool().warm().await {
+        warn!(agent = %id, %peer, error = %e, "agent tunnel failed at its HTTP/2 handshake");
+        group.remove(&endpoint);
+        return;
+    }
+    info!(agent = %id, %peer, version, "agent connected");
+    endpoint.pool().gone().await;
+    group.remove(&endpoint);
+    info!(agent = %id, %peer, "agent tunnel closed");
+}
