@@ -691,7 +691,7 @@ impl Config {
     fn validate(&self, text: &str) -> Result<(), ConfigError> {
         let group_exists = |group: &toml::Spanned<String>, key: String| {
             let name = group.get_ref();
-            if name == DEFAULT_GROUP || self.upstreams.contains_key(name) {
+            if self.group_defined(name) {
                 return Ok(());
             }
             Err(ConfigError::at(
@@ -743,7 +743,7 @@ impl Config {
                 group_exists(&m.primary, format!("{key}.mirror.primary"))?;
                 for (j, s) in m.secondaries.iter().enumerate() {
                     let name = s.upstream();
-                    if name != DEFAULT_GROUP && !self.upstreams.contains_key(name) {
+                    if !self.group_defined(name) {
                         return Err(ConfigError::at_key(
                             text,
                             format!("{key}.mirror.secondaries[{j}]"),
@@ -863,6 +863,14 @@ impl Config {
                 tls.resolve_paths(base);
             }
         }
+    }
+
+    /// Whether upstream group `name` exists: the default, a configured
+    /// one, or the one tunnel agents join.
+    pub fn group_defined(&self, name: &str) -> bool {
+        name == DEFAULT_GROUP
+            || self.upstreams.contains_key(name)
+            || self.tunnel.hub.as_ref().is_some_and(|h| h.group == name)
     }
 
     /// The metadata key a verified client identity goes under, if any:

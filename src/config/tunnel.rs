@@ -175,7 +175,7 @@ impl super::Config {
                     );
                 }
             }
-            if hub.listen == self.server.listen {
+            if hub.listen == self.server.listen && hub.listen.port() != 0 {
                 return bad(
                     "tunnel.hub.listen",
                     "the same address as server.listen; agents need a port of their own".to_owned(),

@@ -140,6 +140,7 @@ async fn tunnel<S, B>(
         Ok(ok) => ok,
         Err(reason) => {
             warn!(%hub, %reason, "tunnel dial failed");
+            tracker.dial_failed();
             backoff(&dialer).await;
             return;
         }

@@ -124,12 +124,14 @@ async fn tunnel(
         default_route: i.default_route,
         peer,
     };
-    let endpoint = group.add_agent(&agent, Stream::Tcp(tcp), &upstream, &counters);
+    let endpoint = group.agent_endpoint(&agent, Stream::Tcp(tcp), &upstream, &counters);
+    // Joins the group only once the agent answered over HTTP/2: an agent
+    // that already holds a tunnel to this hub closes a second one unserved.
     if let Err(e) = endpoint.pool().warm().await {
-        warn!(agent = %id, %peer, error = %e, "agent tunnel failed at its HTTP/2 handshake");
-        group.remove(&endpoint);
+        debug!(agent = %id, %peer, error = %e, "agent tunnel closed before serving (a duplicate, or a failure)");
         return;
     }
+    group.insert(endpoint.clone());
     info!(agent = %id, %peer, version, "agent connected");
     endpoint.pool().gone().await;
     group.remove(&endpoint);

@@ -56,6 +56,8 @@ pub struct Snapshot {
     pub claimed: usize,
     /// Dials under way (leases not yet claimed).
     pub inflight: usize,
+    /// Dials that failed (connect or handshake), since the start.
+    pub failed_dials: u64,
 }
 
 /// The agent's tunnel bookkeeping.
@@ -67,6 +69,7 @@ pub(crate) struct Tracker {
     connections: usize,
     /// Woken whenever what is wanted or held changes.
     changed: tokio::sync::Notify,
+    failed_dials: std::sync::atomic::AtomicU64,
 }
 
 /// The right to make one dial, and then to hold the tunnel it made.
@@ -84,6 +87,7 @@ impl Tracker {
             expiry,
             connections,
             changed: tokio::sync::Notify::new(),
+            failed_dials: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -158,7 +162,14 @@ impl Tracker {
             desired: desired(&state).len(),
             claimed: state.claimed.len(),
             inflight: state.inflight,
+            failed_dials: self.failed_dials.load(std::sync::atomic::Ordering::Relaxed),
         }
+    }
+
+    /// Counts a failed dial.
+    pub(crate) fn dial_failed(&self) {
+        self.failed_dials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn want(&self, desired: usize) -> usize {
@@ -265,7 +276,8 @@ mod tests {
             Snapshot {
                 desired: 2,
                 claimed: 2,
-                inflight: 0
+                inflight: 0,
+                failed_dials: 0,
             }
         );
         assert!(t.try_acquire().is_none());

@@ -36,9 +36,12 @@ impl Connector {
         }
     }
 
-    /// Whether connections are TLS.
-    pub(crate) fn is_tls(&self) -> bool {
-        self.tls.is_some()
+    /// Whether a new connection must answer a PING before it counts as
+    /// open: over TLS (an upstream may refuse sluice's certificate only
+    /// after the handshake) and over a tunnel (an agent closes a duplicate
+    /// tunnel without serving it).
+    pub(crate) fn verifies(&self) -> bool {
+        self.tls.is_some() || self.tunnel.is_some()
     }
 
     /// The material generation a connection dialled now is opened with (0

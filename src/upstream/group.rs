@@ -181,9 +181,9 @@ pub(crate) struct AgentEndpoint<'a> {
 }
 
 impl Group {
-    /// An endpoint for an agent's tunnel `stream`, added to the group;
-    /// [`Group::remove`] takes it out when the tunnel ends.
-    pub(crate) fn add_agent(
+    /// An endpoint for an agent's tunnel `stream`, not yet in the group
+    /// ([`Group::insert`] adds it once its connection works).
+    pub(crate) fn agent_endpoint(
         &self,
         agent: &AgentEndpoint<'_>,
         stream: crate::net::Stream,
@@ -208,11 +208,15 @@ impl Group {
             label: agent.id.to_owned(),
             default_route: agent.default_route,
         });
+        endpoint
+    }
+
+    /// Adds `endpoint` to the group.
+    pub(crate) fn insert(&self, endpoint: Arc<Endpoint>) {
         let mut endpoints = self.endpoints.write().expect("endpoints lock");
         let mut list = endpoints.to_vec();
-        list.push(endpoint.clone());
+        list.push(endpoint);
         *endpoints = list.into();
-        endpoint
     }
 
     /// Takes `endpoint` out of the group; calls already on it go on.

@@ -511,10 +511,11 @@ impl Pool {
             }
         };
         // Over TLS 1.3 an upstream that refuses sluice's client certificate
-        // says so only after sluice's side of the handshake is done: one
-        // PING answered proves it took the connection, before any call
+        // says so only after sluice's side of the handshake is done (and an
+        // agent closes a duplicate tunnel without a word): one PING
+        // answered proves the peer took the connection, before any call
         // (or the retirement of a working older connection) depends on it.
-        let (verified, verdict) = if inner.connector.is_tls() {
+        let (verified, verdict) = if inner.connector.verifies() {
             let (tx, rx) = tokio::sync::oneshot::channel();
             (Some((tx, inner.config.connect_timeout)), Some(rx))
         } else {
@@ -560,7 +561,7 @@ impl Pool {
             if let Some(reason) = refused {
                 // Not the endpoint draining: sluice gives the connection up.
                 conn.evicted.store(true, Ordering::Relaxed);
-                return Err(unreachable(format!("TLS: {reason}")));
+                return Err(unreachable(reason));
             }
         }
         {

@@ -24,4 +24,5 @@ mod routing;
 mod raw;
 mod tls;
 mod trailers;
+mod tunnel;
 mod unix;

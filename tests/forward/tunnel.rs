@@ -1,0 +1,427 @@
+//! Issue #12: reverse tunnels. Hubs and agents are real sluices (through
+//! `sluice::run`) in this process, on loopback; each agent forwards to a
+//! tonic echo server of its own, so which one answered tells which agent
+//! a call reached.
+
+use std::{net::SocketAddr, time::Duration};
+
+use sluice::{Config, Running};
+use sluice_testkit::{EchoServer, Req};
+
+use crate::support::*;
+
+/// A hub named `name` on a free port; `extra` is appended to its config.
+async fn hub(name: &str, extra: &str) -> Running {
+    trace_init();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
+         [tunnel.hub]\nlisten = \"127.0.0.1:0\"\nname = \"{name}\"\n{extra}\n\
+         [[routes]]\nupstream = \"agents\"\n"
+    );
+    let config = Config::from_toml_str(&text).expect("hub config");
+    sluice::run(&config).await.expect("hub starts")
+}
+
+fn agent_config(
+    id: &str,
+    host: &str,
+    hubs: &[SocketAddr],
+    upstream: SocketAddr,
+    extra: &str,
+) -> Config {
+    let hubs: Vec<String> = hubs.iter().map(|h| format!("\"{h}\"")).collect();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
+         [upstream]\naddress = \"{upstream}\"\n\
+         [tunnel.agent]\nhubs = [{}]\nid = \"{id}\"\nidentifiers = {{ host = [\"{host}\"] }}\n\
+         backoff_min = \"10ms\"\nbackoff_max = \"50ms\"\n{extra}\n",
+        hubs.join(", ")
+    );
+    Config::from_toml_str(&text).expect("agent config")
+}
+
+/// A sluice in a runtime of its own on its own thread, so that a test
+/// can kill it outright (every socket closed at once, no drain), as a
+/// machine that dies.
+struct Killable {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Killable {
+    fn start(config: Config) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (up, is_up) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let running = sluice::run(&config).await.expect("agent starts");
+                let _ = up.send(());
+                let _ = stopped.await;
+                drop(running);
+            });
+            rt.shutdown_background();
+        });
+        is_up.recv().expect("the agent started");
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn kill(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Killable {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn to(dest: &str, req: Req) -> tonic::Request<Req> {
+    let mut req = tonic::Request::new(req);
+    req.metadata_mut()
+        .insert("x-dest-host", dest.parse().expect("ascii"));
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_through_a_hub_reach_the_agent_named_by_id_or_host() {
+    let hub = hub("hub-1", "").await;
+    let hub_addr = hub.tunnel_addr().expect("a tunnel listener");
+    let (a_app, b_app) = (EchoServer::start().await, EchoServer::start().await);
+    let a = sluice::run(&agent_config(
+        "node-a",
+        "a.internal",
+        &[hub_addr],
+        a_app.addr,
+        "",
+    ))
+    .await
+    .expect("agent a");
+    let b = sluice::run(&agent_config(
+        "node-b",
+        "b.internal",
+        &[hub_addr],
+        b_app.addr,
+        "",
+    ))
+    .await
+    .expect("agent b");
+    eventually("both agents connected", || hub.group_len("agents") == 2).await;
+    let tunnels = a.agent_tunnels().expect("an agent");
+    assert_eq!((tunnels.claimed, tunnels.desired), (1, 1));
+
+    let mut client = sluice_testkit::client(hub.listen_addr());
+    for i in 0..5 {
+        within(
+            "to node-a by id",
+            client.unary(to(
+                "node-a",
+                Req {
+                    seq: i,
+                    ..Req::default()
+                },
+            )),
+        )
+        .await
+        .expect("reached node-a");
+        within(
+            "to node-b by host",
+            client.unary(to(
+                "b.internal",
+                Req {
+                    seq: i,
+                    ..Req::default()
+                },
+            )),
+        )
+        .await
+        .expect("reached node-b");
+    }
+    assert_eq!(a_app.probe.counts().completed, 5);
+    assert_eq!(b_app.probe.counts().completed, 5);
+    // Streams both ways through the tunnel, byte-exact.
+    let replies = within(
+        "a server stream through the tunnel",
+        client.server_stream(to(
+            "node-b",
+            Req {
+                replies: 50,
+                reply_size: 70_000,
+                ..Req::default()
+            },
+        )),
+    )
+    .await
+    .expect("stream");
+    let mut replies = replies.into_inner();
+    let mut n = 0;
+    while let Some(r) = within("a reply", replies.message()).await.expect("ok") {
+        assert_eq!(r.payload.len(), 70_000);
+        n += 1;
+    }
+    assert_eq!(n, 50);
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_loss_fails_its_calls_with_unavailable_at_once_and_removes_it() {
+    let hub = hub("hub-1", "").await;
+    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
+    let app = EchoServer::start().await;
+    let agent = Killable::start(agent_config(
+        "node-a",
+        "a.internal",
+        &[hub_addr],
+        app.addr,
+        "",
+    ));
+    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    let mut client = sluice_testkit::client(hub.listen_addr());
+    within("a call", client.unary(to("node-a", Req::default())))
+        .await
+        .expect("served");
+    let mut slow = client.clone();
+    let in_flight = tokio::spawn(async move {
+        slow.unary(to(
+            "node-a",
+            Req {
+                delay_ms: 8_000,
+                ..Req::default()
+            },
+        ))
+        .await
+    });
+    eventually("the slow call is at the app", || {
+        app.probe.counts().started == 2
+    })
+    .await;
+    let killed = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || agent.kill())
+        .await
+        .expect("killed");
+    let status = within("the call in flight ends", in_flight)
+        .await
+        .expect("joined")
+        .expect_err("its agent is gone");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "at once, not at the call's end"
+    );
+    eventually("the agent left the group", || hub.group_len("agents") == 0).await;
+    let status = within(
+        "a call with no agent",
+        client.unary(to("node-a", Req::default())),
+    )
+    .await
+    .expect_err("no agent");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_never_slows_another_call_on_the_same_tunnel() {
+    let hub = hub("hub-1", "").await;
+    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
+    let app = EchoServer::start().await;
+    let _agent = sluice::run(&agent_config(
+        "node-a",
+        "a.internal",
+        &[hub_addr],
+        app.addr,
+        "",
+    ))
+    .await
+    .expect("agent");
+    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    // Four readers ask for 32 MiB each and read nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut client = raw_client(hub.listen_addr()).await;
+        let mut head = grpc_head("ServerStream");
+        head.headers_mut()
+            .insert("x-dest-host", "node-a".parse().expect("ascii"));
+        let (response, mut body) = client.send_request(head, false).expect("send");
+        body.send_data(
+            grpc_frame(&Req {
+                replies: 512,
+                reply_size: 64 << 10,
+                ..Req::default()
+            }),
+            true,
+        )
+        .expect("data");
+        let response = within("the stalled stream starts", response)
+            .await
+            .expect("response");
+        stalled.push((client, response));
+    }
+    eventually("the app is blocked on the stalled streams", || {
+        app.probe.counts().replies_sent >= 16
+    })
+    .await;
+    let mut other = sluice_testkit::client(hub.listen_addr());
+    let started = std::time::Instant::now();
+    for seq in 0..50 {
+        let reply = within(
+            "a call beside the stalled ones",
+            other.unary(to(
+                "node-a",
+                Req {
+                    seq,
+                    payload: vec![7; 1024].into(),
+                    ..Req::default()
+                },
+            )),
+        )
+        .await
+        .expect("served");
+        assert_eq!(reply.into_inner().seq, seq);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "50 calls took {:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_addresses_of_one_hub_make_one_tunnel() {
+    // The hub says a second hub exists, so the agent wants two tunnels;
+    // both of its addresses lead to hub-1: the second claim is refused
+    // and only one tunnel stays.
+    let hub = hub("hub-1", "peers = [{ name = \"hub-2\" }]").await;
+    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
+    let app = EchoServer::start().await;
+    let agent = sluice::run(&agent_config(
+        "node-a",
+        "a.internal",
+        &[hub_addr, hub_addr],
+        app.addr,
+        "",
+    ))
+    .await
+    .expect("agent");
+    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    eventually("the agent wants two and holds one", || {
+        agent
+            .agent_tunnels()
+            .is_some_and(|t| t.desired == 2 && t.claimed == 1)
+    })
+    .await;
+    // It keeps dialling for hub-2 and landing on hub-1: each of those
+    // tunnels is closed, never added.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(hub.group_len("agents") <= 1, "a duplicate tunnel stayed");
+        assert_eq!(agent.agent_tunnels().expect("agent").claimed, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_released_on_failure_so_the_agent_connects_after_100_failed_dials() {
+    // A port with nothing on it yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let hub_addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let app = EchoServer::start().await;
+    let mut config = agent_config("node-a", "a.internal", &[hub_addr], app.addr, "");
+    let a = config.tunnel.agent.as_mut().expect("agent");
+    a.backoff_min = Duration::from_millis(1);
+    a.backoff_max = Duration::from_millis(2);
+    let agent = sluice::run(&config).await.expect("agent");
+    eventually("100 dials failed", || {
+        agent.agent_tunnels().is_some_and(|t| t.failed_dials >= 100)
+    })
+    .await;
+    let t = agent.agent_tunnels().expect("agent");
+    assert!(t.inflight <= 1, "no leaked lease: {t:?}");
+    // The hub comes up on that port: the agent gets there.
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
+         [tunnel.hub]\nlisten = \"{hub_addr}\"\nname = \"late\"\n[[routes]]\nupstream = \"agents\"\n"
+    );
+    let hub = sluice::run(&Config::from_toml_str(&text).expect("config"))
+        .await
+        .expect("hub");
+    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    let mut client = sluice_testkit::client(hub.listen_addr());
+    within("a call", client.unary(to("node-a", Req::default())))
+        .await
+        .expect("served through the late hub");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_and_a_wrong_version_never_join_the_group() {
+    let hub = hub("hub-1", "tokens = [\"s3cret\"]").await;
+    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
+    let app = EchoServer::start().await;
+    let bad = sluice::run(&agent_config(
+        "bad",
+        "bad.internal",
+        &[hub_addr],
+        app.addr,
+        "token = \"guess\"",
+    ))
+    .await
+    .expect("agent");
+    eventually("the bad agent was refused a few times", || {
+        bad.agent_tunnels().is_some_and(|t| t.failed_dials >= 3)
+    })
+    .await;
+    assert_eq!(hub.group_len("agents"), 0);
+    let good = sluice::run(&agent_config(
+        "good",
+        "good.internal",
+        &[hub_addr],
+        app.addr,
+        "token = \"s3cret\"",
+    ))
+    .await
+    .expect("agent");
+    eventually("the good agent connected", || hub.group_len("agents") == 1).await;
+    assert_eq!(good.agent_tunnels().expect("agent").failed_dials, 0);
+    // A peer that speaks an unknown version: 426 with the reason.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(hub_addr)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"GET /sluice-tunnel HTTP/1.1\r\nhost: hub\r\nconnection: upgrade\r\nupgrade: sluice-tunnel/1\r\n\
+          authorization: Bearer s3cret\r\nsluice-agent-id: x\r\nsluice-versions: 9\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut answer = String::new();
+    within("the refusal", tcp.read_to_string(&mut answer))
+        .await
+        .expect("read");
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert!(answer.contains("no common protocol version"), "{answer}");
+    // One that opens the Upgrade and stalls costs the handshake timeout.
+    let mut stall = tokio::net::TcpStream::connect(hub_addr)
+        .await
+        .expect("connect");
+    stall
+        .write_all(b"GET /sluice-tunnel HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    assert_eq!(hub.group_len("agents"), 1);
+}
