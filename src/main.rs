@@ -155,6 +155,34 @@ fn check(file: &std::path::Path) -> ExitCode {
                     upstream_tls(group.tls.as_ref())
                 );
             }
+            if let Some(hub) = &config.tunnel.hub {
+                println!(
+                    "  hub       {} on {} (group {}, generation {}), agents join group {}{}",
+                    hub.name,
+                    hub.listen,
+                    hub.hub_group,
+                    hub.generation,
+                    hub.group,
+                    if hub.tokens.is_empty() {
+                        "; no token asked"
+                    } else {
+                        "; token asked"
+                    }
+                );
+            }
+            if let Some(agent) = &config.tunnel.agent {
+                let hubs: Vec<String> = agent.hubs.iter().map(ToString::to_string).collect();
+                println!(
+                    "  agent     {} dials {} ({}), serving calls to {}",
+                    agent.id,
+                    hubs.join(", "),
+                    match agent.connections {
+                        0 => "a tunnel per hub".to_owned(),
+                        n => format!("at most {n} tunnels"),
+                    },
+                    config.upstream.address
+                );
+            }
             for line in sluice::describe_routes(&config) {
                 println!("  {line}");
             }
@@ -200,6 +228,9 @@ async fn serve(config: Config) -> ExitCode {
         Some(a) => format!(" (h2c) and {a} (TLS)"),
         None => " (h2c)".to_owned(),
     };
+    if let Some(addr) = running.tunnel_addr() {
+        info!(%addr, "tunnel hub: agents dial {addr}");
+    }
     info!(
         listen = %running.listen_addr(),
         upstream = %config.upstream.address,

@@ -557,3 +557,79 @@ async fn sighup_reloads_the_certificates() {
     .await
     .expect("the new certificate is served after SIGHUP");
 }
+
+/// Issue #12's acceptance: `config/hub.toml` and `config/agent.toml` run
+/// as two real binaries, with a tonic upstream behind the agent: a call to
+/// the hub reaches the application through the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_and_agent_example_configs_tunnel_a_call() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for file in ["hub.toml", "agent.toml"] {
+        let out = sluice()
+            .arg("check")
+            .arg(dir.join(file))
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let hub_text = std::fs::read_to_string(dir.join("hub.toml"))
+        .expect("hub.toml")
+        .replace("0.0.0.0:15052", &format!("127.0.0.1:{port}"));
+    let hub_file = write_config(&hub_text);
+    let (_hub, hub_addr) = spawn(&[
+        "--config",
+        hub_file.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+    ]);
+    let app = EchoServer::start().await;
+    let agent_text = std::fs::read_to_string(dir.join("agent.toml"))
+        .expect("agent.toml")
+        .replace("127.0.0.1:15052", &format!("127.0.0.1:{port}"));
+    let agent_file = write_config(&agent_text);
+    let app_addr = app.addr.to_string();
+    let (_agent, _) = spawn(&[
+        "--config",
+        agent_file.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &app_addr,
+        "--admin",
+        "off",
+    ]);
+    let mut client = sluice_testkit::client(hub_addr);
+    // The agent dials in on its own time: call until it is there.
+    let reply = tokio::time::timeout(LIMIT, async {
+        loop {
+            let mut req = tonic::Request::new(Req {
+                seq: 42,
+                ..Req::default()
+            });
+            req.metadata_mut()
+                .insert("x-dest-host", "node-1.internal".parse().expect("ascii"));
+            match client.unary(req).await {
+                Ok(reply) => break reply.into_inner(),
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(s) => panic!("not a missing agent: {s:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the call reached the application through the tunnel");
+    assert_eq!(reply.seq, 42);
+    assert_eq!(app.probe.counts().completed, 1);
+}
