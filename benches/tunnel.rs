@@ -34,7 +34,9 @@ fn phase() -> Duration {
 /// `AGENTS × PER_AGENT` callers, each calling in a loop until `dur` ends;
 /// with `dest`, each caller's calls carry its agent's id.
 async fn load(addr: SocketAddr, dest: bool, dur: Duration) -> (u64, f64, Vec<u32>) {
-    let clients: Vec<EchoClient<Channel>> = (0..CONNECTIONS).map(|_| sluice_testkit::client(addr)).collect();
+    let clients: Vec<EchoClient<Channel>> = (0..CONNECTIONS)
+        .map(|_| sluice_testkit::client(addr))
+        .collect();
     let end = Instant::now() + dur;
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

@@ -28,8 +28,9 @@ pub use self::tls::{
     IdentityConfig, RoleSource, ServerTlsConfig, TlsConfig, UpstreamTlsConfig,
 };
 pub use self::tunnel::{
-    AgentConfig, DEFAULT_AGENT_GROUP, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN, DEFAULT_HUB_EXPIRY,
-    DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT, HubConfig, HubPeerConfig, IdentifiersConfig, TunnelConfig,
+    AgentConfig, DEFAULT_AGENT_GROUP, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN,
+    DEFAULT_DISCOVERY_INTERVAL, DEFAULT_HUB_EXPIRY, DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT, HubConfig,
+    HubPeerConfig, IdentifiersConfig, TunnelConfig,
 };
 use self::value::MAX_WINDOW;
 pub use self::value::{ByteSize, HostPort, WindowSize};

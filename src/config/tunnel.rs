@@ -117,6 +117,10 @@ pub struct AgentConfig {
     /// Longest wait between dials.
     #[serde(default = "default_backoff_max", with = "value::duration")]
     pub backoff_max: Duration,
+    /// How often a hub is asked which hubs exist (a new generation, hubs
+    /// kept past the expiry).
+    #[serde(default = "default_discovery_interval", with = "value::duration")]
+    pub discovery_interval: Duration,
 }
 
 fn default_hub_group() -> String {
@@ -134,6 +138,14 @@ fn default_handshake_timeout() -> Duration {
 fn default_expiry() -> Duration {
     DEFAULT_HUB_EXPIRY
 }
+/// How often an agent asks which hubs exist: 60 s, a third of the
+/// expiry, so a hub heard of stays known.
+pub const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(60);
+
+fn default_discovery_interval() -> Duration {
+    DEFAULT_DISCOVERY_INTERVAL
+}
+
 fn default_backoff_min() -> Duration {
     DEFAULT_BACKOFF_MIN
 }
@@ -213,6 +225,12 @@ impl super::Config {
                 return bad(
                     "tunnel.agent.token",
                     "a token is printable ASCII without spaces".to_owned(),
+                );
+            }
+            if agent.discovery_interval.is_zero() {
+                return bad(
+                    "tunnel.agent.discovery_interval",
+                    "must be above zero".to_owned(),
                 );
             }
             if agent.backoff_min.is_zero() || agent.backoff_max < agent.backoff_min {

@@ -37,6 +37,11 @@ use crate::{
     window::RecvBody,
 };
 
+/// How long a tunnel to an older hub generation keeps taking calls once
+/// the new tunnels are claimed: the new hubs add the agent to their group
+/// only after a round trip on the new tunnel.
+const SURPLUS_GRACE: Duration = Duration::from_secs(1);
+
 /// What every tunnel task of the agent shares.
 #[derive(Debug)]
 struct Dialer {
@@ -73,6 +78,7 @@ pub(crate) async fn run<S, B>(
             },
             versions: handshake::VERSIONS.to_vec(),
             token: config.token.clone(),
+            discover: false,
         },
         failures: AtomicU32::new(0),
         config,
@@ -81,6 +87,12 @@ pub(crate) async fn run<S, B>(
     tokio::pin!(draining);
     let mut tunnels = JoinSet::new();
     let mut next = 0usize;
+    // Asks a hub (the next address) which hubs exist, now and then: how an
+    // agent holding every tunnel it wants hears of a new generation, and
+    // how known hubs stay known past the expiry.
+    let mut discover = tokio::time::interval(dialer.config.discovery_interval);
+    discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    discover.tick().await;
     loop {
         let changed = tracker.changed();
         tokio::pin!(changed);
@@ -103,6 +115,12 @@ pub(crate) async fn run<S, B>(
             _ = &mut draining => break,
             () = &mut changed => {}
             Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
+            _ = discover.tick() => {
+                let hubs = &dialer.config.hubs;
+                let hub = hubs[next % hubs.len()].clone();
+                next = next.wrapping_add(1);
+                tunnels.spawn(discovery(hub, dialer.clone(), tracker.clone()));
+            }
         }
     }
     info!("draining: no more tunnel dials");
@@ -175,8 +193,13 @@ async fn tunnel<S, B>(
             && tracker.is_surplus(&name)
             && let Some(signal) = signal.take()
         {
-            info!(%hub, hub_name = %name, "a newer hub generation holds the tunnels wanted; closing this one");
-            tokio::spawn(signal.drain());
+            info!(%hub, hub_name = %name, ?SURPLUS_GRACE, "a newer hub generation holds the tunnels wanted; closing this one");
+            // The grace lets the new hub finish taking the new tunnel in
+            // (its first PING) before this one stops taking calls.
+            tokio::spawn(async move {
+                tokio::time::sleep(SURPLUS_GRACE).await;
+                signal.drain().await;
+            });
         }
         tokio::select! {
             () = &mut serve => break,
@@ -189,6 +212,29 @@ async fn tunnel<S, B>(
         }
     }
     info!(%hub, hub_name = %name, "tunnel closed");
+}
+
+/// One discovery: the handshake with `sluice-discover`, whose 204 answer
+/// lists the hubs that exist; no tunnel.
+async fn discovery(hub: HostPort, dialer: Arc<Dialer>, tracker: Arc<Tracker>) {
+    let deadline = Instant::now() + dialer.config.handshake_timeout;
+    let hello = AgentHello {
+        discover: true,
+        ..dialer.hello.clone()
+    };
+    let asked = async {
+        let mut io = tokio::time::timeout_at(deadline, Stream::connect(&hub))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        handshake::agent(&mut io, &hello, &hub.to_string(), deadline)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match asked.await {
+        Ok(answer) => tracker.track(std::iter::once(answer.hub).chain(answer.hubs)),
+        Err(reason) => debug!(%hub, %reason, "hub discovery failed"),
+    }
 }
 
 /// Waits `backoff_min × 2^failures` (at most `backoff_max`), with full

@@ -45,6 +45,9 @@ pub(crate) struct AgentHello {
     pub(crate) identifiers: Identifiers,
     pub(crate) versions: Vec<u32>,
     pub(crate) token: Option<String>,
+    /// Only asking which hubs exist (no tunnel): the hub answers 204 with
+    /// its gossip and closes.
+    pub(crate) discover: bool,
 }
 
 /// The hub's answer.
@@ -159,6 +162,9 @@ impl AgentHello {
         if let Some(token) = &self.token {
             let _ = write!(req, "authorization: Bearer {token}\r\n");
         }
+        if self.discover {
+            req.push_str("sluice-discover: true\r\n");
+        }
         req.push_str("\r\n");
         req
     }
@@ -185,7 +191,8 @@ where
             _ => return Err(HandshakeError::Malformed("not an HTTP/1.1 response".into())),
         }
         let status = res.code.unwrap_or(0);
-        if status != 101 {
+        let expected = if hello.discover { 204 } else { 101 };
+        if status != expected {
             let reason = header(res.headers, "sluice-refusal")
                 .unwrap_or(res.reason.unwrap_or("no reason given"))
                 .to_owned();
@@ -193,7 +200,7 @@ where
         }
         let version = header(res.headers, "sluice-version")
             .and_then(|v| v.parse().ok())
-            .filter(|v| hello.versions.contains(v))
+            .filter(|v| hello.versions.contains(v) || hello.discover)
             .ok_or_else(|| HandshakeError::Malformed("no version this agent speaks".into()))?;
         let hub = header(res.headers, "sluice-hub")
             .and_then(parse_hub)
@@ -258,12 +265,21 @@ where
             });
         };
         let hubs: Vec<String> = policy.hubs.iter().map(hub_field).collect();
-        let res = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {UPGRADE}\r\n\
-             sluice-version: {version}\r\nsluice-hub: {}\r\nsluice-hubs: {}\r\n\r\n",
-            hub_field(&policy.me),
-            hubs.join(", ")
-        );
+        let res = if hello.discover {
+            format!(
+                "HTTP/1.1 204 No Content\r\nsluice-version: {version}\r\nsluice-hub: {}\r\n\
+                 sluice-hubs: {}\r\nconnection: close\r\n\r\n",
+                hub_field(&policy.me),
+                hubs.join(", ")
+            )
+        } else {
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {UPGRADE}\r\n\
+                 sluice-version: {version}\r\nsluice-hub: {}\r\nsluice-hubs: {}\r\n\r\n",
+                hub_field(&policy.me),
+                hubs.join(", ")
+            )
+        };
         io.write_all(res.as_bytes()).await?;
         io.flush().await?;
         Ok((hello, version))
@@ -320,6 +336,7 @@ fn parse_agent(head: &[u8], policy: &HubPolicy) -> Result<AgentHello, (u16, Stri
         identifiers,
         versions: versions(header(req.headers, "sluice-versions").unwrap_or("")),
         token: None,
+        discover: header(req.headers, "sluice-discover") == Some("true"),
     })
 }
 
@@ -377,6 +394,7 @@ mod tests {
             },
             versions: versions.to_vec(),
             token: token.map(str::to_owned),
+            discover: false,
         }
     }
 

@@ -114,6 +114,10 @@ async fn tunnel(
             return;
         }
     };
+    if hello.discover {
+        debug!(agent = %hello.id, %peer, "agent asked which hubs exist");
+        return;
+    }
     let id = hello.id.clone();
     let mut ids = vec![hello.id.clone()];
     let i = &hello.identifiers;

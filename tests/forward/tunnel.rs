@@ -425,3 +425,99 @@ async fn a_bad_token_and_a_wrong_version_never_join_the_group() {
         .expect("write");
     assert_eq!(hub.group_len("agents"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunnel_closes() {
+    let old = std::sync::Arc::new(hub("hub-old", "generation = 1").await);
+    let old_addr = old.tunnel_addr().expect("tunnel listener");
+    // The new hub's port, free until it starts.
+    let new_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let new_addr: SocketAddr = format!("127.0.0.1:{new_port}").parse().expect("addr");
+    let app = EchoServer::start().await;
+    let agent = sluice::run(&agent_config(
+        "node-a",
+        "a.internal",
+        &[old_addr, new_addr],
+        app.addr,
+        "discovery_interval = \"50ms\"",
+    ))
+    .await
+    .expect("agent");
+    eventually("the agent is on the old hub", || {
+        old.group_len("agents") == 1
+    })
+    .await;
+
+    // Load: through whichever hub has the agent, the new one as soon as it
+    // does (as clients behind a load balancer move).
+    let new_slot: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<Running>>>> =
+        std::sync::Arc::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (old, new_slot, stop) = (old.clone(), new_slot.clone(), stop.clone());
+        async move {
+            let mut to_old = sluice_testkit::client(old.listen_addr());
+            let mut to_new = None;
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let new = new_slot.lock().expect("slot").clone();
+                let client = match &new {
+                    Some(new) if new.group_len("agents") == 1 => {
+                        to_new.get_or_insert_with(|| sluice_testkit::client(new.listen_addr()))
+                    }
+                    _ => &mut to_old,
+                };
+                match client.unary(to("node-a", Req::default())).await {
+                    Ok(_) => ok += 1,
+                    Err(s) => failed.push(format!("{:?}: {}", s.code(), s.message())),
+                }
+            }
+            (ok, failed)
+        }
+    });
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
+         [tunnel.hub]\nlisten = \"{new_addr}\"\nname = \"hub-new\"\ngeneration = 2\n\
+         [[routes]]\nupstream = \"agents\"\n"
+    );
+    let new = std::sync::Arc::new(
+        sluice::run(&Config::from_toml_str(&text).expect("config"))
+            .await
+            .expect("new hub"),
+    );
+    *new_slot.lock().expect("slot") = Some(new.clone());
+    // Make-before-break: the new tunnel exists while the old one still does.
+    let mut both = false;
+    within("the agent moved to the new hub", async {
+        loop {
+            let (n, o) = (new.group_len("agents"), old.group_len("agents"));
+            assert!(n == 1 || o == 1, "a moment with no tunnel at all");
+            both |= n == 1 && o == 1;
+            if n == 1 && o == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        both,
+        "the old tunnel closed only once the new one was there"
+    );
+    let t = agent.agent_tunnels().expect("agent");
+    assert_eq!((t.desired, t.claimed), (1, 1), "{t:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = within("the load", load).await.expect("load task");
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 50, "the load ran: {ok}");
+}
