@@ -428,7 +428,15 @@ async fn a_bad_token_and_a_wrong_version_never_join_the_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunnel_closes() {
-    let old = std::sync::Arc::new(hub("hub-old", "generation = 1").await);
+    // The old hub already tells of the new generation, which is not up
+    // yet: the agent must keep its old tunnel while it cannot reach it.
+    let old = std::sync::Arc::new(
+        hub(
+            "hub-old",
+            "generation = 1\npeers = [{ name = \"hub-new\", generation = 2 }]",
+        )
+        .await,
+    );
     let old_addr = old.tunnel_addr().expect("tunnel listener");
     // The new hub's port, free until it starts.
     let new_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -451,6 +459,16 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
         old.group_len("agents") == 1
     })
     .await;
+    eventually("the agent tried the unreachable new hub many times", || {
+        agent.agent_tunnels().is_some_and(|t| t.failed_dials >= 40)
+    })
+    .await;
+    assert_eq!(
+        old.group_len("agents"),
+        1,
+        "the old tunnel stays while no new one exists"
+    );
+    assert_eq!(agent.agent_tunnels().expect("agent").desired, 1);
 
     // Load: through whichever hub has the agent, the new one as soon as it
     // does (as clients behind a load balancer move).
