@@ -459,17 +459,6 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
         old.group_len("agents") == 1
     })
     .await;
-    eventually("the agent tried the unreachable new hub many times", || {
-        agent.agent_tunnels().is_some_and(|t| t.failed_dials >= 40)
-    })
-    .await;
-    assert_eq!(
-        old.group_len("agents"),
-        1,
-        "the old tunnel stays while no new one exists"
-    );
-    assert_eq!(agent.agent_tunnels().expect("agent").desired, 1);
-
     // Load: through whichever hub has the agent, the new one as soon as it
     // does (as clients behind a load balancer move).
     let new_slot: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<Running>>>> =
@@ -497,6 +486,17 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
             (ok, failed)
         }
     });
+    eventually("the agent tried the unreachable new hub many times", || {
+        agent.agent_tunnels().is_some_and(|t| t.failed_dials >= 40)
+    })
+    .await;
+    assert_eq!(
+        old.group_len("agents"),
+        1,
+        "the old tunnel stays while no new one exists"
+    );
+    assert_eq!(agent.agent_tunnels().expect("agent").desired, 1);
+
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
          [tunnel.hub]\nlisten = \"{new_addr}\"\nname = \"hub-new\"\ngeneration = 2\n\
