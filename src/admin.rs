@@ -33,6 +33,10 @@ pub(crate) struct State {
     pub(crate) counters: Arc<Counters>,
     pub(crate) pool: Pool,
     pub(crate) ready_requires_upstream: bool,
+    /// A hub's agents' group: `/ready` needs one agent when asked to.
+    pub(crate) agents: Option<Arc<crate::upstream::Group>>,
+    pub(crate) ready_requires_agents: bool,
+    pub(crate) tracker: Option<Arc<crate::tunnel::tracker::Tracker>>,
 }
 
 /// Serves admin connections until the task is aborted.
@@ -83,11 +87,28 @@ async fn handle(
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if state.ready_requires_upstream && !state.pool.reachable().await {
                 text(StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n")
+            } else if state.ready_requires_agents
+                && state.agents.as_ref().is_none_or(|g| g.len() == 0)
+            {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no agent connected\n")
             } else {
                 text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/metrics") => {
+            let agent = state.tracker.as_ref().map(|t| {
+                let s = t.snapshot();
+                crate::telemetry::metrics::TunnelView {
+                    desired: s.desired,
+                    claimed: s.claimed,
+                    inflight: s.inflight,
+                    failed_dials: s.failed_dials,
+                    hubs: t.claimed_hubs(),
+                }
+            });
+            state
+                .metrics
+                .set_tunnels(agent, state.agents.as_ref().map(|g| g.len()));
             let mut res = Response::new(Full::new(Bytes::from(
                 state.metrics.encode(&state.counters, &state.drain),
             )));

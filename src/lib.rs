@@ -193,6 +193,16 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     let (abort, aborted) = watch::channel(false);
     let drain_requested = Arc::new(Notify::new());
 
+    let tracker = config
+        .tunnel
+        .agent
+        .as_ref()
+        .map(|a| tunnel::tracker::Tracker::new(a.expiry, a.connections));
+    let agents = config
+        .tunnel
+        .hub
+        .as_ref()
+        .and_then(|h| groups.group(&h.group));
     let (admin, admin_task) = match config.admin.listen {
         AdminListen::Off => (None, None),
         AdminListen::On(addr) => {
@@ -205,6 +215,9 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                 counters: counters.clone(),
                 pool: groups.default_pool(),
                 ready_requires_upstream: config.admin.ready_requires_upstream,
+                agents: agents.clone(),
+                ready_requires_agents: config.admin.ready_requires_agents,
+                tracker: tracker.clone(),
             });
             (
                 Some(bound),
@@ -241,7 +254,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     if let (Some(hub), Some((listener, _))) = (&config.tunnel.hub, hub_listener) {
         // Groups::from_config creates the agents' group when the config
         // does not.
-        let group = groups.group(&hub.group).expect("the agents' group exists");
+        let group = agents.clone().expect("the agents' group exists");
         let upstream = config
             .upstreams
             .get(&hub.group)
@@ -258,10 +271,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
             .serve(),
         ));
     }
-    let mut tracker = None;
-    if let Some(agent) = &config.tunnel.agent {
-        let t = tunnel::tracker::Tracker::new(agent.expiry, agent.connections);
-        tracker = Some(t.clone());
+    if let (Some(agent), Some(t)) = (&config.tunnel.agent, tracker.clone()) {
         tunnel_tasks.push(tokio::spawn(tunnel::agent::run(
             agent.clone(),
             t,

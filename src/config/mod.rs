@@ -507,6 +507,9 @@ pub struct AdminConfig {
     /// Whether `/ready` also requires a reachable upstream (a connection
     /// open, or a dial that succeeds within `upstream.connect_timeout`).
     pub ready_requires_upstream: bool,
+    /// Whether `/ready` also requires at least one connected tunnel agent
+    /// (a hub only).
+    pub ready_requires_agents: bool,
 }
 
 /// Where the admin server listens.
@@ -1015,6 +1018,7 @@ impl Default for AdminConfig {
         Self {
             listen: AdminListen::On(DEFAULT_ADMIN_LISTEN.parse().expect("literal address")),
             ready_requires_upstream: false,
+            ready_requires_agents: false,
         }
     }
 }

@@ -204,6 +204,12 @@ impl super::Config {
                 );
             }
         }
+        if self.admin.ready_requires_agents && self.tunnel.hub.is_none() {
+            return bad(
+                "admin.ready_requires_agents",
+                "only a tunnel hub has agents ([tunnel.hub] is not set)".to_owned(),
+            );
+        }
         if let Some(agent) = &self.tunnel.agent {
             if agent.hubs.is_empty() {
                 return bad(

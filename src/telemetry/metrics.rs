@@ -86,6 +86,22 @@ pub(crate) struct ReloadLabels {
     outcome: &'static str,
 }
 
+/// A hub an agent holds a tunnel to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct HubLabels {
+    hub: String,
+}
+
+/// What a tunnel agent holds, read at scrape time.
+#[derive(Debug, Default)]
+pub(crate) struct TunnelView {
+    pub(crate) desired: usize,
+    pub(crate) claimed: usize,
+    pub(crate) inflight: usize,
+    pub(crate) failed_dials: u64,
+    pub(crate) hubs: Vec<String>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RefusalLabels {
     pub(crate) reason: RefusalReason,
@@ -105,6 +121,12 @@ pub(crate) struct Metrics {
     fanout_outcomes: Family<FanoutLabels, Counter>,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     tls_reloads: Family<ReloadLabels, Counter>,
+    agent_hubs_desired: Gauge,
+    agent_hubs_claimed: Gauge,
+    agent_dials_in_flight: Gauge,
+    agent_dials_failed: Gauge,
+    agent_tunnels: Family<HubLabels, Gauge>,
+    hub_agents: Gauge,
 }
 
 // === impl Metrics ===
@@ -193,8 +215,53 @@ impl Metrics {
                 "tls_reloads",
                 "Reloads of certificates, keys and CA bundles, by material and outcome",
             ),
+            agent_hubs_desired: register(
+                &mut registry,
+                "agent_hubs_desired",
+                "Tunnel agent: hubs of the newest generation of their group",
+            ),
+            agent_hubs_claimed: register(
+                &mut registry,
+                "agent_hubs_claimed",
+                "Tunnel agent: hubs it holds a tunnel to",
+            ),
+            agent_dials_in_flight: register(
+                &mut registry,
+                "agent_dials_in_flight",
+                "Tunnel agent: dials under way",
+            ),
+            agent_dials_failed: register(
+                &mut registry,
+                "agent_dials_failed",
+                "Tunnel agent: dials that failed since the start",
+            ),
+            agent_tunnels: register(
+                &mut registry,
+                "agent_tunnels",
+                "Tunnel agent: tunnels per hub",
+            ),
+            hub_agents: register(&mut registry, "hub_agents", "Tunnel hub: agents connected"),
             calls,
             registry,
+        }
+    }
+
+    /// Sets the tunnel gauges before a scrape: the agent's view, and the
+    /// hub's count of agents.
+    pub(crate) fn set_tunnels(&self, agent: Option<TunnelView>, hub_agents: Option<usize>) {
+        if let Some(v) = agent {
+            self.agent_hubs_desired.set(gauge(v.desired));
+            self.agent_hubs_claimed.set(gauge(v.claimed));
+            self.agent_dials_in_flight.set(gauge(v.inflight));
+            self.agent_dials_failed
+                .set(i64::try_from(v.failed_dials).unwrap_or(i64::MAX));
+            self.agent_tunnels.clear();
+            for hub in v.hubs {
+                self.agent_tunnels.get_or_create(&HubLabels { hub }).set(1);
+            }
+        }
+        if let Some(n) = hub_agents {
+            self.hub_agents.set(gauge(n));
         }
     }
 

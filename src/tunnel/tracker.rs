@@ -166,6 +166,13 @@ impl Tracker {
         }
     }
 
+    /// The hubs with a tunnel now.
+    pub(crate) fn claimed_hubs(&self) -> Vec<String> {
+        let mut hubs: Vec<String> = self.lock().claimed.iter().cloned().collect();
+        hubs.sort();
+        hubs
+    }
+
     /// Counts a failed dial.
     pub(crate) fn dial_failed(&self) {
         self.failed_dials

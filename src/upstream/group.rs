@@ -195,7 +195,7 @@ impl Group {
         upstream.max_connections = 1;
         upstream.idle_timeout = TUNNEL_IDLE;
         upstream.tls = None;
-        let endpoint = Arc::new(Endpoint {
+        Arc::new(Endpoint {
             address: upstream.address.clone(),
             pool: Pool::new(upstream, Connector::tunnel(stream), counters.clone()),
             rtt: Mutex::new(PeakEwma {
@@ -207,8 +207,7 @@ impl Group {
             configured_id: Some(agent.id.to_owned()),
             label: agent.id.to_owned(),
             default_route: agent.default_route,
-        });
-        endpoint
+        })
     }
 
     /// Adds `endpoint` to the group.

@@ -539,3 +539,51 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
     );
     assert!(ok > 50, "the load ran: {ok}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_an_agent_and_metrics_count_tunnels() {
+    trace_init();
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\nready_requires_agents = true\n\
+                [tunnel.hub]\nlisten = \"127.0.0.1:0\"\nname = \"hub-1\"\n[[routes]]\nupstream = \"agents\"\n";
+    let hub = sluice::run(&Config::from_toml_str(text).expect("config"))
+        .await
+        .expect("hub");
+    let hub_admin = hub.admin_addr().expect("admin");
+    let (status, body) = admin(hub_admin, "GET", "/ready").await;
+    assert_eq!((status, body.as_str()), (503, "no agent connected\n"));
+    let app = EchoServer::start().await;
+    let mut config = agent_config(
+        "node-a",
+        "a.internal",
+        &[hub.tunnel_addr().expect("tunnel")],
+        app.addr,
+        "",
+    );
+    config.admin.listen = sluice::config::AdminListen::On("127.0.0.1:0".parse().expect("addr"));
+    let agent = sluice::run(&config).await.expect("agent");
+    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    let (status, _) = admin(hub_admin, "GET", "/ready").await;
+    assert_eq!(status, 200);
+    let scrape = crate::metrics::scrape(hub_admin).await;
+    assert_eq!(
+        crate::metrics::value(&scrape, "sluice_hub_agents", &[]),
+        1.0
+    );
+    let scrape = crate::metrics::scrape(agent.admin_addr().expect("admin")).await;
+    assert_eq!(
+        crate::metrics::value(&scrape, "sluice_agent_hubs_claimed", &[]),
+        1.0
+    );
+    assert_eq!(
+        crate::metrics::value(&scrape, "sluice_agent_hubs_desired", &[]),
+        1.0
+    );
+    assert_eq!(
+        crate::metrics::value(&scrape, "sluice_agent_tunnels", &[("hub", "hub-1")]),
+        1.0
+    );
+    // Only a hub has agents to wait for.
+    let err =
+        Config::from_toml_str("[admin]\nready_requires_agents = true\n").expect_err("not a hub");
+    assert!(err.to_string().contains("[tunnel.hub]"), "{err}");
+}
