@@ -8,7 +8,8 @@
 //! tunnel ends its endpoint leaves the group, and calls in flight on it
 //! fail with UNAVAILABLE at once (the connection is gone). An agent that
 //! drains sends GOAWAY on its tunnel: its endpoint counts as draining and
-//! is chosen last.
+//! is chosen last. When the hub drains, each tunnel closes as soon as its
+//! calls are done, so its agent re-homes at once.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -90,8 +91,15 @@ impl Hub {
             }
         }
         drop(self.listener);
-        // The tunnels' tasks only watch for their end; the endpoints stay
-        // in the group until the pools close.
+        // The drain has begun: no call is let in any more, so the tunnels
+        // take none. Each closes once its calls are done, and its agent
+        // dials elsewhere (this hub's port is closed) without waiting for
+        // the rest of the drain.
+        info!(
+            agents = self.group.len(),
+            "draining: closing agent tunnels as their calls end"
+        );
+        self.group.close();
         tunnels.detach_all();
     }
 }

@@ -218,6 +218,13 @@ impl Group {
         *endpoints = list.into();
     }
 
+    /// Closes every endpoint's connections once their calls are done.
+    pub(crate) fn close(&self) {
+        for endpoint in self.snapshot().iter() {
+            endpoint.pool.close();
+        }
+    }
+
     /// Takes `endpoint` out of the group; calls already on it go on.
     pub(crate) fn remove(&self, endpoint: &Arc<Endpoint>) {
         let mut endpoints = self.endpoints.write().expect("endpoints lock");
@@ -349,9 +356,7 @@ impl Groups {
             task.abort();
         }
         for group in self.by_name.values() {
-            for endpoint in group.snapshot().iter() {
-                endpoint.pool.close();
-            }
+            group.close();
         }
     }
 }

@@ -587,3 +587,69 @@ async fn ready_waits_for_an_agent_and_metrics_count_tunnels() {
         Config::from_toml_str("[admin]\nready_requires_agents = true\n").expect_err("not a hub");
     assert!(err.to_string().contains("[tunnel.hub]"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_hub_closes_its_tunnels_and_the_agent_rehomes() {
+    let a = hub("hub-a", "peers = [{ name = \"hub-b\" }]").await;
+    let b = hub("hub-b", "peers = [{ name = \"hub-a\" }]").await;
+    let (a_addr, b_addr) = (a.tunnel_addr().expect("a"), b.tunnel_addr().expect("b"));
+    let (app, slow_app) = (EchoServer::start().await, EchoServer::start().await);
+    // One tunnel each at most: an agent holds one hub at a time.
+    let _agent = sluice::run(&agent_config(
+        "node-a",
+        "a.internal",
+        &[a_addr, b_addr],
+        app.addr,
+        "connections = 1",
+    ))
+    .await
+    .expect("agent");
+    let _slow = sluice::run(&agent_config(
+        "node-slow",
+        "slow.internal",
+        &[a_addr, b_addr],
+        slow_app.addr,
+        "connections = 1",
+    ))
+    .await
+    .expect("agent");
+    eventually("both agents are on hub-a", || a.group_len("agents") == 2).await;
+    // A long call through hub-a holds its drain open.
+    let mut client = sluice_testkit::client(a.listen_addr());
+    let long = tokio::spawn(async move {
+        client
+            .unary(to(
+                "node-slow",
+                Req {
+                    delay_ms: 3_000,
+                    ..Req::default()
+                },
+            ))
+            .await
+    });
+    eventually("the long call is at its app", || {
+        slow_app.probe.counts().started == 1
+    })
+    .await;
+    let drain = tokio::spawn(a.drain());
+    // The idle agent's tunnel closes at the drain's start: it re-homes
+    // while hub-a still drains.
+    eventually("node-a re-homed to hub-b", || b.group_len("agents") >= 1).await;
+    let mut to_b = sluice_testkit::client(b.listen_addr());
+    within(
+        "a call to node-a through hub-b",
+        to_b.unary(to("node-a", Req::default())),
+    )
+    .await
+    .expect("served");
+    assert!(
+        !drain.is_finished(),
+        "re-homed before hub-a finished draining"
+    );
+    within("the long call", long)
+        .await
+        .expect("joined")
+        .expect("the call in flight through the draining hub completes");
+    let report = within("hub-a's drain", drain).await.expect("joined");
+    assert_eq!(report.cut_off, 0);
+}
