@@ -653,3 +653,78 @@ async fn a_draining_hub_closes_its_tunnels_and_the_agent_rehomes() {
     let report = within("hub-a's drain", drain).await.expect("joined");
     assert_eq!(report.cut_off, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agent_is_chosen_last() {
+    let hub = hub("hub-1", "").await;
+    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
+    let (one_app, two_app) = (EchoServer::start().await, EchoServer::start().await);
+    let one = sluice::run(&agent_config(
+        "one",
+        "shared.internal",
+        &[hub_addr],
+        one_app.addr,
+        "",
+    ))
+    .await
+    .expect("agent one");
+    let _two = sluice::run(&agent_config(
+        "two",
+        "shared.internal",
+        &[hub_addr],
+        two_app.addr,
+        "",
+    ))
+    .await
+    .expect("agent two");
+    eventually("both agents connected", || hub.group_len("agents") == 2).await;
+    // A long call on agent one holds its drain (and its tunnel) open.
+    let mut client = sluice_testkit::client(hub.listen_addr());
+    let mut long_client = client.clone();
+    let long = tokio::spawn(async move {
+        long_client
+            .unary(to(
+                "one",
+                Req {
+                    delay_ms: 2_000,
+                    ..Req::default()
+                },
+            ))
+            .await
+    });
+    eventually("the long call is at agent one's app", || {
+        one_app.probe.counts().started == 1
+    })
+    .await;
+    let drain = tokio::spawn(one.drain());
+    // GOAWAY on its tunnel: once the hub has read it, calls that both
+    // agents could take go to the one that is not draining.
+    within("the hub sees agent one draining", async {
+        while two_app.probe.counts().completed == 0 {
+            client
+                .unary(to("shared.internal", Req::default()))
+                .await
+                .expect("served by one agent or the other");
+        }
+    })
+    .await;
+    let before = two_app.probe.counts().completed;
+    for _ in 0..20 {
+        within(
+            "a call to the shared host",
+            client.unary(to("shared.internal", Req::default())),
+        )
+        .await
+        .expect("served");
+    }
+    assert_eq!(
+        two_app.probe.counts().completed - before,
+        20,
+        "every call went to the agent that is not draining"
+    );
+    within("the long call", long)
+        .await
+        .expect("joined")
+        .expect("completes on the draining agent");
+    within("agent one's drain", drain).await.expect("joined");
+}
