@@ -145,7 +145,18 @@ pub struct DrainReport {
 /// [`RunError::Tls`] when TLS material cannot be used.
 pub async fn run(config: &Config) -> Result<Running, RunError> {
     let server_tls = match &config.server.tls {
-        Some(t) => Some(Arc::new(tls::server::ServerTls::new(t)?)),
+        Some(t) => Some(Arc::new(tls::server::ServerTls::new("server.tls", t)?)),
+        None => None,
+    };
+    let hub_tls = match config.tunnel.hub.as_ref().and_then(|h| h.tls.as_ref()) {
+        Some(t) => Some(Arc::new(tls::server::ServerTls::new("tunnel.hub.tls", t)?)),
+        None => None,
+    };
+    let agent_tls = match config.tunnel.agent.as_ref().and_then(|a| a.tls.as_ref()) {
+        Some(t) => Some(Arc::new(tls::client::ClientTls::new(
+            "tunnel.agent.tls".to_owned(),
+            t,
+        )?)),
         None => None,
     };
     let counters = Arc::new(Counters::default());
@@ -267,6 +278,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                 upstream,
                 counters: counters.clone(),
                 watch: watch.clone(),
+                tls: hub_tls.clone(),
             }
             .serve(),
         ));
@@ -274,6 +286,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     if let (Some(agent), Some(t)) = (&config.tunnel.agent, tracker.clone()) {
         tunnel_tasks.push(tokio::spawn(tunnel::agent::run(
             agent.clone(),
+            agent_tls.clone(),
             t,
             shared.clone(),
             stack.clone(),
@@ -284,6 +297,12 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     let mut materials: Vec<Arc<dyn tls::reload::Reload>> = groups.tls_materials().to_vec();
     materials.extend(
         server_tls
+            .iter()
+            .chain(&hub_tls)
+            .map(|t| t.material() as Arc<dyn tls::reload::Reload>),
+    );
+    materials.extend(
+        agent_tls
             .iter()
             .map(|t| t.material() as Arc<dyn tls::reload::Reload>),
     );

@@ -21,6 +21,8 @@ pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     Tls(Box<tokio_rustls::client::TlsStream<Self>>),
+    /// The server side of TLS: an agent's tunnel accepted by a hub.
+    TlsServer(Box<tokio_rustls::server::TlsStream<Self>>),
 }
 
 impl Stream {
@@ -47,6 +49,7 @@ impl AsyncRead for Stream {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Self::TlsServer(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -61,6 +64,7 @@ impl AsyncWrite for Stream {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Self::TlsServer(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -73,6 +77,7 @@ impl AsyncWrite for Stream {
             Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::TlsServer(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -81,6 +86,7 @@ impl AsyncWrite for Stream {
             Self::Tcp(s) => s.is_write_vectored(),
             Self::Unix(s) => s.is_write_vectored(),
             Self::Tls(s) => s.is_write_vectored(),
+            Self::TlsServer(s) => s.is_write_vectored(),
         }
     }
 
@@ -89,6 +95,7 @@ impl AsyncWrite for Stream {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
             Self::Unix(s) => Pin::new(s).poll_flush(cx),
             Self::Tls(s) => Pin::new(s).poll_flush(cx),
+            Self::TlsServer(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -97,6 +104,7 @@ impl AsyncWrite for Stream {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Self::TlsServer(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -867,6 +867,12 @@ impl Config {
                 tls.resolve_paths(base);
             }
         }
+        if let Some(tls) = self.tunnel.hub.as_mut().and_then(|h| h.tls.as_mut()) {
+            tls.resolve_paths(base);
+        }
+        if let Some(tls) = self.tunnel.agent.as_mut().and_then(|a| a.tls.as_mut()) {
+            tls.resolve_paths(base);
+        }
     }
 
     /// Whether upstream group `name` exists: the default, a configured

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 
-use super::{ConfigError, HostPort, value};
+use super::{ConfigError, HostPort, ServerTlsConfig, UpstreamTlsConfig, value};
 
 /// The group accepted agents join by default.
 pub const DEFAULT_AGENT_GROUP: &str = "agents";
@@ -69,9 +69,14 @@ pub struct HubConfig {
     /// Tokens an agent may present; empty: none needed.
     #[serde(default)]
     pub tokens: Vec<String>,
-    /// Time an agent has for the whole handshake.
+    /// Time an agent has for the whole handshake (TLS included).
     #[serde(default = "default_handshake_timeout", with = "value::duration")]
     pub handshake_timeout: Duration,
+    /// TLS for agents' tunnels (`cert`, `key`, and `client_auth` to ask
+    /// for agents' certificates: a missing or bad one is refused before
+    /// the Upgrade is read). Its `listen` does not apply.
+    #[serde(default)]
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// `identifiers = { … }` of `[tunnel.agent]` (konnectivity's).
@@ -117,6 +122,10 @@ pub struct AgentConfig {
     /// Longest wait between dials.
     #[serde(default = "default_backoff_max", with = "value::duration")]
     pub backoff_max: Duration,
+    /// TLS to the hubs (`ca`, `server_name`, and `cert`/`key` when hubs
+    /// ask for a certificate).
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
     /// How often a hub is asked which hubs exist (a new generation, hubs
     /// kept past the expiry).
     #[serde(default = "default_discovery_interval", with = "value::duration")]
@@ -191,6 +200,13 @@ impl super::Config {
                 return bad(
                     "tunnel.hub.listen",
                     "the same address as server.listen; agents need a port of their own".to_owned(),
+                );
+            }
+            if hub.tls.as_ref().is_some_and(|t| t.listen.is_some()) {
+                return bad(
+                    "tunnel.hub.tls.listen",
+                    "agents dial tunnel.hub.listen; TLS there takes no address of its own"
+                        .to_owned(),
                 );
             }
             if hub

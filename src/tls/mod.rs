@@ -129,5 +129,11 @@ pub fn check(config: &crate::Config) -> Result<(), TlsError> {
     for tls in groups.flatten() {
         client::build(tls)?;
     }
+    if let Some(tls) = config.tunnel.hub.as_ref().and_then(|h| h.tls.as_ref()) {
+        server::build(tls)?;
+    }
+    if let Some(tls) = config.tunnel.agent.as_ref().and_then(|a| a.tls.as_ref()) {
+        client::build(tls)?;
+    }
     Ok(())
 }

@@ -65,11 +65,13 @@ pub(crate) fn build(config: &ServerTlsConfig) -> Result<ServerConfig, TlsError> 
 }
 
 impl ServerTls {
-    pub(crate) fn new(config: &ServerTlsConfig) -> Result<Self, TlsError> {
+    /// `name` is the config key (`server.tls`, `tunnel.hub.tls`), for logs
+    /// and metrics.
+    pub(crate) fn new(name: &str, config: &ServerTlsConfig) -> Result<Self, TlsError> {
         let mut paths = vec![config.cert.clone(), config.key.clone()];
         paths.extend(config.client_auth.iter().map(|a| a.ca.clone()));
         let owned = config.clone();
-        let material = Reloadable::new("server.tls".to_owned(), paths, move || build(&owned))?;
+        let material = Reloadable::new(name.to_owned(), paths, move || build(&owned))?;
         Ok(Self {
             material: Arc::new(material),
             roles: config.client_auth.as_ref().map(|a| a.roles.clone()),

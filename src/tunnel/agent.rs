@@ -34,6 +34,7 @@ use crate::{
     config::{AgentConfig, HostPort},
     net::Stream,
     server::{self, Shared},
+    tls::client::ClientTls,
     window::RecvBody,
 };
 
@@ -49,12 +50,33 @@ struct Dialer {
     config: AgentConfig,
     /// Consecutive failed dials, for the backoff.
     failures: AtomicU32,
+    /// TLS to the hubs, when `tunnel.agent.tls` is set.
+    tls: Option<Arc<ClientTls>>,
+}
+
+impl Dialer {
+    /// Connects to `hub`, with TLS when configured, by `deadline`.
+    async fn dial(&self, hub: &HostPort, deadline: Instant) -> Result<Stream, String> {
+        let plain = tokio::time::timeout_at(deadline, Stream::connect(hub))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let Some(tls) = &self.tls else {
+            return Ok(plain);
+        };
+        match tokio::time::timeout_at(deadline, tls.connect(plain, hub.host())).await {
+            Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+            Err(_) => Err("TLS handshake timed out".to_owned()),
+        }
+    }
 }
 
 /// Keeps the agent's tunnels until the drain begins; then waits for them
 /// to close.
 pub(crate) async fn run<S, B>(
     config: AgentConfig,
+    tls: Option<Arc<ClientTls>>,
     tracker: Arc<Tracker>,
     shared: Arc<Shared>,
     svc: S,
@@ -81,6 +103,7 @@ pub(crate) async fn run<S, B>(
             discover: false,
         },
         failures: AtomicU32::new(0),
+        tls,
         config,
     });
     let draining = watch.clone().signaled();
@@ -145,10 +168,7 @@ async fn tunnel<S, B>(
 {
     let deadline = Instant::now() + dialer.config.handshake_timeout;
     let dialled = async {
-        let mut io = tokio::time::timeout_at(deadline, Stream::connect(&hub))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let mut io = dialer.dial(&hub, deadline).await?;
         let answer = handshake::agent(&mut io, &dialer.hello, &hub.to_string(), deadline)
             .await
             .map_err(|e| e.to_string())?;
@@ -223,10 +243,7 @@ async fn discovery(hub: HostPort, dialer: Arc<Dialer>, tracker: Arc<Tracker>) {
         ..dialer.hello.clone()
     };
     let asked = async {
-        let mut io = tokio::time::timeout_at(deadline, Stream::connect(&hub))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let mut io = dialer.dial(&hub, deadline).await?;
         handshake::agent(&mut io, &hello, &hub.to_string(), deadline)
             .await
             .map_err(|e| e.to_string())

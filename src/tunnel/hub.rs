@@ -22,6 +22,7 @@ use crate::{
     config::{HubConfig, UpstreamConfig},
     net::Stream,
     stats::Counters,
+    tls::server::ServerTls,
     upstream::{AgentEndpoint, Group},
 };
 
@@ -35,6 +36,8 @@ pub(crate) struct Hub {
     pub(crate) upstream: UpstreamConfig,
     pub(crate) counters: Arc<Counters>,
     pub(crate) watch: Watch,
+    /// TLS before the handshake, when `tunnel.hub.tls` is set.
+    pub(crate) tls: Option<Arc<ServerTls>>,
 }
 
 impl Hub {
@@ -75,6 +78,7 @@ impl Hub {
                         let deadline = Instant::now() + self.config.handshake_timeout;
                         tunnels.spawn(tunnel(
                             tcp,
+                            self.tls.clone(),
                             peer,
                             policy.clone(),
                             self.group.clone(),
@@ -106,8 +110,10 @@ impl Hub {
 
 /// One agent: the handshake, its endpoint in the group while the tunnel
 /// lasts.
+#[allow(clippy::too_many_arguments)]
 async fn tunnel(
-    mut tcp: tokio::net::TcpStream,
+    tcp: tokio::net::TcpStream,
+    tls: Option<Arc<ServerTls>>,
     peer: SocketAddr,
     policy: Arc<HubPolicy>,
     group: Arc<Group>,
@@ -115,7 +121,23 @@ async fn tunnel(
     counters: Arc<Counters>,
     deadline: Instant,
 ) {
-    let (hello, version) = match handshake::hub(&mut tcp, &policy, deadline).await {
+    let mut io = Stream::Tcp(tcp);
+    let mut certified = None;
+    if let Some(tls) = tls {
+        // A missing or bad certificate is refused here, before a byte of
+        // the Upgrade is read.
+        match Box::pin(tls.accept(io, deadline)).await {
+            Ok((stream, identity)) => {
+                io = Stream::TlsServer(Box::new(stream));
+                certified = identity.map(|i| i.id().to_owned());
+            }
+            Err(e) => {
+                warn!(%peer, reason = crate::tls::failure_reason(&e), error = %e, "agent refused at the TLS handshake");
+                return;
+            }
+        }
+    }
+    let (hello, version) = match handshake::hub(&mut io, &policy, deadline).await {
         Ok(accepted) => accepted,
         Err(e) => {
             warn!(%peer, error = %e, "agent refused");
@@ -136,7 +158,7 @@ async fn tunnel(
         default_route: i.default_route,
         peer,
     };
-    let endpoint = group.agent_endpoint(&agent, Stream::Tcp(tcp), &upstream, &counters);
+    let endpoint = group.agent_endpoint(&agent, io, &upstream, &counters);
     // Joins the group only once the agent answered over HTTP/2: an agent
     // that already holds a tunnel to this hub closes a second one unserved.
     if let Err(e) = endpoint.pool().warm().await {
@@ -144,7 +166,7 @@ async fn tunnel(
         return;
     }
     group.insert(endpoint.clone());
-    info!(agent = %id, %peer, version, "agent connected");
+    info!(agent = %id, %peer, version, certificate = certified.as_deref().unwrap_or("none"), "agent connected");
     endpoint.pool().gone().await;
     group.remove(&endpoint);
     info!(agent = %id, %peer, "agent tunnel closed");

@@ -728,3 +728,90 @@ async fn a_draining_agent_is_chosen_last() {
         .expect("completes on the draining agent");
     within("agent one's drain", drain).await.expect("joined");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_over_mutual_tls_refuse_an_agent_without_a_certificate_before_the_upgrade() {
+    use sluice_testkit::pki::{Leaf, Pki};
+    let pki = Pki::new("tunnel CA");
+    let (cert, key) = pki.write("hub", &Leaf::server());
+    let (agent_cert, agent_key) =
+        pki.write("agent", &Leaf::client("spiffe://edge/agent/node-a", &[]));
+    let hub = hub(
+        "hub-1",
+        &format!(
+            "[tunnel.hub.tls]\ncert = {cert:?}\nkey = {key:?}\nclient_auth = {{ ca = {:?} }}\n",
+            pki.path("ca.pem")
+        ),
+    )
+    .await;
+    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
+    let app = EchoServer::start().await;
+    let tls = |with_cert: bool| {
+        let mut t = format!(
+            "tls = {{ ca = {:?}, server_name = \"localhost\"",
+            pki.path("ca.pem")
+        );
+        if with_cert {
+            t.push_str(&format!(", cert = {agent_cert:?}, key = {agent_key:?}"));
+        }
+        t.push_str(" }");
+        t
+    };
+    let bare = sluice::run(&agent_config(
+        "bare",
+        "bare.internal",
+        &[hub_addr],
+        app.addr,
+        &tls(false),
+    ))
+    .await
+    .expect("agent without a certificate");
+    eventually(
+        "the agent without a certificate is refused a few times",
+        || bare.agent_tunnels().is_some_and(|t| t.failed_dials >= 3),
+    )
+    .await;
+    assert_eq!(hub.group_len("agents"), 0);
+    let _good = sluice::run(&agent_config(
+        "node-a",
+        "a.internal",
+        &[hub_addr],
+        app.addr,
+        &tls(true),
+    ))
+    .await
+    .expect("agent with a certificate");
+    eventually("the certified agent connected", || {
+        hub.group_len("agents") == 1
+    })
+    .await;
+    let mut client = sluice_testkit::client(hub.listen_addr());
+    within(
+        "a call over the TLS tunnel",
+        client.unary(to(
+            "node-a",
+            Req {
+                seq: 3,
+                ..Req::default()
+            },
+        )),
+    )
+    .await
+    .expect("served");
+    // Plaintext to a TLS hub: refused at once, never an endpoint.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(hub_addr)
+        .await
+        .expect("connect");
+    plain
+        .write_all(b"GET /sluice-tunnel HTTP/1.1\r\nupgrade: sluice-tunnel/1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = within("the refusal", plain.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 101"),
+        "no upgrade without TLS"
+    );
+    assert_eq!(hub.group_len("agents"), 1);
+}
