@@ -416,6 +416,13 @@ impl Running {
         self.groups.get(group).map_or(0, |g| g.len())
     }
 
+    /// [`Running::group_len`] as a function that outlives the handle (to
+    /// watch a group while [`Running::drain`] runs).
+    pub fn group_len_fn(&self, group: &str) -> impl Fn() -> usize + Send + Sync + 'static {
+        let (groups, group) = (self.groups.clone(), group.to_owned());
+        move || groups.get(&group).map_or(0, |g| g.len())
+    }
+
     /// Reads every certificate, key and CA bundle again now, whether or not
     /// the files look changed (what SIGHUP does). Material that does not
     /// parse is kept as it was.

@@ -184,7 +184,7 @@ async fn tunnel<S, B>(
         }
     };
     let name = answer.hub.name.clone();
-    tracker.track(std::iter::once(answer.hub).chain(answer.hubs));
+    tracker.track(std::iter::once(answer.hub.clone()).chain(answer.hubs.iter().cloned()));
     if !lease.claim(&name) {
         debug!(%hub, hub_name = %name, "already holding a tunnel to this hub; closing and dialling again");
         // Not a failure, but the same address may lead there again: no
@@ -201,7 +201,13 @@ async fn tunnel<S, B>(
     let _held = watch.guard();
     let (signal, own) = sluice_layers::drain::channel();
     let mut signal = Some(signal);
-    let serve = server::serve_tunnel(io, shared, svc, own);
+    let control = Control {
+        inner: svc,
+        tracker: tracker.clone(),
+        hub: Arc::from(name.as_str()),
+        key: Arc::from(answer.control_key.as_str()),
+    };
+    let serve = server::serve_tunnel(io, shared, control, own);
     tokio::pin!(serve);
     let draining = watch.signaled();
     tokio::pin!(draining);
@@ -232,6 +238,67 @@ async fn tunnel<S, B>(
         }
     }
     info!(%hub, hub_name = %name, "tunnel closed");
+}
+
+/// The agent's end of a tunnel's control requests: the hub's re-home
+/// request, carrying the key the hub gave this tunnel (which no client of
+/// the hub knows), is answered here; every other call goes to the stack.
+#[derive(Clone, Debug)]
+struct Control<S> {
+    inner: S,
+    tracker: Arc<Tracker>,
+    hub: Arc<str>,
+    key: Arc<str>,
+}
+
+type ControlBody<B> = http_body_util::Either<B, http_body_util::Empty<Bytes>>;
+
+fn passed<B>(res: Response<B>) -> Response<ControlBody<B>> {
+    res.map(http_body_util::Either::Left)
+}
+
+impl<S, B> Service<Request<RecvBody>> for Control<S>
+where
+    S: Service<Request<RecvBody>, Response = Response<B>>,
+{
+    type Response = Response<ControlBody<B>>;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<
+        futures_util::future::MapOk<S::Future, fn(Response<B>) -> Response<ControlBody<B>>>,
+        std::future::Ready<Result<Self::Response, S::Error>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<RecvBody>) -> Self::Future {
+        use futures_util::TryFutureExt;
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let is_control = req.uri().path() == handshake::REHOME_PATH
+            && !self.key.is_empty()
+            && header(handshake::CONTROL_KEY).is_some_and(|k| handshake::key_matches(&self.key, k));
+        if !is_control {
+            let passed: fn(Response<B>) -> Response<ControlBody<B>> = passed::<B>;
+            return futures_util::future::Either::Left(self.inner.call(req).map_ok(passed));
+        }
+        // A hub speaks only for itself.
+        if header("sluice-hub-draining") == Some(&*self.hub) {
+            info!(hub_name = %self.hub, "the hub drains: re-homing");
+            self.tracker.forget(&self.hub);
+        }
+        let mut res = Response::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+        let headers = res.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        futures_util::future::Either::Right(std::future::ready(Ok(res)))
+    }
 }
 
 /// One discovery: the handshake with `sluice-discover`, whose 204 answer

@@ -56,6 +56,32 @@ pub(crate) struct HubHello {
     pub(crate) version: u32,
     pub(crate) hub: HubInfo,
     pub(crate) hubs: Vec<HubInfo>,
+    /// The secret the hub's control requests on this tunnel carry (so a
+    /// client of the hub, whose calls the tunnel also carries, cannot
+    /// send one).
+    pub(crate) control_key: String,
+}
+
+/// The path of the hub's control request on a tunnel: "I am draining,
+/// dial elsewhere".
+pub(crate) const REHOME_PATH: &str = "/sluice.tunnel.v1.Hub/Rehome";
+/// The header that carries the tunnel's control key.
+pub(crate) const CONTROL_KEY: &str = "sluice-control-key";
+
+/// A fresh random key: 128 bits from the process's random hasher seeds.
+pub(crate) fn control_key() -> String {
+    use std::hash::BuildHasher;
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let a = std::hash::RandomState::new().hash_one(at);
+    let b = std::hash::RandomState::new().hash_one((at, a));
+    format!("{a:016x}{b:016x}")
+}
+
+/// Whether `given` is `key`, in constant time.
+pub(crate) fn key_matches(key: &str, given: &str) -> bool {
+    same(key, given)
 }
 
 /// Why a handshake failed.
@@ -208,7 +234,15 @@ where
         let hubs = header(res.headers, "sluice-hubs")
             .map(|h| h.split(',').filter_map(parse_hub).collect())
             .unwrap_or_default();
-        Ok(HubHello { version, hub, hubs })
+        let control_key = header(res.headers, CONTROL_KEY)
+            .unwrap_or_default()
+            .to_owned();
+        Ok(HubHello {
+            version,
+            hub,
+            hubs,
+            control_key,
+        })
     })
     .await
     .map_err(|_| HandshakeError::TimedOut)?
@@ -239,6 +273,7 @@ fn same(a: &str, b: &str) -> bool {
 pub(crate) async fn hub<T>(
     io: &mut T,
     policy: &HubPolicy,
+    control_key: &str,
     deadline: Instant,
 ) -> Result<(AgentHello, u32), HandshakeError>
 where
@@ -275,7 +310,7 @@ where
         } else {
             format!(
                 "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {UPGRADE}\r\n\
-                 sluice-version: {version}\r\nsluice-hub: {}\r\nsluice-hubs: {}\r\n\r\n",
+                 sluice-version: {version}\r\nsluice-hub: {}\r\nsluice-hubs: {}\r\n{CONTROL_KEY}: {control_key}\r\n\r\n",
                 hub_field(&policy.me),
                 hubs.join(", ")
             )
@@ -408,7 +443,7 @@ mod tests {
         let (mut a, mut h) = tokio::io::duplex(4096);
         let deadline = Instant::now() + Duration::from_secs(5);
         let agent = async { agent(&mut a, &hello, "hub", deadline).await };
-        let hub = async { hub(&mut h, &policy, deadline).await };
+        let hub = async { hub(&mut h, &policy, "k3y", deadline).await };
         tokio::join!(agent, hub)
     }
 
@@ -420,6 +455,7 @@ mod tests {
         assert_eq!(answer.hub.name, "hub-1");
         assert_eq!(answer.hub.generation, 2);
         assert_eq!(answer.hubs[0].name, "hub-2");
+        assert_eq!(answer.control_key, "k3y");
         let (seen, version) = hub.expect("accepted");
         assert_eq!(version, 1);
         assert_eq!(seen.id, "node-1");
@@ -446,7 +482,7 @@ mod tests {
     async fn a_peer_that_stalls_costs_at_most_the_deadline() {
         let (_a, mut h) = tokio::io::duplex(4096);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let err = hub(&mut h, &policy(&[]), deadline)
+        let err = hub(&mut h, &policy(&[]), "k", deadline)
             .await
             .expect_err("stalled");
         assert!(matches!(err, HandshakeError::TimedOut));

@@ -8,8 +8,10 @@
 //! tunnel ends its endpoint leaves the group, and calls in flight on it
 //! fail with UNAVAILABLE at once (the connection is gone). An agent that
 //! drains sends GOAWAY on its tunnel: its endpoint counts as draining and
-//! is chosen last. When the hub drains, each tunnel closes as soon as its
-//! calls are done, so its agent re-homes at once.
+//! is chosen last. When the hub drains it tells each agent to re-home (a
+//! control request on the tunnel, with the key only the hub and the agent
+//! know); the agent dials another hub and then drains this tunnel; after
+//! [`REHOME_GRACE`] the hub closes what is left as its calls end.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -79,6 +81,7 @@ impl Hub {
                         tunnels.spawn(tunnel(
                             tcp,
                             self.tls.clone(),
+                            self.watch.clone(),
                             peer,
                             policy.clone(),
                             self.group.clone(),
@@ -95,17 +98,45 @@ impl Hub {
             }
         }
         drop(self.listener);
-        // The drain has begun: no call is let in any more, so the tunnels
-        // take none. Each closes once its calls are done, and its agent
-        // dials elsewhere (this hub's port is closed) without waiting for
-        // the rest of the drain.
+        // Each tunnel's task tells its agent to re-home and closes the
+        // tunnel once the agent has (or after REHOME_GRACE).
         info!(
             agents = self.group.len(),
-            "draining: closing agent tunnels as their calls end"
+            "draining: telling agents to re-home"
         );
-        self.group.close();
         tunnels.detach_all();
     }
+}
+
+/// How long a draining hub waits for an agent to open a tunnel elsewhere
+/// and drain this one, before it closes the tunnel itself (once its calls
+/// end).
+const REHOME_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells the agent on `pool` that hub `name` drains: a trailers-only
+/// request on the tunnel with its control key. Whether it answered OK.
+async fn rehome(pool: &crate::upstream::Pool, name: &str, key: &str) -> bool {
+    let asked = async {
+        let checkout = pool.checkout().await.ok()?;
+        let head = http::Request::post(format!("http://tunnel{}", handshake::REHOME_PATH))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header(handshake::CONTROL_KEY, key)
+            .header("sluice-hub-draining", name)
+            .body(())
+            .ok()?;
+        let (response, _body, _lease) = pool.send(checkout, head, true).ok()?;
+        let response = response.await.ok()?;
+        Some(
+            sluice_layers::grpc::status::code_of(response.headers())
+                == Some(sluice_layers::grpc::status::Code::Ok),
+        )
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(1), asked)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// One agent: the handshake, its endpoint in the group while the tunnel
@@ -114,6 +145,7 @@ impl Hub {
 async fn tunnel(
     tcp: tokio::net::TcpStream,
     tls: Option<Arc<ServerTls>>,
+    watch: Watch,
     peer: SocketAddr,
     policy: Arc<HubPolicy>,
     group: Arc<Group>,
@@ -137,7 +169,8 @@ async fn tunnel(
             }
         }
     }
-    let (hello, version) = match handshake::hub(&mut io, &policy, deadline).await {
+    let key = handshake::control_key();
+    let (hello, version) = match handshake::hub(&mut io, &policy, &key, deadline).await {
         Ok(accepted) => accepted,
         Err(e) => {
             warn!(%peer, error = %e, "agent refused");
@@ -167,7 +200,22 @@ async fn tunnel(
     }
     group.insert(endpoint.clone());
     info!(agent = %id, %peer, version, certificate = certified.as_deref().unwrap_or("none"), "agent connected");
-    endpoint.pool().gone().await;
+    let pool = endpoint.pool();
+    tokio::select! {
+        () = pool.gone() => {}
+        _guard = watch.signaled() => {
+            // The hub drains: the agent dials another hub, then drains
+            // this tunnel itself (make-before-break). Its calls finish.
+            if !rehome(pool, &policy.me.name, &key).await {
+                debug!(agent = %id, "the agent did not take the re-home request");
+            }
+            if tokio::time::timeout(REHOME_GRACE, pool.gone()).await.is_err() {
+                debug!(agent = %id, "the agent did not re-home in time; closing its tunnel once its calls end");
+            }
+            pool.close();
+            pool.gone().await;
+        }
+    }
     group.remove(&endpoint);
     info!(agent = %id, %peer, "agent tunnel closed");
 }

@@ -115,6 +115,14 @@ impl Tracker {
         self.changed.notify_waiters();
     }
 
+    /// Forgets hub `name` (it said it drains): it is no longer desired, so
+    /// a tunnel to another hub is dialled, and then the one to `name`
+    /// drains.
+    pub(crate) fn forget(&self, name: &str) {
+        self.lock().tracked.remove(name);
+        self.changed.notify_waiters();
+    }
+
     /// A lease for one dial, if the agent wants another tunnel.
     pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Lease> {
         let mut state = self.lock();

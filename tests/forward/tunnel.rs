@@ -631,10 +631,25 @@ async fn a_draining_hub_closes_its_tunnels_and_the_agent_rehomes() {
         slow_app.probe.counts().started == 1
     })
     .await;
+    // Running::drain takes the handle: watch hub-a's group through this.
+    let a_groups = a.group_len_fn("agents");
     let drain = tokio::spawn(a.drain());
-    // The idle agent's tunnel closes at the drain's start: it re-homes
-    // while hub-a still drains.
-    eventually("node-a re-homed to hub-b", || b.group_len("agents") >= 1).await;
+    // Told to re-home, each agent opens its tunnel to hub-b before the one
+    // to hub-a closes: at no moment is an agent on neither hub.
+    within("both agents re-homed to hub-b", async {
+        loop {
+            let (on_a, on_b) = (a_groups(), b.group_len("agents"));
+            assert!(
+                on_a + on_b >= 2,
+                "an agent on no hub: {on_a} on hub-a, {on_b} on hub-b"
+            );
+            if on_b == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     let mut to_b = sluice_testkit::client(b.listen_addr());
     within(
         "a call to node-a through hub-b",
