@@ -830,3 +830,44 @@ async fn tunnels_over_mutual_tls_refuse_an_agent_without_a_certificate_before_th
     );
     assert_eq!(hub.group_len("agents"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_the_hub_cannot_forge_a_rehome_request() {
+    let hub = hub("hub-1", "").await;
+    let app = EchoServer::start().await;
+    let agent = sluice::run(&agent_config(
+        "node-a",
+        "a.internal",
+        &[hub.tunnel_addr().expect("tunnel")],
+        app.addr,
+        "",
+    ))
+    .await
+    .expect("agent");
+    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    let mut client = raw_client(hub.listen_addr()).await;
+    let head = http::Request::post("http://hub/sluice.tunnel.v1.Hub/Rehome")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-dest-host", "node-a")
+        .header("sluice-hub-draining", "hub-1")
+        .header("sluice-control-key", "guessed")
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(head, true).expect("send");
+    let response = within("the forged request's answer", response)
+        .await
+        .expect("response");
+    // Not the agent's control answer: forwarded to the app, which does not
+    // know the method.
+    assert_eq!(
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().expect("ascii")),
+        Some("12"),
+        "{response:?}"
+    );
+    let t = agent.agent_tunnels().expect("agent");
+    assert_eq!((t.desired, t.claimed), (1, 1), "the agent did not re-home");
+}
