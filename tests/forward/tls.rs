@@ -92,6 +92,39 @@ fn spoofing(seq: u64) -> tonic::Request<Req> {
     req
 }
 
+/// `sluice_tls_reloads_total{material, outcome}` now.
+async fn reloads(sluice: &Running, material: &str, outcome: &str) -> f64 {
+    let scrape = scrape(sluice.admin_addr().expect("admin")).await;
+    value(
+        &scrape,
+        "sluice_tls_reloads_total",
+        &[("material", material), ("outcome", outcome)],
+    )
+}
+
+/// A sluice in front of a TLS upstream that requires a client certificate,
+/// with the PKI's `web` one, reloading every 50 ms; and a first call
+/// through it done.
+async fn proxied_tls_upstream(
+    pki: &Pki,
+) -> (
+    Running,
+    EchoClient<Channel>,
+    sluice_testkit::Probe,
+    tokio::task::JoinHandle<()>,
+) {
+    let (addr, probe, server) = tls_upstream(pki).await;
+    let mut config = config(addr);
+    upstream_tls(&mut config, pki, true);
+    config.tls.reload_interval = Duration::from_millis(50);
+    let sluice = start(&config).await;
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    within("a first call", client.unary(Req::default()))
+        .await
+        .expect("served");
+    (sluice, client, probe, server)
+}
+
 async fn handshake_failures(sluice: &Running, reason: &str) -> f64 {
     let scrape = scrape(sluice.admin_addr().expect("admin")).await;
     value(
@@ -651,14 +684,7 @@ async fn certificates_rotated_every_200ms_under_load_fail_no_call() {
 
     // A corrupt replacement: logged, counted, and the last good
     // certificate stays in use.
-    let scrape_failed = || async {
-        let s = scrape(sluice.admin_addr().expect("admin")).await;
-        value(
-            &s,
-            "sluice_tls_reloads_total",
-            &[("material", "server.tls"), ("outcome", "failed")],
-        )
-    };
+    let scrape_failed = || reloads(&sluice, "server.tls", "failed");
     let failed_before = scrape_failed().await;
     sluice_testkit::pki::replace(
         &pki.path("server.pem"),
@@ -691,15 +717,7 @@ async fn normal_tls_call(addr: std::net::SocketAddr, pki: &Pki) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_client_certificate_rotation_replaces_connections_once_their_calls_end() {
     let pki = pki();
-    let (addr, probe, server) = tls_upstream(&pki).await;
-    let mut config = config(addr);
-    upstream_tls(&mut config, &pki, true);
-    config.tls.reload_interval = Duration::from_millis(50);
-    let sluice = start(&config).await;
-    let mut client = sluice_testkit::client(sluice.listen_addr());
-    within("a first call", client.unary(Req::default()))
-        .await
-        .expect("served");
+    let (sluice, mut client, probe, server) = proxied_tls_upstream(&pki).await;
     assert_eq!(sluice.stats().upstream_connections, 1);
     // A call in flight on that connection while the certificate rotates.
     let mut slow = client.clone();
@@ -710,14 +728,7 @@ async fn an_upstream_client_certificate_rotation_replaces_connections_once_their
         })
         .await
     });
-    let scrape_swapped = || async {
-        let s = scrape(sluice.admin_addr().expect("admin")).await;
-        value(
-            &s,
-            "sluice_tls_reloads_total",
-            &[("material", "upstream.tls"), ("outcome", "swapped")],
-        )
-    };
+    let scrape_swapped = || reloads(&sluice, "upstream.tls", "swapped");
     eventually("the slow call is at the upstream", || {
         probe.counts().started == 2
     })
@@ -868,29 +879,14 @@ async fn a_tls_1_2_client_is_served_and_negotiates_h2() {
 async fn an_upstream_that_rejects_the_new_client_certificate_keeps_being_served_on_the_old_connection()
  {
     let pki = pki();
-    let (addr, _probe, server) = tls_upstream(&pki).await;
-    let mut config = config(addr);
-    upstream_tls(&mut config, &pki, true);
-    config.tls.reload_interval = Duration::from_millis(50);
-    let sluice = start(&config).await;
-    let mut client = sluice_testkit::client(sluice.listen_addr());
-    within("a first call", client.unary(Req::default()))
-        .await
-        .expect("served");
+    let (sluice, mut client, _probe, server) = proxied_tls_upstream(&pki).await;
     // The new certificate parses, but the upstream does not trust its CA
     // (it rotated first on sluice's side).
     let other = Pki::new("a CA the upstream does not know yet");
     let (cert, key) = other.issue(&Leaf::client(WEB, &["os:admin"]));
     sluice_testkit::pki::replace(&pki.path("web.key"), key.as_bytes());
     sluice_testkit::pki::replace(&pki.path("web.pem"), cert.as_bytes());
-    let swapped = || async {
-        let s = scrape(sluice.admin_addr().expect("admin")).await;
-        value(
-            &s,
-            "sluice_tls_reloads_total",
-            &[("material", "upstream.tls"), ("outcome", "swapped")],
-        )
-    };
+    let swapped = || reloads(&sluice, "upstream.tls", "swapped");
     within("the new certificate is loaded", async {
         while swapped().await < 1.0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
