@@ -184,6 +184,7 @@ async fn tunnel<S, B>(
         }
     };
     let name = answer.hub.name.clone();
+    tracker.answered(&name);
     tracker.track(std::iter::once(answer.hub.clone()).chain(answer.hubs.iter().cloned()));
     if !lease.claim(&name) {
         debug!(%hub, hub_name = %name, "already holding a tunnel to this hub; closing and dialling again");
@@ -219,7 +220,7 @@ async fn tunnel<S, B>(
             && tracker.is_surplus(&name)
             && let Some(signal) = signal.take()
         {
-            info!(%hub, hub_name = %name, ?SURPLUS_GRACE, "a newer hub generation holds the tunnels wanted; closing this one");
+            info!(%hub, hub_name = %name, ?SURPLUS_GRACE, "this hub is no longer wanted (an older generation, or draining) and the tunnels wanted are open; closing this one");
             // The grace lets the new hub finish taking the new tunnel in
             // (its first PING) before this one stops taking calls.
             tokio::spawn(async move {

@@ -44,6 +44,9 @@ struct State {
     inflight: usize,
     claimed: HashSet<String>,
     tracked: HashMap<String, Tracked>,
+    /// Hubs that said they drain, until when: not desired, whatever other
+    /// hubs' gossip says, until they answer a handshake themselves again.
+    draining: HashMap<String, Instant>,
 }
 
 /// What an agent's tunnel pool holds now.
@@ -115,12 +118,22 @@ impl Tracker {
         self.changed.notify_waiters();
     }
 
-    /// Forgets hub `name` (it said it drains): it is no longer desired, so
-    /// a tunnel to another hub is dialled, and then the one to `name`
-    /// drains.
+    /// Hub `name` said it drains: it is no longer desired (for the expiry,
+    /// whatever other hubs' gossip says), so a tunnel to another hub is
+    /// dialled, and then the one to `name` drains.
     pub(crate) fn forget(&self, name: &str) {
-        self.lock().tracked.remove(name);
+        let mut state = self.lock();
+        state.tracked.remove(name);
+        state
+            .draining
+            .insert(name.to_owned(), Instant::now() + self.expiry);
+        drop(state);
         self.changed.notify_waiters();
+    }
+
+    /// Hub `name` answered a handshake itself: it takes tunnels again.
+    pub(crate) fn answered(&self, name: &str) {
+        self.lock().draining.remove(name);
     }
 
     /// A lease for one dial, if the agent wants another tunnel.
@@ -204,19 +217,26 @@ impl Tracker {
 fn expire(state: &mut State) {
     let now = Instant::now();
     state.tracked.retain(|_, t| t.expires > now);
+    state.draining.retain(|_, until| *until > now);
 }
 
 /// The hubs of the newest generation of each group.
 fn desired(state: &State) -> HashSet<String> {
     let mut newest: HashMap<&str, u64> = HashMap::new();
-    for t in state.tracked.values() {
+    let live = |name: &String| !state.draining.contains_key(name);
+    for t in state
+        .tracked
+        .iter()
+        .filter(|(n, _)| live(n))
+        .map(|(_, t)| t)
+    {
         let g = newest.entry(t.group.as_str()).or_insert(t.generation);
         *g = (*g).max(t.generation);
     }
     state
         .tracked
         .iter()
-        .filter(|(_, t)| newest.get(t.group.as_str()) == Some(&t.generation))
+        .filter(|(name, t)| live(name) && newest.get(t.group.as_str()) == Some(&t.generation))
         .map(|(name, _)| name.clone())
         .collect()
 }
@@ -324,6 +344,22 @@ mod tests {
         assert!(!t.is_surplus("new-1"));
         drop((a, b));
         assert_eq!(t.snapshot().claimed, 2);
+    }
+
+    #[test]
+    fn a_hub_that_drains_stays_undesired_whatever_the_gossip_says() {
+        let t = Tracker::new(Duration::from_secs(180), 1);
+        t.track([hub("a", 1), hub("b", 1)]);
+        let mut on_a = t.try_acquire().expect("lease");
+        assert!(on_a.claim("a"));
+        t.forget("a");
+        // b's gossip still names a.
+        t.track([hub("b", 1), hub("a", 1)]);
+        let mut on_b = t.try_acquire().expect("a drains: b is wanted");
+        assert!(on_b.claim("b"));
+        assert!(t.is_surplus("a"), "a's tunnel may close now");
+        t.answered("a");
+        assert!(!t.is_surplus("b"));
     }
 
     #[test]
