@@ -29,8 +29,8 @@ pub use self::tls::{
 };
 pub use self::tunnel::{
     AgentConfig, DEFAULT_AGENT_GROUP, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN,
-    DEFAULT_DISCOVERY_INTERVAL, DEFAULT_HUB_EXPIRY, DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT, HubConfig,
-    HubPeerConfig, IdentifiersConfig, TunnelConfig,
+    DEFAULT_DISCOVERY_INTERVAL, DEFAULT_HUB_EXPIRY, DEFAULT_MAX_AGENTS,
+    DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT, HubConfig, HubPeerConfig, IdentifiersConfig, TunnelConfig,
 };
 use self::value::MAX_WINDOW;
 pub use self::value::{ByteSize, HostPort, WindowSize};

@@ -69,6 +69,11 @@ pub struct HubConfig {
     /// Tokens an agent may present; empty: none needed.
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Tunnels (and handshakes under way) at most; a connection beyond it
+    /// is closed at once. Each costs ~22 KiB once connected (see
+    /// `benches/tunnel.rs`), so the default bounds agents at ~220 MiB.
+    #[serde(default = "default_max_agents")]
+    pub max_agents: usize,
     /// Time an agent has for the whole handshake (TLS included).
     #[serde(default = "default_handshake_timeout", with = "value::duration")]
     pub handshake_timeout: Duration,
@@ -132,6 +137,13 @@ pub struct AgentConfig {
     pub discovery_interval: Duration,
 }
 
+/// Tunnels a hub holds at most: 10 000.
+pub const DEFAULT_MAX_AGENTS: usize = 10_000;
+
+fn default_max_agents() -> usize {
+    DEFAULT_MAX_AGENTS
+}
+
 fn default_hub_group() -> String {
     "hubs".to_owned()
 }
@@ -181,6 +193,9 @@ impl super::Config {
                     "tunnel.hub.name",
                     format!("{:?}: letters, digits and -._: only", hub.name),
                 );
+            }
+            if hub.max_agents == 0 {
+                return bad("tunnel.hub.max_agents", "must be at least 1".to_owned());
             }
             if !is_name(&hub.hub_group) {
                 return bad(

@@ -76,6 +76,10 @@ impl Hub {
                 Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        if tunnels.len() >= self.config.max_agents {
+                            warn!(%peer, max = self.config.max_agents, "tunnel.hub.max_agents reached; closing a new agent connection");
+                            continue;
+                        }
                         let _ = tcp.set_nodelay(true);
                         let deadline = Instant::now() + self.config.handshake_timeout;
                         tunnels.spawn(tunnel(

@@ -871,3 +871,34 @@ async fn a_client_of_the_hub_cannot_forge_a_rehome_request() {
     let t = agent.agent_tunnels().expect("agent");
     assert_eq!((t.desired, t.claimed), (1, 1), "the agent did not re-home");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_holds_at_most_max_agents_tunnels() {
+    let hub = hub("hub-1", "max_agents = 1").await;
+    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
+    let app = EchoServer::start().await;
+    let _one = sluice::run(&agent_config(
+        "one",
+        "one.internal",
+        &[hub_addr],
+        app.addr,
+        "",
+    ))
+    .await
+    .expect("agent one");
+    eventually("the first agent connected", || hub.group_len("agents") == 1).await;
+    let two = sluice::run(&agent_config(
+        "two",
+        "two.internal",
+        &[hub_addr],
+        app.addr,
+        "",
+    ))
+    .await
+    .expect("agent two");
+    eventually("the second agent is turned away a few times", || {
+        two.agent_tunnels().is_some_and(|t| t.failed_dials >= 3)
+    })
+    .await;
+    assert_eq!(hub.group_len("agents"), 1);
+}
