@@ -229,7 +229,9 @@ pub(super) async fn serve<T, S, B>(
     // as a call).
     let mut calls = None;
     let mut due = Due {
-        idle: Some(deadline),
+        // A tunnel is the agent's own connection to its hub: it idles as
+        // long as it likes (keepalive PINGs still find a dead hub).
+        idle: (!peer.tunnel).then_some(deadline),
         grace: None,
         ping: Instant::now() + shared.keepalive_interval,
         pong: None,
@@ -266,6 +268,7 @@ pub(super) async fn serve<T, S, B>(
                 .map(|c: &mut FuturesUnordered<_>| c.poll_next_unpin(&mut calls_cx))
             {
                 if end == CallEnd::ClientReset
+                    && !peer.tunnel
                     && resets.record(shared.max_resets_per_second)
                     && due.grace.is_none()
                 {
@@ -278,7 +281,7 @@ pub(super) async fn serve<T, S, B>(
                 calls = None;
                 due.shrink = Some(Instant::now() + SHRINK_AFTER);
             }
-            if calls.is_none() && due.idle.is_none() && due.grace.is_none() {
+            if calls.is_none() && due.idle.is_none() && due.grace.is_none() && !peer.tunnel {
                 due.idle = Some(Instant::now() + shared.idle_timeout);
             }
             // Then h2, until it has read every frame that arrived: new

@@ -42,6 +42,10 @@ pub(crate) struct Peer {
     pub(crate) addr: Option<SocketAddr>,
     /// The identity its verified client certificate proves.
     pub(crate) identity: Option<PeerIdentity>,
+    /// A tunnel this agent dialled to a hub: no idle or first-request
+    /// deadline, and no per-connection reset limit (the calls of every
+    /// client of the hub share it; the hub limits each client).
+    pub(crate) tunnel: bool,
 }
 
 impl std::fmt::Display for Peer {
@@ -85,7 +89,7 @@ pub(crate) async fn serve<S, B>(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((io, addr)) => {
-                    let peer = Peer { addr, identity: None };
+                    let peer = Peer { addr, identity: None, tunnel: false };
                     if shared.counters().snapshot().downstream_connections >= max_connections {
                         // Over TLS the connection is closed at once: a
                         // GOAWAY would need a handshake first, a private-key
@@ -281,6 +285,7 @@ pub(crate) async fn serve_tunnel<S, B>(
     let peer = Peer {
         addr: None,
         identity: None,
+        tunnel: true,
     };
     connection(io, shared, svc, watch, gauge, peer).await;
 }

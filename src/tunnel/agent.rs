@@ -188,12 +188,13 @@ async fn tunnel<S, B>(
     tracker.track(std::iter::once(answer.hub.clone()).chain(answer.hubs.iter().cloned()));
     if !lease.claim(&name) {
         debug!(%hub, hub_name = %name, "already holding a tunnel to this hub; closing and dialling again");
-        // Not a failure, but the same address may lead there again: no
-        // hot loop.
-        tokio::time::sleep(dialer.config.backoff_min).await;
+        // The same address may lead there again: backed off like a
+        // failure, with the duplicate closed first.
+        drop(io);
+        backoff(&dialer).await;
         return;
     }
-    dialer.failures.store(0, Ordering::Relaxed);
+    let opened = Instant::now();
     info!(%hub, hub_name = %name, version = answer.version, "tunnel open");
     // The tunnel has a drain of its own, begun by the process's drain or
     // once a newer hub generation holds every tunnel wanted
@@ -212,22 +213,24 @@ async fn tunnel<S, B>(
     tokio::pin!(serve);
     let draining = watch.signaled();
     tokio::pin!(draining);
+    // When the tunnel was found surplus: it drains SURPLUS_GRACE later
+    // if it still is then (the new tunnel may have died meanwhile). The
+    // grace lets the new hub take the new tunnel in (its first PING)
+    // before this one stops taking calls.
+    let mut surplus_since: Option<Instant> = None;
     loop {
         let changed = tracker.changed();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if signal.is_some()
-            && tracker.is_surplus(&name)
-            && let Some(signal) = signal.take()
-        {
-            info!(%hub, hub_name = %name, ?SURPLUS_GRACE, "this hub is no longer wanted (an older generation, or draining) and the tunnels wanted are open; closing this one");
-            // The grace lets the new hub finish taking the new tunnel in
-            // (its first PING) before this one stops taking calls.
-            tokio::spawn(async move {
-                tokio::time::sleep(SURPLUS_GRACE).await;
-                signal.drain().await;
-            });
+        if signal.is_some() && surplus_since.is_none() && tracker.is_surplus(&name) {
+            surplus_since = Some(Instant::now());
         }
+        let grace_over = async {
+            match surplus_since {
+                Some(since) => tokio::time::sleep_until(since + SURPLUS_GRACE).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = &mut serve => break,
             _ = &mut draining, if signal.is_some() => {
@@ -235,8 +238,24 @@ async fn tunnel<S, B>(
                     tokio::spawn(signal.drain());
                 }
             }
+            () = grace_over => {
+                surplus_since = None;
+                if tracker.is_surplus(&name)
+                    && let Some(signal) = signal.take()
+                {
+                    info!(%hub, hub_name = %name, "this hub is no longer wanted (an older generation, or draining) and the tunnels wanted are open; closing this one");
+                    tokio::spawn(signal.drain());
+                }
+            }
             () = &mut changed => {}
         }
+    }
+    // Only a tunnel that lasted resets the backoff: one the hub closes at
+    // once must not be dialled again at once, forever.
+    if opened.elapsed() >= dialer.config.backoff_max {
+        dialer.failures.store(0, Ordering::Relaxed);
+    } else {
+        backoff(&dialer).await;
     }
     info!(%hub, hub_name = %name, "tunnel closed");
 }

@@ -68,15 +68,20 @@ pub(crate) const REHOME_PATH: &str = "/sluice.tunnel.v1.Hub/Rehome";
 /// The header that carries the tunnel's control key.
 pub(crate) const CONTROL_KEY: &str = "sluice-control-key";
 
-/// A fresh random key: 128 bits from the process's random hasher seeds.
+/// A fresh random key: 128 bits from the system's secure random source
+/// (ring's, through rustls).
 pub(crate) fn control_key() -> String {
-    use std::hash::BuildHasher;
-    let at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let a = std::hash::RandomState::new().hash_one(at);
-    let b = std::hash::RandomState::new().hash_one((at, a));
-    format!("{a:016x}{b:016x}")
+    let mut bytes = [0u8; 16];
+    if rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .is_err()
+    {
+        // No randomness (never on Linux): no control key, so the agent
+        // accepts no control request on this tunnel.
+        return String::new();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `given` is `key`, in constant time.

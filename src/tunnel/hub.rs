@@ -70,19 +70,26 @@ impl Hub {
         let draining = self.watch.clone().signaled();
         tokio::pin!(draining);
         let mut tunnels = JoinSet::new();
+        let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         loop {
             tokio::select! {
                 _ = &mut draining => break,
                 Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        if handshaking.load(std::sync::atomic::Ordering::Relaxed) >= MAX_HANDSHAKES {
+                            debug!(%peer, "{MAX_HANDSHAKES} agent handshakes under way; closing a new connection");
+                            continue;
+                        }
                         if tunnels.len() >= self.config.max_agents {
                             warn!(%peer, max = self.config.max_agents, "tunnel.hub.max_agents reached; closing a new agent connection");
                             continue;
                         }
                         let _ = tcp.set_nodelay(true);
                         let deadline = Instant::now() + self.config.handshake_timeout;
+                        let counted = Handshaking::hold(&handshaking);
                         tunnels.spawn(tunnel(
+                            counted,
                             tcp,
                             self.tls.clone(),
                             self.watch.clone(),
@@ -109,6 +116,29 @@ impl Hub {
             "draining: telling agents to re-home"
         );
         tunnels.detach_all();
+    }
+}
+
+/// Agent handshakes under way at most (not yet agents): peers that open a
+/// connection and stall cost at most this many tasks, each for at most
+/// the handshake timeout, and never lock real agents out of `max_agents`
+/// for longer than that.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Counts one handshake under way while held.
+#[derive(Debug)]
+struct Handshaking(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Handshaking {
+    fn hold(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -147,6 +177,7 @@ async fn rehome(pool: &crate::upstream::Pool, name: &str, key: &str) -> bool {
 /// lasts.
 #[allow(clippy::too_many_arguments)]
 async fn tunnel(
+    counted: Handshaking,
     tcp: tokio::net::TcpStream,
     tls: Option<Arc<ServerTls>>,
     watch: Watch,
@@ -168,7 +199,7 @@ async fn tunnel(
                 certified = identity.map(|i| i.id().to_owned());
             }
             Err(e) => {
-                warn!(%peer, reason = crate::tls::failure_reason(&e), error = %e, "agent refused at the TLS handshake");
+                debug!(%peer, reason = crate::tls::failure_reason(&e), error = %e, "agent refused at the TLS handshake");
                 return;
             }
         }
@@ -177,7 +208,8 @@ async fn tunnel(
     let (hello, version) = match handshake::hub(&mut io, &policy, &key, deadline).await {
         Ok(accepted) => accepted,
         Err(e) => {
-            warn!(%peer, error = %e, "agent refused");
+            // Anyone can reach the port: not a warning each time.
+            debug!(%peer, error = %e, "agent refused");
             return;
         }
     };
@@ -198,8 +230,15 @@ async fn tunnel(
     let endpoint = group.agent_endpoint(&agent, io, &upstream, &counters);
     // Joins the group only once the agent answered over HTTP/2: an agent
     // that already holds a tunnel to this hub closes a second one unserved.
-    if let Err(e) = endpoint.pool().warm().await {
+    let warmed = endpoint.pool().warm().await;
+    drop(counted);
+    if let Err(e) = warmed {
         debug!(agent = %id, %peer, error = %e, "agent tunnel closed before serving (a duplicate, or a failure)");
+        return;
+    }
+    if watch.is_draining() {
+        // The drain began during the handshake: this hub takes no agent.
+        endpoint.pool().close();
         return;
     }
     group.insert(endpoint.clone());

@@ -61,6 +61,9 @@ pub struct Snapshot {
     pub inflight: usize,
     /// Dials that failed (connect or handshake), since the start.
     pub failed_dials: u64,
+    /// Tunnels claimed since the start (a tunnel closed and dialled again
+    /// counts twice).
+    pub claims: u64,
 }
 
 /// The agent's tunnel bookkeeping.
@@ -73,6 +76,7 @@ pub(crate) struct Tracker {
     /// Woken whenever what is wanted or held changes.
     changed: tokio::sync::Notify,
     failed_dials: std::sync::atomic::AtomicU64,
+    claims: std::sync::atomic::AtomicU64,
 }
 
 /// The right to make one dial, and then to hold the tunnel it made.
@@ -91,6 +95,7 @@ impl Tracker {
             connections,
             changed: tokio::sync::Notify::new(),
             failed_dials: std::sync::atomic::AtomicU64::new(0),
+            claims: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -184,6 +189,7 @@ impl Tracker {
             claimed: state.claimed.len(),
             inflight: state.inflight,
             failed_dials: self.failed_dials.load(std::sync::atomic::Ordering::Relaxed),
+            claims: self.claims.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -255,6 +261,9 @@ impl Lease {
         }
         state.inflight -= 1;
         drop(state);
+        self.tracker
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.claimed = Some(name.to_owned());
         self.tracker.changed.notify_waiters();
         true
@@ -313,6 +322,7 @@ mod tests {
                 claimed: 2,
                 inflight: 0,
                 failed_dials: 0,
+                claims: 2,
             }
         );
         assert!(t.try_acquire().is_none());

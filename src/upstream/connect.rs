@@ -44,6 +44,11 @@ impl Connector {
         self.tls.is_some() || self.tunnel.is_some()
     }
 
+    /// Whether this is an agent's tunnel.
+    pub(crate) fn is_tunnel(&self) -> bool {
+        self.tunnel.is_some()
+    }
+
     /// The material generation a connection dialled now is opened with (0
     /// for plaintext, which never changes).
     pub(crate) fn generation(&self) -> u64 {

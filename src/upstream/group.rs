@@ -194,6 +194,9 @@ impl Group {
         upstream.address = HostPort::from(agent.peer);
         upstream.max_connections = 1;
         upstream.idle_timeout = TUNNEL_IDLE;
+        // Pinged idle or not (see Pool): a silent agent is gone within
+        // interval + timeout.
+        upstream.keepalive_interval = crate::config::DEFAULT_KEEPALIVE_INTERVAL;
         upstream.tls = None;
         Arc::new(Endpoint {
             address: upstream.address.clone(),
@@ -306,7 +309,9 @@ impl Groups {
                 Arc::from(hub.group.as_str()),
                 Arc::new(Group {
                     endpoints: RwLock::new(Arc::from([])),
-                    strategies: Box::new([Strategy::DestHost, Strategy::LeastLoaded]),
+                    // A call for an agent that is not there must not reach
+                    // another agent's network: by name only.
+                    strategies: Box::new([Strategy::DestHost]),
                     dest_host_key: HeaderName::from_static(DEFAULT_DEST_HOST_KEY),
                 }),
             );

@@ -515,6 +515,10 @@ impl Pool {
         // agent closes a duplicate tunnel without a word): one PING
         // answered proves the peer took the connection, before any call
         // (or the retirement of a working older connection) depends on it.
+        // A tunnel is pinged when idle too: an agent whose host went away
+        // silently must leave the group within a keepalive, not at its
+        // next call.
+        let ping_idle = inner.connector.is_tunnel();
         let (verified, verdict) = if inner.connector.verifies() {
             let (tx, rx) = tokio::sync::oneshot::channel();
             (Some((tx, inner.config.connect_timeout)), Some(rx))
@@ -531,6 +535,7 @@ impl Pool {
                 &name,
                 evict,
                 verified,
+                ping_idle,
             )
             .await;
             if let Err(e) = &ended {
@@ -587,6 +592,7 @@ async fn drive(
     name: &str,
     evict: impl Fn(),
     verified: Option<(tokio::sync::oneshot::Sender<Result<(), String>>, Duration)>,
+    ping_idle: bool,
 ) -> Result<(), h2::Error> {
     tokio::pin!(connection);
     let mut pinger = connection.as_mut().get_pin_mut().ping_pong();
@@ -649,7 +655,7 @@ async fn drive(
             }
             () = tokio::time::sleep_until(next), if pinger.is_some() => {
                 next = Instant::now() + interval;
-                if in_flight.load(Ordering::Relaxed) == 0 {
+                if in_flight.load(Ordering::Relaxed) == 0 && !ping_idle {
                     continue;
                 }
                 let Some(pinger) = pinger.as_mut() else { continue };

@@ -138,6 +138,11 @@ async fn calls_through_a_hub_reach_the_agent_named_by_id_or_host() {
         )
         .await
         .expect("reached node-a");
+        assert_eq!(
+            a_app.probe.counts().completed,
+            i + 1,
+            "node-a's app answered"
+        );
         within(
             "to node-b by host",
             client.unary(to(
@@ -150,6 +155,11 @@ async fn calls_through_a_hub_reach_the_agent_named_by_id_or_host() {
         )
         .await
         .expect("reached node-b");
+        assert_eq!(
+            b_app.probe.counts().completed,
+            i + 1,
+            "node-b's app answered"
+        );
     }
     assert_eq!(a_app.probe.counts().completed, 5);
     assert_eq!(b_app.probe.counts().completed, 5);
@@ -370,7 +380,11 @@ async fn leases_are_released_on_failure_so_the_agent_connects_after_100_failed_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_and_a_wrong_version_never_join_the_group() {
-    let hub = hub("hub-1", "tokens = [\"s3cret\"]").await;
+    let hub = hub(
+        "hub-1",
+        "tokens = [\"s3cret\"]\nhandshake_timeout = \"300ms\"",
+    )
+    .await;
     let hub_addr = hub.tunnel_addr().expect("tunnel listener");
     let app = EchoServer::start().await;
     let bad = sluice::run(&agent_config(
@@ -415,7 +429,9 @@ async fn a_bad_token_and_a_wrong_version_never_join_the_group() {
         .expect("read");
     assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
     assert!(answer.contains("no common protocol version"), "{answer}");
-    // One that opens the Upgrade and stalls costs the handshake timeout.
+    // One that opens the Upgrade and stalls costs the handshake timeout:
+    // closed then, not before, not never.
+    let started = std::time::Instant::now();
     let mut stall = tokio::net::TcpStream::connect(hub_addr)
         .await
         .expect("connect");
@@ -423,6 +439,18 @@ async fn a_bad_token_and_a_wrong_version_never_join_the_group() {
         .write_all(b"GET /sluice-tunnel HTTP/1.1\r\n")
         .await
         .expect("write");
+    let mut rest = Vec::new();
+    within(
+        "the stalled handshake is closed",
+        stall.read_to_end(&mut rest),
+    )
+    .await
+    .expect("closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(hub.group_len("agents"), 1);
 }
 
@@ -823,7 +851,9 @@ async fn tunnels_over_mutual_tls_refuse_an_agent_without_a_certificate_before_th
         .await
         .expect("write");
     let mut answer = Vec::new();
-    let _ = within("the refusal", plain.read_to_end(&mut answer)).await;
+    within("the refusal", plain.read_to_end(&mut answer))
+        .await
+        .expect("closed, not reset");
     assert!(
         !answer.starts_with(b"HTTP/1.1 101"),
         "no upgrade without TLS"
@@ -901,4 +931,74 @@ async fn a_hub_holds_at_most_max_agents_tunnels() {
     })
     .await;
     assert_eq!(hub.group_len("agents"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_outlives_the_agents_idle_and_first_request_deadlines() {
+    let hub = hub("hub-1", "").await;
+    let app = EchoServer::start().await;
+    let mut config = agent_config(
+        "node-a",
+        "a.internal",
+        &[hub.tunnel_addr().expect("tunnel")],
+        app.addr,
+        "",
+    );
+    config.server.handshake_timeout = Duration::from_millis(100);
+    config.server.idle_timeout = Duration::from_millis(100);
+    let agent = sluice::run(&config).await.expect("agent");
+    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    // Idle well past both deadlines: nothing may happen to the tunnel.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let t = agent.agent_tunnels().expect("agent");
+    assert_eq!(
+        t.claims, 1,
+        "the tunnel was never closed and dialled again: {t:?}"
+    );
+    let mut client = sluice_testkit::client(hub.listen_addr());
+    within(
+        "a call after the idle time",
+        client.unary(to("node-a", Req::default())),
+    )
+    .await
+    .expect("served on the same tunnel");
+    assert_eq!(agent.agent_tunnels().expect("agent").claims, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_for_a_missing_agent_never_reaches_another() {
+    let hub = hub("hub-1", "").await;
+    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
+    let (a_app, b_app) = (EchoServer::start().await, EchoServer::start().await);
+    let a = Killable::start(agent_config(
+        "node-a",
+        "a.internal",
+        &[hub_addr],
+        a_app.addr,
+        "",
+    ));
+    let _b = sluice::run(&agent_config(
+        "node-b",
+        "b.internal",
+        &[hub_addr],
+        b_app.addr,
+        "",
+    ))
+    .await
+    .expect("agent b");
+    eventually("both connected", || hub.group_len("agents") == 2).await;
+    tokio::task::spawn_blocking(move || a.kill())
+        .await
+        .expect("killed");
+    eventually("node-a left", || hub.group_len("agents") == 1).await;
+    let mut client = sluice_testkit::client(hub.listen_addr());
+    let status = within(
+        "a call for node-a",
+        client.unary(to("node-a", Req::default())),
+    )
+    .await
+    .expect_err("node-a is gone");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(b_app.probe.counts().started, 0, "never node-b's network");
+    drop(a_app);
 }
