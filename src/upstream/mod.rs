@@ -489,9 +489,13 @@ impl Pool {
         let gauge = Gauge::hold(&inner.counters, Kind::UpstreamConnection);
         let pool = Arc::downgrade(&self.inner);
         let name = inner.name.clone();
+        // A tunnel is pinged when idle too: an agent whose host went away
+        // silently must leave the group within a keepalive, not at its
+        // next call.
         let keepalive = (
             inner.config.keepalive_interval,
             inner.config.keepalive_timeout,
+            inner.connector.is_tunnel(),
         );
         let idle_timeout = inner.config.idle_timeout;
         let load = conn.load.clone();
@@ -515,10 +519,6 @@ impl Pool {
         // agent closes a duplicate tunnel without a word): one PING
         // answered proves the peer took the connection, before any call
         // (or the retirement of a working older connection) depends on it.
-        // A tunnel is pinged when idle too: an agent whose host went away
-        // silently must leave the group within a keepalive, not at its
-        // next call.
-        let ping_idle = inner.connector.is_tunnel();
         let (verified, verdict) = if inner.connector.verifies() {
             let (tx, rx) = tokio::sync::oneshot::channel();
             (Some((tx, inner.config.connect_timeout)), Some(rx))
@@ -535,7 +535,6 @@ impl Pool {
                 &name,
                 evict,
                 verified,
-                ping_idle,
             )
             .await;
             if let Err(e) = &ended {
@@ -586,13 +585,12 @@ impl Pool {
 /// dropped so its calls fail with UNAVAILABLE instead of hanging.
 async fn drive(
     connection: Flushed<h2::client::Connection<BatchIo<Stream>, Bytes>, Stream>,
-    (interval, timeout): (Duration, Duration),
+    (interval, timeout, ping_idle): (Duration, Duration, bool),
     idle_timeout: Duration,
     in_flight: &AtomicUsize,
     name: &str,
     evict: impl Fn(),
     verified: Option<(tokio::sync::oneshot::Sender<Result<(), String>>, Duration)>,
-    ping_idle: bool,
 ) -> Result<(), h2::Error> {
     tokio::pin!(connection);
     let mut pinger = connection.as_mut().get_pin_mut().ping_pong();
