@@ -87,7 +87,7 @@ fn main() {
         std::fs::write(
             &path,
             format!(
-                "[tunnel.hub]\nlisten = \"127.0.0.1:{port}\"\nname = \"hub-1\"\n\
+                "[tunnel.hub]\nallow_anonymous = true\nlisten = \"127.0.0.1:{port}\"\nname = \"hub-1\"\n\
                  [[routes]]\nupstream = \"agents\"\n"
             ),
         )

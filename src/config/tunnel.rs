@@ -69,6 +69,11 @@ pub struct HubConfig {
     /// Tokens an agent may present; empty: none needed.
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Accept agents with neither a token nor a client certificate (a
+    /// hub whose port only trusted agents can reach). Off: a hub must
+    /// ask for one or the other.
+    #[serde(default)]
+    pub allow_anonymous: bool,
     /// Tunnels (and handshakes under way) at most; a connection beyond it
     /// is closed at once. Each costs ~22 KiB once connected (see
     /// `benches/tunnel.rs`), so the default bounds agents at ~220 MiB.
@@ -192,6 +197,13 @@ impl super::Config {
                 return bad(
                     "tunnel.hub.name",
                     format!("{:?}: letters, digits and -._: only", hub.name),
+                );
+            }
+            let certifies = hub.tls.as_ref().is_some_and(|t| t.client_auth.is_some());
+            if hub.tokens.is_empty() && !certifies && !hub.allow_anonymous {
+                return bad(
+                    "tunnel.hub",
+                    "anyone who reaches tunnel.hub.listen would become an agent: set `tokens`, or `[tunnel.hub.tls]` with `client_auth`, or `allow_anonymous = true`".to_owned(),
                 );
             }
             if hub.max_agents == 0 {

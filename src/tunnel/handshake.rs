@@ -279,6 +279,7 @@ pub(crate) async fn hub<T>(
     io: &mut T,
     policy: &HubPolicy,
     control_key: &str,
+    certified: Option<&sluice_layers::identity::PeerIdentity>,
     deadline: Instant,
 ) -> Result<(AgentHello, u32), HandshakeError>
 where
@@ -286,7 +287,7 @@ where
 {
     timeout_at(deadline, async {
         let head = read_head(io).await?;
-        let hello = match parse_agent(&head, policy) {
+        let hello = match parse_agent(&head, policy).and_then(|hello| bound(hello, certified)) {
             Ok(hello) => hello,
             Err((status, reason)) => {
                 refuse(io, status, &reason).await?;
@@ -326,6 +327,31 @@ where
     })
     .await
     .map_err(|_| HandshakeError::TimedOut)?
+}
+
+/// With a verified agent certificate, the id the agent claims must be one
+/// of the certificate's names (its id, URI or DNS SANs, or CN): an agent
+/// cannot take another's calls by claiming its id.
+fn bound(
+    hello: AgentHello,
+    certified: Option<&sluice_layers::identity::PeerIdentity>,
+) -> Result<AgentHello, (u16, String)> {
+    let Some(identity) = certified else {
+        return Ok(hello);
+    };
+    let p = identity.parts();
+    let names = std::iter::once(identity.id())
+        .chain(p.uris.iter().map(String::as_str))
+        .chain(p.dns_names.iter().map(String::as_str))
+        .chain(p.common_name.as_deref());
+    if names.into_iter().any(|n| n == hello.id) {
+        Ok(hello)
+    } else {
+        Err((
+            403,
+            "the agent id is not a name of the agent's certificate".to_owned(),
+        ))
+    }
 }
 
 fn parse_agent(head: &[u8], policy: &HubPolicy) -> Result<AgentHello, (u16, String)> {
@@ -387,6 +413,7 @@ async fn refuse<T: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let phrase = match status {
         401 => "Unauthorized",
+        403 => "Forbidden",
         426 => "Upgrade Required",
         _ => "Bad Request",
     };
@@ -448,7 +475,7 @@ mod tests {
         let (mut a, mut h) = tokio::io::duplex(4096);
         let deadline = Instant::now() + Duration::from_secs(5);
         let agent = async { agent(&mut a, &hello, "hub", deadline).await };
-        let hub = async { hub(&mut h, &policy, "k3y", deadline).await };
+        let hub = async { hub(&mut h, &policy, "k3y", None, deadline).await };
         tokio::join!(agent, hub)
     }
 
@@ -487,7 +514,7 @@ mod tests {
     async fn a_peer_that_stalls_costs_at_most_the_deadline() {
         let (_a, mut h) = tokio::io::duplex(4096);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let err = hub(&mut h, &policy(&[]), "k", deadline)
+        let err = hub(&mut h, &policy(&[]), "k", None, deadline)
             .await
             .expect_err("stalled");
         assert!(matches!(err, HandshakeError::TimedOut));

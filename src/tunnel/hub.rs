@@ -196,7 +196,7 @@ async fn tunnel(
         match Box::pin(tls.accept(io, deadline)).await {
             Ok((stream, identity)) => {
                 io = Stream::TlsServer(Box::new(stream));
-                certified = identity.map(|i| i.id().to_owned());
+                certified = identity;
             }
             Err(e) => {
                 debug!(%peer, reason = crate::tls::failure_reason(&e), error = %e, "agent refused at the TLS handshake");
@@ -205,14 +205,15 @@ async fn tunnel(
         }
     }
     let key = handshake::control_key();
-    let (hello, version) = match handshake::hub(&mut io, &policy, &key, deadline).await {
-        Ok(accepted) => accepted,
-        Err(e) => {
-            // Anyone can reach the port: not a warning each time.
-            debug!(%peer, error = %e, "agent refused");
-            return;
-        }
-    };
+    let (hello, version) =
+        match handshake::hub(&mut io, &policy, &key, certified.as_ref(), deadline).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Anyone can reach the port: not a warning each time.
+                debug!(%peer, error = %e, "agent refused");
+                return;
+            }
+        };
     if hello.discover {
         debug!(agent = %hello.id, %peer, "agent asked which hubs exist");
         return;
@@ -242,7 +243,7 @@ async fn tunnel(
         return;
     }
     group.insert(endpoint.clone());
-    info!(agent = %id, %peer, version, certificate = certified.as_deref().unwrap_or("none"), "agent connected");
+    info!(agent = %id, %peer, version, certificate = certified.as_ref().map_or("none", |c| c.id()), "agent connected");
     let pool = endpoint.pool();
     tokio::select! {
         () = pool.gone() => {}

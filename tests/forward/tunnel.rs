@@ -15,7 +15,7 @@ async fn hub(name: &str, extra: &str) -> Running {
     trace_init();
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
-         [tunnel.hub]\nlisten = \"127.0.0.1:0\"\nname = \"{name}\"\n{extra}\n\
+         [tunnel.hub]\nallow_anonymous = true\nlisten = \"127.0.0.1:0\"\nname = \"{name}\"\n{extra}\n\
          [[routes]]\nupstream = \"agents\"\n"
     );
     let config = Config::from_toml_str(&text).expect("hub config");
@@ -366,7 +366,7 @@ async fn leases_are_released_on_failure_so_the_agent_connects_after_100_failed_d
     // The hub comes up on that port: the agent gets there.
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
-         [tunnel.hub]\nlisten = \"{hub_addr}\"\nname = \"late\"\n[[routes]]\nupstream = \"agents\"\n"
+         [tunnel.hub]\nallow_anonymous = true\nlisten = \"{hub_addr}\"\nname = \"late\"\n[[routes]]\nupstream = \"agents\"\n"
     );
     let hub = sluice::run(&Config::from_toml_str(&text).expect("config"))
         .await
@@ -527,7 +527,7 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
 
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
-         [tunnel.hub]\nlisten = \"{new_addr}\"\nname = \"hub-new\"\ngeneration = 2\n\
+         [tunnel.hub]\nallow_anonymous = true\nlisten = \"{new_addr}\"\nname = \"hub-new\"\ngeneration = 2\n\
          [[routes]]\nupstream = \"agents\"\n"
     );
     let new = std::sync::Arc::new(
@@ -572,7 +572,7 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
 async fn ready_waits_for_an_agent_and_metrics_count_tunnels() {
     trace_init();
     let text = "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\nready_requires_agents = true\n\
-                [tunnel.hub]\nlisten = \"127.0.0.1:0\"\nname = \"hub-1\"\n[[routes]]\nupstream = \"agents\"\n";
+                [tunnel.hub]\nallow_anonymous = true\nlisten = \"127.0.0.1:0\"\nname = \"hub-1\"\n[[routes]]\nupstream = \"agents\"\n";
     let hub = sluice::run(&Config::from_toml_str(text).expect("config"))
         .await
         .expect("hub");
@@ -828,6 +828,23 @@ async fn tunnels_over_mutual_tls_refuse_an_agent_without_a_certificate_before_th
         hub.group_len("agents") == 1
     })
     .await;
+    // The same certificate claiming another agent's id: refused (403).
+    let impostor = sluice::run(&agent_config(
+        "node-b",
+        "b.internal",
+        &[hub_addr],
+        app.addr,
+        &tls(true),
+    ))
+    .await
+    .expect("agent claiming another id");
+    eventually("the impostor is refused a few times", || {
+        impostor
+            .agent_tunnels()
+            .is_some_and(|t| t.failed_dials >= 3)
+    })
+    .await;
+    assert_eq!(hub.group_len("agents"), 1);
     let mut client = sluice_testkit::client(hub.listen_addr());
     within(
         "a call over the TLS tunnel",
@@ -1001,4 +1018,13 @@ async fn a_call_for_a_missing_agent_never_reaches_another() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(b_app.probe.counts().started, 0, "never node-b's network");
     drop(a_app);
+}
+
+#[test]
+fn a_hub_must_ask_agents_for_a_token_or_a_certificate_unless_told_otherwise() {
+    let open = "[tunnel.hub]\nlisten = \"127.0.0.1:0\"\nname = \"hub-1\"\n";
+    let err = Config::from_toml_str(open).expect_err("anyone could become an agent");
+    assert!(err.to_string().contains("allow_anonymous"), "{err}");
+    Config::from_toml_str(&format!("{open}tokens = [\"t\"]\n")).expect("a token");
+    Config::from_toml_str(&format!("{open}allow_anonymous = true\n")).expect("said so");
 }
