@@ -179,13 +179,10 @@ fn default_backoff_max() -> Duration {
     DEFAULT_BACKOFF_MAX
 }
 
-/// Names and ids travel in headers: letters, digits and `-._:` only.
+/// Names and ids travel in headers: letters, digits and `-._:` only (the
+/// handshake's own check).
 fn is_name(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 253
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+    crate::tunnel::handshake::is_token(text)
 }
 
 impl super::Config {

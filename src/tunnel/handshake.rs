@@ -139,7 +139,7 @@ pub(crate) fn negotiate(theirs: &[u32]) -> Option<u32> {
 
 /// Whether `text` is safe in a header and a name: letters, digits and
 /// `-._:` only.
-fn is_token(text: &str) -> bool {
+pub(crate) fn is_token(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 253
         && text

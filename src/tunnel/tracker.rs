@@ -24,6 +24,10 @@ use std::{
 
 use tokio::time::Instant;
 
+/// Hubs an agent knows at most: each desired one costs a tunnel, so
+/// gossip must not make an agent dial without bound.
+pub(crate) const MAX_TRACKED: usize = 64;
+
 /// A hub as gossip describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HubInfo {
@@ -105,11 +109,15 @@ impl Tracker {
         self.changed.notified()
     }
 
-    /// Records `hubs` as alive now.
+    /// Records `hubs` as alive now; at most [`MAX_TRACKED`] hubs are
+    /// known at once (gossip beyond that is ignored until some expire).
     pub(crate) fn track(&self, hubs: impl IntoIterator<Item = HubInfo>) {
         let expires = Instant::now() + self.expiry;
         let mut state = self.lock();
         for hub in hubs {
+            if state.tracked.len() >= MAX_TRACKED && !state.tracked.contains_key(&hub.name) {
+                continue;
+            }
             state.tracked.insert(
                 hub.name,
                 Tracked {
