@@ -272,7 +272,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
             .map_or_else(|| config.upstream.clone(), |g| config.group_upstream(g));
         tunnel_tasks.push(tokio::spawn(
             tunnel::hub::Hub {
-                listener,
+                listener: net::Listener::Tcp(listener),
                 config: hub.clone(),
                 group,
                 upstream,

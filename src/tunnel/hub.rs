@@ -16,7 +16,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use sluice_layers::drain::Watch;
-use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use tokio::{task::JoinSet, time::Instant};
 use tracing::{debug, info, warn};
 
 use super::handshake::{self, HubPolicy};
@@ -31,7 +31,8 @@ use crate::{
 /// Everything the accept loop needs.
 #[derive(Debug)]
 pub(crate) struct Hub {
-    pub(crate) listener: TcpListener,
+    /// Where agents dial: any transport the server can listen on.
+    pub(crate) listener: crate::net::Listener,
     pub(crate) config: HubConfig,
     pub(crate) group: Arc<Group>,
     /// Settings the agents' endpoints take (windows, keepalive).
@@ -76,7 +77,10 @@ impl Hub {
                 _ = &mut draining => break,
                 Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
                 accepted = self.listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
+                    Ok((io, addr)) => {
+                        // Over a Unix socket an agent has no address; its
+                        // endpoint is keyed by its id anyway.
+                        let peer = addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
                         if handshaking.load(std::sync::atomic::Ordering::Relaxed) >= MAX_HANDSHAKES {
                             debug!(%peer, "{MAX_HANDSHAKES} agent handshakes under way; closing a new connection");
                             continue;
@@ -85,12 +89,11 @@ impl Hub {
                             warn!(%peer, max = self.config.max_agents, "tunnel.hub.max_agents reached; closing a new agent connection");
                             continue;
                         }
-                        let _ = tcp.set_nodelay(true);
                         let deadline = Instant::now() + self.config.handshake_timeout;
                         let counted = Handshaking::hold(&handshaking);
                         tunnels.spawn(tunnel(
                             counted,
-                            tcp,
+                            io,
                             self.tls.clone(),
                             self.watch.clone(),
                             peer,
@@ -178,7 +181,7 @@ async fn rehome(pool: &crate::upstream::Pool, name: &str, key: &str) -> bool {
 #[allow(clippy::too_many_arguments)]
 async fn tunnel(
     counted: Handshaking,
-    tcp: tokio::net::TcpStream,
+    io: Stream,
     tls: Option<Arc<ServerTls>>,
     watch: Watch,
     peer: SocketAddr,
@@ -188,7 +191,7 @@ async fn tunnel(
     counters: Arc<Counters>,
     deadline: Instant,
 ) {
-    let mut io = Stream::Tcp(tcp);
+    let mut io = io;
     let mut certified = None;
     if let Some(tls) = tls {
         // A missing or bad certificate is refused here, before a byte of
