@@ -420,7 +420,18 @@ impl Pool {
         {
             return Err(err.clone());
         }
-        let result = self.connect().await;
+        // In a task of its own: a call dropped while it waits (a deadline,
+        // a mirror copy let go, a client's cancel) must not cut the dial
+        // off mid-handshake; the connection it makes serves the next call.
+        let pool = self.clone();
+        let result = tokio::spawn(async move { pool.connect().await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(UpstreamError::Unreachable {
+                    target: inner.name.clone(),
+                    reason: Arc::from(format!("the dial task failed: {e}")),
+                })
+            });
         inner.dial_epoch.fetch_add(1, Ordering::AcqRel);
         match result {
             Ok(conn) => {
@@ -567,6 +578,14 @@ impl Pool {
                 conn.evicted.store(true, Ordering::Relaxed);
                 return Err(unreachable(reason));
             }
+        }
+        if inner.closed.load(Ordering::Relaxed) {
+            // Closed while dialling (a drain, an endpoint that left): the
+            // connection goes at once.
+            conn.evicted.store(true, Ordering::Relaxed);
+            return Err(unreachable(
+                "the endpoint was closed while dialling".to_owned(),
+            ));
         }
         {
             let mut conns = inner.conns.lock().expect("pool lock");
