@@ -18,19 +18,23 @@ pub(crate) struct SluiceProcess {
     pub(crate) addr: SocketAddr,
 }
 
+/// The sluice binary a bench runs: this build's, or `SLUICE_BIN` (an
+/// older build, for a before/after comparison in one sitting).
+fn binary() -> std::ffi::OsString {
+    std::env::var_os("SLUICE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_sluice").into())
+}
+
 impl SluiceProcess {
     /// Starts `sluice ARGS…` and waits for the line naming its addresses.
     pub(crate) fn start(args: &[&str]) -> Self {
-        Self::start_command(Command::new(env!("CARGO_BIN_EXE_sluice")), args)
+        Self::start_command(Command::new(binary()), args)
     }
 
     /// Starts `sluice ARGS…` pinned to `cpu` (through `taskset`, which
     /// execs sluice: the child's pid is sluice's).
     pub(crate) fn start_pinned(cpu: usize, args: &[&str]) -> Self {
         let mut command = Command::new("taskset");
-        command
-            .args(["-c", &cpu.to_string()])
-            .arg(env!("CARGO_BIN_EXE_sluice"));
+        command.args(["-c", &cpu.to_string()]).arg(binary());
         Self::start_command(command, args)
     }
 
