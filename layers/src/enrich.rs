@@ -46,7 +46,7 @@
 //! let seen: HeaderMap = svc.oneshot(req).await?.headers().clone();
 //! assert!(seen.get("x-sluice-client-id").is_none());
 //! assert_eq!(seen["x-env"], "prod");
-//! assert_eq!(seen["forwarded"], "for=192.0.2.7:4711");
+//! assert_eq!(seen["forwarded"], "for=\"192.0.2.7:4711\"");
 //! assert_eq!(seen["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
 //! # Ok(())
 //! # }
@@ -279,11 +279,9 @@ impl Rules {
             return;
         };
         if self.forwarded {
-            // RFC 7239 §6: an IPv6 node (with a port) is quoted.
-            let node = match peer {
-                SocketAddr::V4(v4) => format!("for={v4}"),
-                SocketAddr::V6(v6) => format!("for=\"{v6}\""),
-            };
+            // RFC 7239 §4 and §6: a node with a port (or an IPv6 address)
+            // holds ':', which a token may not: the value is quoted.
+            let node = format!("for=\"{peer}\"");
             if let Ok(v) = HeaderValue::try_from(node) {
                 headers.append(FORWARDED, v);
             }

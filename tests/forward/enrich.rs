@@ -59,7 +59,13 @@ refuse = { code = "PERMISSION_DENIED", message = "spoofed" }
         Some("10.0.0.1, 127.0.0.1")
     );
     let forwarded = get("forwarded").expect("forwarded");
-    assert!(forwarded.starts_with("for=127.0.0.1:"), "{forwarded}");
+    // RFC 7239: `for=` then a quoted string, as the ':' of the port is not
+    // a token character.
+    let node = forwarded
+        .strip_prefix("for=\"127.0.0.1:")
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("not a quoted node: {forwarded}"));
+    assert!(node.parse::<u16>().is_ok(), "{forwarded}");
     let id = get("x-request-id").expect("a generated request id");
     assert!(id.len() > 16, "{id}");
 
