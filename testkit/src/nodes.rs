@@ -113,6 +113,17 @@ impl nodes_server::Nodes for Node {
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
         self.start(req.metadata());
         let req = req.into_inner();
+        let failure = (req.fail_code != 0).then(|| {
+            Status::new(
+                tonic::Code::from_i32(req.fail_code),
+                format!("{} failed as asked", self.name),
+            )
+        });
+        if req.lines == 0
+            && let Some(status) = failure.clone()
+        {
+            return Err(status);
+        }
         let (tx, rx) = mpsc::channel(1);
         let node = self.clone();
         tokio::spawn(async move {
@@ -131,6 +142,9 @@ impl nodes_server::Nodes for Node {
                     return;
                 }
                 node.probe.bump(|c| c.lines_sent += 1);
+            }
+            if let Some(status) = failure {
+                let _ = tx.send(Err(status)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

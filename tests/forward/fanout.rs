@@ -177,6 +177,7 @@ async fn streaming_fanout_delivers_every_line_of_every_node_enriched() {
                 lines: 20,
                 line_size: 10,
                 delay_ms: 0,
+                ..Default::default()
             },
         )),
     )
@@ -228,6 +229,7 @@ async fn a_client_that_stops_reading_stalls_every_node_then_gets_everything() {
                 lines,
                 line_size: 4096,
                 delay_ms: 0,
+                ..Default::default()
             },
         )),
     )
@@ -279,6 +281,7 @@ async fn a_compressed_stream_passes_unrewritten() {
                 lines: 5,
                 line_size: 100,
                 delay_ms: 0,
+                ..Default::default()
             },
         )),
     )
@@ -316,6 +319,7 @@ async fn cancelling_a_fanout_reaches_every_node() {
                 lines: 1_000_000,
                 line_size: 10,
                 delay_ms: 5,
+                ..Default::default()
             },
         )),
     )
@@ -705,4 +709,196 @@ async fn a_compressed_reply_is_never_merged_and_counts_as_failed() {
         z.status.as_ref().map(|s| s.code),
         Some(Code::Internal as i32)
     );
+}
+
+/// Issue #17.1: every method mirrored, primary and shadow both nodes.
+fn mirror_everything(primary: SocketAddr, shadow: SocketAddr) -> Config {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[upstream]
+address = "{primary}"
+[upstreams.primary]
+endpoints = ["{primary}"]
+[upstreams.shadow]
+endpoints = ["{shadow}"]
+[[routes]]
+method = "/sluice.test.nodes.Nodes/*"
+mirror = {{ primary = "primary", secondaries = ["shadow"] }}
+"#
+    );
+    Config::from_toml_str(&text).expect("mirror config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_gives_the_client_the_primarys_trailers_only_answers() {
+    let primary = NodeServer::start("primary");
+    let shadow = NodeServer::start("shadow");
+    let (sluice, mut client) = start(&mirror_everything(primary.addr, shadow.addr)).await;
+    // The primary's handler aborts: a trailers-only answer.
+    let err = within(
+        "a failing unary call",
+        client.version(VersionRequest {
+            fail_code: Code::NotFound as i32,
+            delay_ms: 0,
+        }),
+    )
+    .await
+    .expect_err("the primary said NOT_FOUND");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("primary failed as asked"), "{err:?}");
+    // A server stream that ends OK with no message: trailers-only OK.
+    let mut stream = within("an empty stream", client.logs(LogsRequest::default()))
+        .await
+        .expect("OK headers")
+        .into_inner();
+    let end = within("the end of the stream", stream.message()).await;
+    assert!(matches!(end, Ok(None)), "an empty OK stream: {end:?}");
+    // A stream that aborts before any message: the primary's status.
+    let aborted = within(
+        "an aborted stream",
+        client.logs(LogsRequest {
+            fail_code: Code::FailedPrecondition as i32,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let status = match aborted {
+        Err(status) => status,
+        Ok(res) => within("the stream's status", res.into_inner().message())
+            .await
+            .expect_err("the primary's status"),
+    };
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    // On the wire: one HEADERS frame with END_STREAM, as the primary sent
+    // it, not headers and then an empty DATA frame (which grpcio reads as
+    // a stream with no status: UNKNOWN).
+    let mut h2 = raw_client(sluice.listen_addr()).await;
+    let mut head = grpc_head("Version");
+    *head.uri_mut() = "http://sluice.test/sluice.test.nodes.Nodes/Version"
+        .parse()
+        .expect("uri");
+    let (res, mut body) = h2.send_request(head, false).expect("send");
+    let msg = VersionRequest {
+        fail_code: Code::NotFound as i32,
+        delay_ms: 0,
+    };
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(
+        &u32::try_from(prost::Message::encoded_len(&msg))
+            .expect("small")
+            .to_be_bytes(),
+    );
+    frame.extend_from_slice(&prost::Message::encode_to_vec(&msg));
+    body.send_data(frame.into(), true)
+        .expect("send the request");
+    let res = within("the raw answer", res).await.expect("headers");
+    assert_eq!(res.headers()["grpc-status"], "5");
+    assert!(
+        res.body().is_end_stream(),
+        "END_STREAM on the HEADERS frame"
+    );
+}
+
+/// A fan-out config in interleave mode over `nodes`.
+fn interleaved(nodes: &[(&str, SocketAddr)]) -> Config {
+    let mut config = config(nodes, "");
+    config.fanout.streaming_methods = vec!["*/Logs".to_owned()];
+    config
+}
+
+/// Reads a stream to its end: its messages and its status.
+async fn drain_stream(
+    call: impl Future<
+        Output = Result<tonic::Response<tonic::Streaming<sluice_testkit::npb::Log>>, tonic::Status>,
+    >,
+) -> (Vec<sluice_testkit::npb::Log>, tonic::Status) {
+    let mut stream = match within("the stream's headers", call).await {
+        Ok(res) => res.into_inner(),
+        Err(status) => return (Vec::new(), status),
+    };
+    let mut lines = Vec::new();
+    loop {
+        match within("the next message or the end", stream.message()).await {
+            Ok(Some(line)) => lines.push(line),
+            Ok(None) => return (lines, tonic::Status::ok("")),
+            Err(status) => return (lines, status),
+        }
+    }
+}
+
+fn error_of(line: &sluice_testkit::npb::Log) -> Option<(String, i32)> {
+    let meta = line.metadata.as_ref()?;
+    (!meta.error.is_empty()).then(|| {
+        (
+            meta.hostname.clone(),
+            meta.status.as_ref().map_or(0, |s| s.code),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interleaved_fanout_ends_at_once_when_no_destination_answers() {
+    let up = NodeServer::start("node-1");
+    let cfg = interleaved(&[
+        ("node-1", up.addr),
+        ("node-2", dead_port()),
+        ("node-3", dead_port()),
+    ]);
+    let (_sluice, mut client) = start(&cfg).await;
+    let lines = |fail_code| LogsRequest {
+        lines: 0,
+        fail_code,
+        ..Default::default()
+    };
+    // No deadline on any of these calls: a hang fails the test at LIMIT.
+    // An id the group does not have.
+    let (got, status) = drain_stream(client.logs(to("node-9", lines(0)))).await;
+    assert_ne!(
+        status.code(),
+        Code::Ok,
+        "the only destination failed: {status:?}"
+    );
+    assert_eq!(got.iter().filter_map(error_of).count(), 1, "{got:?}");
+    // Every named endpoint down.
+    let (got, status) = drain_stream(client.logs(to("node-2,node-3", lines(0)))).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let down: Vec<String> = got.iter().filter_map(error_of).map(|e| e.0).collect();
+    assert_eq!(down.len(), 2, "an error message for each: {got:?}");
+    // The one that answers aborts before any message.
+    let (_, status) = drain_stream(client.logs(to("node-1", lines(Code::Aborted as i32)))).await;
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    // One streams nothing (OK), another cannot be reached: OK, with the
+    // error message of the one that failed.
+    let (got, status) = drain_stream(client.logs(to("node-1,node-2", lines(0)))).await;
+    assert_eq!(status.code(), Code::Ok, "{status:?}");
+    let errors: Vec<(String, i32)> = got.iter().filter_map(error_of).collect();
+    assert_eq!(errors, [("node-2".to_owned(), Code::Unavailable as i32)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failed_destination_of_an_interleaved_stream_gets_its_error_message() {
+    let up = NodeServer::start("node-1");
+    let cfg = interleaved(&[("node-1", up.addr), ("node-2", dead_port())]);
+    let (_sluice, mut client) = start(&cfg).await;
+    for nodes in ["node-1,node-9", "node-1,node-2", "node-9,node-1"] {
+        let (got, status) = drain_stream(client.logs(to(
+            nodes,
+            LogsRequest {
+                lines: 3,
+                line_size: 4,
+                ..Default::default()
+            },
+        )))
+        .await;
+        assert_eq!(status.code(), Code::Ok, "{nodes}: {status:?}");
+        let served = got.iter().filter(|l| l.node == "node-1").count();
+        assert_eq!(served, 3, "{nodes}: {got:?}");
+        let failed: Vec<String> = got.iter().filter_map(error_of).map(|e| e.0).collect();
+        let other = nodes.split(',').find(|n| *n != "node-1").expect("two");
+        assert_eq!(failed, [other.to_owned()], "{nodes}: {got:?}");
+    }
 }

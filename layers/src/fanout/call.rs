@@ -30,7 +30,8 @@ pub(super) fn request<B>(
     tee: Tee,
     identity: bool,
 ) -> Request<RequestBody<B>> {
-    let mut req = Request::new(RequestBody::tee(tee));
+    let mut req =
+        Request::new(RequestBody::tee(tee).with_first_message(destination.first_message()));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;

@@ -55,6 +55,10 @@ pub(super) struct Interleaved {
     route: Option<Arc<str>>,
     settings: Arc<Settings>,
     done: bool,
+    /// Messages that came before any destination's headers (the error
+    /// messages of destinations that failed first), sent first. At most
+    /// one per destination: a task sends no other message before headers.
+    early: std::collections::VecDeque<Bytes>,
     /// The destinations' tasks and the request pump: dropped with the
     /// body, which cancels them.
     _tasks: JoinSet<()>,
@@ -104,44 +108,61 @@ where
         route: route.name().map(Arc::from),
         settings,
         done: false,
+        early: std::collections::VecDeque::new(),
         _tasks: tasks,
     };
-    match std::future::poll_fn(|cx| body.poll_headers(cx)).await {
-        Some(headers) => {
-            let mut res = Response::new(ResponseBody::interleaved(body));
-            *res.headers_mut() = headers;
-            res
+    let headers = std::future::poll_fn(|cx| body.poll_headers(cx)).await;
+    let outcomes_known = body.queues.iter().all(Option::is_none);
+    if headers.is_none() && outcomes_known && body.early.is_empty() {
+        // Every destination ended without headers or a message: the
+        // status alone, by the rule merge follows.
+        let outcomes = body.finish();
+        let (code, message) =
+            call::call_status(&body.names, &outcomes, body.settings.fail_when_any);
+        let mut res = status::trailers_only::<ResponseBody<RB>>(code, &message);
+        if let Some(summary) = call::summary(&body.names, &outcomes) {
+            res.headers_mut().insert(SUMMARY, summary);
         }
-        None => {
-            // Every destination ended without headers: the status alone.
-            let outcomes = body.finish();
-            let (code, message) =
-                call::call_status(&body.names, &outcomes, body.settings.fail_when_any);
-            let mut res = status::trailers_only::<ResponseBody<RB>>(code, &message);
-            if let Some(summary) = call::summary(&body.names, &outcomes) {
-                res.headers_mut().insert(SUMMARY, summary);
-            }
-            res
-        }
+        return res;
     }
+    // Headers from a destination, or (when none sent any) plain gRPC
+    // headers, so that the error messages of the destinations that failed
+    // reach the client before the status.
+    let headers = headers.unwrap_or_else(|| {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(crate::grpc::CONTENT_TYPE),
+        );
+        h
+    });
+    let mut res = Response::new(ResponseBody::interleaved(body));
+    *res.headers_mut() = headers;
+    res
 }
 
 impl Interleaved {
-    /// The first response headers any destination sends; `None` when every
-    /// destination ended first.
+    /// The first response headers any destination sends; `None` once no
+    /// destination can send any (every one ended, or sent a message
+    /// first: an error message of a destination that failed before
+    /// answering). Messages that come before any headers are kept for the
+    /// body, in order.
     fn poll_headers(&mut self, cx: &mut Context<'_>) -> Poll<Option<HeaderMap>> {
         let mut open = false;
         for i in 0..self.queues.len() {
-            let Some(queue) = &mut self.queues[i] else {
-                continue;
-            };
-            match queue.poll_recv(cx) {
-                Poll::Ready(Some(Event::Headers(h))) => return Poll::Ready(Some(h)),
-                Poll::Ready(Some(Event::End(o))) => self.end(i, o),
-                // Messages follow headers; a task sends none before.
-                Poll::Ready(Some(Event::Message(_))) => open = true,
-                Poll::Ready(None) => self.end(i, Outcome::Cancelled),
-                Poll::Pending => open = true,
+            // Each queue is read until it is empty, so that its waker is
+            // registered: an event left behind would never wake us.
+            while let Some(queue) = &mut self.queues[i] {
+                match queue.poll_recv(cx) {
+                    Poll::Ready(Some(Event::Headers(h))) => return Poll::Ready(Some(h)),
+                    Poll::Ready(Some(Event::End(o))) => self.end(i, o),
+                    Poll::Ready(Some(Event::Message(m))) => self.early.push_back(m),
+                    Poll::Ready(None) => self.end(i, Outcome::Cancelled),
+                    Poll::Pending => {
+                        open = true;
+                        break;
+                    }
+                }
             }
         }
         if open {
@@ -149,6 +170,11 @@ impl Interleaved {
         } else {
             Poll::Ready(None)
         }
+    }
+
+    /// Whether the body is over (nothing more will be sent).
+    pub(super) fn is_end_stream(&self) -> bool {
+        self.done
     }
 
     fn end(&mut self, i: usize, outcome: Outcome) {
@@ -183,6 +209,9 @@ impl Interleaved {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.done {
             return Poll::Ready(None);
+        }
+        if let Some(m) = self.early.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(m))));
         }
         let n = self.queues.len();
         let mut open = false;

@@ -123,16 +123,23 @@ where
     };
     match answer {
         Ok(res) => {
-            let (head, inner) = res.into_parts();
+            let (mut head, inner) = res.into_parts();
             // A trailers-only answer is the primary's whole outcome.
             calls.primary = call::outcome_of(&head.headers);
-            let ended = calls.primary.is_some();
+            let mut ended = calls.primary.is_some();
+            let mut held = None;
+            if calls.primary == Some(Outcome::Ok) && calls.fail.iter().any(|f| *f) {
+                // An OK that a failing secondary may still turn into
+                // INTERNAL: the status moves to trailers, which wait.
+                held = Some(take_status(&mut head.headers));
+                ended = false;
+            }
             Ok(Response::from_parts(
                 head,
                 ResponseBody::mirror(MirrorBody {
                     inner,
                     calls: Some(calls),
-                    held: None,
+                    held,
                     grace: None,
                     ended,
                 }),
@@ -147,6 +154,21 @@ where
             Err(e)
         }
     }
+}
+
+/// The status headers of a trailers-only head, taken out as trailers.
+fn take_status(headers: &mut HeaderMap) -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    for key in [
+        status::GRPC_STATUS,
+        status::GRPC_MESSAGE,
+        "grpc-status-details-bin",
+    ] {
+        if let Some(v) = headers.remove(key) {
+            trailers.insert(key, v);
+        }
+    }
+    trailers
 }
 
 /// A secondary: its reply read to the end and dropped, its outcome in
@@ -279,6 +301,15 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
+    /// Whether nothing follows: the primary's answer was trailers-only (or
+    /// it is over). Said up front so that a trailers-only answer stays one
+    /// HEADERS frame with END_STREAM, as the primary sent it, and not
+    /// headers plus an empty DATA frame, which gRPC clients read as a
+    /// missing status.
+    pub(super) fn is_end_stream(&self) -> bool {
+        self.ended && self.held.is_none()
+    }
+
     pub(super) fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,

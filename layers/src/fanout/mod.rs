@@ -179,6 +179,7 @@
 mod append;
 mod body;
 mod call;
+mod first;
 mod interleave;
 mod merge;
 mod mirror;
@@ -466,9 +467,14 @@ where
             Some(Route::FanOut(_) | Route::Mirror(_))
         );
         if !many {
+            let first = match req.extensions().get::<Route>() {
+                Some(Route::One(d)) => d.first_message().cloned(),
+                _ => None,
+            };
+            let req = req.map(|b| RequestBody::direct(b).with_first_message(first.as_ref()));
             return ResponseFuture {
                 state: State::One {
-                    fut: self.inner.call(req.map(RequestBody::direct)),
+                    fut: self.inner.call(req),
                 },
             };
         }
