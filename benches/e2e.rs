@@ -228,6 +228,24 @@ fn report(name: &str, direct: Result, through: Result, unit: &str) {
     );
 }
 
+/// `n` generated routes: every other one by an exact `x-tenant` value,
+/// the rest by the exact method of another service.
+fn many_routes(n: usize) -> String {
+    let mut text = String::new();
+    for i in 0..n {
+        if i % 2 == 0 {
+            text.push_str(&format!(
+                "[[routes]]\nmetadata = {{ \"x-tenant\" = {{ equals = \"tenant-{i}\" }} }}\nupstream = \"default\"\n"
+            ));
+        } else {
+            text.push_str(&format!(
+                "[[routes]]\nmethod = \"/svc{i}.v1.Things/Get\"\nupstream = \"default\"\n"
+            ));
+        }
+    }
+    text
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects nothing here.
     let dur = phase();
@@ -281,6 +299,21 @@ fn main() {
         println!("{:<24} sluice CPU {cpu_routed:.1} µs per call (2 groups, method routes)", "");
         assert!(second.probe.counts().completed > 0, "the routed calls reached the second group");
         drop(routed);
+
+        // 10,000 routes (half by metadata value, half by exact method of
+        // other services): the unary calls match none and take the
+        // fallback, the worst case for a table tried route by route.
+        let many = start_sluice(upstream.addr, workers, &many_routes(10_000), "many-routes");
+        let cpu0 = many.cpu_secs();
+        let through_many = measure(many.addr, Workload::Unary, dur).await;
+        let cpu_many = (many.cpu_secs() - cpu0) / through_many.ops as f64 * 1e6;
+        report("unary, 10,000 routes", direct, through_many, "rpc");
+        println!(
+            "{:<24} sluice CPU {cpu_many:.1} µs per call; {:.2}x the one-route calls/s",
+            "",
+            through_many.ops_per_sec / through.ops_per_sec
+        );
+        drop(many);
 
         // Fan-out to 3 (every unary call merged from three echo servers)
         // and mirror to 1 (the default group answers, a second echo server

@@ -93,11 +93,48 @@ fn route_matching(c: &mut Criterion) {
     });
 }
 
+/// Matching a call against 10,000 routes, half by an exact metadata value
+/// and half by an exact method: a call that matches the last metadata
+/// route, and one that matches none (the fallback).
+fn route_matching_at_scale(c: &mut Criterion) {
+    use sluice_layers::direct::Director;
+    let mut text = String::new();
+    for i in 0..10_000 {
+        if i % 2 == 0 {
+            text.push_str(&format!(
+                "[[routes]]\nmetadata = {{ \"x-tenant\" = {{ equals = \"tenant-{i}\" }} }}\nupstream = \"default\"\n"
+            ));
+        } else {
+            text.push_str(&format!(
+                "[[routes]]\nmethod = \"/svc{i}.v1.Things/Get\"\nupstream = \"default\"\n"
+            ));
+        }
+    }
+    let config = sluice::Config::from_toml_str(&text).expect("10,000 routes");
+    let mut routes = sluice::route::Routes::from_config(&config);
+    let head = |tenant: &str| {
+        let (parts, ()) = Request::post("http://x/sluice.test.Echo/Unary")
+            .header("x-tenant", tenant)
+            .body(())
+            .expect("request")
+            .into_parts();
+        parts
+    };
+    let last = head("tenant-9998");
+    let none = head("nobody");
+    c.bench_function("route_match_10000_routes_last", |b| {
+        b.iter(|| routes.direct(std::hint::black_box(&last), &[]))
+    });
+    c.bench_function("route_match_10000_routes_none", |b| {
+        b.iter(|| routes.direct(std::hint::black_box(&none), &[]))
+    });
+}
+
 /// Decoding a field path in a 1 KiB message, the field at the very end.
 fn field_path(c: &mut Criterion) {
     use sluice_layers::grpc::wire;
     let mut msg = Vec::new();
-    for _ in 0..60 {
+    for _ in 0..70 {
         // field 1 (repeated): a 12-byte string
         msg.push(0x0a);
         msg.push(12);
@@ -106,8 +143,7 @@ fn field_path(c: &mut Criterion) {
     // field 61: an embedded message holding field 2 = "target"
     msg.extend_from_slice(&[0xea, 0x03, 8, 0x12, 6]);
     msg.extend_from_slice(b"target");
-    msg.resize(msg.len().max(1024), 0);
-    let msg = &msg[..msg.len().min(1100)];
+    let msg = &msg[..];
     let path: wire::FieldPath = "61.2".parse().expect("path");
     assert_eq!(
         wire::find(msg, &path).and_then(|v| v.as_str()),
@@ -251,6 +287,7 @@ criterion_group!(
     grpc_headers,
     deadline_layer,
     route_matching,
+    route_matching_at_scale,
     field_path,
     peek_layer,
     drain_layer

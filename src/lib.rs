@@ -527,7 +527,7 @@ impl Running {
 /// One line per route of `config`, and what happens when none matches: what
 /// `sluice check` prints.
 pub fn describe_routes(config: &Config) -> Vec<String> {
-    route::Routes::describe(config)
+    route::describe(config)
 }
 
 /// Builds the tokio runtime the config asks for: a current-thread runtime

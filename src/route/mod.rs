@@ -328,4 +328,40 @@ mod tests {
         let r = routes.direct(&head("/a.B/Put", &[], None), &[squeezed]);
         assert!(denied(&r), "compressing does not skip the rule: {r:?}");
     }
+
+    /// Issue #17.5: a key naming thousands of ids is refused after
+    /// reading one id more than the group has, not after de-duplicating
+    /// all of them (which cost quadratic CPU).
+    #[test]
+    fn a_fanout_key_is_read_only_as_far_as_the_group_is_large() {
+        let config = Config::from_toml_str(
+            "[upstreams.nodes]\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n\
+             [[routes]]\nfanout = { group = \"nodes\", key = \"nodes\" }\n",
+        )
+        .expect("config");
+        let mut routes = Routes::from_config(&config);
+        let ids: Vec<String> = (0..4_900).map(|i| format!("n{i}")).collect();
+        let key = ids.join(",");
+        let r = routes.direct(&head("/a.B/C", &[("nodes", &key)], None), &[]);
+        let Err(refusal) = r else {
+            panic!("refused: {r:?}")
+        };
+        assert_eq!(refusal.code(), Code::InvalidArgument);
+        // It stopped at the third id: it cannot know there were 4,900.
+        assert!(refusal.message().contains("more than 2"), "{refusal:?}");
+        assert!(!refusal.message().contains("4900"), "{refusal:?}");
+        // Repeats are one destination; as many as the group has pass.
+        let r = routes.direct(
+            &head(
+                "/a.B/C",
+                &[("nodes", "127.0.0.1:1, 127.0.0.1:2, 127.0.0.1:1")],
+                None,
+            ),
+            &[],
+        );
+        assert!(
+            matches!(r, Ok(Route::FanOut(ref f)) if f.destinations().len() == 2),
+            "{r:?}"
+        );
+    }
 }
