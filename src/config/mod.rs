@@ -28,7 +28,7 @@ pub use self::tls::{
     IdentityConfig, RoleSource, ServerTlsConfig, TlsConfig, UpstreamTlsConfig,
 };
 pub use self::tunnel::{
-    AgentConfig, DEFAULT_AGENT_GROUP, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN,
+    AgentConfig, DEFAULT_AGENT_GROUP, DEFAULT_AGENT_WAIT, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN,
     DEFAULT_DISCOVERY_INTERVAL, DEFAULT_HUB_EXPIRY, DEFAULT_MAX_AGENTS,
     DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT, HubConfig, HubPeerConfig, IdentifiersConfig, TunnelConfig,
 };

@@ -87,6 +87,21 @@ pub struct HubConfig {
     /// the Upgrade is read). Its `listen` does not apply.
     #[serde(default)]
     pub tls: Option<ServerTlsConfig>,
+    /// How long a call for an agent that is not connected waits for it
+    /// (bounded by the call's own deadline) before it fails UNAVAILABLE:
+    /// an agent re-homing from a hub that restarts, or redialling after a
+    /// network blip, is back within it. `"0s"`: fail at once.
+    #[serde(default = "default_agent_wait", with = "value::duration_or_zero")]
+    pub agent_wait: Duration,
+}
+
+/// How long a call waits for its agent by default: 3 s, an agent's
+/// redial at the shortest backoff plus a handshake, with room; short
+/// enough that a call for an agent that does not exist fails in seconds.
+pub const DEFAULT_AGENT_WAIT: Duration = Duration::from_secs(3);
+
+fn default_agent_wait() -> Duration {
+    DEFAULT_AGENT_WAIT
 }
 
 /// `identifiers = { … }` of `[tunnel.agent]` (konnectivity's).

@@ -168,9 +168,14 @@ where
         Some(id) => group
             .find(id)
             .ok_or_else(|| ForwardError::NoEndpoint(format!("{target}: no endpoint {id:?}")))?,
-        None => group
-            .pick(&parts, None)
-            .ok_or_else(|| ForwardError::NoEndpoint(target.to_owned()))?,
+        None => group.pick_or_wait(&parts).await.ok_or_else(|| {
+            let waited = group.wait();
+            ForwardError::NoEndpoint(if waited.is_zero() {
+                target.to_owned()
+            } else {
+                format!("{target} (waited {waited:?} for one to connect)")
+            })
+        })?,
     };
     let checkout = match endpoint.pool().checkout().await {
         Ok(checkout) => checkout,

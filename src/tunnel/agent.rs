@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     handshake::{self, AgentHello, Identifiers},
-    tracker::{Lease, Tracker},
+    tracker::{Instance, Lease, Tracker},
 };
 use crate::{
     config::{AgentConfig, HostPort},
@@ -42,6 +42,12 @@ use crate::{
 /// the new tunnels are claimed: the new hubs add the agent to their group
 /// only after a round trip on the new tunnel.
 const SURPLUS_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the answer to a hub's re-home request waits for the agent to
+/// hold every tunnel it wants elsewhere (the hub gives its clients GOAWAY
+/// only after the answer); below the hub's own bound,
+/// [`REHOME_GRACE`](super::hub::REHOME_GRACE).
+const REHOME_ANSWER_WAIT: Duration = Duration::from_secs(4);
 
 /// What every tunnel task of the agent shares.
 #[derive(Debug)]
@@ -162,8 +168,8 @@ async fn tunnel<S, B>(
     watch: Watch,
 ) where
     S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes>,
+    S::Error: Into<BoxError> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let deadline = Instant::now() + dialer.config.handshake_timeout;
@@ -179,95 +185,122 @@ async fn tunnel<S, B>(
         Err(reason) => {
             warn!(%hub, %reason, "tunnel dial failed");
             tracker.dial_failed();
-            backoff(&dialer).await;
+            // The lease is held through the backoff: it is what paces
+            // the dials.
+            if !watch.is_draining() {
+                backoff(&dialer).await;
+            }
             return;
         }
     };
-    let name = answer.hub.name.clone();
-    tracker.answered(&name);
+    let instance = Instance {
+        name: answer.hub.name.clone(),
+        id: answer.instance.clone(),
+    };
+    let name = instance.name.clone();
     tracker.track(std::iter::once(answer.hub.clone()).chain(answer.hubs.iter().cloned()));
-    if !lease.claim(&name) {
-        debug!(%hub, hub_name = %name, "already holding a tunnel to this hub; closing and dialling again");
+    tracker.heard(&instance);
+    if !lease.claim(&instance) {
+        debug!(%hub, hub_name = %name, instance = %instance.id, "already holding a tunnel to this hub process; closing and dialling again");
         // The same address may lead there again: backed off like a
-        // failure, with the duplicate closed first.
+        // failure (the lease paces the dials), with the duplicate closed
+        // first.
         drop(io);
-        backoff(&dialer).await;
+        if !watch.is_draining() {
+            backoff(&dialer).await;
+        }
         return;
     }
     let opened = Instant::now();
-    info!(%hub, hub_name = %name, version = answer.version, "tunnel open");
+    info!(%hub, hub_name = %name, instance = %instance.id, version = answer.version, "tunnel open");
     // The tunnel has a drain of its own, begun by the process's drain or
-    // once a newer hub generation holds every tunnel wanted
-    // (make-before-break): GOAWAY, then the calls on it finish. The
-    // process's drain waits for it through `_held`.
-    let _held = watch.guard();
+    // once the tunnels wanted are held elsewhere (a newer hub generation,
+    // or another process of a hub that drains: make-before-break):
+    // GOAWAY, then the calls on it finish. The process's drain waits for
+    // it through `held`.
+    let held = watch.guard();
     let (signal, own) = sluice_layers::drain::channel();
     let mut signal = Some(signal);
     let control = Control {
         inner: svc,
         tracker: tracker.clone(),
-        hub: Arc::from(name.as_str()),
+        instance: Arc::new(instance.clone()),
         key: Arc::from(answer.control_key.as_str()),
     };
-    let serve = server::serve_tunnel(io, shared, control, own);
-    tokio::pin!(serve);
-    let draining = watch.signaled();
-    tokio::pin!(draining);
-    // When the tunnel was found surplus: it drains SURPLUS_GRACE later
-    // if it still is then (the new tunnel may have died meanwhile). The
-    // grace lets the new hub take the new tunnel in (its first PING)
-    // before this one stops taking calls.
-    let mut surplus_since: Option<Instant> = None;
-    loop {
-        let changed = tracker.changed();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if signal.is_some() && surplus_since.is_none() && tracker.is_surplus(&name) {
-            surplus_since = Some(Instant::now());
-        }
-        let grace_over = async {
-            match surplus_since {
-                Some(since) => tokio::time::sleep_until(since + SURPLUS_GRACE).await,
-                None => std::future::pending().await,
+    {
+        // Scoped: the connection and the drain watch (which holds a
+        // guard of the process's drain) end here, before any backoff.
+        let serve = server::serve_tunnel(io, shared, control, own);
+        tokio::pin!(serve);
+        let draining = watch.clone().signaled();
+        tokio::pin!(draining);
+        // When the tunnel was found surplus: it drains SURPLUS_GRACE later
+        // if it still is then (the new tunnel may have died meanwhile).
+        // The grace lets the new hub take the new tunnel in (its first
+        // PING) before this one stops taking calls.
+        let mut surplus_since: Option<Instant> = None;
+        loop {
+            let changed = tracker.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if signal.is_some() && surplus_since.is_none() && tracker.is_surplus(&instance) {
+                surplus_since = Some(Instant::now());
             }
-        };
-        tokio::select! {
-            () = &mut serve => break,
-            _ = &mut draining, if signal.is_some() => {
-                if let Some(signal) = signal.take() {
-                    tokio::spawn(signal.drain());
+            let grace_over = async {
+                match surplus_since {
+                    Some(since) => tokio::time::sleep_until(since + SURPLUS_GRACE).await,
+                    None => std::future::pending().await,
                 }
-            }
-            () = grace_over => {
-                surplus_since = None;
-                if tracker.is_surplus(&name)
-                    && let Some(signal) = signal.take()
-                {
-                    info!(%hub, hub_name = %name, "this hub is no longer wanted (an older generation, or draining) and the tunnels wanted are open; closing this one");
-                    tokio::spawn(signal.drain());
+            };
+            tokio::select! {
+                () = &mut serve => break,
+                _ = &mut draining, if signal.is_some() => {
+                    if let Some(signal) = signal.take() {
+                        tokio::spawn(signal.drain());
+                    }
                 }
+                () = grace_over => {
+                    surplus_since = None;
+                    if tracker.is_surplus(&instance)
+                        && let Some(signal) = signal.take()
+                    {
+                        info!(%hub, hub_name = %name, instance = %instance.id, "this hub is no longer wanted (an older generation, or draining) and the tunnels wanted are open; closing this one");
+                        tokio::spawn(signal.drain());
+                    }
+                }
+                () = &mut changed => {}
             }
-            () = &mut changed => {}
         }
     }
-    // Only a tunnel that lasted resets the backoff: one the hub closes at
-    // once must not be dialled again at once, forever.
-    if opened.elapsed() >= dialer.config.backoff_max {
+    // The claim goes with the tunnel, at once: the next dial may reach
+    // the same hub again (restarted, or back from a drain), and must not
+    // be refused as a duplicate of a tunnel that is gone. The lease
+    // itself paces the redial through the backoff, if there is one.
+    drop(held);
+    lease.unclaim();
+    // A tunnel closed on purpose (this agent drained it, or the hub asked
+    // it to re-home) or one that lasted is no failure; only one the hub
+    // or the network cut short is backed off, so a hub that closes at
+    // once is not dialled again at once, forever.
+    let on_purpose = signal.is_none() || tracker.is_draining(&instance);
+    if on_purpose || opened.elapsed() >= dialer.config.backoff_max {
         dialer.failures.store(0, Ordering::Relaxed);
-    } else {
+    } else if !watch.is_draining() {
         backoff(&dialer).await;
     }
-    info!(%hub, hub_name = %name, "tunnel closed");
+    info!(%hub, hub_name = %name, instance = %instance.id, "tunnel closed");
 }
 
 /// The agent's end of a tunnel's control requests: the hub's re-home
 /// request, carrying the key the hub gave this tunnel (which no client of
-/// the hub knows), is answered here; every other call goes to the stack.
+/// the hub knows), is answered here once the agent holds the tunnels it
+/// wants elsewhere (at most [`REHOME_ANSWER_WAIT`]); every other call goes
+/// to the stack.
 #[derive(Clone, Debug)]
 struct Control<S> {
     inner: S,
     tracker: Arc<Tracker>,
-    hub: Arc<str>,
+    instance: Arc<Instance>,
     key: Arc<str>,
 }
 
@@ -280,12 +313,14 @@ fn passed<B>(res: Response<B>) -> Response<ControlBody<B>> {
 impl<S, B> Service<Request<RecvBody>> for Control<S>
 where
     S: Service<Request<RecvBody>, Response = Response<B>>,
+    S::Error: Send + 'static,
+    B: Send + 'static,
 {
     type Response = Response<ControlBody<B>>;
     type Error = S::Error;
     type Future = futures_util::future::Either<
         futures_util::future::MapOk<S::Future, fn(Response<B>) -> Response<ControlBody<B>>>,
-        std::future::Ready<Result<Self::Response, S::Error>>,
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>,
     >;
 
     fn poll_ready(
@@ -305,19 +340,55 @@ where
             let passed: fn(Response<B>) -> Response<ControlBody<B>> = passed::<B>;
             return futures_util::future::Either::Left(self.inner.call(req).map_ok(passed));
         }
-        // A hub speaks only for itself.
-        if header("sluice-hub-draining") == Some(&*self.hub) {
-            info!(hub_name = %self.hub, "the hub drains: re-homing");
-            self.tracker.forget(&self.hub);
+        // A hub speaks only for itself: its name, and its process when it
+        // says which.
+        let me = &self.instance;
+        let this_process = header(handshake::INSTANCE).is_none_or(|i| i == me.id);
+        let rehome = header("sluice-hub-draining") == Some(me.name.as_str()) && this_process;
+        let tracker = self.tracker.clone();
+        if rehome {
+            info!(hub_name = %me.name, instance = %me.id, "the hub drains: re-homing");
+            tracker.forget(me);
         }
-        let mut res = Response::new(http_body_util::Either::Right(http_body_util::Empty::new()));
-        let headers = res.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        futures_util::future::Either::Right(std::future::ready(Ok(res)))
+        // Control requests are rare: boxed.
+        futures_util::future::Either::Right(Box::pin(async move {
+            if rehome {
+                rehomed(&tracker, REHOME_ANSWER_WAIT).await;
+            }
+            let mut res =
+                Response::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+            let headers = res.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            Ok(res)
+        }))
+    }
+}
+
+/// How long after a new tunnel is claimed its hub is taken to list the
+/// agent: the hub adds it after one HTTP/2 round trip on the tunnel.
+const TAKEN_IN: Duration = Duration::from_millis(250);
+
+/// Waits until the agent holds every tunnel it wants (and the hubs had
+/// time to take them in), at most `limit`.
+async fn rehomed(tracker: &Tracker, limit: Duration) {
+    let wait = async {
+        loop {
+            let changed = tracker.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if tracker.is_complete() {
+                tokio::time::sleep(TAKEN_IN).await;
+                return;
+            }
+            changed.await;
+        }
+    };
+    if tokio::time::timeout(limit, wait).await.is_err() {
+        debug!("answering the re-home request before every tunnel wanted is open");
     }
 }
 
@@ -336,7 +407,14 @@ async fn discovery(hub: HostPort, dialer: Arc<Dialer>, tracker: Arc<Tracker>) {
             .map_err(|e| e.to_string())
     };
     match asked.await {
-        Ok(answer) => tracker.track(std::iter::once(answer.hub).chain(answer.hubs)),
+        Ok(answer) => {
+            let instance = Instance {
+                name: answer.hub.name.clone(),
+                id: answer.instance,
+            };
+            tracker.track(std::iter::once(answer.hub).chain(answer.hubs));
+            tracker.heard(&instance);
+        }
         Err(reason) => debug!(%hub, %reason, "hub discovery failed"),
     }
 }

@@ -1,7 +1,8 @@
 //! The tunnel handshake: an HTTP/1.1 Upgrade to `sluice-tunnel`, with the
 //! agent's id, identifiers, protocol versions and token in the request,
-//! and the chosen version, the hub's name, group and generation and the
-//! hubs it knows in the 101 answer. After it the roles reverse: the hub is
+//! and the chosen version, the hub's name, group and generation, the id of
+//! the hub process (its instance: a hub restarted in place, or a replica,
+//! keeps its name) and the hubs it knows in the 101 answer. After it the roles reverse: the hub is
 //! the HTTP/2 client on the connection, the agent serves it.
 //!
 //! Heads are read a byte at a time (a head is a few hundred bytes, read
@@ -55,6 +56,9 @@ pub(crate) struct AgentHello {
 pub(crate) struct HubHello {
     pub(crate) version: u32,
     pub(crate) hub: HubInfo,
+    /// The id of the hub process that answered (empty from a hub that
+    /// gives none: one instance per name).
+    pub(crate) instance: String,
     pub(crate) hubs: Vec<HubInfo>,
     /// The secret the hub's control requests on this tunnel carry (so a
     /// client of the hub, whose calls the tunnel also carries, cannot
@@ -67,6 +71,9 @@ pub(crate) struct HubHello {
 pub(crate) const REHOME_PATH: &str = "/sluice.tunnel.v1.Hub/Rehome";
 /// The header that carries the tunnel's control key.
 pub(crate) const CONTROL_KEY: &str = "sluice-control-key";
+/// The header that names the hub process (in the handshake answers and
+/// the re-home request).
+pub(crate) const INSTANCE: &str = "sluice-hub-instance";
 
 /// A fresh random key: 128 bits from the system's secure random source
 /// (ring's, through rustls).
@@ -242,9 +249,14 @@ where
         let control_key = header(res.headers, CONTROL_KEY)
             .unwrap_or_default()
             .to_owned();
+        let instance = header(res.headers, INSTANCE)
+            .filter(|i| is_token(i))
+            .unwrap_or_default()
+            .to_owned();
         Ok(HubHello {
             version,
             hub,
+            instance,
             hubs,
             control_key,
         })
@@ -259,6 +271,8 @@ where
 #[derive(Clone, Debug)]
 pub(crate) struct HubPolicy {
     pub(crate) me: HubInfo,
+    /// This process's id, given in every answer.
+    pub(crate) instance: String,
     pub(crate) hubs: Vec<HubInfo>,
     /// Accepted tokens; empty: none needed.
     pub(crate) tokens: Vec<String>,
@@ -309,15 +323,18 @@ where
         let res = if hello.discover {
             format!(
                 "HTTP/1.1 204 No Content\r\nsluice-version: {version}\r\nsluice-hub: {}\r\n\
-                 sluice-hubs: {}\r\nconnection: close\r\n\r\n",
+                 {INSTANCE}: {}\r\nsluice-hubs: {}\r\nconnection: close\r\n\r\n",
                 hub_field(&policy.me),
+                policy.instance,
                 hubs.join(", ")
             )
         } else {
             format!(
                 "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {UPGRADE}\r\n\
-                 sluice-version: {version}\r\nsluice-hub: {}\r\nsluice-hubs: {}\r\n{CONTROL_KEY}: {control_key}\r\n\r\n",
+                 sluice-version: {version}\r\nsluice-hub: {}\r\n{INSTANCE}: {}\r\nsluice-hubs: {}\r\n\
+                 {CONTROL_KEY}: {control_key}\r\n\r\n",
                 hub_field(&policy.me),
+                policy.instance,
                 hubs.join(", ")
             )
         };
@@ -441,6 +458,7 @@ mod tests {
                 group: "hubs".into(),
                 generation: 2,
             },
+            instance: "p1d".into(),
             hubs: vec![HubInfo {
                 name: "hub-2".into(),
                 group: "hubs".into(),
@@ -488,6 +506,7 @@ mod tests {
         assert_eq!(answer.hub.generation, 2);
         assert_eq!(answer.hubs[0].name, "hub-2");
         assert_eq!(answer.control_key, "k3y");
+        assert_eq!(answer.instance, "p1d");
         let (seen, version) = hub.expect("accepted");
         assert_eq!(version, 1);
         assert_eq!(seen.id, "node-1");

@@ -1,18 +1,27 @@
 //! The agent's tunnel pool, after Teleport's reverse-tunnel tracker: which
 //! hubs the agent wants a tunnel to, and how many dials may run.
 //!
-//! A dial needs a [`Lease`], granted only while the agent holds fewer
-//! tunnels (claimed plus dials in flight) than it wants: one per *desired*
-//! hub (those of the newest generation of each hub group), capped by
-//! `connections` when that is above 0. After the handshake names the hub
-//! reached, the lease is *claimed* for it; a second claim of one hub (two
-//! addresses, or a load balancer, leading to the same hub) fails, and the
-//! caller closes that tunnel. Claims on hubs of an older generation do not
-//! count towards what the agent has, so tunnels to a new generation open
-//! while the old ones are still held (make-before-break), and an old one
-//! closes only once [`Tracker::is_surplus`] says the new ones exist.
+//! A hub is a *name* (from the config and gossip: its group and
+//! generation) served by one or more *instances*: the processes that
+//! answer handshakes under that name, each with an id of its own (a hub
+//! restarted in place, or replicas behind one address). The agent wants a
+//! tunnel to every live instance it knows of each *desired* name (those of
+//! the newest generation of their group), at least one per name, capped by
+//! `connections` when that is above 0. Instances become known by
+//! answering a handshake (a tunnel's or a discovery's) and are forgotten
+//! when their tunnel closes or the expiry passes unheard.
 //!
-//! Hubs not heard of for the expiry (3 minutes by default) are forgotten.
+//! A dial needs a [`Lease`], granted only while the agent holds fewer
+//! tunnels (claimed plus dials in flight) than it wants. After the
+//! handshake names the instance reached, the lease is *claimed* for it; a
+//! second claim of one instance (two addresses leading to the same
+//! process) fails, and the caller closes that tunnel. An instance that
+//! says it drains (the hub's re-home request) and hubs of an older
+//! generation do not count towards what the agent has, so tunnels to a
+//! replacement open while the old ones are still held (make-before-break),
+//! and an old one closes only once [`Tracker::is_surplus`] says the wanted
+//! tunnels exist.
+//!
 //! A lease is released when dropped, on every path: a lease that leaked
 //! once stopped Teleport's agents from ever reconnecting.
 
@@ -24,8 +33,8 @@ use std::{
 
 use tokio::time::Instant;
 
-/// Hubs an agent knows at most: each desired one costs a tunnel, so
-/// gossip must not make an agent dial without bound.
+/// Hubs (and, apart, instances) an agent knows at most: each desired one
+/// costs a tunnel, so gossip must not make an agent dial without bound.
 pub(crate) const MAX_TRACKED: usize = 64;
 
 /// A hub as gossip describes it.
@@ -34,6 +43,14 @@ pub(crate) struct HubInfo {
     pub(crate) name: String,
     pub(crate) group: String,
     pub(crate) generation: u64,
+}
+
+/// One hub process: the name it serves and the id it gave in its
+/// handshake answer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Instance {
+    pub(crate) name: String,
+    pub(crate) id: String,
 }
 
 #[derive(Debug)]
@@ -46,11 +63,13 @@ struct Tracked {
 #[derive(Debug, Default)]
 struct State {
     inflight: usize,
-    claimed: HashSet<String>,
+    claimed: HashSet<Instance>,
     tracked: HashMap<String, Tracked>,
-    /// Hubs that said they drain, until when: not desired, whatever other
-    /// hubs' gossip says, until they answer a handshake themselves again.
-    draining: HashMap<String, Instant>,
+    /// Instances heard of (a handshake answer) and not claimed, until
+    /// when.
+    known: HashMap<Instance, Instant>,
+    /// Instances that said they drain, until when: wanted no more.
+    draining: HashMap<Instance, Instant>,
 }
 
 /// What an agent's tunnel pool holds now.
@@ -59,7 +78,7 @@ struct State {
 pub struct Snapshot {
     /// Hubs of the newest generation of their group.
     pub desired: usize,
-    /// Hubs with a tunnel.
+    /// Tunnels held (one per hub instance).
     pub claimed: usize,
     /// Dials under way (leases not yet claimed).
     pub inflight: usize,
@@ -75,7 +94,7 @@ pub struct Snapshot {
 pub(crate) struct Tracker {
     state: Mutex<State>,
     expiry: Duration,
-    /// Tunnels wanted at most; 0: one per desired hub.
+    /// Tunnels wanted at most; 0: one per desired hub instance.
     connections: usize,
     /// Woken whenever what is wanted or held changes.
     changed: tokio::sync::Notify,
@@ -88,7 +107,7 @@ pub(crate) struct Tracker {
 #[must_use = "a lease is released when dropped"]
 pub(crate) struct Lease {
     tracker: Arc<Tracker>,
-    claimed: Option<String>,
+    claimed: Option<Instance>,
 }
 
 impl Tracker {
@@ -131,22 +150,37 @@ impl Tracker {
         self.changed.notify_waiters();
     }
 
-    /// Hub `name` said it drains: it is no longer desired (for the expiry,
-    /// whatever other hubs' gossip says), so a tunnel to another hub is
-    /// dialled, and then the one to `name` drains.
-    pub(crate) fn forget(&self, name: &str) {
+    /// `instance` answered a handshake: it is alive and takes tunnels (a
+    /// drain it announced is over: it was another process's).
+    pub(crate) fn heard(&self, instance: &Instance) {
         let mut state = self.lock();
-        state.tracked.remove(name);
-        state
-            .draining
-            .insert(name.to_owned(), Instant::now() + self.expiry);
+        state.draining.remove(instance);
+        let room = state.known.len() < MAX_TRACKED || state.known.contains_key(instance);
+        if !state.claimed.contains(instance) && room {
+            state
+                .known
+                .insert(instance.clone(), Instant::now() + self.expiry);
+        }
         drop(state);
         self.changed.notify_waiters();
     }
 
-    /// Hub `name` answered a handshake itself: it takes tunnels again.
-    pub(crate) fn answered(&self, name: &str) {
-        self.lock().draining.remove(name);
+    /// `instance` said it drains (its re-home request): it is wanted no
+    /// more (for the expiry), so a tunnel to another instance is dialled,
+    /// and then the one to `instance` drains.
+    pub(crate) fn forget(&self, instance: &Instance) {
+        let mut state = self.lock();
+        state.known.remove(instance);
+        state
+            .draining
+            .insert(instance.clone(), Instant::now() + self.expiry);
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether `instance` said it drains.
+    pub(crate) fn is_draining(&self, instance: &Instance) -> bool {
+        self.lock().draining.contains_key(instance)
     }
 
     /// A lease for one dial, if the agent wants another tunnel.
@@ -158,10 +192,8 @@ impl Tracker {
             // Bootstrap, or every hub lost: dial to learn.
             true
         } else {
-            let desired = desired(&state);
-            let want = self.want(desired.len());
-            let have = state.claimed.intersection(&desired).count() + state.inflight;
-            want > have
+            let (want, have) = self.count(&state);
+            want > have + state.inflight
         };
         if !grant {
             return None;
@@ -175,18 +207,26 @@ impl Tracker {
         })
     }
 
-    /// Whether the tunnel to `name` may close: its hub is not desired (an
-    /// older generation, or forgotten) and the desired hubs have every
-    /// tunnel wanted.
-    pub(crate) fn is_surplus(&self, name: &str) -> bool {
+    /// Whether the tunnel to `instance` may close: it drains, or its hub
+    /// is not desired (an older generation), and the tunnels wanted are
+    /// held.
+    pub(crate) fn is_surplus(&self, instance: &Instance) -> bool {
         let mut state = self.lock();
         expire(&mut state);
-        let desired = desired(&state);
-        if desired.contains(name) {
+        if desired(&state).contains(&instance.name) && !state.draining.contains_key(instance) {
             return false;
         }
-        let want = self.want(desired.len());
-        want > 0 && state.claimed.intersection(&desired).count() >= want
+        let (want, have) = self.count(&state);
+        want > 0 && have >= want
+    }
+
+    /// Whether every tunnel wanted is held (what a re-home request waits
+    /// for before it answers).
+    pub(crate) fn is_complete(&self) -> bool {
+        let mut state = self.lock();
+        expire(&mut state);
+        let (want, have) = self.count(&state);
+        want > 0 && have >= want
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
@@ -201,9 +241,9 @@ impl Tracker {
         }
     }
 
-    /// The hubs with a tunnel now.
+    /// The hubs with a tunnel now (one entry per instance).
     pub(crate) fn claimed_hubs(&self) -> Vec<String> {
-        let mut hubs: Vec<String> = self.lock().claimed.iter().cloned().collect();
+        let mut hubs: Vec<String> = self.lock().claimed.iter().map(|i| i.name.clone()).collect();
         hubs.sort();
         hubs
     }
@@ -214,12 +254,26 @@ impl Tracker {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn want(&self, desired: usize) -> usize {
-        if self.connections > 0 {
-            desired.min(self.connections)
-        } else {
-            desired
+    /// Tunnels wanted and tunnels held that count towards them: one per
+    /// live instance of each desired hub (at least one per hub).
+    fn count(&self, state: &State) -> (usize, usize) {
+        let desired = desired(state);
+        let live = |i: &&Instance| desired.contains(&i.name) && !state.draining.contains_key(*i);
+        let held: Vec<&Instance> = state.claimed.iter().filter(live).collect();
+        let mut want = 0;
+        for name in &desired {
+            let instances = held.iter().filter(|i| &i.name == name).count()
+                + state
+                    .known
+                    .keys()
+                    .filter(|i| &i.name == name && live(i))
+                    .count();
+            want += instances.max(1);
         }
+        if self.connections > 0 {
+            want = want.min(self.connections);
+        }
+        (want, held.len())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -227,54 +281,66 @@ impl Tracker {
     }
 }
 
-/// Drops hubs not heard of within the expiry.
+/// Drops hubs and instances not heard of within the expiry.
 fn expire(state: &mut State) {
     let now = Instant::now();
     state.tracked.retain(|_, t| t.expires > now);
+    state.known.retain(|_, until| *until > now);
     state.draining.retain(|_, until| *until > now);
 }
 
 /// The hubs of the newest generation of each group.
 fn desired(state: &State) -> HashSet<String> {
     let mut newest: HashMap<&str, u64> = HashMap::new();
-    let live = |name: &String| !state.draining.contains_key(name);
-    for t in state
-        .tracked
-        .iter()
-        .filter(|(n, _)| live(n))
-        .map(|(_, t)| t)
-    {
+    for t in state.tracked.values() {
         let g = newest.entry(t.group.as_str()).or_insert(t.generation);
         *g = (*g).max(t.generation);
     }
     state
         .tracked
         .iter()
-        .filter(|(name, t)| live(name) && newest.get(t.group.as_str()) == Some(&t.generation))
+        .filter(|(_, t)| newest.get(t.group.as_str()) == Some(&t.generation))
         .map(|(name, _)| name.clone())
         .collect()
 }
 
 impl Lease {
-    /// Claims the hub the dial reached. `false` when the agent already
-    /// holds a tunnel to it (or the lease was claimed already): close this
-    /// one.
-    pub(crate) fn claim(&mut self, name: &str) -> bool {
+    /// Claims the instance the dial reached. `false` when the agent
+    /// already holds a tunnel to it (or the lease was claimed already):
+    /// close this one.
+    pub(crate) fn claim(&mut self, instance: &Instance) -> bool {
         if self.claimed.is_some() {
             return false;
         }
         let mut state = self.tracker.lock();
-        if !state.claimed.insert(name.to_owned()) {
+        if !state.claimed.insert(instance.clone()) {
             return false;
         }
+        state.known.remove(instance);
         state.inflight -= 1;
         drop(state);
         self.tracker
             .claims
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.claimed = Some(name.to_owned());
+        self.claimed = Some(instance.clone());
         self.tracker.changed.notify_waiters();
         true
+    }
+}
+
+impl Lease {
+    /// Gives up the claim and goes back to being a dial (its slot held
+    /// through the backoff that follows): the tunnel is gone, so the next
+    /// dial may claim the same instance again.
+    pub(crate) fn unclaim(&mut self) {
+        let Some(instance) = self.claimed.take() else {
+            return;
+        };
+        let mut state = self.tracker.lock();
+        state.claimed.remove(&instance);
+        state.inflight += 1;
+        drop(state);
+        self.tracker.changed.notify_waiters();
     }
 }
 
@@ -282,8 +348,10 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let mut state = self.tracker.lock();
         match self.claimed.take() {
-            Some(name) => {
-                state.claimed.remove(&name);
+            // The tunnel is gone: so is what the agent knew of the
+            // instance (a live one is heard of again at the next dial).
+            Some(instance) => {
+                state.claimed.remove(&instance);
             }
             None => state.inflight -= 1,
         }
@@ -304,6 +372,13 @@ mod tests {
         }
     }
 
+    fn at(name: &str, id: &str) -> Instance {
+        Instance {
+            name: name.to_owned(),
+            id: id.to_owned(),
+        }
+    }
+
     #[test]
     fn one_tunnel_per_desired_hub_and_a_duplicate_claim_is_refused() {
         let t = Tracker::new(Duration::from_secs(180), 0);
@@ -311,18 +386,19 @@ mod tests {
         let mut first = t.try_acquire().expect("bootstrap lease");
         assert!(t.try_acquire().is_none(), "one bootstrap dial at a time");
         t.track([hub("a", 1), hub("b", 1)]);
-        assert!(first.claim("a"));
+        assert!(first.claim(&at("a", "1")));
         let mut second = t.try_acquire().expect("b is wanted");
         assert!(
             t.try_acquire().is_none(),
             "a claimed + one in flight = 2 wanted"
         );
-        // The load balancer led to a again: refused, released, dial again.
+        // The load balancer led to the same process of a again: refused,
+        // released, dial again.
         let mut dup = second;
-        assert!(!dup.claim("a"));
+        assert!(!dup.claim(&at("a", "1")));
         drop(dup);
         second = t.try_acquire().expect("the released lease is free again");
-        assert!(second.claim("b"));
+        assert!(second.claim(&at("b", "1")));
         assert_eq!(
             t.snapshot(),
             Snapshot {
@@ -343,41 +419,107 @@ mod tests {
         let t = Tracker::new(Duration::from_secs(180), 0);
         t.track([hub("old-1", 1), hub("old-2", 1)]);
         let mut a = t.try_acquire().expect("lease");
-        assert!(a.claim("old-1"));
+        assert!(a.claim(&at("old-1", "x")));
         let mut b = t.try_acquire().expect("lease");
-        assert!(b.claim("old-2"));
+        assert!(b.claim(&at("old-2", "x")));
         // Rollout: generation 2 appears.
         t.track([hub("new-1", 2), hub("new-2", 2)]);
-        assert!(!t.is_surplus("old-1"), "no new tunnel yet: keep the old");
+        assert!(
+            !t.is_surplus(&at("old-1", "x")),
+            "no new tunnel yet: keep the old"
+        );
         let mut c = t.try_acquire().expect("old claims do not count");
         let mut d = t.try_acquire().expect("two new hubs wanted");
         assert!(t.try_acquire().is_none());
-        assert!(c.claim("new-1"));
+        assert!(c.claim(&at("new-1", "y")));
         assert!(
-            !t.is_surplus("old-1"),
+            !t.is_surplus(&at("old-1", "x")),
             "one of two new tunnels: keep the old"
         );
-        assert!(d.claim("new-2"));
-        assert!(t.is_surplus("old-1") && t.is_surplus("old-2"));
-        assert!(!t.is_surplus("new-1"));
+        assert!(d.claim(&at("new-2", "y")));
+        assert!(t.is_surplus(&at("old-1", "x")) && t.is_surplus(&at("old-2", "x")));
+        assert!(!t.is_surplus(&at("new-1", "y")));
         drop((a, b));
         assert_eq!(t.snapshot().claimed, 2);
     }
 
+    /// Issue #17.8: a hub restarted in place keeps its name; the new
+    /// process is another instance, claimed while the old one drains.
     #[test]
-    fn a_hub_that_drains_stays_undesired_whatever_the_gossip_says() {
-        let t = Tracker::new(Duration::from_secs(180), 1);
-        t.track([hub("a", 1), hub("b", 1)]);
-        let mut on_a = t.try_acquire().expect("lease");
-        assert!(on_a.claim("a"));
-        t.forget("a");
-        // b's gossip still names a.
-        t.track([hub("b", 1), hub("a", 1)]);
-        let mut on_b = t.try_acquire().expect("a drains: b is wanted");
-        assert!(on_b.claim("b"));
-        assert!(t.is_surplus("a"), "a's tunnel may close now");
-        t.answered("a");
-        assert!(!t.is_surplus("b"));
+    fn a_hub_restarted_in_place_is_a_new_instance_claimed_before_the_old_closes() {
+        let t = Tracker::new(Duration::from_secs(180), 0);
+        t.track([hub("a", 1)]);
+        let mut old = t.try_acquire().expect("lease");
+        assert!(old.claim(&at("a", "old")));
+        assert!(t.try_acquire().is_none() && t.is_complete());
+        // The old process drains and says so.
+        t.forget(&at("a", "old"));
+        assert!(!t.is_complete(), "a drains: a tunnel to it counts no more");
+        assert!(!t.is_surplus(&at("a", "old")), "nothing else yet: keep it");
+        let mut new = t.try_acquire().expect("a replacement is wanted");
+        // The same name, another process: not a duplicate.
+        assert!(new.claim(&at("a", "new")));
+        assert!(t.is_complete());
+        assert!(
+            t.is_surplus(&at("a", "old")),
+            "the old tunnel may drain now"
+        );
+        assert!(!t.is_surplus(&at("a", "new")));
+        // The old tunnel closes: its claim goes at once, and nothing more
+        // is wanted.
+        drop(old);
+        assert!(t.try_acquire().is_none());
+        assert_eq!(t.snapshot().claimed, 1);
+    }
+
+    #[test]
+    fn every_known_instance_of_a_hub_is_wanted_so_replicas_each_get_the_agent() {
+        let t = Tracker::new(Duration::from_secs(180), 0);
+        t.track([hub("a", 1)]);
+        let mut one = t.try_acquire().expect("lease");
+        assert!(one.claim(&at("a", "r1")));
+        assert!(t.try_acquire().is_none());
+        // A discovery reached the other replica behind the same address.
+        t.heard(&at("a", "r2"));
+        let mut two = t.try_acquire().expect("the second replica is wanted");
+        assert!(
+            !two.claim(&at("a", "r1")),
+            "the first one again: a duplicate"
+        );
+        drop(two);
+        let mut two = t.try_acquire().expect("still wanted");
+        assert!(two.claim(&at("a", "r2")));
+        assert!(t.try_acquire().is_none() && t.is_complete());
+        // A replica whose tunnel closes is forgotten with it.
+        drop(two);
+        assert!(t.is_complete(), "one instance known: one wanted");
+    }
+
+    /// Issue #17.9: a closed tunnel gives its claim back at once, while
+    /// its lease (and so its backoff) still paces the next dial: a dial
+    /// that reaches the same hub again is not refused as a duplicate.
+    #[test]
+    fn a_closed_tunnel_gives_its_claim_back_before_its_backoff() {
+        let t = Tracker::new(Duration::from_secs(180), 0);
+        t.track([hub("a", 1)]);
+        let mut sleeping = t.try_acquire().expect("lease");
+        assert!(sleeping.claim(&at("a", "1")));
+        // The tunnel closes; its task sleeps its backoff.
+        sleeping.unclaim();
+        assert_eq!(t.snapshot().claimed, 0);
+        assert_eq!(
+            t.snapshot().inflight,
+            1,
+            "the backoff still holds a dial's slot"
+        );
+        assert!(
+            t.try_acquire().is_none(),
+            "no second dial during the backoff"
+        );
+        assert!(
+            sleeping.claim(&at("a", "1")),
+            "the same hub process, claimed again"
+        );
     }
 
     #[test]
@@ -385,7 +527,7 @@ mod tests {
         let t = Tracker::new(Duration::from_millis(50), 1);
         t.track([hub("a", 1), hub("b", 1), hub("c", 1)]);
         let mut l = t.try_acquire().expect("lease");
-        assert!(l.claim("b"));
+        assert!(l.claim(&at("b", "1")));
         assert!(t.try_acquire().is_none(), "capped at one tunnel");
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(t.snapshot().desired, 0, "not heard of: expired");
@@ -399,7 +541,7 @@ mod tests {
         for i in 0..100 {
             let mut lease = t.try_acquire().unwrap_or_else(|| panic!("lease {i}"));
             if i % 2 == 0 {
-                assert!(lease.claim("a"));
+                assert!(lease.claim(&at("a", "1")));
             }
             // Dropped: a failed dial, a failed handshake, a lost tunnel.
         }

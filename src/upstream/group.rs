@@ -64,6 +64,11 @@ pub(crate) struct Group {
     endpoints: RwLock<Arc<[Arc<Endpoint>]>>,
     strategies: Box<[Strategy]>,
     dest_host_key: HeaderName,
+    /// Woken when an endpoint joins or leaves.
+    changed: tokio::sync::Notify,
+    /// How long a call no strategy finds an endpoint for waits for one to
+    /// join (a hub's agents: `tunnel.hub.agent_wait`); zero elsewhere.
+    wait: Duration,
 }
 
 /// One endpoint: its pool, its latency estimate, and what strategies match
@@ -219,6 +224,8 @@ impl Group {
         let mut list = endpoints.to_vec();
         list.push(endpoint);
         *endpoints = list.into();
+        drop(endpoints);
+        self.changed.notify_waiters();
     }
 
     /// Closes every endpoint's connections once their calls are done.
@@ -237,6 +244,36 @@ impl Group {
             .cloned()
             .collect();
         *endpoints = list.into();
+        drop(endpoints);
+        self.changed.notify_waiters();
+    }
+
+    /// [`Group::pick`], waiting for a matching endpoint to join for up to
+    /// the group's wait (none outside a hub's agents group).
+    pub(crate) async fn pick_or_wait(&self, parts: &Parts) -> Option<Arc<Endpoint>> {
+        if let Some(e) = self.pick(parts, None) {
+            return Some(e);
+        }
+        if self.wait.is_zero() {
+            return None;
+        }
+        let until = Instant::now() + self.wait;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(e) = self.pick(parts, None) {
+                return Some(e);
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// How long a call waits for an endpoint to join.
+    pub(crate) fn wait(&self) -> Duration {
+        self.wait
     }
 }
 
@@ -262,6 +299,8 @@ impl Groups {
                 ))])),
                 strategies: Box::new([Strategy::LeastLoaded]),
                 dest_host_key: HeaderName::from_static(DEFAULT_DEST_HOST_KEY),
+                changed: tokio::sync::Notify::new(),
+                wait: Duration::ZERO,
             }),
         );
         let mut tasks = Vec::new();
@@ -283,6 +322,8 @@ impl Groups {
                     group_config.dest_host_key.to_ascii_lowercase(),
                 )
                 .unwrap_or_else(|_| HeaderName::from_static(DEFAULT_DEST_HOST_KEY)),
+                changed: tokio::sync::Notify::new(),
+                wait: agent_wait(config, name),
             });
             if group_config.endpoints.iter().any(|e| {
                 e.address().unix_path().is_none() && e.address().host().parse::<IpAddr>().is_err()
@@ -313,6 +354,8 @@ impl Groups {
                     // another agent's network: by name only.
                     strategies: Box::new([Strategy::DestHost]),
                     dest_host_key: HeaderName::from_static(DEFAULT_DEST_HOST_KEY),
+                    changed: tokio::sync::Notify::new(),
+                    wait: hub.agent_wait,
                 }),
             );
         }
@@ -364,6 +407,17 @@ impl Groups {
             group.close();
         }
     }
+}
+
+/// How long calls of group `name` wait for an endpoint: a hub's agent
+/// wait for its agents' group, zero for every other.
+fn agent_wait(config: &Config, name: &str) -> Duration {
+    config
+        .tunnel
+        .hub
+        .as_ref()
+        .filter(|h| h.group == name)
+        .map_or(Duration::ZERO, |h| h.agent_wait)
 }
 
 /// Resolves a group's named endpoints every `resolve_interval` and swaps in

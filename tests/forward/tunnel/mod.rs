@@ -10,8 +10,10 @@ use sluice_testkit::{EchoServer, Req};
 
 use crate::support::*;
 
+mod handover;
+
 /// A hub named `name` on a free port; `extra` is appended to its config.
-async fn hub(name: &str, extra: &str) -> Running {
+pub(crate) async fn hub(name: &str, extra: &str) -> Running {
     trace_init();
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
@@ -22,7 +24,7 @@ async fn hub(name: &str, extra: &str) -> Running {
     sluice::run(&config).await.expect("hub starts")
 }
 
-fn agent_config(
+pub(crate) fn agent_config(
     id: &str,
     host: &str,
     hubs: &[SocketAddr],
@@ -43,13 +45,14 @@ fn agent_config(
 /// A sluice in a runtime of its own on its own thread, so that a test
 /// can kill it outright (every socket closed at once, no drain), as a
 /// machine that dies.
-struct Killable {
+pub(crate) struct Killable {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    tunnel: Option<SocketAddr>,
 }
 
 impl Killable {
-    fn start(config: Config) -> Self {
+    pub(crate) fn start(config: Config) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (up, is_up) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -59,20 +62,26 @@ impl Killable {
                 .expect("runtime");
             rt.block_on(async move {
                 let running = sluice::run(&config).await.expect("agent starts");
-                let _ = up.send(());
+                let _ = up.send(running.tunnel_addr());
                 let _ = stopped.await;
                 drop(running);
             });
             rt.shutdown_background();
         });
-        is_up.recv().expect("the agent started");
+        let tunnel = is_up.recv().expect("the agent started");
         Self {
             stop: Some(stop),
             thread: Some(thread),
+            tunnel,
         }
     }
 
-    fn kill(mut self) {
+    /// Where agents dial it, when it is a hub.
+    pub(crate) fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel.expect("a hub")
+    }
+
+    pub(crate) fn kill(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -90,7 +99,7 @@ impl Drop for Killable {
     }
 }
 
-fn to(dest: &str, req: Req) -> tonic::Request<Req> {
+pub(crate) fn to(dest: &str, req: Req) -> tonic::Request<Req> {
     let mut req = tonic::Request::new(req);
     req.metadata_mut()
         .insert("x-dest-host", dest.parse().expect("ascii"));
