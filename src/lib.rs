@@ -61,6 +61,8 @@ use crate::{
 /// UNAVAILABLE trailers of the calls that were cut off before they are
 /// closed outright: a peer that does not read must not hold sluice up.
 const FLUSH_AFTER_DEADLINE: Duration = Duration::from_millis(500);
+/// How often a drain under way logs what is still open.
+const DRAIN_PROGRESS: Duration = Duration::from_secs(5);
 /// How long closing upstream connections may take once every call is done.
 const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_millis(500);
 /// Listen backlog of the proxy port.
@@ -101,6 +103,8 @@ pub struct Running {
     tunnel_listen: Option<SocketAddr>,
     tunnel_tasks: Vec<JoinHandle<()>>,
     tracker: Option<Arc<tunnel::tracker::Tracker>>,
+    /// A hub's first drain step: agents re-homed before clients go.
+    hand_over: Option<tunnel::hub::HandOver>,
     admin: Option<SocketAddr>,
     reload_requested: Arc<Notify>,
     reloader: Option<JoinHandle<()>>,
@@ -132,8 +136,8 @@ impl ReloadHandle {
 pub struct DrainReport {
     /// From the start of the drain to the last connection closed.
     pub elapsed: Duration,
-    /// Calls and connections still open at the drain deadline, which were
-    /// ended with UNAVAILABLE.
+    /// Calls still open at the drain deadline, which were ended with
+    /// UNAVAILABLE.
     pub cut_off: usize,
 }
 
@@ -261,6 +265,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     });
 
     let mut tunnel_tasks = Vec::new();
+    let mut hand_over = None;
     let tunnel_listen = hub_listener.as_ref().map(|(_, addr)| *addr);
     if let (Some(hub), Some((listener, _))) = (&config.tunnel.hub, hub_listener) {
         // Groups::from_config creates the agents' group when the config
@@ -270,6 +275,8 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
             .upstreams
             .get(&hub.group)
             .map_or_else(|| config.upstream.clone(), |g| config.group_upstream(g));
+        let (handle, hand_over_watch) = tunnel::hub::hand_over();
+        hand_over = Some(handle);
         tunnel_tasks.push(tokio::spawn(
             tunnel::hub::Hub {
                 listener: net::Listener::Tcp(listener),
@@ -279,6 +286,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                 counters: counters.clone(),
                 watch: watch.clone(),
                 tls: hub_tls.clone(),
+                hand_over: hand_over_watch,
             }
             .serve(),
         ));
@@ -324,6 +332,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         tunnel_listen,
         tunnel_tasks,
         tracker,
+        hand_over,
         admin,
         reload_requested,
         reloader,
@@ -465,15 +474,17 @@ impl Running {
     /// Drains and stops:
     /// 1. `/ready` answers 503 at once; calls are still served for
     ///    `drain.pre_delay`;
-    /// 2. the listener closes and every connection gets GOAWAY (in two
+    /// 2. a tunnel hub tells its agents to re-home and waits until they
+    ///    have (at most 5 s), so that clients that reconnect find them;
+    /// 3. the listener closes and every connection gets GOAWAY (in two
     ///    steps); new calls that still arrive are refused with UNAVAILABLE;
-    /// 3. calls in flight run until `drain.deadline`; then every call still
+    /// 4. calls in flight run until `drain.deadline`; then every call still
     ///    open ends with UNAVAILABLE trailers, and connections that cannot
     ///    take them are closed shortly after;
-    /// 4. upstream connections close last.
+    /// 5. upstream connections close last.
     ///
-    /// Never takes much longer than `pre_delay + deadline + 1 s`, whatever
-    /// the peers do.
+    /// Never takes much longer than `pre_delay + deadline + 1 s` (plus the
+    /// hand-over's 5 s for a hub), whatever the peers do.
     pub async fn drain(mut self) -> DrainReport {
         let start = Instant::now();
         self.signal.announce();
@@ -481,13 +492,47 @@ impl Running {
             info!(delay = ?self.drain.pre_delay, "not ready; serving on until the pre-drain delay ends");
             tokio::time::sleep(self.drain.pre_delay).await;
         }
-        info!(deadline = ?self.drain.deadline, "draining: GOAWAY sent, finishing in-flight calls");
+        if let Some(hand_over) = self.hand_over.take() {
+            info!("handing agents over before clients get GOAWAY");
+            hand_over.run().await;
+        }
+        let at_start = self.counters.snapshot();
+        info!(
+            deadline = ?self.drain.deadline,
+            calls = at_start.calls_in_flight,
+            connections = at_start.downstream_connections,
+            "draining: GOAWAY sent, finishing in-flight calls"
+        );
         let mut server_done = false;
-        let cut_off = match self.signal.drain_within(self.drain.deadline).await {
+        let began = tokio::time::Instant::now();
+        let drained = self.signal.drain_within(self.drain.deadline);
+        tokio::pin!(drained);
+        // A long drain says how it goes: what is still open and how long
+        // it may still take.
+        let mut progress = tokio::time::interval_at(began + DRAIN_PROGRESS, DRAIN_PROGRESS);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut drained => break outcome,
+                _ = progress.tick() => {
+                    let now = self.counters.snapshot();
+                    info!(
+                        calls = now.calls_in_flight,
+                        connections = now.downstream_connections,
+                        left = ?self.drain.deadline.saturating_sub(began.elapsed()),
+                        "draining"
+                    );
+                }
+            }
+        };
+        let cut_off = match outcome {
             Ok(()) => 0,
-            Err(timed_out) => {
+            Err(_) => {
+                // Counted in calls, not in the drain's internal guards
+                // (connections, tunnels).
+                let calls = self.counters.calls_in_flight();
                 warn!(
-                    open = timed_out.in_flight(),
+                    calls,
+                    connections = self.counters.snapshot().downstream_connections,
                     "drain deadline reached; ending open calls with UNAVAILABLE"
                 );
                 match tokio::time::timeout(FLUSH_AFTER_DEADLINE, &mut self.server).await {
@@ -496,9 +541,15 @@ impl Running {
                         let _ = self.abort.send(true);
                     }
                 }
-                timed_out.in_flight()
+                calls
             }
         };
+        info!(
+            elapsed = ?start.elapsed(),
+            finished = at_start.calls_in_flight.saturating_sub(cut_off),
+            cut_off,
+            "drained"
+        );
         if !server_done {
             let _ = (&mut self.server).await;
         }
