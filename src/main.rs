@@ -198,6 +198,12 @@ fn check(file: &std::path::Path) -> ExitCode {
 async fn serve(config: Config) -> ExitCode {
     let running = match sluice::run(&config).await {
         Ok(running) => running,
+        // A certificate, key or CA bundle that cannot be used is a bad
+        // config (as `sluice check` says), not a failure to start.
+        Err(e @ sluice::RunError::Tls(_)) => {
+            eprintln!("sluice: bad TLS material: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(e) => {
             eprintln!("sluice: {e}");
             return ExitCode::from(EXIT_START);

@@ -558,6 +558,51 @@ async fn sighup_reloads_the_certificates() {
     .expect("the new certificate is served after SIGHUP");
 }
 
+/// Issue #17.12: a certificate that is not one, or a key that is not
+/// there, is a bad config: exit 64, naming the file and what is wrong with
+/// it (not rustls's "invalid peer certificate").
+#[test]
+fn unusable_tls_files_exit_64_naming_the_file() {
+    use sluice_testkit::pki::{Leaf, Pki};
+    let pki = Pki::new("cli test CA");
+    let (cert, key) = pki.write("server", &Leaf::server());
+    // PEM armour around bytes that are no certificate.
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nAAAAAAAAAAAAAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let file = write_config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n[server.tls]\ncert = {cert:?}\nkey = {key:?}\n"
+    ));
+    let run = |args: &[&str]| {
+        let out = sluice().args(args).output().expect("run sluice");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        vec!["--config", file.as_str()],
+        vec!["check", file.as_str()],
+    ] {
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(&*cert.to_string_lossy()), "{stderr}");
+        assert!(stderr.contains("not a valid X.509 certificate"), "{stderr}");
+        assert!(!stderr.contains("peer"), "{stderr}");
+    }
+    // A missing key.
+    pki.write("server", &Leaf::server());
+    std::fs::remove_file(&key).expect("remove the key");
+    let (code, stderr) = run(&["--config", file.as_str()]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&*key.to_string_lossy()) && stderr.contains("no such file"),
+        "{stderr}"
+    );
+}
+
 /// Issue #12's acceptance: `config/hub.toml` and `config/agent.toml` run
 /// as two real binaries, with a tonic upstream behind the agent: a call to
 /// the hub reaches the application through the tunnel.

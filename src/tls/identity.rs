@@ -2,7 +2,7 @@
 //! subject common name, and its roles.
 
 use rustls_pki_types::CertificateDer;
-use sluice_layers::identity::{IdentityParts, PeerIdentity};
+use sluice_layers::identity::{IdentityParts, PeerIdentity, SpiffeIdError};
 use x509_parser::{
     der_parser::{ber::BerObjectContent, parse_der},
     extensions::GeneralName,
@@ -54,7 +54,16 @@ pub(super) fn of(leaf: &CertificateDer<'_>, roles: &RoleSource) -> PeerIdentity 
             found
         }
     };
-    PeerIdentity::new(parts)
+    let identity = PeerIdentity::new(parts);
+    if let Some(e) = identity
+        .spiffe_error()
+        .filter(|e| !matches!(e, SpiffeIdError::Missing))
+    {
+        // The certificate is valid; its SPIFFE id is not: the client is
+        // known by its other names, and rules on SPIFFE ids refuse it.
+        tracing::info!(reason = %e, id = identity.id(), "client certificate has no usable SPIFFE id");
+    }
+    identity
 }
 
 /// The string values of an extension: one DER string, a sequence of them,

@@ -35,7 +35,7 @@ pub enum TlsError {
     },
     /// The pieces do not make a TLS configuration (a key that does not
     /// match its certificate, a CA bundle with no usable certificate).
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", material_reason(source))]
     Config {
         /// Which configuration.
         what: String,
@@ -64,21 +64,65 @@ fn file_error(path: &Path, reason: impl ToString) -> TlsError {
     }
 }
 
-/// The certificates of a PEM file, in order; at least one.
+/// The certificates of a PEM file, in order; at least one, each a
+/// well-formed X.509 certificate (a PEM block of anything else would only
+/// fail later, as a handshake error that names no file).
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
+        .map_err(|e| file_error(path, pem_reason(&e)))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, e))?;
+        .map_err(|e| file_error(path, pem_reason(&e)))?;
     if certs.is_empty() {
         return Err(file_error(path, "no PEM certificate in the file"));
+    }
+    for (i, cert) in certs.iter().enumerate() {
+        if let Err(e) = x509_parser::parse_x509_certificate(cert) {
+            return Err(file_error(
+                path,
+                format!(
+                    "certificate {} of the file is not a valid X.509 certificate ({e})",
+                    i + 1
+                ),
+            ));
+        }
     }
     Ok(certs)
 }
 
 /// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, pem_reason(&e)))
+}
+
+/// What is wrong with a PEM file, in words.
+fn pem_reason(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::Io(io) if io.kind() == io::ErrorKind::NotFound => "no such file".to_owned(),
+        E::Io(io) => format!("cannot be read: {io}"),
+        E::NoItemsFound => "no PEM block of the expected kind (a certificate, or a PKCS#8, PKCS#1 or SEC1 private key) in the file".to_owned(),
+        E::Base64Decode(_) | E::IllegalSectionStart { .. } | E::MissingSectionEnd { .. } => {
+            format!("not a well-formed PEM file ({e})")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// What a rustls error about our own material means, in words (rustls
+/// speaks of the *peer* certificate, which misleads about a local file).
+pub(crate) fn material_reason(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(why) => {
+            format!("the certificate cannot be used ({why:?})")
+        }
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            "the private key is not the certificate's".to_owned()
+        }
+        rustls::Error::InconsistentKeys(_) => {
+            "the private key cannot be checked against the certificate".to_owned()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A CA bundle: every certificate of the file must be a usable root.

@@ -2,8 +2,11 @@
 //! a file changes (polled) or on request (SIGHUP), and swapped in whole.
 //!
 //! A rebuild that fails (a half-written or corrupt file, a key that does
-//! not match) keeps the material in use and logs the file once per
-//! change; readiness is untouched. Handshakes take the current material
+//! not match) keeps the material in use; readiness is untouched. A failure
+//! a poll sees is first *deferred*: rotating a key and a certificate is two
+//! renames, and a poll may fall between them. Only when the next poll still
+//! cannot use the files is it a failure, logged once per change and
+//! counted. A reload asked for (SIGHUP) reports a failure at once. Handshakes take the current material
 //! each time, so a swap affects new connections only; connections already
 //! open carry on with what they negotiated.
 
@@ -60,6 +63,8 @@ pub(crate) struct Reloadable<T> {
     current: RwLock<Arc<T>>,
     /// Bumped at every swap.
     generation: AtomicU64,
+    /// A poll saw the files unusable once; the next one decides.
+    deferred: std::sync::atomic::AtomicBool,
     build: Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>,
 }
 
@@ -94,6 +99,7 @@ impl<T> Reloadable<T> {
             content: Mutex::new(content),
             current: RwLock::new(Arc::new(first)),
             generation: AtomicU64::new(0),
+            deferred: std::sync::atomic::AtomicBool::new(false),
             build: Box::new(build),
         })
     }
@@ -124,6 +130,8 @@ fn content_hash(paths: &[PathBuf]) -> u64 {
 pub(crate) enum Reloaded {
     Unchanged,
     Swapped,
+    /// Unusable at this poll; tried again at the next.
+    Deferred,
     Failed,
 }
 
@@ -136,9 +144,10 @@ pub(crate) trait Reload: Send + Sync + std::fmt::Debug {
 impl<T: Send + Sync> Reload for Reloadable<T> {
     fn reload(&self, force: bool, metrics: &Metrics) -> Reloaded {
         let now: Vec<Option<Stamp>> = self.paths.iter().map(|p| Stamp::of(p)).collect();
+        let retry = self.deferred.swap(false, Ordering::AcqRel);
         {
             let mut stamps = self.stamps.lock().expect("tls stamps lock");
-            if !force && *stamps == now {
+            if !force && !retry && *stamps == now {
                 return Reloaded::Unchanged;
             }
             // Recorded before the outcome is known: a file that fails to
@@ -157,6 +166,14 @@ impl<T: Send + Sync> Reload for Reloadable<T> {
                 info!(material = %self.name, generation, "TLS material reloaded");
                 metrics.tls_reloaded(&self.name, "swapped");
                 Reloaded::Swapped
+            }
+            Err(e) if !force && !retry => {
+                // Perhaps half a rotation (the key renamed, the certificate
+                // not yet): the next poll decides.
+                self.deferred.store(true, Ordering::Release);
+                info!(material = %self.name, error = %e, "TLS material changed but cannot be used yet; trying again at the next poll");
+                metrics.tls_reloaded(&self.name, "deferred");
+                Reloaded::Deferred
             }
             Err(e) => {
                 error!(material = %self.name, error = %e, "TLS material changed but cannot be used; keeping what is in use");

@@ -265,6 +265,30 @@ async fn a_route_refuses_an_identity_it_does_not_accept_with_permission_denied()
         denied.message()
     );
 
+    // Issue #17.14: a SPIFFE id that breaks the specification (a `..`
+    // segment that climbs out of ns/prod) is no identity, whatever its
+    // prefix and roles say.
+    pki.write(
+        "sneaky",
+        &Leaf::client(
+            "spiffe://test.local/ns/prod/sa/../../dev/sa/x",
+            &["os:admin"],
+        ),
+    );
+    let mut sneaky = within(
+        "connect",
+        tls_client(sluice.listen_addr(), &pki, Some("sneaky")),
+    )
+    .await
+    .expect("connects: the certificate itself is valid");
+    let denied = within(
+        "a call with a dotted SPIFFE id",
+        sneaky.unary(Req::default()),
+    )
+    .await
+    .expect_err("an invalid SPIFFE id is refused");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
     let mut anon = within("connect", tls_client(sluice.listen_addr(), &pki, None))
         .await
         .expect("connects");
@@ -936,4 +960,47 @@ async fn a_tls_connection_over_the_connection_limit_is_closed_before_its_handsha
     within("the first still works", first.unary(Req::default()))
         .await
         .expect("served");
+}
+
+/// Waits until `sluice_tls_reloads_total{material, outcome}` reaches `n`.
+async fn reloads_reach(sluice: &Running, material: &str, outcome: &str, n: f64) {
+    within(&format!("{n} {outcome} reloads of {material}"), async {
+        while reloads(sluice, material, outcome).await < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Issue #17.13: a key and a certificate rotated as two renames, with a
+/// poll in between, is an ordinary rotation: the poll that sees the new
+/// key with the old certificate defers, and the next one swaps. Only a
+/// mismatch still there at the next poll is a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_in_two_renames_is_no_failure_and_a_lasting_mismatch_is_one() {
+    let pki = pki();
+    let upstream = EchoServer::start().await;
+    let sluice = start(&tls_config(&pki, upstream.addr, None)).await;
+    let addr = sluice.listen_addr();
+    let (cert, key) = pki.issue(&Leaf {
+        common_name: "localhost rotated".to_owned(),
+        ..Leaf::server()
+    });
+    // The key first: a poll sees it with the old certificate.
+    sluice_testkit::pki::replace(&pki.path("server.key"), key.as_bytes());
+    reloads_reach(&sluice, "server.tls", "deferred", 1.0).await;
+    // Then the certificate.
+    sluice_testkit::pki::replace(&pki.path("server.pem"), cert.as_bytes());
+    reloads_reach(&sluice, "server.tls", "swapped", 1.0).await;
+    assert_eq!(reloads(&sluice, "server.tls", "failed").await, 0.0);
+    assert_eq!(served_leaf(addr, &pki).await, pem_der(&cert));
+
+    // A key that stays wrong: deferred once, then a failure, and the
+    // material in use stays.
+    let (_, stray) = pki.issue(&Leaf::server());
+    sluice_testkit::pki::replace(&pki.path("server.key"), stray.as_bytes());
+    reloads_reach(&sluice, "server.tls", "failed", 1.0).await;
+    assert_eq!(reloads(&sluice, "server.tls", "deferred").await, 2.0);
+    assert_eq!(served_leaf(addr, &pki).await, pem_der(&cert));
+    normal_tls_call(addr, &pki).await;
 }
