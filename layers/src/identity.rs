@@ -60,14 +60,102 @@ pub struct IdentityParts {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity {
     parts: Arc<IdentityParts>,
-    /// Index into `parts.uris` of the first `spiffe://` URI.
-    spiffe: Option<usize>,
+    /// The SPIFFE id: the index into `parts.uris` of the one valid
+    /// `spiffe://` URI, or why there is none.
+    spiffe: Result<usize, SpiffeIdError>,
+}
+
+/// Why a certificate has no SPIFFE identity although it has `spiffe:` URI
+/// SANs (the [SPIFFE ID] and [X.509-SVID] specifications).
+///
+/// [SPIFFE ID]: https://github.com/spiffe/spiffe/blob/main/standards/SPIFFE-ID.md
+/// [X.509-SVID]: https://github.com/spiffe/spiffe/blob/main/standards/X509-SVID.md
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpiffeIdError {
+    /// The certificate has no `spiffe:` URI SAN.
+    #[error("the certificate has no SPIFFE id")]
+    Missing,
+    /// More than one `spiffe:` URI SAN: an SVID has exactly one.
+    #[error("the certificate has {0} SPIFFE ids; an SVID has exactly one")]
+    Several(usize),
+    /// The one `spiffe:` URI is not a valid SPIFFE id.
+    #[error("{id:?} is not a valid SPIFFE id: {reason}")]
+    Invalid {
+        /// The URI as the certificate has it.
+        id: String,
+        /// What the specification forbids in it.
+        reason: &'static str,
+    },
+}
+
+/// Checks `id` against the SPIFFE ID specification: the scheme `spiffe://`
+/// in lower case, a trust domain of lower-case letters, digits, `.`, `-`
+/// and `_` (so no user info and no port), and a path of segments of
+/// letters, digits, `.`, `-` and `_`, none empty, none `.` or `..`, with no
+/// trailing `/`, query or fragment; 2048 bytes at most.
+///
+/// # Errors
+///
+/// [`SpiffeIdError::Invalid`] with what the id breaks.
+///
+/// ```
+/// use sluice_layers::identity::validate_spiffe_id;
+///
+/// assert!(validate_spiffe_id("spiffe://example.org/ns/a/sa/web").is_ok());
+/// assert!(validate_spiffe_id("spiffe://example.org/ns/a/sa/../../b").is_err());
+/// assert!(validate_spiffe_id("SPIFFE://example.org/a").is_err());
+/// assert!(validate_spiffe_id("spiffe://example.org:443/a").is_err());
+/// ```
+pub fn validate_spiffe_id(id: &str) -> Result<(), SpiffeIdError> {
+    let invalid = |reason| {
+        Err(SpiffeIdError::Invalid {
+            id: id.to_owned(),
+            reason,
+        })
+    };
+    if id.len() > 2048 {
+        return invalid("longer than 2048 bytes");
+    }
+    let Some(rest) = id.strip_prefix(SPIFFE) else {
+        return invalid("the scheme must be spiffe:// in lower case");
+    };
+    let (domain, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if domain.is_empty() {
+        return invalid("the trust domain is empty");
+    }
+    if domain.len() > 255 {
+        return invalid("the trust domain is longer than 255 bytes");
+    }
+    let domain_char = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b);
+    if !domain.bytes().all(domain_char) {
+        return invalid(
+            "the trust domain may hold only lower-case letters, digits, '.', '-' and '_' (no user info, no port)",
+        );
+    }
+    if path.is_empty() {
+        return Ok(());
+    }
+    let segment_char = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
+    for segment in path[1..].split('/') {
+        match segment {
+            "" => return invalid("the path has an empty segment (or a trailing '/')"),
+            "." | ".." => return invalid("the path has a '.' or '..' segment"),
+            s if !s.bytes().all(segment_char) => {
+                return invalid(
+                    "a path segment may hold only letters, digits, '.', '-' and '_' (no query, no fragment)",
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl PeerIdentity {
     /// The identity a certificate with `parts` proves.
     pub fn new(parts: IdentityParts) -> Self {
-        let spiffe = parts.uris.iter().position(|u| u.starts_with(SPIFFE));
+        let spiffe = spiffe_of(&parts.uris);
         Self {
             parts: Arc::new(parts),
             spiffe,
@@ -75,24 +163,35 @@ impl PeerIdentity {
     }
 
     /// The one string that names the peer: its SPIFFE id, else its first
-    /// URI SAN, else its first DNS SAN, else its common name, else `""`.
+    /// URI SAN that is not a `spiffe:` one, else its first DNS SAN, else
+    /// its common name, else `""`.
     ///
-    /// A common name that looks like a URI (`scheme://…`) is never the id:
-    /// name constraints on a CA bind SANs, not the CN, so a constrained
-    /// intermediate could otherwise issue `CN=spiffe://other-domain/…`.
+    /// A `spiffe:` URI that is not a valid SPIFFE id (or one of several)
+    /// is never the id, nor is a common name that looks like a URI
+    /// (`scheme://…`): name constraints on a CA bind SANs, not the CN, so a
+    /// constrained intermediate could otherwise issue
+    /// `CN=spiffe://other-domain/…`.
     pub fn id(&self) -> &str {
         let p = &*self.parts;
         self.spiffe_id()
-            .or(p.uris.first().map(String::as_str))
+            .or(p.uris.iter().find(|u| !is_spiffe(u)).map(String::as_str))
             .or(p.dns_names.first().map(String::as_str))
             .or(p.common_name.as_deref().filter(|cn| !cn.contains("://")))
             .unwrap_or("")
     }
 
     /// The SPIFFE id (`spiffe://trust-domain/path`), if the certificate has
-    /// one.
+    /// exactly one `spiffe:` URI SAN and it is valid.
     pub fn spiffe_id(&self) -> Option<&str> {
-        self.spiffe.map(|i| self.parts.uris[i].as_str())
+        self.spiffe
+            .as_ref()
+            .ok()
+            .map(|&i| self.parts.uris[i].as_str())
+    }
+
+    /// Why [`PeerIdentity::spiffe_id`] is `None`.
+    pub fn spiffe_error(&self) -> Option<&SpiffeIdError> {
+        self.spiffe.as_ref().err()
     }
 
     /// The trust domain of the SPIFFE id.
@@ -113,6 +212,25 @@ impl PeerIdentity {
 }
 
 const SPIFFE: &str = "spiffe://";
+
+/// Whether `uri` has the `spiffe` scheme, in any case.
+fn is_spiffe(uri: &str) -> bool {
+    uri.get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("spiffe:"))
+}
+
+/// The index of the one valid SPIFFE id among `uris`.
+fn spiffe_of(uris: &[String]) -> Result<usize, SpiffeIdError> {
+    let mut found = uris.iter().enumerate().filter(|(_, u)| is_spiffe(u));
+    let Some((i, id)) = found.next() else {
+        return Err(SpiffeIdError::Missing);
+    };
+    let more = found.count();
+    if more > 0 {
+        return Err(SpiffeIdError::Several(more + 1));
+    }
+    validate_spiffe_id(id).map(|()| i)
+}
 
 /// Which identities a route accepts. Every condition that is set must
 /// hold; within a list, one match is enough. A rule with nothing set
@@ -319,6 +437,72 @@ mod tests {
             IdentityRule::new()
                 .exact("legacy-client")
                 .permits(Some(&plain))
+        );
+    }
+
+    /// Issue #17.14: the SPIFFE ID specification, and one SPIFFE id per
+    /// certificate. An invalid id is no identity a rule can match, by its
+    /// trust domain, a prefix or the id it falls back to.
+    #[test]
+    fn only_a_valid_single_spiffe_id_is_a_spiffe_identity() {
+        for bad in [
+            "spiffe://example.org/ns/a/sa/../../a/sa/frontend",
+            "spiffe://example.org/ns/a/sa/./web",
+            "spiffe://example.org/ns/a/",
+            "spiffe://example.org//a",
+            "spiffe://user@example.org/a",
+            "spiffe://example.org:8443/a",
+            "SPIFFE://example.org/a",
+            "Spiffe://example.org/a",
+            "spiffe://Example.org/a",
+            "spiffe://example.org/a?x=1",
+            "spiffe://example.org/a#f",
+            "spiffe:///a",
+            "spiffe://example.org/a b",
+        ] {
+            assert!(validate_spiffe_id(bad).is_err(), "{bad} passed");
+            let id = with(IdentityParts {
+                uris: vec![bad.to_owned()],
+                dns_names: vec!["web.example.org".to_owned()],
+                ..Default::default()
+            });
+            assert_eq!(id.spiffe_id(), None, "{bad}");
+            assert!(matches!(
+                id.spiffe_error(),
+                Some(SpiffeIdError::Invalid { .. })
+            ));
+            assert_eq!(id.id(), "web.example.org", "{bad} must not be the id");
+            for rule in [
+                IdentityRule::new().trust_domain("example.org"),
+                IdentityRule::new().prefix("spiffe://example.org/ns/a/"),
+                IdentityRule::new().prefix("spiffe://"),
+            ] {
+                assert!(!rule.permits(Some(&id)), "{bad} passed {rule:?}");
+            }
+        }
+        for good in [
+            "spiffe://example.org",
+            "spiffe://example.org/ns/a/sa/web",
+            "spiffe://my-td_1.example/Path.With-Caps_1",
+        ] {
+            assert_eq!(validate_spiffe_id(good), Ok(()), "{good}");
+        }
+        // Two SPIFFE ids: neither.
+        let two = with(IdentityParts {
+            uris: vec![
+                "spiffe://example.org/a".to_owned(),
+                "spiffe://example.org/b".to_owned(),
+                "urn:other".to_owned(),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(two.spiffe_id(), None);
+        assert_eq!(two.spiffe_error(), Some(&SpiffeIdError::Several(2)));
+        assert_eq!(two.id(), "urn:other");
+        assert!(
+            !IdentityRule::new()
+                .exact("spiffe://example.org/a")
+                .permits(Some(&two))
         );
     }
 }

@@ -168,6 +168,12 @@ impl Director for Routes {
                     } else {
                         "the client's identity is not permitted to call this method"
                     };
+                    tracing::debug!(
+                        path = parts.uri.path(),
+                        identity = identity.map_or("", PeerIdentity::id),
+                        spiffe = ?identity.and_then(PeerIdentity::spiffe_error),
+                        "{message}"
+                    );
                     return Err(Refusal::new(Code::PermissionDenied, message));
                 }
             }
