@@ -299,7 +299,10 @@ impl Prioritize {
 
         if stream.state.is_send_closed() && stream.buffered_send_data == 0 {
             // We can't send any data, so don't bother doing anything else.
-            return Ok(());
+            // sluice: but the window still may not pass 2^31-1 (RFC 9113
+            // §6.9.1): an overflow on a stream whose answer is complete
+            // and whose request is still open is a FLOW_CONTROL_ERROR.
+            return stream.send_flow.inc_window(inc);
         }
 
         // Update the stream level flow control.
