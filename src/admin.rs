@@ -5,7 +5,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when serving; 503 while draining (and, if configured, while no upstream is reachable) |
 //! | `GET /metrics` | Prometheus text exposition |
-//! | `POST /drain` | 202, and the drain begins |
+//! | `POST /drain` | 202, and the drain begins (403 from a peer that is not on loopback, unless `admin.control = "any"`) |
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -37,13 +37,15 @@ pub(crate) struct State {
     pub(crate) agents: Option<Arc<crate::upstream::Group>>,
     pub(crate) ready_requires_agents: bool,
     pub(crate) tracker: Option<Arc<crate::tunnel::tracker::Tracker>>,
+    /// Who may drain.
+    pub(crate) control: crate::config::AdminControl,
 }
 
 /// Serves admin connections until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and the like outlast a retry at once: pause, so the
                 // loop does not spin on them.
@@ -54,7 +56,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(state.clone(), req));
+            let svc = service_fn(move |req| handle(state.clone(), peer, req));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
@@ -64,6 +66,12 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
             }
         });
     }
+}
+
+/// Whether `peer` may use the endpoints that change state.
+fn may_control(control: crate::config::AdminControl, peer: std::net::SocketAddr) -> bool {
+    // An IPv4 peer on a dual-stack socket shows as ::ffff:127.0.0.1.
+    control == crate::config::AdminControl::Any || peer.ip().to_canonical().is_loopback()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -78,8 +86,10 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 
 async fn handle(
     state: Arc<State>,
+    peer: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let may_control = may_control(state.control, peer);
     let res = match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -120,6 +130,10 @@ async fn handle(
             );
             res
         }
+        (&Method::POST, "/drain") if !may_control => text(
+            StatusCode::FORBIDDEN,
+            "POST /drain is for loopback peers (admin.control = \"any\" lets anyone)\n",
+        ),
         (&Method::POST, "/drain") => {
             state.drain_requested.notify_one();
             text(StatusCode::ACCEPTED, "draining\n")
@@ -133,4 +147,32 @@ async fn handle(
         ),
     };
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AdminControl;
+
+    #[test]
+    fn only_loopback_peers_may_drain_unless_configured_otherwise() {
+        let at = |a: &str| a.parse::<std::net::SocketAddr>().expect("address");
+        for local in [
+            "127.0.0.1:5000",
+            "127.0.0.2:1",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert!(may_control(AdminControl::Loopback, at(local)), "{local}");
+        }
+        for remote in [
+            "10.0.0.7:5000",
+            "192.168.1.2:1",
+            "[2001:db8::1]:5000",
+            "[::ffff:10.0.0.7]:1",
+        ] {
+            assert!(!may_control(AdminControl::Loopback, at(remote)), "{remote}");
+            assert!(may_control(AdminControl::Any, at(remote)), "{remote}");
+        }
+    }
 }

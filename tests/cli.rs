@@ -195,18 +195,78 @@ fn check_prints_the_routes_it_read() {
 #[test]
 fn check_accepts_every_example_config() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).expect("config/") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = sluice().arg("check").arg(&path).output().expect("run");
-            assert!(
-                out.status.success(),
-                "{}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            files.push(path);
         }
     }
+    // All of them in one run, as `sluice check config/*.toml` (#18.7).
+    let out = sluice().arg("check").args(&files).output().expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for path in &files {
+        assert!(
+            stdout.contains(&format!("{}: ok", path.display())),
+            "{}: {stdout}",
+            path.display()
+        );
+    }
+}
+
+/// Issue #18.7: `sluice check` takes many files and says which are bad; a
+/// log filter that does not parse (in the file, or in RUST_LOG) and an
+/// https OTLP endpoint (the exporter has no TLS) are errors at their key,
+/// never silently `info` or a failing export.
+#[test]
+fn check_takes_many_files_and_refuses_bad_log_filters_and_https_otlp() {
+    let good = write_config("[upstream]\naddress = \"127.0.0.1:9\"\n");
+    let filter = write_config("[log]\nlevel = \"sluice=verbose!!\"\n");
+    let https = write_config("[trace]\notlp_endpoint = \"https://collector:4318\"\n");
+    let out = sluice()
+        .args(["check", good.as_str(), filter.as_str(), https.as_str()])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains(&format!("{}: ok", good.as_str())),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("`log.level`") && stderr.contains(filter.as_str()),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`trace.otlp_endpoint`") && stderr.contains("https"),
+        "{stderr}"
+    );
+    // The server refuses them too, and a RUST_LOG that does not parse.
+    let out = sluice()
+        .args(["--config", filter.as_str()])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let out = sluice()
+        .args(["--listen", "127.0.0.1:0", "--admin", "off"])
+        .env("RUST_LOG", "sluice=verbose!!")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("RUST_LOG"), "{stderr}");
+    let out = sluice()
+        .args(["check", good.as_str()])
+        .env("RUST_LOG", "sluice=verbose!!")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64), "check sees RUST_LOG too");
 }
 
 /// A fake OTLP/HTTP collector: answers every POST with 200 and hands each

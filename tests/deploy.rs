@@ -33,10 +33,16 @@ fn compose_gives_sluice_longer_than_its_drain_deadline() {
         grace > deadline,
         "stop_grace_period {grace}s <= drain deadline {deadline}s"
     );
-    let probe = sluice["healthcheck"]["test"][1]
-        .as_str()
-        .expect("healthcheck command");
-    assert!(probe.contains("/ready"), "{probe}");
+    // The healthcheck is an exec-form command (no shell: the image has
+    // dash, not bash) that `healthcheck_command_of_the_compose_file_…`
+    // runs as it is.
+    let test: Vec<&str> = sluice["healthcheck"]["test"]
+        .as_vec()
+        .expect("healthcheck test")
+        .iter()
+        .map(|v| v.as_str().expect("a string"))
+        .collect();
+    assert_eq!(test, ["CMD", "sluice", "health"]);
     // The application outlives the drain too.
     let app = seconds(
         docs[0]["services"]["app"]["stop_grace_period"]
@@ -107,4 +113,148 @@ fn kubernetes_manifest_fits_the_drain_and_its_config_is_valid() {
         sluice::config::AdminListen::On(addr) => assert!(addr.ip().is_unspecified(), "{addr}"),
         sluice::config::AdminListen::Off => panic!("probes need the admin server"),
     }
+}
+
+/// Issue #18.1: the compose file's healthcheck, run exactly as Docker runs
+/// it (`CMD`: the argument list, no shell), with the environment the file
+/// gives sluice: it fails while nothing listens, passes while sluice
+/// serves, and fails once sluice drains.
+#[test]
+fn the_compose_healthcheck_runs_as_written_and_tells_ready_from_not() {
+    let docs = load("docker-compose.yml");
+    let sluice = &docs[0]["services"]["sluice"];
+    let test: Vec<String> = sluice["healthcheck"]["test"]
+        .as_vec()
+        .expect("healthcheck test")
+        .iter()
+        .map(|v| v.as_str().expect("a string").to_owned())
+        .collect();
+    assert_eq!(test[0], "CMD", "exec form: Docker runs it without a shell");
+    let env = &sluice["environment"];
+    let admin = env["SLUICE_ADMIN"].as_str().expect("SLUICE_ADMIN");
+    assert_eq!(admin, "0.0.0.0:15090", "what the published port reaches");
+    // The same address form on a port of this test's own.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let admin = format!("0.0.0.0:{port}");
+    let bin = env!("CARGO_BIN_EXE_sluice");
+    let healthcheck = || {
+        let program = if test[1] == "sluice" { bin } else { &test[1] };
+        std::process::Command::new(program)
+            .args(&test[2..])
+            .env("SLUICE_ADMIN", &admin)
+            .output()
+            .expect("run the healthcheck")
+    };
+    let out = healthcheck();
+    assert_eq!(out.status.code(), Some(1), "nothing listens: {out:?}");
+
+    let mut server = std::process::Command::new(bin)
+        .args(["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"])
+        .env("SLUICE_ADMIN", &admin)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = healthcheck();
+        if out.status.success() {
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("ready"),
+                "{out:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never healthy: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Draining (SIGTERM; a long drain while a connection stays open):
+    // not ready, so the healthcheck fails.
+    let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("an admin client");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = healthcheck();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_ne!(out.status.code(), Some(0), "draining is not ready: {out:?}");
+}
+
+/// Issue #18.9: the image and the manifest run sluice as a production pod
+/// should: a pinned image, pulled only when missing, no root, a read-only
+/// root filesystem, no capabilities, resources set; the Dockerfile builds
+/// from Cargo.lock as it is and runs as a non-root user.
+#[test]
+fn the_image_and_the_manifest_run_without_root_and_with_limits() {
+    let docs = load("deploy/kubernetes.yaml");
+    let pod = &docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("Deployment"))
+        .expect("a Deployment")["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert!(
+        pod["securityContext"]["runAsUser"]
+            .as_i64()
+            .is_some_and(|u| u > 0)
+    );
+    for c in pod["containers"].as_vec().expect("containers") {
+        let name = c["name"].as_str().expect("name");
+        let image = c["image"].as_str().expect("image");
+        assert!(
+            !image.ends_with(":latest") && image.contains(':'),
+            "{name}: {image}"
+        );
+        assert_eq!(
+            c["imagePullPolicy"].as_str(),
+            Some("IfNotPresent"),
+            "{name}"
+        );
+        let sc = &c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true), "{name}");
+        assert_eq!(
+            sc["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{name}"
+        );
+        assert_eq!(
+            sc["capabilities"]["drop"][0].as_str(),
+            Some("ALL"),
+            "{name}"
+        );
+        assert!(
+            c["resources"]["requests"]["cpu"].as_str().is_some(),
+            "{name}"
+        );
+        assert!(
+            c["resources"]["limits"]["memory"].as_str().is_some(),
+            "{name}"
+        );
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    let user = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("USER "))
+        .next_back()
+        .expect("a USER line");
+    let uid: u32 = user
+        .split(':')
+        .next()
+        .and_then(|u| u.trim().parse().ok())
+        .expect("a numeric uid");
+    assert_ne!(uid, 0, "the image's user is root");
+    assert!(
+        dockerfile.matches("--locked").count() >= 2,
+        "every cargo build is --locked"
+    );
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
+    assert!(ignore.lines().any(|l| l.trim() == "target/"), "{ignore}");
 }

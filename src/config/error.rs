@@ -27,6 +27,14 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// An environment variable that sets part of the config is malformed.
+    #[error("environment variable {variable}: {message}")]
+    Environment {
+        /// The variable (`RUST_LOG`, `SLUICE_ADMIN`).
+        variable: &'static str,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -88,7 +96,7 @@ impl ConfigError {
                 column,
                 message,
             },
-            other @ Self::Read { .. } => other,
+            other @ (Self::Read { .. } | Self::Environment { .. }) => other,
         }
     }
 
@@ -96,6 +104,7 @@ impl ConfigError {
     pub fn key(&self) -> Option<&str> {
         match self {
             Self::Invalid { key, .. } => key.as_deref(),
+            Self::Environment { variable, .. } => Some(variable),
             Self::Read { .. } => None,
         }
     }
@@ -104,7 +113,7 @@ impl ConfigError {
     pub fn position(&self) -> Option<(usize, usize)> {
         match self {
             Self::Invalid { line, column, .. } => Some((*line, *column)),
-            Self::Read { .. } => None,
+            Self::Read { .. } | Self::Environment { .. } => None,
         }
     }
 }

@@ -480,7 +480,7 @@ pub struct TraceConfig {
     pub service_name: String,
 }
 
-/// An `http://` or `https://` URL.
+/// An `http://` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OtlpEndpoint(pub String);
 
@@ -510,6 +510,22 @@ pub struct AdminConfig {
     /// Whether `/ready` also requires at least one connected tunnel agent
     /// (a hub only).
     pub ready_requires_agents: bool,
+    /// Who may use the admin endpoints that change state (`POST /drain`):
+    /// `loopback` (the default: the pod's own containers; probes and
+    /// scrapes from elsewhere still read `/ready`, `/live`, `/metrics`) or
+    /// `any` (no check: put the port behind a network policy).
+    pub control: AdminControl,
+}
+
+/// Who may use the admin endpoints that change state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminControl {
+    /// Peers on a loopback address only; others get 403.
+    #[default]
+    Loopback,
+    /// Any peer that reaches the port.
+    Any,
 }
 
 /// Where the admin server listens.
@@ -670,6 +686,34 @@ pub enum LogFormat {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameSize(pub u32);
 
+/// Checks what the environment adds to a config: `RUST_LOG`, which
+/// overrides `log.level` when set and not empty, must be a log filter.
+///
+/// # Errors
+///
+/// [`ConfigError::Environment`] naming the variable.
+pub fn validate_environment(_config: &Config) -> Result<(), ConfigError> {
+    match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&v)
+            .map(drop)
+            .map_err(|e| ConfigError::Environment {
+                variable: "RUST_LOG",
+                message: format!("{v:?} is not a log filter ({e})"),
+            }),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a duration as the config writes them: `"250ms"`, `"1s"`,
+/// `"5m"`, `"1h"`.
+///
+/// # Errors
+///
+/// What is wrong with `s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    value::duration::parse(s)
+}
+
 // === impl Config ===
 
 impl Config {
@@ -718,6 +762,17 @@ impl Config {
                     )
                 })
         };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::at_key(
+                text,
+                "log.level".to_owned(),
+                format!(
+                    "{:?} is not a log filter ({e}); use a level (info, debug…) or \
+                     directives like \"sluice=debug,h2=info\"",
+                    self.log.level
+                ),
+            ));
+        }
         for (i, route) in self.routes.iter().enumerate() {
             let key = format!("routes[{i}]");
             let actions = [
@@ -1025,6 +1080,7 @@ impl Default for AdminConfig {
             listen: AdminListen::On(DEFAULT_ADMIN_LISTEN.parse().expect("literal address")),
             ready_requires_upstream: false,
             ready_requires_agents: false,
+            control: AdminControl::Loopback,
         }
     }
 }
@@ -1083,9 +1139,16 @@ impl<'de> Deserialize<'de> for OtlpEndpoint {
             .parse()
             .map_err(|e| serde::de::Error::custom(format!("not a URL: {e}")))?;
         match (uri.scheme_str(), uri.host()) {
-            (Some("http" | "https"), Some(_)) => Ok(Self(s)),
+            (Some("http"), Some(_)) => Ok(Self(s)),
+            // The exporter is built without TLS (no second TLS stack in
+            // the binary): an https endpoint would fail at every export.
+            (Some("https"), _) => Err(serde::de::Error::custom(
+                "https:// is not supported: the OTLP exporter speaks plain HTTP; \
+                 export to an http:// collector (a local OpenTelemetry Collector \
+                 forwards over TLS)",
+            )),
             _ => Err(serde::de::Error::custom(
-                "expected an http:// or https:// URL with a host",
+                "expected an http:// URL with a host",
             )),
         }
     }

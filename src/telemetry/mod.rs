@@ -36,29 +36,49 @@ impl Drop for TelemetryGuard {
 
 /// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot set up OTLP export: {0}")]
-pub struct TelemetryError(#[from] opentelemetry_otlp::ExporterBuildError);
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built.
+    #[error("cannot set up OTLP export: {0}")]
+    Otlp(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// A log filter (`log.level`, or `RUST_LOG` which overrides it) does
+    /// not parse.
+    #[error("{source_name}: {filter:?} is not a log filter ({message})")]
+    Filter {
+        /// Where the filter came from.
+        source_name: &'static str,
+        /// The filter as given.
+        filter: String,
+        /// Why it does not parse.
+        message: String,
+    },
+}
 
 /// Installs the global subscriber: log lines to stderr, and (when
 /// `trace.otlp_endpoint` is set) each call's span exported over OTLP/HTTP.
-/// `RUST_LOG`, when set and not empty, overrides the config's log level.
+/// `RUST_LOG`, when set and not empty, overrides the config's log level;
+/// a filter that does not parse (either) is an error.
 /// Calling it twice leaves the first subscriber in place.
 ///
 /// Call it outside any tokio runtime: the exporter runs its own thread.
 ///
 /// # Errors
 ///
-/// [`TelemetryError`] when the OTLP exporter cannot be built.
+/// [`TelemetryError`] when the log filter does not parse or the OTLP
+/// exporter cannot be built.
 pub fn init(log: &LogConfig, trace: &TraceConfig) -> Result<TelemetryGuard, TelemetryError> {
     // An empty RUST_LOG counts as unset: it must not silence the one log
     // line that says where sluice listens.
-    let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .and_then(|v| EnvFilter::try_new(v).ok());
-    let filter = from_env
-        .or_else(|| EnvFilter::try_new(&log.level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (source_name, text) = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(v) if !v.trim().is_empty() => ("RUST_LOG", v),
+        _ => ("log.level", log.level.clone()),
+    };
+    // A filter that does not parse is an error, never a silent `info`.
+    let filter = EnvFilter::try_new(&text).map_err(|e| TelemetryError::Filter {
+        source_name,
+        filter: text.clone(),
+        message: e.to_string(),
+    })?;
     let ansi = std::io::stderr().is_terminal();
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match log.format {
         LogFormat::Text => Box::new(
