@@ -351,6 +351,18 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
 }
 
 fn bind(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, RunError> {
+    if reuse_port && addr.port() != 0 && port_taken(addr) {
+        // SO_REUSEPORT lets us bind anyway: right during a restart (the
+        // new process takes over), wrong when a second sluice was started
+        // by mistake. Say so, once.
+        warn!(
+            %addr,
+            "another process already listens on {addr}; with server.reuse_port the kernel now \
+             splits new connections between it and this sluice (as during a restart's \
+             hand-over); if that is not a restart, stop the other one or set \
+             server.reuse_port = false"
+        );
+    }
     let err = |source| RunError::Bind { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -367,6 +379,21 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, RunError> {
     let _ = reuse_port;
     socket.bind(addr).map_err(err)?;
     socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// Whether a listener already holds `addr`: a bind without
+/// `SO_REUSEPORT` fails then.
+fn port_taken(addr: SocketAddr) -> bool {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    let Ok(socket) = socket else {
+        return false;
+    };
+    let _ = socket.set_reuseaddr(true);
+    matches!(socket.bind(addr), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
 }
 
 /// Binds the admin address. When the *default* admin port is taken (another

@@ -30,6 +30,12 @@ impl Drop for Proc {
 /// Starts `sluice` with `args` and reads stderr until the line that names
 /// the bound listen address.
 fn spawn(args: &[&str]) -> (Proc, SocketAddr) {
+    let (proc, addr, _) = spawn_logged(args);
+    (proc, addr)
+}
+
+/// [`spawn`], with the log lines before the address line.
+fn spawn_logged(args: &[&str]) -> (Proc, SocketAddr, Vec<String>) {
     let mut child = sluice()
         .args(args)
         // Set but empty, as some harnesses leave it: the address line must
@@ -41,6 +47,7 @@ fn spawn(args: &[&str]) -> (Proc, SocketAddr) {
         .expect("spawn sluice");
     let stderr = child.stderr.take().expect("piped stderr");
     let mut lines = BufReader::new(stderr).lines();
+    let mut before = Vec::new();
     let addr = loop {
         let line = lines
             .next()
@@ -50,10 +57,36 @@ fn spawn(args: &[&str]) -> (Proc, SocketAddr) {
             let addr = rest.split_whitespace().next().expect("an address");
             break addr.parse().expect("a socket address");
         }
+        before.push(line);
     };
     // Keep draining stderr so sluice never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (Proc(child), addr)
+    (Proc(child), addr, before)
+}
+
+/// Issue #18.6: a second sluice started on a port the first holds shares
+/// it (SO_REUSEPORT) and says so in one clear warning naming the port; the
+/// first one alone says nothing of the kind.
+#[test]
+fn a_second_sluice_on_a_taken_port_says_it_shares_it() {
+    let (_first, addr, first_log) =
+        spawn_logged(&["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--admin", "off"]);
+    assert!(
+        !first_log.iter().any(|l| l.contains("already listens")),
+        "{first_log:?}"
+    );
+    let (_second, same, log) = spawn_logged(&[
+        "--listen",
+        &addr.to_string(),
+        "--upstream",
+        "127.0.0.1:1",
+        "--admin",
+        "off",
+    ]);
+    assert_eq!(same, addr);
+    let warnings: Vec<&String> = log.iter().filter(|l| l.contains("already listens")).collect();
+    assert_eq!(warnings.len(), 1, "{log:?}");
+    assert!(warnings[0].contains(&addr.to_string()) && warnings[0].contains("WARN"), "{log:?}");
 }
 
 fn terminate(proc: &mut Proc) -> std::process::ExitStatus {

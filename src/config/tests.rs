@@ -243,3 +243,91 @@ fn the_client_id_key_defaults_on_with_client_auth_and_paths_follow_the_file() {
         "the default group stays plaintext"
     );
 }
+
+/// The keys serde accepts in the table at `prefix` (a TOML fragment
+/// that opens it), read from the error an unknown key gets.
+fn accepted_keys(prefix: &str) -> Vec<String> {
+    let text = format!("{prefix}\nzz_not_a_key = 1\n");
+    let err = Config::from_toml_str(&text).expect_err("an unknown key").to_string();
+    let list = err
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| err.split("expected ").nth(1))
+        .unwrap_or_else(|| panic!("{prefix}: {err}"));
+    list.split(", ")
+        .flat_map(|k| k.split(" or "))
+        .map(|k| k.trim().trim_matches('`').to_owned())
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
+/// The keys `default.toml` names under each table header, commented out
+/// or not (`# key = …` documents a key with no default value).
+fn documented(text: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut table = String::new();
+    for line in text.lines() {
+        let line = line.trim().trim_start_matches('#').trim();
+        if let Some(header) = line.strip_prefix('[') {
+            table = header.trim_matches(|c| c == '[' || c == ']').to_owned();
+            continue;
+        }
+        if let Some((key, _)) = line.split_once('=') {
+            let key = key.trim();
+            if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                out.entry(table.clone()).or_default().push(key.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Issue #18.8: `config/default.toml` says it spells out every key; every
+/// key each table accepts appears in it, under its table (the tables
+/// are found from the config types themselves, so a new key must be
+/// documented there too).
+#[test]
+fn the_default_config_spells_out_every_key() {
+    let tables = [
+        ("", ""),
+        ("server", "[server]"),
+        ("server.tls", "[server.tls]\ncert = \"c\"\nkey = \"k\""),
+        ("server.tls.client_auth", "[server.tls]\ncert = \"c\"\nkey = \"k\"\n[server.tls.client_auth]\nca = \"a\""),
+        ("upstream", "[upstream]"),
+        ("upstream.tls", "[upstream.tls]"),
+        ("upstreams.NAME", "[upstreams.n]\nendpoints = [\"127.0.0.1:1\"]"),
+        ("upstreams.NAME.health_check", "[upstreams.n]\nendpoints = [\"127.0.0.1:1\"]\n[upstreams.n.health_check]"),
+        ("routes", "[[routes]]\nupstream = \"default\""),
+        ("routing", "[routing]"),
+        ("fanout", "[fanout]"),
+        ("enrich", "[enrich]"),
+        ("tls", "[tls]"),
+        ("tunnel", "[tunnel]"),
+        ("tunnel.hub", "[tunnel.hub]\nlisten = \"127.0.0.1:0\"\nname = \"h\""),
+        ("tunnel.agent", "[tunnel.agent]\nhubs = [\"127.0.0.1:1\"]\nid = \"a\""),
+        ("runtime", "[runtime]"),
+        ("log", "[log]"),
+        ("drain", "[drain]"),
+        ("admin", "[admin]"),
+        ("trace", "[trace]"),
+    ];
+    let documented = documented(DEFAULT_TOML);
+    let mut missing = Vec::new();
+    for (table, prefix) in tables {
+        let have = documented.get(table).cloned().unwrap_or_default();
+        for key in accepted_keys(prefix) {
+            // A top-level key is a table of its own, documented by its header.
+            let present = if table.is_empty() {
+                documented.contains_key(&key)
+                    || documented.keys().any(|t| t.starts_with(&format!("{key}.")))
+            } else {
+                // A key that is a table is documented by its header.
+                have.contains(&key) || documented.contains_key(&format!("{table}.{key}"))
+            };
+            if !present {
+                missing.push(format!("{table}.{key}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "config/default.toml does not document: {missing:?}");
+}
