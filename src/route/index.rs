@@ -36,7 +36,9 @@ pub(super) struct Index {
 
 /// The indexes of the routes a call could match, in ascending order.
 pub(super) struct Candidates<'a> {
+    /// The lists with routes left, in `lists[..n]`.
     lists: [&'a [u32]; LISTS],
+    n: usize,
 }
 
 impl Index {
@@ -107,7 +109,14 @@ impl Index {
                 *slot = map.get(value.as_bytes()).map_or(&[], |l| l);
             }
         }
-        Candidates { lists }
+        let mut n = 0;
+        for i in 0..LISTS {
+            if !lists[i].is_empty() {
+                lists.swap(n, i);
+                n += 1;
+            }
+        }
+        Candidates { lists, n }
     }
 }
 
@@ -130,16 +139,28 @@ impl Iterator for Candidates<'_> {
     type Item = usize;
 
     fn next(&mut self) -> Option<usize> {
-        let mut best: Option<(usize, u32)> = None;
-        for (i, list) in self.lists.iter().enumerate() {
-            if let Some(&head) = list.first()
-                && best.is_none_or(|(_, b)| head < b)
-            {
-                best = Some((i, head));
+        let lists = &mut self.lists[..self.n];
+        // Usually one list has routes for the call: no merge.
+        let i = match lists {
+            [] => return None,
+            [_] => 0,
+            _ => {
+                let mut best = 0;
+                for (i, list) in lists.iter().enumerate().skip(1) {
+                    if list[0] < lists[best][0] {
+                        best = i;
+                    }
+                }
+                best
             }
+        };
+        let (&head, rest) = lists[i].split_first()?;
+        lists[i] = rest;
+        if rest.is_empty() {
+            // Keep the lists in use at the front.
+            lists.swap(i, self.n - 1);
+            self.n -= 1;
         }
-        let (i, head) = best?;
-        self.lists[i] = &self.lists[i][1..];
         Some(head as usize)
     }
 }
