@@ -4,8 +4,12 @@
 //! and `x-forwarded-for`, and the verified client identity (a
 //! [`PeerIdentity`] extension) under a key of its own.
 //!
-//! The peer address comes from a [`PeerAddr`] request extension, which a
-//! server puts there (sluice's does when an enrich rule needs it). The
+//! The peer address comes from the request's extensions: by default a
+//! [`PeerAddr`], which a server puts there (sluice's does when an enrich
+//! rule needs it); [`EnrichLayer::peer_from`] reads it from any other
+//! extension, such as tonic's `TcpConnectInfo` or axum's `ConnectInfo`.
+//! A call with no peer address gets no forwarding headers, and the layer
+//! logs one warning (`tracing`), the first time, saying so. The
 //! order is fixed: strip (inbound copies of keys this hop owns go first),
 //! remove, set, append, the client identity, then the forwarding headers. The body passes
 //! untouched; a request id (`x-request-id` when absent) is tower-http's
@@ -51,14 +55,34 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Under tonic, the peer address is in tonic's `TcpConnectInfo`; one line
+//! reads it from there:
+//!
+//! ```
+//! use sluice_layers::enrich::EnrichLayer;
+//! use tonic::transport::server::TcpConnectInfo;
+//!
+//! let layer = EnrichLayer::new()
+//!     .x_forwarded_for()
+//!     .peer_from(|ext| ext.get::<TcpConnectInfo>()?.remote_addr());
+//! # let _ = tonic::transport::Server::builder().layer(layer);
+//! ```
+//!
+//! (axum: `ext.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0)`,
+//! with `into_make_service_with_connect_info::<SocketAddr>()`.) The
+//! crate's `tonic_server` and `axum_router` examples run these.
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Request};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -68,7 +92,11 @@ use crate::identity::PeerIdentity;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
-#[derive(Clone, Debug, Default)]
+/// Reads the peer's address out of a request's extensions (see
+/// [`EnrichLayer::peer_from`]).
+pub type PeerFrom = fn(&Extensions) -> Option<SocketAddr>;
+
+#[derive(Clone, Debug)]
 struct Rules {
     strip: Vec<HeaderName>,
     strip_prefixes: Vec<String>,
@@ -79,6 +107,23 @@ struct Rules {
     x_forwarded_for: bool,
     /// The key [`PeerIdentity::id`] goes under (inbound copies stripped).
     client_id: Option<HeaderName>,
+    peer_from: PeerFrom,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            strip: Vec::new(),
+            strip_prefixes: Vec::new(),
+            remove: Vec::new(),
+            set: Vec::new(),
+            append: Vec::new(),
+            forwarded: false,
+            x_forwarded_for: false,
+            client_id: None,
+            peer_from: peer_addr_extension,
+        }
+    }
 }
 
 /// [`Layer`] that applies [`Enrich`] middleware.
@@ -87,6 +132,9 @@ struct Rules {
 #[derive(Clone, Debug, Default)]
 pub struct EnrichLayer {
     rules: Arc<Rules>,
+    /// Whether the missing-peer warning was logged, shared by every
+    /// service the layer makes (and their clones): one warning per layer.
+    warned: Arc<AtomicBool>,
 }
 
 /// Middleware that edits request metadata.
@@ -96,10 +144,16 @@ pub struct EnrichLayer {
 pub struct Enrich<S> {
     inner: S,
     rules: Arc<Rules>,
+    warned: Arc<AtomicBool>,
 }
 
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// The default of [`EnrichLayer::peer_from`].
+fn peer_addr_extension(ext: &Extensions) -> Option<SocketAddr> {
+    ext.get::<PeerAddr>().map(|p| p.0)
+}
 
 // === impl EnrichLayer ===
 
@@ -147,13 +201,15 @@ impl EnrichLayer {
         self.with(|r| r.append.push((key, value)))
     }
 
-    /// Adds an RFC 7239 `forwarded: for=<peer>` element.
+    /// Adds an RFC 7239 `forwarded: for=<peer>` element (needs the peer's
+    /// address: see [`peer_from`](Self::peer_from)).
     #[must_use]
     pub fn forwarded(self) -> Self {
         self.with(|r| r.forwarded = true)
     }
 
-    /// Adds the peer's IP to `x-forwarded-for` (one comma-separated value).
+    /// Adds the peer's IP to `x-forwarded-for`, one comma-separated value
+    /// (needs the peer's address: see [`peer_from`](Self::peer_from)).
     #[must_use]
     pub fn x_forwarded_for(self) -> Self {
         self.with(|r| r.x_forwarded_for = true)
@@ -169,7 +225,19 @@ impl EnrichLayer {
         self.with(|r| r.client_id = Some(key))
     }
 
-    /// Whether any rule needs the [`PeerAddr`] extension.
+    /// Sets where [`forwarded`](Self::forwarded) and
+    /// [`x_forwarded_for`](Self::x_forwarded_for) read the peer's address
+    /// in a request's extensions (default: a [`PeerAddr`] extension). A
+    /// call with none gets no forwarding headers, and the first such call
+    /// logs a warning.
+    ///
+    /// See the [module docs](crate::enrich) for tonic's and axum's.
+    #[must_use]
+    pub fn peer_from(self, f: PeerFrom) -> Self {
+        self.with(|r| r.peer_from = f)
+    }
+
+    /// Whether any rule needs the peer's address.
     pub fn needs_peer(&self) -> bool {
         self.rules.forwarded || self.rules.x_forwarded_for
     }
@@ -194,6 +262,7 @@ impl<S> Layer<S> for EnrichLayer {
         Enrich {
             inner,
             rules: self.rules.clone(),
+            warned: self.warned.clone(),
         }
     }
 }
@@ -227,7 +296,19 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let peer = req.extensions().get::<PeerAddr>().copied();
+        let peer = if self.rules.forwarded || self.rules.x_forwarded_for {
+            let peer = (self.rules.peer_from)(req.extensions()).map(PeerAddr);
+            if peer.is_none() && !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "enrich: a call has no peer address, so it gets no forwarded or \
+                     x-forwarded-for header (the server must put the address in the \
+                     request extensions; see EnrichLayer::peer_from); said once"
+                );
+            }
+            peer
+        } else {
+            None
+        };
         let id = match &self.rules.client_id {
             Some(_) => req
                 .extensions()
@@ -399,5 +480,53 @@ mod tests {
         });
         assert_eq!(seen(Some(web)).await, ["spiffe://td/web"]);
         assert!(seen(None).await.is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_peer_comes_from_any_extension_and_its_absence_is_said_once() {
+        use tower::{ServiceExt, service_fn};
+        #[derive(Clone)]
+        struct ConnInfo(SocketAddr);
+        let warnings = crate::test_util::CountWarnings::default();
+        let _default = tracing::subscriber::set_default(warnings.clone());
+        let layer = EnrichLayer::new()
+            .x_forwarded_for()
+            .forwarded()
+            .peer_from(|ext| ext.get::<ConnInfo>().map(|c| c.0));
+        let svc = layer.layer(service_fn(|req: Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(req.headers().clone())
+        }));
+        let seen = |ext: Option<ConnInfo>, peer_addr: Option<PeerAddr>| {
+            let svc = svc.clone();
+            async move {
+                let mut req = Request::new(());
+                if let Some(c) = ext {
+                    req.extensions_mut().insert(c);
+                }
+                if let Some(p) = peer_addr {
+                    req.extensions_mut().insert(p);
+                }
+                svc.oneshot(req).await.expect("infallible")
+            }
+        };
+        let addr: SocketAddr = "192.0.2.7:4711".parse().expect("addr");
+        let h = seen(Some(ConnInfo(addr)), None).await;
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["forwarded"], "for=\"192.0.2.7:4711\"");
+        assert_eq!(warnings.count(), 0);
+        // `peer_from` replaces the default: a PeerAddr alone is not read.
+        let h = seen(None, Some(PeerAddr(addr))).await;
+        assert!(!h.contains_key("x-forwarded-for") && !h.contains_key("forwarded"));
+        assert_eq!(warnings.count(), 1, "a call without a peer is said");
+        let h = seen(None, None).await;
+        assert!(!h.contains_key("x-forwarded-for"));
+        assert_eq!(warnings.count(), 1, "once per layer, across clones");
+        // A layer that needs no peer says nothing.
+        let quiet = EnrichLayer::new().strip_prefix("x-internal-");
+        let svc = quiet.layer(service_fn(|_: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(())
+        }));
+        svc.oneshot(Request::new(())).await.expect("infallible");
+        assert_eq!(warnings.count(), 1);
     }
 }

@@ -13,10 +13,13 @@
 //! | [`deadline`] | [`DeadlineLayer`](deadline::DeadlineLayer): enforces `grpc-timeout` on the whole call, body included |
 //! | [`grpc::framing`] | counting length-prefixed messages over DATA chunks of any size |
 //! | [`grpc::wire`] | reading one protobuf field by path (`1.2`) without a descriptor |
-//! | [`peek`] | [`PeekLayer`](peek::PeekLayer): the first request messages, readable and replayed |
+//! | [`peek`] | [`PeekLayer`](peek::PeekLayer): the first request messages, readable and replayed, within a per-call and a per-connection ([`ConnectionBudget`](peek::ConnectionBudget)) budget |
 //! | [`direct`] | [`DirectLayer`](direct::DirectLayer): a [`Director`](direct::Director) picks each call's route, or refuses it |
+//! | [`fanout`] | [`FanoutLayer`](fanout::FanoutLayer): carries out fan-out (merge, interleave) and mirror routes, one inner call per destination |
+//! | [`enrich`] | [`EnrichLayer`](enrich::EnrichLayer): strips, sets and appends request metadata; `forwarded`, `x-forwarded-for` and the client identity |
 //! | [`identity`] | [`PeerIdentity`](identity::PeerIdentity), the verified client of a call, and [`IdentityRule`](identity::IdentityRule) to require one |
 //! | [`drain`] | [`DrainLayer`](drain::DrainLayer): refuses new calls with `UNAVAILABLE` once draining, holds the drain open until in-flight bodies end |
+//! | [`http`] | the `http` crate these layers are written against, re-exported so that your types match |
 //!
 //! Every refusal a layer makes is a gRPC response (HTTP 200, `grpc-status`,
 //! percent-encoded `grpc-message`, no body), never an `Err`: a layer keeps
@@ -61,6 +64,39 @@
 //! the layers below were doing (for sluice's forwarder: an RST_STREAM(CANCEL)
 //! to the upstream).
 //!
+//! # In tonic, axum and hyper
+//!
+//! Every layer is a plain tower [`Layer`](tower_layer::Layer), so it goes
+//! into `tonic::transport::Server::builder().layer(…)`, an axum
+//! `Router::layer(…)` or a `tower::ServiceBuilder` in front of a hyper
+//! connection. Three things depend on the server, because the layers never
+//! see a socket:
+//!
+//! - [`peek`]'s per-connection budget: a server clones its services per
+//!   connection or per request as it likes, so the budget is a
+//!   [`ConnectionBudget`](peek::ConnectionBudget) handle the server hands
+//!   in (see there, for tonic too) or one made per connection by
+//!   [`PeekLayer::per_connection`](peek::PeekLayer::per_connection);
+//! - [`enrich`]'s peer address: read from whatever extension the server
+//!   fills, with [`EnrichLayer::peer_from`](enrich::EnrichLayer::peer_from)
+//!   (tonic's `TcpConnectInfo`, axum's `ConnectInfo`);
+//! - [`drain`]: the server's own graceful shutdown stops accepting and
+//!   sends GOAWAY; [`DrainLayer`](drain::DrainLayer) refuses the calls that
+//!   still arrive and bounds the wait for the calls in flight.
+//!
+//! The crate's examples run each under a real server and make real calls:
+//! `tonic_server` (deadline, enrich and a per-connection peek budget under
+//! tonic), `axum_router` (layers on an axum `Router` serving gRPC) and
+//! `tonic_drain` (`DrainLayer` with tonic's `serve_with_shutdown`). `cargo
+//! test` runs them; `cargo run -p sluice-layers --example tonic_drain`
+//! runs one.
+//!
+//! The refusal texts are the library's, naming no product; a proxy sets its
+//! own with [`DeadlineLayer::message`](deadline::DeadlineLayer::message),
+//! [`DrainLayer::message`](drain::DrainLayer::message),
+//! [`DrainLayer::expiry_message`](drain::DrainLayer::expiry_message) and
+//! [`FanoutLayer::status_trailer`](fanout::FanoutLayer::status_trailer).
+//!
 //! [sluice]: https://example.invalid/sluice
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -79,6 +115,8 @@ pub mod identity;
 pub mod peek;
 #[cfg(test)]
 mod test_util;
+
+pub use http;
 
 /// A type-erased error, the currency between layers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
-use super::OnExpire;
+use super::Expiry;
 use crate::grpc::status::{self, Code};
 
 pin_project! {
@@ -33,7 +33,7 @@ pin_project! {
             #[pin]
             body: B,
             timer: Option<Pin<Box<Sleep>>>,
-            on_expire: Option<OnExpire>,
+            expiry: Expiry,
         },
         // Ended by the timer, or the empty body of a refusal.
         Done,
@@ -43,16 +43,12 @@ pin_project! {
 // === impl ResponseBody ===
 
 impl<B> ResponseBody<B> {
-    pub(super) fn new(
-        body: B,
-        timer: Option<Pin<Box<Sleep>>>,
-        on_expire: Option<OnExpire>,
-    ) -> Self {
+    pub(super) fn new(body: B, timer: Option<Pin<Box<Sleep>>>, expiry: Expiry) -> Self {
         Self {
             state: State::Running {
                 body,
                 timer,
-                on_expire,
+                expiry,
             },
         }
     }
@@ -94,7 +90,7 @@ where
             StateProj::Running {
                 body,
                 timer,
-                on_expire,
+                expiry,
             } => {
                 // The timer first: a body that is always ready must not
                 // outrun its deadline.
@@ -104,14 +100,10 @@ where
                 if !expired {
                     return body.poll_frame(cx);
                 }
-                if let Some(f) = on_expire {
-                    f();
-                }
+                expiry.expired();
+                let trailers = status::trailers(Code::DeadlineExceeded, expiry.message());
                 state.set(State::Done);
-                Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
-                    Code::DeadlineExceeded,
-                    super::MESSAGE,
-                )))))
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
             StateProj::Done => Poll::Ready(None),
         }

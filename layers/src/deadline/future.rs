@@ -10,7 +10,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
-use super::{OnExpire, body::ResponseBody};
+use super::{Expiry, body::ResponseBody};
 use crate::grpc::status::{self, Code};
 
 pin_project! {
@@ -25,7 +25,7 @@ pin_project! {
         // Boxed because it moves into the body once headers arrive; only
         // calls with a `grpc-timeout` pay for it.
         timer: Option<Pin<Box<Sleep>>>,
-        on_expire: Option<OnExpire>,
+        expiry: Expiry,
     }
 }
 
@@ -41,15 +41,11 @@ impl<F: std::fmt::Debug> std::fmt::Debug for ResponseFuture<F> {
 // === impl ResponseFuture ===
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(
-        inner: F,
-        timer: Option<Pin<Box<Sleep>>>,
-        on_expire: Option<OnExpire>,
-    ) -> Self {
+    pub(super) fn new(inner: F, timer: Option<Pin<Box<Sleep>>>, expiry: Expiry) -> Self {
         Self {
             inner,
             timer,
-            on_expire,
+            expiry,
         }
     }
 }
@@ -68,12 +64,12 @@ where
             return Poll::Ready(Ok(status::answer(
                 status::Answered::Deadline,
                 Code::DeadlineExceeded,
-                super::MESSAGE,
+                this.expiry.message(),
             )));
         }
         let res = ready!(this.inner.poll(cx))?;
         let timer = this.timer.take();
-        let on_expire = this.on_expire.take();
-        Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, timer, on_expire))))
+        let expiry = std::mem::take(this.expiry);
+        Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, timer, expiry))))
     }
 }

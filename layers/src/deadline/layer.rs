@@ -2,7 +2,7 @@ use std::{sync::Arc, time::Duration};
 
 use tower_layer::Layer;
 
-use super::{Deadline, OnExpire};
+use super::{Deadline, Expiry};
 
 /// [`Layer`] that applies [`Deadline`] middleware.
 ///
@@ -10,14 +10,15 @@ use super::{Deadline, OnExpire};
 #[derive(Clone, Default)]
 pub struct DeadlineLayer {
     offset: Duration,
-    on_expire: Option<OnExpire>,
+    expiry: Expiry,
 }
 
 impl std::fmt::Debug for DeadlineLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeadlineLayer")
             .field("offset", &self.offset)
-            .field("on_expire", &self.on_expire.is_some())
+            .field("on_expire", &self.expiry.on_expire.is_some())
+            .field("message", &self.expiry.message())
             .finish()
     }
 }
@@ -29,7 +30,10 @@ impl DeadlineLayer {
     pub const fn new() -> Self {
         Self {
             offset: Duration::ZERO,
-            on_expire: None,
+            expiry: Expiry {
+                on_expire: None,
+                message: None,
+            },
         }
     }
 
@@ -49,7 +53,24 @@ impl DeadlineLayer {
     /// extensions. Meant for counting; `f` runs inside a body's poll.
     #[must_use]
     pub fn on_expire(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
-        self.on_expire = Some(Arc::new(f));
+        self.expiry.on_expire = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets the `grpc-message` of the `DEADLINE_EXCEEDED` a fired deadline
+    /// answers with, trailers-only or in the body's trailers (default:
+    /// [`DEFAULT_MESSAGE`](super::DEFAULT_MESSAGE), which names no one). It is percent-encoded on
+    /// the wire.
+    ///
+    /// ```
+    /// use sluice_layers::deadline::DeadlineLayer;
+    ///
+    /// // A proxy names itself, so that the client can tell whose clock ran out.
+    /// let layer = DeadlineLayer::new().message("deadline exceeded (grpc-timeout) at my-proxy");
+    /// ```
+    #[must_use]
+    pub fn message(mut self, message: impl Into<Arc<str>>) -> Self {
+        self.expiry.message = Some(message.into());
         self
     }
 }
@@ -58,6 +79,6 @@ impl<S> Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Deadline::with(inner, self.offset, self.on_expire.clone())
+        Deadline::with(inner, self.offset, self.expiry.clone())
     }
 }

@@ -58,5 +58,27 @@ pub use self::{layer::DeadlineLayer, service::Deadline};
 /// What [`DeadlineLayer::on_expire`] calls.
 type OnExpire = std::sync::Arc<dyn Fn() + Send + Sync>;
 
-/// The `grpc-message` sent when a deadline fires.
-const MESSAGE: &str = "deadline exceeded (grpc-timeout) at sluice";
+/// The `grpc-message` sent when a deadline fires, unless
+/// [`DeadlineLayer::message`] sets another.
+pub const DEFAULT_MESSAGE: &str = "deadline exceeded (grpc-timeout)";
+
+/// What a call does when its deadline fires: shared by the future and the
+/// body, cloned only for calls that have a timer.
+#[derive(Clone, Default)]
+struct Expiry {
+    on_expire: Option<OnExpire>,
+    /// `None`: [`DEFAULT_MESSAGE`].
+    message: Option<std::sync::Arc<str>>,
+}
+
+impl Expiry {
+    fn message(&self) -> &str {
+        self.message.as_deref().unwrap_or(DEFAULT_MESSAGE)
+    }
+
+    fn expired(&self) {
+        if let Some(f) = &self.on_expire {
+            f();
+        }
+    }
+}

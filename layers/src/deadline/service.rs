@@ -6,7 +6,7 @@ use std::{
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::{DeadlineLayer, OnExpire, body::ResponseBody, future::ResponseFuture};
+use super::{DeadlineLayer, Expiry, body::ResponseBody, future::ResponseFuture};
 use crate::{
     direct::{Destination, Route},
     grpc::timeout,
@@ -21,7 +21,7 @@ use crate::{
 pub struct Deadline<S> {
     inner: S,
     offset: Duration,
-    on_expire: Option<OnExpire>,
+    expiry: Expiry,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Deadline<S> {
@@ -38,14 +38,21 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Deadline<S> {
 impl<S> Deadline<S> {
     /// Wraps `inner`.
     pub const fn new(inner: S) -> Self {
-        Self::with(inner, Duration::ZERO, None)
+        Self::with(
+            inner,
+            Duration::ZERO,
+            Expiry {
+                on_expire: None,
+                message: None,
+            },
+        )
     }
 
-    pub(super) const fn with(inner: S, offset: Duration, on_expire: Option<OnExpire>) -> Self {
+    pub(super) const fn with(inner: S, offset: Duration, expiry: Expiry) -> Self {
         Self {
             inner,
             offset,
-            on_expire,
+            expiry,
         }
     }
 
@@ -85,7 +92,7 @@ where
             (t, c) => t.or(c),
         };
         let Some(budget) = budget else {
-            return ResponseFuture::new(self.inner.call(req), None, None);
+            return ResponseFuture::new(self.inner.call(req), None, Expiry::default());
         };
         // The header passes as the client wrote it unless this hop changes
         // the budget.
@@ -97,6 +104,6 @@ where
             );
         }
         let timer = Box::pin(tokio::time::sleep(budget));
-        ResponseFuture::new(self.inner.call(req), Some(timer), self.on_expire.clone())
+        ResponseFuture::new(self.inner.call(req), Some(timer), self.expiry.clone())
     }
 }

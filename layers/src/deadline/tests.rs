@@ -170,3 +170,47 @@ async fn forwards_the_budget_less_the_offset_and_caps_it_by_the_route() {
         Some(Duration::from_millis(1950))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_expiry_message_names_no_one_by_default_and_is_settable() {
+    let late = |layer: DeadlineLayer| {
+        let svc = layer.layer(service_fn(|_: Request<Empty<Bytes>>| async {
+            std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>().await
+        }));
+        svc.oneshot(request(Some("10m")))
+    };
+    // Trailers-only, headers late: the library's text names no product.
+    let res = late(DeadlineLayer::new()).await.expect("a response");
+    assert_eq!(
+        res.headers()["grpc-message"],
+        status::encode_message(super::DEFAULT_MESSAGE)
+    );
+    assert!(!super::DEFAULT_MESSAGE.contains("sluice"));
+    // A proxy's own text, trailers-only...
+    let text = "deadline exceeded (grpc-timeout) at test-proxy";
+    let res = late(DeadlineLayer::new().message(text))
+        .await
+        .expect("a response");
+    assert_eq!(status::code_of(res.headers()), Some(Code::DeadlineExceeded));
+    assert_eq!(res.headers()["grpc-message"], status::encode_message(text));
+    // ...and in the trailers of a body the deadline cut off.
+    let (tx, rx) = mpsc::channel::<Frame<Bytes>>(1);
+    let mut inner_body = Some(ChannelBody(rx));
+    let svc =
+        DeadlineLayer::new()
+            .message(text)
+            .layer(service_fn(move |_: Request<Empty<Bytes>>| {
+                let body = inner_body.take().expect("called once");
+                async move { Ok::<_, Infallible>(Response::new(body)) }
+            }));
+    let mut body = svc
+        .oneshot(request(Some("10m")))
+        .await
+        .expect("response")
+        .into_body();
+    let frame = body.frame().await.expect("a frame").expect("no error");
+    let trailers = frame.into_trailers().expect("trailers");
+    assert_eq!(status::code_of(&trailers), Some(Code::DeadlineExceeded));
+    assert_eq!(trailers["grpc-message"], status::encode_message(text));
+    drop(tx);
+}

@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::sync::futures::OwnedNotified;
 
-use super::{Guard, future::EXPIRED_MESSAGE};
+use super::{ExpiryMessage, Guard};
 use crate::grpc::status::{self, Code};
 
 pin_project! {
@@ -39,6 +39,7 @@ pin_project! {
             #[pin]
             expired: OwnedNotified,
             guard: Guard,
+            expiry_message: ExpiryMessage,
         },
         Done,
     }
@@ -47,13 +48,14 @@ pin_project! {
 // === impl ResponseBody ===
 
 impl<B> ResponseBody<B> {
-    pub(super) fn new(body: B, guard: Guard) -> Self {
+    pub(super) fn new(body: B, guard: Guard, expiry_message: ExpiryMessage) -> Self {
         let expired = guard.shared().expired();
         Self {
             state: State::Running {
                 body,
                 expired,
                 guard,
+                expiry_message,
             },
         }
     }
@@ -82,16 +84,15 @@ where
             body,
             expired,
             guard,
+            expiry_message,
         } = state.as_mut().project()
         else {
             return Poll::Ready(None);
         };
         if guard.shared().is_expired() || expired.poll(cx).is_ready() {
+            let trailers = status::trailers(Code::Unavailable, expiry_message.as_str());
             state.set(State::Done);
-            return Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
-                Code::Unavailable,
-                EXPIRED_MESSAGE,
-            )))));
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         let frame = body.poll_frame(cx);
         if let Poll::Ready(None) = frame {

@@ -11,11 +11,8 @@ use http::Response;
 use pin_project_lite::pin_project;
 use tokio::sync::futures::OwnedNotified;
 
-use super::{Guard, body::ResponseBody};
+use super::{ExpiryMessage, Guard, body::ResponseBody};
 use crate::grpc::status::{self, Code};
-
-/// The `grpc-message` of a call cut off at the end of the grace period.
-pub(super) const EXPIRED_MESSAGE: &str = "sluice is shutting down: drain deadline reached";
 
 pin_project! {
     /// Response future for [`Drain`](super::Drain): the inner future, or a
@@ -37,6 +34,7 @@ pin_project! {
             #[pin]
             expired: OwnedNotified,
             guard: Option<Guard>,
+            expiry_message: ExpiryMessage,
         },
         Refused {
             message: Cow<'static, str>,
@@ -47,13 +45,14 @@ pin_project! {
 // === impl ResponseFuture ===
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn called(fut: F, guard: Guard) -> Self {
+    pub(super) fn called(fut: F, guard: Guard, expiry_message: ExpiryMessage) -> Self {
         let expired = guard.shared().expired();
         Self {
             state: State::Called {
                 fut,
                 expired,
                 guard: Some(guard),
+                expiry_message,
             },
         }
     }
@@ -82,6 +81,7 @@ where
                 fut,
                 expired,
                 guard,
+                expiry_message,
             } => {
                 let cut_off = guard.as_ref().is_some_and(|g| g.shared().is_expired())
                     || expired.poll(cx).is_ready();
@@ -90,12 +90,15 @@ where
                     return Poll::Ready(Ok(status::answer(
                         status::Answered::Draining,
                         Code::Unavailable,
-                        EXPIRED_MESSAGE,
+                        expiry_message.as_str(),
                     )));
                 }
                 let res = ready!(fut.poll(cx))?;
                 let guard = guard.take().expect("polled after completion");
-                Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, guard))))
+                let expiry_message = std::mem::take(expiry_message);
+                Poll::Ready(Ok(
+                    res.map(|body| ResponseBody::new(body, guard, expiry_message))
+                ))
             }
         }
     }

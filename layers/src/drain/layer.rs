@@ -1,11 +1,8 @@
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use tower_layer::Layer;
 
-use super::{Drain, Watch};
-
-/// The default `grpc-message` of a call refused while draining.
-pub(super) const DEFAULT_MESSAGE: &str = "sluice is draining: retry on another instance";
+use super::{DEFAULT_MESSAGE, Drain, ExpiryMessage, Watch};
 
 /// [`Layer`] that applies [`Drain`] middleware.
 ///
@@ -14,6 +11,7 @@ pub(super) const DEFAULT_MESSAGE: &str = "sluice is draining: retry on another i
 pub struct DrainLayer {
     watch: Watch,
     message: Cow<'static, str>,
+    expiry_message: ExpiryMessage,
     admit: bool,
 }
 
@@ -25,6 +23,7 @@ impl DrainLayer {
         Self {
             watch,
             message: Cow::Borrowed(DEFAULT_MESSAGE),
+            expiry_message: ExpiryMessage::default(),
             admit: false,
         }
     }
@@ -46,11 +45,31 @@ impl DrainLayer {
         self
     }
 
-    /// Sets the `grpc-message` sent with a refusal (default: "sluice is
-    /// draining: retry on another instance").
+    /// Sets the `grpc-message` of the `UNAVAILABLE` sent to a call refused
+    /// while draining (default: [`DEFAULT_MESSAGE`](super::DEFAULT_MESSAGE)).
     #[must_use]
     pub fn message(mut self, message: impl Into<Cow<'static, str>>) -> Self {
         self.message = message.into();
+        self
+    }
+
+    /// Sets the `grpc-message` of the `UNAVAILABLE` that ends a call still
+    /// open when [`Signal::drain_within`](super::Signal::drain_within)'s
+    /// grace period runs out, trailers-only or in the body's trailers
+    /// (default: [`DEFAULT_EXPIRY_MESSAGE`](super::DEFAULT_EXPIRY_MESSAGE)).
+    ///
+    /// ```
+    /// use sluice_layers::drain::{self, DrainLayer};
+    ///
+    /// let (_signal, watch) = drain::channel();
+    /// // A proxy names itself, so that the client knows which hop went away.
+    /// let layer = DrainLayer::new(watch)
+    ///     .message("my-proxy is draining: retry on another instance")
+    ///     .expiry_message("my-proxy is shutting down: drain deadline reached");
+    /// ```
+    #[must_use]
+    pub fn expiry_message(mut self, message: impl Into<Arc<str>>) -> Self {
+        self.expiry_message = ExpiryMessage(Some(message.into()));
         self
     }
 }
@@ -59,6 +78,12 @@ impl<S> Layer<S> for DrainLayer {
     type Service = Drain<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Drain::with_options(inner, self.watch.clone(), self.message.clone(), self.admit)
+        Drain::with_options(
+            inner,
+            self.watch.clone(),
+            self.message.clone(),
+            self.expiry_message.clone(),
+            self.admit,
+        )
     }
 }

@@ -72,6 +72,25 @@ pub use self::{
     signal::{Guard, Signal, Watch},
 };
 
+/// The `grpc-message` of a call refused while draining, unless
+/// [`DrainLayer::message`] sets another.
+pub const DEFAULT_MESSAGE: &str = "the server is draining: retry on another instance";
+
+/// The `grpc-message` of a call cut off when the drain's grace period runs
+/// out, unless [`DrainLayer::expiry_message`] sets another.
+pub const DEFAULT_EXPIRY_MESSAGE: &str = "the server is shutting down: drain deadline reached";
+
+/// The text a call cut off at the drain deadline ends with; cloned per call
+/// admitted, so an `Arc` (`None`: [`DEFAULT_EXPIRY_MESSAGE`]).
+#[derive(Clone, Debug, Default)]
+struct ExpiryMessage(Option<std::sync::Arc<str>>);
+
+impl ExpiryMessage {
+    fn as_str(&self) -> &str {
+        self.0.as_deref().unwrap_or(DEFAULT_EXPIRY_MESSAGE)
+    }
+}
+
 /// Creates a drain channel: one [`Signal`] to start the drain, and a
 /// cloneable [`Watch`] for every connection task and [`DrainLayer`].
 pub fn channel() -> (Signal, Watch) {

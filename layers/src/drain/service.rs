@@ -7,7 +7,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::{
-    DrainLayer, Watch, body::ResponseBody, future::ResponseFuture, layer::DEFAULT_MESSAGE,
+    DEFAULT_MESSAGE, DrainLayer, ExpiryMessage, Watch, body::ResponseBody, future::ResponseFuture,
 };
 
 /// Middleware that refuses calls with `UNAVAILABLE` while draining, and
@@ -20,6 +20,7 @@ pub struct Drain<S> {
     inner: S,
     watch: Watch,
     message: Cow<'static, str>,
+    expiry_message: ExpiryMessage,
     admit: bool,
 }
 
@@ -28,19 +29,27 @@ pub struct Drain<S> {
 impl<S> Drain<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, watch: Watch) -> Self {
-        Self::with_options(inner, watch, Cow::Borrowed(DEFAULT_MESSAGE), false)
+        Self::with_options(
+            inner,
+            watch,
+            Cow::Borrowed(DEFAULT_MESSAGE),
+            ExpiryMessage::default(),
+            false,
+        )
     }
 
     pub(super) fn with_options(
         inner: S,
         watch: Watch,
         message: Cow<'static, str>,
+        expiry_message: ExpiryMessage,
         admit: bool,
     ) -> Self {
         Self {
             inner,
             watch,
             message,
+            expiry_message,
             admit,
         }
     }
@@ -83,6 +92,6 @@ where
             return ResponseFuture::refused(self.message.clone());
         }
         let guard = self.watch.guard();
-        ResponseFuture::called(self.inner.call(req), guard)
+        ResponseFuture::called(self.inner.call(req), guard, self.expiry_message.clone())
     }
 }

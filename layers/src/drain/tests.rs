@@ -201,3 +201,64 @@ async fn an_announced_drain_withdraws_readiness_but_still_serves() {
     signal.drain().await;
     assert!(watch.is_draining() && !watch.is_ready());
 }
+
+#[tokio::test(start_paused = true)]
+async fn refusal_and_expiry_messages_name_no_one_by_default_and_are_settable() {
+    use super::{DEFAULT_EXPIRY_MESSAGE, DEFAULT_MESSAGE};
+    assert!(!DEFAULT_MESSAGE.contains("sluice") && !DEFAULT_EXPIRY_MESSAGE.contains("sluice"));
+    let message = |headers: &http::HeaderMap| headers["grpc-message"].clone();
+    for (layer_of, refused, expired) in [
+        (
+            (|w| DrainLayer::new(w)) as fn(super::Watch) -> DrainLayer,
+            DEFAULT_MESSAGE,
+            DEFAULT_EXPIRY_MESSAGE,
+        ),
+        (
+            |w| {
+                DrainLayer::new(w)
+                    .message("test-proxy is draining")
+                    .expiry_message("test-proxy is shutting down")
+            },
+            "test-proxy is draining",
+            "test-proxy is shutting down",
+        ),
+    ] {
+        // Cut off while waiting for headers: trailers-only.
+        let (signal, watch) = channel();
+        let waiting = layer_of(watch.clone()).layer(service_fn(|_: Request<()>| async {
+            std::future::pending::<Result<Response<Empty<Bytes>>, Infallible>>().await
+        }));
+        let mut waiting = task::spawn(waiting.oneshot(Request::new(())));
+        assert_pending!(waiting.poll());
+        // Cut off while streaming: in the body's trailers.
+        let (tx, rx) = mpsc::channel(1);
+        let mut inner_body = Some(ChannelBody(rx));
+        let streaming = layer_of(watch.clone()).layer(service_fn(move |_: Request<()>| {
+            let body = inner_body.take().expect("called once");
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }));
+        let res = streaming.oneshot(Request::new(())).await.expect("response");
+        let mut body = task::spawn(res.into_body());
+        assert_pending!(body.enter(|cx, b| b.poll_frame(cx)));
+
+        let refusing = layer_of(watch.clone()).layer(service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        }));
+        let draining = tokio::spawn(signal.drain_within(Duration::from_secs(1)));
+        tokio::task::yield_now().await;
+        let res = refusing.oneshot(Request::new(())).await.expect("a refusal");
+        assert_eq!(status::code_of(res.headers()), Some(Code::Unavailable));
+        assert_eq!(message(res.headers()), status::encode_message(refused));
+
+        assert!(draining.await.expect("joined").is_err(), "two calls open");
+        let res = assert_ready!(waiting.poll()).expect("a response");
+        assert_eq!(message(res.headers()), status::encode_message(expired));
+        let frame = assert_ready!(body.enter(|cx, b| b.poll_frame(cx)))
+            .expect("a frame")
+            .expect("no error");
+        let trailers = frame.into_trailers().expect("trailers");
+        assert_eq!(status::code_of(&trailers), Some(Code::Unavailable));
+        assert_eq!(message(&trailers), status::encode_message(expired));
+        drop(tx);
+    }
+}

@@ -21,7 +21,7 @@ use tower_service::Service;
 use super::{
     Malformed as OnMalformed, RequestBody, ResponseBody, Settings,
     call::{self, Next, Reply},
-    merge::{SUMMARY, trailers},
+    merge::trailers,
     report::{Outcome, Report},
     tee::{self, Outlet},
 };
@@ -121,7 +121,8 @@ where
             call::call_status(&body.names, &outcomes, body.settings.fail_when_any);
         let mut res = status::trailers_only::<ResponseBody<RB>>(code, &message);
         if let Some(summary) = call::summary(&body.names, &outcomes) {
-            res.headers_mut().insert(SUMMARY, summary);
+            res.headers_mut()
+                .insert(body.settings.summary.clone(), summary);
         }
         return res;
     }
@@ -240,7 +241,7 @@ impl Interleaved {
         let outcomes = self.finish();
         let (code, message) =
             call::call_status(&self.names, &outcomes, self.settings.fail_when_any);
-        let mut t = trailers(&self.names, &outcomes);
+        let mut t = trailers(&self.names, &outcomes, &self.settings.summary);
         if code != Code::Ok {
             status::insert(&mut t, code, &message);
         }

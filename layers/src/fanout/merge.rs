@@ -11,7 +11,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::{StreamExt, stream::FuturesUnordered};
-use http::{HeaderMap, HeaderValue, Request, Response, request::Parts};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, request::Parts};
 use http_body::Body;
 use tower_service::Service;
 
@@ -29,9 +29,6 @@ use crate::{
         status::{self, Code},
     },
 };
-
-/// The trailer that lists each destination's status.
-pub(super) const SUMMARY: &str = "sluice-fanout-status";
 
 /// One destination's reply, read whole.
 struct Collected {
@@ -137,7 +134,7 @@ where
             if message.compressed {
                 outcomes[i] = Outcome::Failed {
                     code: Code::Internal,
-                    message: "the reply is compressed; sluice does not rewrite compressed replies"
+                    message: "the reply is compressed; a merge does not rewrite compressed replies"
                         .to_owned(),
                 };
                 break;
@@ -198,13 +195,13 @@ where
     if code != Code::Ok {
         let mut res = status::trailers_only::<ResponseBody<RB>>(code, &message);
         if let Some(summary) = call::summary(&names, &outcomes) {
-            res.headers_mut().insert(SUMMARY, summary);
+            res.headers_mut().insert(settings.summary.clone(), summary);
         }
         return res;
     }
     let mut res = Response::new(ResponseBody::merged(
         Some(framing::encode(&merged)),
-        Some(trailers(&names, &outcomes)),
+        Some(trailers(&names, &outcomes, &settings.summary)),
     ));
     if let Some(mut headers) = head {
         headers.remove(http::header::CONTENT_LENGTH);
@@ -219,11 +216,11 @@ where
     res
 }
 
-/// OK trailers with the summary.
-pub(super) fn trailers(names: &[Arc<str>], outcomes: &[Outcome]) -> HeaderMap {
+/// OK trailers with the summary under `key`.
+pub(super) fn trailers(names: &[Arc<str>], outcomes: &[Outcome], key: &HeaderName) -> HeaderMap {
     let mut t = status::trailers(Code::Ok, "");
     if let Some(summary) = call::summary(names, outcomes) {
-        t.insert(SUMMARY, summary);
+        t.insert(key.clone(), summary);
     }
     t
 }

@@ -1,11 +1,11 @@
 //! Middleware that sends one call to many destinations: fan-out (Talos's
 //! one-to-many) and mirror (Gitaly's primary and secondaries).
 //!
-//! [`Fanout`] acts on the [`Route`](crate::direct::Route) a [`Direct`](crate::direct::Direct)
-//! above it put in the request's extensions. A [`Route::One`](crate::direct::Route::One) call passes
-//! through untouched. For a [`Route::FanOut`](crate::direct::Route::FanOut) or [`Route::Mirror`](crate::direct::Route::Mirror), the
+//! [`Fanout`] acts on the [`Route`] a [`Direct`](crate::direct::Direct)
+//! above it put in the request's extensions. A [`Route::One`] call passes
+//! through untouched. For a [`Route::FanOut`] or [`Route::Mirror`], the
 //! inner service is called once per destination, with a request whose
-//! extensions hold that destination alone as a [`Route::One`](crate::direct::Route::One) (so a
+//! extensions hold that destination alone as a [`Route::One`] (so a
 //! [`DeadlineLayer`](crate::deadline::DeadlineLayer) below caps each
 //! destination by its own timeout, and a forwarder below sends it there).
 //!
@@ -19,14 +19,14 @@
 //! # Fan-out
 //!
 //! Whether a method streams is not visible on the wire (every gRPC request
-//! and response is a stream of messages), so the route's [`Mode`](crate::direct::Mode) says how
+//! and response is a stream of messages), so the route's [`Mode`] says how
 //! answers are put together:
 //!
-//! - [`Mode::Merge`](crate::direct::Mode::Merge) (unary replies of the form `message R { repeated X
+//! - [`Mode::Merge`] (unary replies of the form `message R { repeated X
 //!   messages = 1; }`): each destination's reply is read whole (within
 //!   [`FanoutLayer::max_reply_bytes`], all destinations together;
 //!   RESOURCE_EXHAUSTED beyond), and its entries are concatenated into one
-//!   reply, in the route's order ([`Mode::MergeByArrival`](crate::direct::Mode::MergeByArrival): as they
+//!   reply, in the route's order ([`Mode::MergeByArrival`]: as they
 //!   arrived). Each entry gets the destination's `common.Metadata`
 //!   appended at the wire level ([`AppendInfo`]); a destination that
 //!   failed becomes an entry holding only that metadata, with the error
@@ -36,7 +36,7 @@
 //!   [`Outcome::Malformed`]. Destinations are asked for uncompressed
 //!   replies (`grpc-accept-encoding: identity`); a compressed reply is
 //!   never rewritten, and counts as a failed destination.
-//! - [`Mode::Interleave`](crate::direct::Mode::Interleave) (server-streaming and bidi): every message of
+//! - [`Mode::Interleave`] (server-streaming and bidi): every message of
 //!   every destination is forwarded as it arrives, with the metadata
 //!   appended to it (a message that is not protobuf fails that
 //!   destination, or passes unenriched). Each destination has its own
@@ -47,12 +47,13 @@
 //!
 //! The call ends OK unless every destination failed
 //! ([`FanoutLayer::fail_when_any`]: unless any failed); then it carries the
-//! first failure's code. The trailer `sluice-fanout-status` lists each
-//! destination's status (`node-1=OK, node-2=UNAVAILABLE`).
+//! first failure's code. The trailer `fanout-status`
+//! ([`FanoutLayer::status_trailer`] renames it) lists each destination's
+//! status (`node-1=OK, node-2=UNAVAILABLE`).
 //!
 //! ```
 //! use bytes::Bytes;
-//! use http::{Request, Response};
+//! use http::{HeaderName, Request, Response};
 //! use http_body_util::{BodyExt, Full};
 //! use sluice_layers::direct::{Destination, FanOut, Mode, Route};
 //! use sluice_layers::fanout::{FanoutLayer, RequestBody};
@@ -97,7 +98,7 @@
 //!
 //! # Mirror
 //!
-//! A [`Route::Mirror`](crate::direct::Route::Mirror) sends every request message to the primary and to
+//! A [`Route::Mirror`] sends every request message to the primary and to
 //! each [`Secondary`](crate::direct::Secondary); the client gets the primary's answer, frame by
 //! frame; the secondaries' replies are read and dropped. Each secondary
 //! has a queue of `queue` frames and an [`Overflow`](crate::direct::Overflow) policy:
@@ -117,7 +118,7 @@
 //! ```
 //! use std::sync::{Arc, Mutex};
 //! use bytes::Bytes;
-//! use http::{Request, Response};
+//! use http::{HeaderName, Request, Response};
 //! use http_body_util::{BodyExt, Full};
 //! use sluice_layers::direct::{Destination, Mirror, Overflow, Route, Secondary};
 //! use sluice_layers::fanout::{FanoutLayer, Outcome, RequestBody};
@@ -195,7 +196,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderName, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -213,6 +214,10 @@ use crate::{
     direct::{Mode, Route},
     grpc::status::Code,
 };
+
+/// The trailer that lists each destination's status by default (see
+/// [`FanoutLayer::status_trailer`]).
+pub const DEFAULT_STATUS_TRAILER: &str = "fanout-status";
 
 /// The default queue per destination: 16 frames or messages, Praefect's.
 pub const DEFAULT_QUEUE: usize = 16;
@@ -269,6 +274,9 @@ pub(crate) struct Settings {
     secondary_grace: std::time::Duration,
     reporter: Option<Reporter>,
     classify: Classifier,
+    /// The trailer (or trailers-only header) that lists each
+    /// destination's status.
+    summary: HeaderName,
 }
 
 impl fmt::Debug for Settings {
@@ -280,6 +288,7 @@ impl fmt::Debug for Settings {
             .field("append", &self.append)
             .field("malformed", &self.malformed)
             .field("fail_when_any", &self.fail_when_any)
+            .field("summary", &self.summary)
             .finish_non_exhaustive()
     }
 }
@@ -333,6 +342,7 @@ impl FanoutLayer {
                 secondary_grace: DEFAULT_SECONDARY_GRACE,
                 reporter: None,
                 classify: Arc::new(call::unavailable),
+                summary: HeaderName::from_static(DEFAULT_STATUS_TRAILER),
             }),
         }
     }
@@ -348,6 +358,7 @@ impl FanoutLayer {
             secondary_grace: shared.secondary_grace,
             reporter: shared.reporter.clone(),
             classify: shared.classify.clone(),
+            summary: shared.summary.clone(),
         });
         f(&mut settings);
         Self {
@@ -406,6 +417,21 @@ impl FanoutLayer {
     #[must_use]
     pub fn on_report(self, f: impl Fn(&Report) + Send + Sync + 'static) -> Self {
         self.with(|s| s.reporter = Some(Arc::new(f)))
+    }
+
+    /// Names the trailer that lists each destination's status (default
+    /// [`DEFAULT_STATUS_TRAILER`]); a trailers-only answer carries it as a
+    /// header.
+    ///
+    /// ```
+    /// use sluice_layers::fanout::FanoutLayer;
+    ///
+    /// let layer = FanoutLayer::new()
+    ///     .status_trailer(http::HeaderName::from_static("my-proxy-fanout-status"));
+    /// ```
+    #[must_use]
+    pub fn status_trailer(self, name: HeaderName) -> Self {
+        self.with(|s| s.summary = name)
     }
 
     /// How an error of the inner service becomes a destination's status

@@ -134,10 +134,20 @@ async fn run(
     route: Route,
     body: Bytes,
 ) -> (HeaderMap, Vec<u8>, Option<HeaderMap>, bool, Vec<Report>) {
+    run_with(|l| l, upstreams, route, body).await
+}
+
+/// [`run`], with the layer changed by `configure` first.
+async fn run_with(
+    configure: impl FnOnce(FanoutLayer) -> FanoutLayer,
+    upstreams: &Upstreams,
+    route: Route,
+    body: Bytes,
+) -> (HeaderMap, Vec<u8>, Option<HeaderMap>, bool, Vec<Report>) {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let up = upstreams.clone();
     let svc = ServiceBuilder::new()
-        .layer(layer(&reports))
+        .layer(configure(layer(&reports)))
         .service(tower::service_fn(move |req| up.clone().call(req)));
     let mut req = Request::new(Full::new(body));
     req.extensions_mut().insert(route);
@@ -224,10 +234,7 @@ async fn merge_concatenates_entries_in_route_order_and_a_failure_is_an_entry() {
     .await;
     let trailers = trailers.expect("trailers");
     assert_eq!(status::code_of(&trailers), Some(Code::Ok));
-    assert_eq!(
-        trailers["sluice-fanout-status"],
-        "a=OK, b=OK, c=UNAVAILABLE"
-    );
+    assert_eq!(trailers["fanout-status"], "a=OK, b=OK, c=UNAVAILABLE");
     let merged = messages(&data);
     assert_eq!(merged.len(), 1, "one merged reply");
     let entries = wire::repeated_entries(&merged[0], 1).expect("a list");
@@ -260,7 +267,41 @@ async fn merge_fails_with_the_first_failure_when_every_destination_failed() {
         run(&up, fan(&["a", "b"], Mode::Merge), framing::encode(b"")).await;
     assert!(ended && data.is_empty(), "trailers-only");
     assert_eq!(status::code_of(&head), Some(Code::NotFound));
-    assert_eq!(head["sluice-fanout-status"], "a=NOT_FOUND, b=UNAVAILABLE");
+    assert_eq!(head["fanout-status"], "a=NOT_FOUND, b=UNAVAILABLE");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_status_trailer_takes_the_name_it_is_given() {
+    let named = |l: FanoutLayer| l.status_trailer(http::HeaderName::from_static("x-hop-status"));
+    // A trailers-only answer carries it as a header...
+    let up = Upstreams::new(&[
+        ("a", Does::TrailersOnly(Code::NotFound)),
+        ("b", Does::Unreachable),
+    ]);
+    let (head, _, _, _, _) = run_with(
+        named,
+        &up,
+        fan(&["a", "b"], Mode::Merge),
+        framing::encode(b""),
+    )
+    .await;
+    assert_eq!(head["x-hop-status"], "a=NOT_FOUND, b=UNAVAILABLE");
+    assert!(!head.contains_key(crate::fanout::DEFAULT_STATUS_TRAILER));
+    // ...and a streamed one in its trailers.
+    let up = Upstreams::new(&[
+        ("a", Does::TrailersOnly(Code::Ok)),
+        ("b", Does::Unreachable),
+    ]);
+    let (_, _, trailers, _, _) = run_with(
+        named,
+        &up,
+        fan(&["a", "b"], Mode::Interleave),
+        framing::encode(b""),
+    )
+    .await;
+    let trailers = trailers.expect("trailers");
+    assert_eq!(trailers["x-hop-status"], "a=OK, b=UNAVAILABLE");
+    assert!(!trailers.contains_key(crate::fanout::DEFAULT_STATUS_TRAILER));
 }
 
 // === interleave ===
@@ -312,7 +353,7 @@ async fn interleave_with_one_empty_stream_and_one_unreachable_ends_ok_with_its_e
         Some(Code::Ok),
         "not every destination failed"
     );
-    assert_eq!(trailers["sluice-fanout-status"], "a=OK, b=UNAVAILABLE");
+    assert_eq!(trailers["fanout-status"], "a=OK, b=UNAVAILABLE");
     let msgs = messages(&data);
     assert_eq!(msgs.len(), 1);
     assert_eq!(host(&msgs[0]).as_deref(), Some("b"));

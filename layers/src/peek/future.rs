@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::{Held, PeekLayer, Peeked, PeekedMessage, ReplayBody, Reservation};
+use super::{ConnectionBudget, Peek, PeekLayer, Peeked, PeekedMessage, ReplayBody, Reservation};
 use crate::{
     BoxError,
     grpc::{
@@ -36,6 +36,17 @@ pin_project! {
     {
         #[pin]
         state: State<S, B>,
+    }
+}
+
+pin_project! {
+    /// Future of [`MakePeek`](super::MakePeek): the wrapped make-service's
+    /// future, whose service it wraps in a [`Peek`](super::Peek) with a
+    /// fresh [`ConnectionBudget`].
+    pub struct MakeFuture<F> {
+        #[pin]
+        inner: F,
+        layer: Option<Arc<PeekLayer>>,
     }
 }
 
@@ -95,6 +106,37 @@ where
     }
 }
 
+impl<F> std::fmt::Debug for MakeFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("peek::MakeFuture").finish_non_exhaustive()
+    }
+}
+
+// === impl MakeFuture ===
+
+impl<F> MakeFuture<F> {
+    pub(super) fn new(inner: F, layer: Arc<PeekLayer>) -> Self {
+        Self {
+            inner,
+            layer: Some(layer),
+        }
+    }
+}
+
+impl<F, S, E> Future for MakeFuture<F>
+where
+    F: Future<Output = Result<S, E>>,
+{
+    type Output = Result<Peek<S>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let svc = ready!(this.inner.poll(cx))?;
+        let layer = this.layer.take().expect("polled after completion");
+        Poll::Ready(Ok(Peek::shared(svc, layer, ConnectionBudget::new())))
+    }
+}
+
 // === impl ResponseFuture ===
 
 impl<S, B> ResponseFuture<S, B>
@@ -107,7 +149,12 @@ where
         }
     }
 
-    pub(super) fn new(inner: S, req: Request<B>, layer: &PeekLayer, held: Arc<Held>) -> Self {
+    pub(super) fn new(
+        inner: S,
+        req: Request<B>,
+        layer: &PeekLayer,
+        budget: ConnectionBudget,
+    ) -> Self {
         let (parts, body) = req.into_parts();
         let sent = timeout::from_headers(&parts.headers);
         let now = Instant::now();
@@ -126,7 +173,7 @@ where
                     max_messages: layer.max_messages,
                     max_bytes: layer.max_bytes,
                     max_bytes_per_connection: layer.max_bytes_per_connection,
-                    reservation: Reservation::new(held),
+                    reservation: Reservation::new(budget),
                     timer: Box::pin(tokio::time::sleep_until(now + wait)),
                     budget: sent.map(|t| (t, now)),
                 }),

@@ -17,8 +17,12 @@
 //!   message, or many small ones) is refused with a trailers-only
 //!   `RESOURCE_EXHAUSTED`: the budget bounds what a call can make the proxy
 //!   hold. [`max_bytes_per_connection`](PeekLayer::max_bytes_per_connection)
-//!   bounds what all the calls of one connection (one [`Peek`] made by the
-//!   layer) hold at once, until each call's peeked bytes are replayed.
+//!   bounds what all the calls of one connection hold at once, until each
+//!   call's peeked bytes are replayed. Which calls share a budget is the
+//!   server's to say, with a [`ConnectionBudget`] in each request's
+//!   extensions or a service made per connection
+//!   ([`PeekLayer::per_connection`]): see [`ConnectionBudget`] for how,
+//!   under tonic, hyper and sluice's own server.
 //! - [`when`](PeekLayer::when) picks the calls to peek from their head
 //!   (sluice peeks only calls that a route on message contents could still
 //!   match); the others are never read ahead.
@@ -33,7 +37,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use http::{Request, Response, request::Parts};
+//! use http::{Extensions, Request, Response, request::Parts};
 //! use http_body_util::{BodyExt, Full};
 //! use sluice_layers::peek::{PeekLayer, Peeked, ReplayBody};
 //! use tower::{Service, ServiceBuilder, ServiceExt};
@@ -71,12 +75,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, request::Parts};
+use http::{Extensions, Request, Response, request::Parts};
 use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use self::{body::ReplayBody, future::ResponseFuture};
+pub use self::{
+    body::ReplayBody,
+    future::{MakeFuture, ResponseFuture},
+};
 use crate::BoxError;
 
 /// Messages peeked by default: the first one, which is what directors
@@ -117,6 +124,7 @@ pub struct PeekLayer {
     max_bytes_per_connection: usize,
     max_wait: Duration,
     when: Option<When>,
+    budget_from: BudgetFrom,
 }
 
 impl fmt::Debug for PeekLayer {
@@ -126,31 +134,91 @@ impl fmt::Debug for PeekLayer {
             .field("max_bytes", &self.max_bytes)
             .field("max_bytes_per_connection", &self.max_bytes_per_connection)
             .field("max_wait", &self.max_wait)
+            .field("when", &self.when.is_some())
             .finish_non_exhaustive()
     }
 }
 
-/// Bytes held by the peeks of one connection.
-#[derive(Debug, Default)]
-pub(crate) struct Held(AtomicUsize);
+/// Reads a connection's [`ConnectionBudget`] out of a request's extensions
+/// (see [`PeekLayer::budget_from`]).
+pub type BudgetFrom = fn(&Extensions) -> Option<ConnectionBudget>;
+
+/// The peek budget of one connection: the bytes that the peeks of all its
+/// calls hold at once, checked against
+/// [`max_bytes_per_connection`](PeekLayer::max_bytes_per_connection).
+///
+/// A handle: cheap to clone, every clone counts against the same bytes.
+/// The budget belongs to whatever holds it, so it works however a server
+/// clones its services:
+///
+/// - a server that can put a value in each request's extensions creates
+///   one `ConnectionBudget` per connection and inserts a clone into every
+///   request of that connection; [`Peek`] uses it (sluice's server does
+///   this; under tonic, through the `ConnectInfo` of a custom
+///   `Connected` type read by [`PeekLayer::budget_from`]);
+/// - a server that makes one service per connection (a make-service, or a
+///   hand-written accept loop) can use [`PeekLayer::per_connection`] or
+///   [`Peek::with_budget`] instead.
+///
+/// Without either, each [`Peek`] *value* has a budget of its own, and a
+/// clone starts a fresh one: right for a server that clones its stack once
+/// per connection and calls that clone for every request, wrong for one
+/// that clones per request (tonic, and hyper-util's `TowerToHyperService`).
+///
+/// Bytes are given back when each call's peeked bytes have been replayed
+/// (or the call is dropped), so a budget no call holds is as good as new.
+///
+/// # Example
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::{BodyExt, Full};
+/// use sluice_layers::peek::{ConnectionBudget, PeekLayer, ReplayBody};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), sluice_layers::BoxError> {
+/// let mut svc = ServiceBuilder::new()
+///     .layer(PeekLayer::new())
+///     .service_fn(|req: Request<ReplayBody<Full<Bytes>>>| async move {
+///         req.into_body().collect().await?;
+///         Ok::<_, sluice_layers::BoxError>(Response::new(Full::<Bytes>::default()))
+///     });
+///
+/// // Per connection, in the server's accept loop:
+/// let budget = ConnectionBudget::new();
+/// // Per request of that connection:
+/// let mut req = Request::new(Full::new(Bytes::from_static(b"\0\0\0\0\x05hello")));
+/// req.extensions_mut().insert(budget.clone());
+/// svc.ready().await?.call(req).await?;
+/// // The body was replayed: the connection holds nothing any more.
+/// assert_eq!(budget.held(), 0);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionBudget {
+    held: Arc<AtomicUsize>,
+}
 
 /// A call's share of its connection's peek budget, given back on drop.
 #[derive(Debug)]
 pub(crate) struct Reservation {
-    held: Arc<Held>,
+    budget: ConnectionBudget,
     bytes: usize,
 }
 
 impl Reservation {
-    pub(crate) fn new(held: Arc<Held>) -> Self {
-        Self { held, bytes: 0 }
+    pub(crate) fn new(budget: ConnectionBudget) -> Self {
+        Self { budget, bytes: 0 }
     }
 
     /// Takes `n` more bytes; `false` (taking nothing) past `max`.
     pub(crate) fn take(&mut self, n: usize, max: usize) -> bool {
         let ok = self
+            .budget
             .held
-            .0
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
                 h.checked_add(n).filter(|t| *t <= max)
             })
@@ -164,17 +232,21 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.held.0.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
 /// Middleware that reads the first messages of each request body and
 /// replays them to the inner service.
 ///
-/// Each clone has a peek budget of its own
-/// ([`max_bytes_per_connection`](PeekLayer::max_bytes_per_connection)):
-/// a server that clones its stack once per connection gets one budget
-/// per connection.
+/// Which [`ConnectionBudget`] a call counts against, first match wins:
+///
+/// 1. the one in the request's extensions (read by
+///    [`PeekLayer::budget_from`], by default a [`ConnectionBudget`]
+///    extension);
+/// 2. the one this service was made with by [`Peek::with_budget`] or
+///    [`PeekLayer::per_connection`], shared by all its clones;
+/// 3. otherwise one of this value's own: each clone starts a fresh one.
 ///
 /// See the [module docs](crate::peek) for an example.
 #[derive(Debug)]
@@ -183,7 +255,10 @@ pub struct Peek<S> {
     // Behind a pointer: a server holds one copy of its stack per
     // connection.
     layer: Arc<PeekLayer>,
-    held: Arc<Held>,
+    budget: ConnectionBudget,
+    /// Whether `budget` is the connection's (kept by clones) or this
+    /// value's own (not kept).
+    shared: bool,
 }
 
 impl<S: Clone> Clone for Peek<S> {
@@ -191,9 +266,35 @@ impl<S: Clone> Clone for Peek<S> {
         Self {
             inner: self.inner.clone(),
             layer: self.layer.clone(),
-            held: Arc::default(),
+            budget: if self.shared {
+                self.budget.clone()
+            } else {
+                ConnectionBudget::new()
+            },
+            shared: self.shared,
         }
     }
+}
+
+/// [`Layer`] for make-services: wraps each service a make-service makes
+/// (one per connection) in a [`Peek`] with a [`ConnectionBudget`] of its
+/// own, shared by all its clones.
+///
+/// Made by [`PeekLayer::per_connection`]; see there for an example.
+#[derive(Clone, Debug)]
+pub struct MakePeekLayer {
+    layer: Arc<PeekLayer>,
+}
+
+/// A make-service whose services are [`Peek`]s, each with a fresh
+/// [`ConnectionBudget`] shared by all its clones.
+///
+/// It is ready when the wrapped make-service is. Made by
+/// [`MakePeekLayer`]; see [`PeekLayer::per_connection`] for an example.
+#[derive(Clone, Debug)]
+pub struct MakePeek<M> {
+    inner: M,
+    layer: Arc<PeekLayer>,
 }
 
 // === impl Peeked ===
@@ -253,6 +354,7 @@ impl PeekLayer {
             max_bytes_per_connection: DEFAULT_MAX_BYTES_PER_CONNECTION,
             max_wait: DEFAULT_MAX_WAIT,
             when: None,
+            budget_from: budget_extension,
         }
     }
 
@@ -271,9 +373,9 @@ impl PeekLayer {
         self
     }
 
-    /// Sets the budget of all the calls of one connection (one service
-    /// made by this layer) together; beyond it a call is refused with
-    /// `RESOURCE_EXHAUSTED`.
+    /// Sets the budget of all the calls of one connection together; beyond
+    /// it a call is refused with `RESOURCE_EXHAUSTED`. What "one
+    /// connection" is depends on the server: see [`ConnectionBudget`].
     #[must_use]
     pub const fn max_bytes_per_connection(mut self, n: usize) -> Self {
         self.max_bytes_per_connection = n;
@@ -295,6 +397,131 @@ impl PeekLayer {
         self.when = Some(Arc::new(f));
         self
     }
+
+    /// Sets where a call's [`ConnectionBudget`] is read from in its
+    /// request's extensions (default: a `ConnectionBudget` extension).
+    /// A call whose extensions hold none uses the service's own budget
+    /// (see [`Peek`]).
+    ///
+    /// For a server that puts a per-connection value of its own type in
+    /// the extensions: tonic inserts the `ConnectInfo` of its IO type,
+    /// so a custom `Connected` IO can carry a budget per connection:
+    ///
+    /// ```
+    /// use sluice_layers::peek::{ConnectionBudget, PeekLayer};
+    ///
+    /// /// The `ConnectInfo` of a custom tonic IO type (see
+    /// /// `tonic::transport::server::Connected`), one per connection.
+    /// #[derive(Clone)]
+    /// struct ConnInfo {
+    ///     tcp: tonic::transport::server::TcpConnectInfo,
+    ///     budget: ConnectionBudget,
+    /// }
+    ///
+    /// let layer = PeekLayer::new()
+    ///     .budget_from(|ext| ext.get::<ConnInfo>().map(|c| c.budget.clone()));
+    /// ```
+    ///
+    /// The crate's `tonic_server` example runs this under a real tonic
+    /// server.
+    #[must_use]
+    pub const fn budget_from(mut self, f: BudgetFrom) -> Self {
+        self.budget_from = f;
+        self
+    }
+
+    /// A [`MakePeekLayer`]: for servers that make one service per
+    /// connection through a make-service (axum's `serve`, a hyper-util
+    /// accept loop), each service made gets a [`ConnectionBudget`] of its
+    /// own that all its clones share, so the budget is the connection's
+    /// even if the server clones the service for every request.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::Full;
+    /// use sluice_layers::peek::{PeekLayer, ReplayBody};
+    /// use tower::{Layer, Service, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), sluice_layers::BoxError> {
+    /// // A make-service: one echo service per connection (the target, here
+    /// // `()`, is whatever the server passes per connection).
+    /// let make = service_fn(|_conn: ()| async {
+    ///     Ok::<_, Infallible>(service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
+    ///         Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+    ///     }))
+    /// });
+    /// let mut make = PeekLayer::new().per_connection().layer(make);
+    /// // Per connection:
+    /// let conn = make.ready().await?.call(()).await?;
+    /// // Per request (even on a fresh clone, as tonic and hyper-util do):
+    /// let req = Request::new(Full::new(Bytes::from_static(b"\0\0\0\0\x01!")));
+    /// conn.clone().oneshot(req).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn per_connection(self) -> MakePeekLayer {
+        MakePeekLayer {
+            layer: Arc::new(self),
+        }
+    }
+}
+
+/// The default of [`PeekLayer::budget_from`].
+fn budget_extension(ext: &Extensions) -> Option<ConnectionBudget> {
+    ext.get::<ConnectionBudget>().cloned()
+}
+
+// === impl ConnectionBudget ===
+
+impl ConnectionBudget {
+    /// A budget with nothing held: one per connection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The bytes the peeks of this connection's calls hold now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+// === impl MakePeekLayer ===
+
+impl<M> Layer<M> for MakePeekLayer {
+    type Service = MakePeek<M>;
+
+    fn layer(&self, inner: M) -> Self::Service {
+        MakePeek {
+            inner,
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+// === impl MakePeek ===
+
+impl<M> MakePeek<M> {
+    inner_accessors!(M);
+}
+
+impl<M, T> Service<T> for MakePeek<M>
+where
+    M: Service<T>,
+{
+    type Response = Peek<M::Response>;
+    type Error = M::Error;
+    type Future = MakeFuture<M::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), M::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, target: T) -> Self::Future {
+        MakeFuture::new(self.inner.call(target), self.layer.clone())
+    }
 }
 
 impl Default for PeekLayer {
@@ -310,9 +537,10 @@ impl<S> Layer<S> for PeekLayer {
         Peek {
             inner,
             layer: Arc::new(self.clone()),
-            // Each service the layer makes (sluice: each connection) has a
-            // budget of its own.
-            held: Arc::default(),
+            // Each value has a budget of its own unless the request brings
+            // the connection's (see `Peek`).
+            budget: ConnectionBudget::new(),
+            shared: false,
         }
     }
 }
@@ -323,6 +551,22 @@ impl<S> Peek<S> {
     /// Wraps `inner` with the default limits.
     pub fn new(inner: S) -> Self {
         PeekLayer::new().layer(inner)
+    }
+
+    /// Wraps `inner` for one connection: this service and all its clones
+    /// count against `budget` (unless a request's extensions bring a
+    /// budget of their own), with the limits of `layer`.
+    pub fn with_budget(inner: S, layer: &PeekLayer, budget: ConnectionBudget) -> Self {
+        Self::shared(inner, Arc::new(layer.clone()), budget)
+    }
+
+    pub(super) fn shared(inner: S, layer: Arc<PeekLayer>, budget: ConnectionBudget) -> Self {
+        Self {
+            inner,
+            layer,
+            budget,
+            shared: true,
+        }
     }
 
     inner_accessors!();
@@ -356,9 +600,11 @@ where
             let req = req.map(ReplayBody::passthrough);
             return ResponseFuture::calling(self.inner.call(req));
         }
+        let budget =
+            (self.layer.budget_from)(req.extensions()).unwrap_or_else(|| self.budget.clone());
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(ready, req, &self.layer, self.held.clone())
+        ResponseFuture::new(ready, req, &self.layer, budget)
     }
 }
 

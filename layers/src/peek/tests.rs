@@ -294,3 +294,144 @@ async fn one_connections_peeks_share_a_budget() {
     first.abort();
     third.abort();
 }
+
+/// 600 bytes of an unfinished message, each, against a 1000-byte
+/// connection budget: two calls that hold them at once do not fit.
+fn unfinished_part() -> Bytes {
+    Bytes::from(message(0, &[1u8; 2000])[..600].to_vec())
+}
+
+/// A call whose body holds `part` and then waits; the sender keeps it open.
+fn holding_request(part: Bytes) -> (mpsc::Sender<Bytes>, Request<Chunks>) {
+    let (tx, rx) = mpsc::channel(1);
+    tx.try_send(part).expect("room for one chunk");
+    (tx, Request::new(Chunks(rx)))
+}
+
+#[tokio::test]
+async fn a_budget_in_the_extensions_is_shared_by_per_request_clones() {
+    use super::ConnectionBudget;
+    use tower::Service;
+    // tonic and hyper-util clone the service for every request: each call
+    // here goes through a fresh clone, as there.
+    let (seen_tx, _seen) = oneshot::channel();
+    let svc = PeekLayer::new()
+        .max_bytes_per_connection(1000)
+        .layer(recorder::<Chunks>(seen_tx));
+    let conn = ConnectionBudget::new();
+
+    let (_tx1, mut req1) = holding_request(unfinished_part());
+    req1.extensions_mut().insert(conn.clone());
+    let first = tokio::spawn(svc.clone().oneshot(req1));
+    tokio::task::yield_now().await;
+    assert!(!first.is_finished(), "the first call is still reading");
+    assert_eq!(conn.held(), 600);
+
+    let (_tx2, mut req2) = holding_request(unfinished_part());
+    req2.extensions_mut().insert(conn.clone());
+    let second = svc.clone().oneshot(req2).await.expect("answered");
+    assert_eq!(
+        status::code_of(second.headers()),
+        Some(Code::ResourceExhausted)
+    );
+    assert_eq!(conn.held(), 600, "a refused call gives its bytes back");
+
+    // Another connection's budget is its own.
+    let other = ConnectionBudget::new();
+    let (_tx3, mut req3) = holding_request(unfinished_part());
+    req3.extensions_mut().insert(other.clone());
+    let mut third = svc.clone();
+    let third = tokio::spawn(third.ready().await.expect("ready").call(req3));
+    tokio::task::yield_now().await;
+    assert!(
+        !third.is_finished(),
+        "the other connection's call is still reading"
+    );
+    assert_eq!(other.held(), 600);
+
+    first.abort();
+    third.abort();
+    let _ = (first.await, third.await);
+    assert_eq!(
+        (conn.held(), other.held()),
+        (0, 0),
+        "dropped calls give back"
+    );
+}
+
+#[tokio::test]
+async fn budget_from_reads_the_connections_budget_from_another_extension() {
+    use super::ConnectionBudget;
+    #[derive(Clone)]
+    struct ConnInfo(ConnectionBudget);
+    let (seen_tx, _seen) = oneshot::channel();
+    let svc = PeekLayer::new()
+        .max_bytes_per_connection(1000)
+        .budget_from(|ext| ext.get::<ConnInfo>().map(|c| c.0.clone()))
+        .layer(recorder::<Chunks>(seen_tx));
+    let conn = ConnectionBudget::new();
+    let (_tx1, mut req1) = holding_request(unfinished_part());
+    req1.extensions_mut().insert(ConnInfo(conn.clone()));
+    let first = tokio::spawn(svc.clone().oneshot(req1));
+    tokio::task::yield_now().await;
+    assert_eq!(conn.held(), 600);
+    let (_tx2, mut req2) = holding_request(unfinished_part());
+    req2.extensions_mut().insert(ConnInfo(conn.clone()));
+    let second = svc.clone().oneshot(req2).await.expect("answered");
+    assert_eq!(
+        status::code_of(second.headers()),
+        Some(Code::ResourceExhausted)
+    );
+    first.abort();
+}
+
+#[tokio::test]
+async fn per_connection_services_share_a_budget_across_their_clones() {
+    use tower::Service;
+    let (seen_tx, _seen) = oneshot::channel();
+    let inner = recorder::<Chunks>(seen_tx);
+    let mut make = PeekLayer::new()
+        .max_bytes_per_connection(1000)
+        .per_connection()
+        .layer(service_fn(move |_conn: u32| {
+            let inner = inner.clone();
+            async move { Ok::<_, Infallible>(inner) }
+        }));
+    let conn = make
+        .ready()
+        .await
+        .expect("ready")
+        .call(1)
+        .await
+        .expect("made");
+
+    let (_tx1, req1) = holding_request(unfinished_part());
+    let first = tokio::spawn(conn.clone().oneshot(req1));
+    tokio::task::yield_now().await;
+    assert!(!first.is_finished(), "the first call is still reading");
+    let (_tx2, req2) = holding_request(unfinished_part());
+    let second = conn.clone().oneshot(req2).await.expect("answered");
+    assert_eq!(
+        status::code_of(second.headers()),
+        Some(Code::ResourceExhausted),
+        "clones of one connection's service share its budget"
+    );
+
+    // The next connection gets a budget of its own.
+    let other = make
+        .ready()
+        .await
+        .expect("ready")
+        .call(2)
+        .await
+        .expect("made");
+    let (_tx3, req3) = holding_request(unfinished_part());
+    let third = tokio::spawn(other.clone().oneshot(req3));
+    tokio::task::yield_now().await;
+    assert!(
+        !third.is_finished(),
+        "the other connection's call is still reading"
+    );
+    first.abort();
+    third.abort();
+}
