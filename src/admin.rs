@@ -34,7 +34,7 @@ pub(crate) struct State {
     pub(crate) pool: Pool,
     pub(crate) ready_requires_upstream: bool,
     /// A hub's agents' group: `/ready` needs one agent when asked to.
-    pub(crate) agents: Option<Arc<crate::upstream::Group>>,
+    pub(crate) agents: Option<Arc<crate::balance::Group>>,
     pub(crate) ready_requires_agents: bool,
     pub(crate) tracker: Option<Arc<crate::tunnel::tracker::Tracker>>,
     /// Who may drain.

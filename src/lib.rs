@@ -19,6 +19,7 @@
 #![warn(clippy::print_stdout)]
 
 mod admin;
+mod balance;
 mod batch;
 pub mod check;
 pub mod config;
@@ -50,13 +51,13 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-pub use crate::{config::Config, stats::Stats, tunnel::tracker::Snapshot as AgentTunnels};
 use crate::{
+    balance::Groups,
     config::{AdminListen, DrainConfig},
     stats::Counters,
     telemetry::metrics::Metrics,
-    upstream::Groups,
 };
+pub use crate::{config::Config, stats::Stats, tunnel::tracker::Snapshot as AgentTunnels};
 
 /// After the drain deadline, how long connections get to deliver the
 /// UNAVAILABLE trailers of the calls that were cut off before they are
@@ -229,7 +230,9 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                 drain_requested: drain_requested.clone(),
                 metrics: metrics.clone(),
                 counters: counters.clone(),
-                pool: groups.default_pool(),
+                pool: groups
+                    .default_pool()
+                    .expect("the default group has its endpoint"),
                 ready_requires_upstream: config.admin.ready_requires_upstream,
                 agents: agents.clone(),
                 ready_requires_agents: config.admin.ready_requires_agents,
@@ -451,14 +454,14 @@ impl Running {
 
     /// Endpoints of group `group` now (for a hub: the agents connected).
     pub fn group_len(&self, group: &str) -> usize {
-        self.groups.get(group).map_or(0, |g| g.len())
+        self.groups.group(group).map_or(0, |g| g.len())
     }
 
     /// [`Running::group_len`] as a function that outlives the handle (to
     /// watch a group while [`Running::drain`] runs).
     pub fn group_len_fn(&self, group: &str) -> impl Fn() -> usize + Send + Sync + 'static {
         let (groups, group) = (self.groups.clone(), group.to_owned());
-        move || groups.get(&group).map_or(0, |g| g.len())
+        move || groups.group(&group).map_or(0, |g| g.len())
     }
 
     /// Reads every certificate, key and CA bundle again now, whether or not

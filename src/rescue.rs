@@ -16,8 +16,10 @@ use sluice_layers::{
 use tower::Service;
 
 use crate::{
+    balance::BalanceError,
     forward::ForwardError,
     telemetry::metrics::{Metrics, RefusalReason},
+    upstream::UpstreamError,
 };
 
 /// The one place leftover errors become what the client gets: a
@@ -82,14 +84,29 @@ where
     }
 }
 
-/// The status for an error from the stack: a forwarder's error maps by
-/// its kind, anything else is INTERNAL. `None` for an upstream reset,
-/// which is passed on as RST_STREAM.
+/// The status for an error from the stack (a balancer's or forwarder's
+/// error maps by its kind, anything else is INTERNAL), and the reason it
+/// is counted under. `None` for an upstream reset, which is passed on as
+/// RST_STREAM.
 pub(crate) fn status_of(err: &BoxError) -> Option<(Code, RefusalReason)> {
-    match err.downcast_ref::<ForwardError>() {
-        Some(e) => e.status(),
-        None => Some((Code::Internal, RefusalReason::internal)),
+    let unavailable = (Code::Unavailable, RefusalReason::upstream_unavailable);
+    let upstream = |e: &UpstreamError| match e {
+        UpstreamError::Refused(_) => (Code::Internal, RefusalReason::internal),
+        _ => unavailable,
+    };
+    if let Some(e) = err.downcast_ref::<ForwardError>() {
+        return match e {
+            ForwardError::UpstreamReset(_) => None,
+            ForwardError::Send(e) => Some(upstream(e)),
+            ForwardError::UpstreamLost(_) => Some(unavailable),
+        };
     }
+    Some(match err.downcast_ref::<BalanceError>() {
+        Some(BalanceError::Upstream(e)) => upstream(e),
+        Some(BalanceError::Unroutable(_)) => (Code::Internal, RefusalReason::internal),
+        Some(BalanceError::NoEndpoint(_)) => (Code::Unavailable, RefusalReason::no_endpoint),
+        None => (Code::Internal, RefusalReason::internal),
+    })
 }
 
 fn rescue<B: Default>(err: BoxError, metrics: &Metrics) -> Result<Response<B>, BoxError> {
@@ -98,9 +115,9 @@ fn rescue<B: Default>(err: BoxError, metrics: &Metrics) -> Result<Response<B>, B
     };
     let message = err.to_string();
     if code == Code::Internal {
-        tracing::warn!(%message, "call failed inside sluice");
+        tracing::warn!(error = %message, "call failed inside sluice");
     } else {
-        tracing::debug!(%message, "call refused");
+        tracing::debug!(error = %message, "call refused");
     }
     metrics.refused(reason);
     Ok(status::trailers_only(code, &message))

@@ -19,6 +19,7 @@ use tower_http::{
 };
 
 use crate::{
+    balance::{Balance, Groups},
     config::{Config, DEFAULT_GROUP, FailWhen, MalformedConfig},
     forward::Forward,
     rescue::Rescue,
@@ -29,16 +30,24 @@ use crate::{
         metrics::{Metrics, RefusalReason},
         trace,
     },
-    upstream::Groups,
     via::Via,
 };
+
+/// The proxy's own texts and names: the layers' defaults name no product;
+/// sluice's say where the answer came from.
+const DRAINING_MESSAGE: &str = "sluice is draining: retry on another instance";
+const EXPIRED_MESSAGE: &str = "sluice is shutting down: drain deadline reached";
+const DEADLINE_MESSAGE: &str = "deadline exceeded (grpc-timeout) at sluice";
+const FANOUT_STATUS_TRAILER: &str = "sluice-fanout-status";
 
 /// `x-request-id` for calls without one, when `[enrich] request_id`.
 type Ids<S> = Either<SetRequestId<S, MakeId>, S>;
 
 /// The stack between the server and the upstream.
 pub(crate) type Stack = Trace<
-    CallMetrics<Rescue<Drain<Enrich<Ids<Peek<Direct<Via<Fanout<Deadline<Forward>>>, Routes>>>>>>>,
+    CallMetrics<
+        Rescue<Drain<Enrich<Ids<Peek<Direct<Via<Fanout<Deadline<Balance<Forward>>>>, Routes>>>>>>,
+    >,
     SharedClassifier<GrpcErrorsAsFailures>,
     trace::MakeSpan,
     (),
@@ -59,7 +68,7 @@ pub(crate) fn build(
         let groups = groups.clone();
         Arc::new(move |name: &str| {
             groups
-                .get(name)
+                .group(name)
                 .map(|g| g.endpoint_names())
                 .unwrap_or_default()
         })
@@ -82,7 +91,12 @@ pub(crate) fn build(
         // while draining are admitted: they were opened before the client
         // saw the final GOAWAY, which promised to process them; later ones
         // h2 refuses itself (REFUSED_STREAM, retried by clients).
-        .layer(DrainLayer::new(drain).admit_while_draining(true))
+        .layer(
+            DrainLayer::new(drain)
+                .admit_while_draining(true)
+                .message(DRAINING_MESSAGE)
+                .expiry_message(EXPIRED_MESSAGE),
+        )
         // Strip the keys a client must not set, then add this hop's
         // (static values, forwarded, x-forwarded-for): before routing, so
         // no route matches a spoofed key.
@@ -121,12 +135,16 @@ pub(crate) fn build(
         .layer({
             let metrics = metrics.clone();
             DeadlineLayer::new()
+                .message(DEADLINE_MESSAGE)
                 .offset(config.routing.deadline_offset)
                 .on_expire(move || metrics.refused(RefusalReason::deadline))
         })
-        // One upstream h2 stream per call, to the default group when no
-        // route names one.
-        .service(Forward::new(groups, counters, DEFAULT_GROUP))
+        // Pick each call's endpoint in the group its route names (the
+        // default group without one) and check out a stream slot on one of
+        // its connections; one other endpoint when that dial fails.
+        .layer_fn(|inner| Balance::new(inner, groups.clone(), DEFAULT_GROUP))
+        // One upstream h2 stream per call on that slot, frames both ways.
+        .service(Forward::new(counters.pumps.clone()))
 }
 
 /// The fan-out layer from `[fanout]`: its outcomes become metrics and a
@@ -134,6 +152,7 @@ pub(crate) fn build(
 fn fanout_layer(config: &Config, metrics: Arc<Metrics>) -> FanoutLayer {
     let f = &config.fanout;
     FanoutLayer::new()
+        .status_trailer(http::HeaderName::from_static(FANOUT_STATUS_TRAILER))
         .queue(f.queue)
         .max_reply_bytes(f.max_reply_bytes.0 as usize)
         .max_message_bytes(f.max_message_bytes.0 as usize)

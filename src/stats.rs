@@ -29,7 +29,8 @@ pub(crate) struct Counters {
     downstream_connections: AtomicUsize,
     upstream_connections: AtomicUsize,
     calls_in_flight: AtomicUsize,
-    request_pumps: AtomicUsize,
+    /// The forwarder's count of request pumps on tasks of their own.
+    pub(crate) pumps: crate::forward::Pumps,
     /// Woken when the last upstream connection closes.
     upstream_gone: Notify,
 }
@@ -40,7 +41,6 @@ pub(crate) enum Kind {
     DownstreamConnection,
     UpstreamConnection,
     Call,
-    RequestPump,
 }
 
 /// Holds one unit of a counter until dropped.
@@ -58,7 +58,7 @@ impl Counters {
             downstream_connections: self.downstream_connections.load(Ordering::Relaxed),
             upstream_connections: self.upstream_connections.load(Ordering::Relaxed),
             calls_in_flight: self.calls_in_flight.load(Ordering::Relaxed),
-            request_pumps: self.request_pumps.load(Ordering::Relaxed),
+            request_pumps: self.pumps.running(),
         }
     }
 
@@ -86,7 +86,6 @@ impl Counters {
             Kind::DownstreamConnection => &self.downstream_connections,
             Kind::UpstreamConnection => &self.upstream_connections,
             Kind::Call => &self.calls_in_flight,
-            Kind::RequestPump => &self.request_pumps,
         }
     }
 }

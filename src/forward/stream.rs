@@ -22,7 +22,6 @@ use tracing::debug;
 
 use super::ForwardError;
 use crate::{
-    stats::Gauge,
     upstream::{ConnLoad, Lease, SendBlocked},
     window::{Outgoing, RecvBody, Sent},
 };
@@ -47,7 +46,7 @@ pub(super) struct RequestPump<B> {
     /// Whether the upstream has ever given this stream window.
     sent_any: bool,
     /// Counts the pump while it runs on its own task.
-    pub(super) gauge: Option<Gauge>,
+    pub(super) held: Option<super::PumpHeld>,
     /// The reset sent when the pump is dropped before the body ended (the
     /// call was cancelled or cut off).
     cut_reason: Reason,
@@ -84,7 +83,7 @@ where
             load,
             blocked: None,
             sent_any: false,
-            gauge: None,
+            held: None,
         }
     }
 
@@ -174,7 +173,7 @@ where
         ready!(self.step(cx));
         self.done = true;
         self.blocked = None;
-        self.gauge = None;
+        self.held = None;
         Poll::Ready(())
     }
 }

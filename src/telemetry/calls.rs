@@ -53,6 +53,13 @@ pub(crate) struct MethodLabels {
     method: Label,
 }
 
+/// Calls by the upstream group they went to, and their status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct UpstreamLabels {
+    group: Label,
+    grpc_code: Label,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct CallLabels {
     service: Label,
@@ -69,6 +76,10 @@ pub(crate) struct CallFamilies {
     pub(crate) response_messages: Family<MethodLabels, Counter>,
     pub(crate) request_bytes: Family<MethodLabels, Counter>,
     pub(crate) response_bytes: Family<MethodLabels, Counter>,
+    /// Calls by upstream group (the groups of the config: bounded).
+    pub(crate) upstream_calls: Family<UpstreamLabels, Counter>,
+    /// Per group, `upstream_calls` by gRPC code, resolved on first use.
+    groups: Mutex<HashMap<Arc<str>, Arc<[OnceLock<Counter>; 17]>>>,
     paths: Mutex<HashMap<Box<str>, Arc<Handles>>>,
     /// Where calls to paths beyond [`MAX_TRACKED_PATHS`] are counted.
     other: std::sync::OnceLock<Arc<Handles>>,
@@ -118,9 +129,20 @@ impl CallFamilies {
             response_messages: Family::default(),
             request_bytes: Family::default(),
             response_bytes: Family::default(),
+            upstream_calls: Family::default(),
+            groups: Mutex::default(),
             paths: Mutex::default(),
             other: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The `upstream_calls` counters of `group`, one per gRPC code.
+    fn group_codes(&self, group: &Arc<str>) -> Arc<[OnceLock<Counter>; 17]> {
+        let mut groups = self.groups.lock().expect("metrics lock");
+        groups
+            .entry(group.clone())
+            .or_insert_with(|| Arc::new(Default::default()))
+            .clone()
     }
 
     fn resolve(&self, labels: MethodLabels) -> Arc<Handles> {
@@ -184,6 +206,8 @@ struct Call {
     handles: Arc<Handles>,
     start: Instant,
     code: Option<Code>,
+    /// The upstream group the call went to, if it went to one.
+    group: Option<Arc<str>>,
     recorded: bool,
 }
 
@@ -208,6 +232,20 @@ impl Call {
             })
             .inc();
         h.duration.observe(self.start.elapsed().as_secs_f64());
+        if let Some(group) = &self.group {
+            let families = &self.metrics.calls;
+            families.group_codes(group)[slot]
+                .get_or_init(|| {
+                    families
+                        .upstream_calls
+                        .get_or_create(&UpstreamLabels {
+                            group: Label(group.clone()),
+                            grpc_code: code_label(code),
+                        })
+                        .clone()
+                })
+                .inc();
+        }
     }
 }
 
@@ -245,6 +283,7 @@ where
                 handles,
                 start: Instant::now(),
                 code: None,
+                group: None,
                 recorded: false,
             }),
         }
@@ -280,6 +319,9 @@ where
                 // An answer a layer gave itself is a refusal by its cause.
                 if let Some(by) = res.extensions().get::<status::Answered>() {
                     call.metrics.refused(RefusalReason::answered_by(*by));
+                }
+                if let Some(chosen) = res.extensions().get::<crate::balance::Chosen>() {
+                    call.group = Some(chosen.group.clone());
                 }
                 Poll::Ready(Ok(res.map(|body| MeteredResponse {
                     body,

@@ -165,6 +165,11 @@ impl Metrics {
             calls.calls.clone(),
         );
         registry.register(
+            "upstream_calls",
+            "Calls by the upstream group they went to and gRPC status",
+            calls.upstream_calls.clone(),
+        );
+        registry.register(
             "call_duration_seconds",
             "Call duration, from request headers to the end of the response",
             calls.duration.clone(),

@@ -29,11 +29,11 @@ use tracing::{debug, info, warn};
 
 use super::handshake::{self, HubPolicy};
 use crate::{
+    balance::{AgentEndpoint, Endpoint, Group},
     config::{HubConfig, UpstreamConfig},
     net::Stream,
     stats::Counters,
     tls::server::ServerTls,
-    upstream::{AgentEndpoint, Group},
 };
 
 /// The first step of a hub's drain: agents re-homed before clients are
@@ -332,7 +332,7 @@ async fn tunnel(accepted: Accepted, shared: Shared) {
         default_route: i.default_route,
         peer,
     };
-    let endpoint = group.agent_endpoint(&agent, io, &upstream, &counters);
+    let endpoint = Endpoint::agent(&agent, io, &upstream, &counters);
     // Joins the group only once the agent answered over HTTP/2: an agent
     // that already holds a tunnel to this hub closes a second one unserved.
     let warmed = endpoint.pool().warm().await;

@@ -1,17 +1,39 @@
 //! Active health checking with `grpc.health.v1.Health/Check`, sent over the
 //! endpoint's own pool: one unary call per interval, the request and the
-//! answer encoded by hand (no protobuf code in the proxy).
+//! answer encoded with the layers' wire helpers (no protobuf code in the
+//! proxy).
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::Request;
 use sluice_layers::grpc::{
+    framing,
     status::{self, Code},
     wire::{self, FieldPath, Value},
 };
+use tracing::info;
 
-use super::Pool;
+use super::group::Group;
+use crate::{config::HealthCheckConfig, upstream::Pool};
+
+/// Asks every endpoint of the group `grpc.health.v1.Health/Check` each
+/// interval and records the verdict.
+pub(super) async fn check_health(group: Arc<Group>, hc: HealthCheckConfig) {
+    let mut tick = tokio::time::interval(hc.interval);
+    loop {
+        tick.tick().await;
+        for endpoint in group.endpoints().iter() {
+            let serving = check(endpoint.pool(), &hc.service, hc.timeout).await;
+            if endpoint.healthy.swap(serving, Ordering::Relaxed) != serving {
+                info!(address = %endpoint.address(), serving, "upstream endpoint health changed");
+            }
+        }
+    }
+}
 
 /// `HealthCheckResponse.ServingStatus.SERVING`.
 const SERVING: u64 = 1;
@@ -21,7 +43,7 @@ const MAX_ANSWER: usize = 1024;
 /// Whether the endpoint says it is serving `service` ("" for the server as a
 /// whole) within `timeout`. Any failure (unreachable, an error status, no
 /// answer, a malformed one) counts as not serving.
-pub(super) async fn check(pool: &Pool, service: &str, timeout: Duration) -> bool {
+async fn check(pool: &Pool, service: &str, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, ask(pool, service))
         .await
         .ok()
@@ -30,27 +52,12 @@ pub(super) async fn check(pool: &Pool, service: &str, timeout: Duration) -> bool
 }
 
 /// The gRPC message `HealthCheckRequest { string service = 1; }`, framed.
-fn request(service: &str) -> Option<Bytes> {
-    let mut payload = BytesMut::new();
+fn request(service: &str) -> Bytes {
+    let mut payload = Vec::new();
     if !service.is_empty() {
-        payload.put_u8(0x0a); // field 1, length-delimited
-        put_varint(&mut payload, u64::try_from(service.len()).ok()?);
-        payload.put_slice(service.as_bytes());
+        wire::put_len_field(&mut payload, 1, service.as_bytes());
     }
-    let mut message = BytesMut::with_capacity(5 + payload.len());
-    message.put_u8(0);
-    message.put_u32(u32::try_from(payload.len()).ok()?);
-    message.put_slice(&payload);
-    Some(message.freeze())
-}
-
-/// A protobuf base-128 varint.
-fn put_varint(buf: &mut BytesMut, mut value: u64) {
-    while value >= 0x80 {
-        buf.put_u8((value as u8 & 0x7f) | 0x80);
-        value >>= 7;
-    }
-    buf.put_u8(value as u8);
+    framing::encode(&payload)
 }
 
 async fn ask(pool: &Pool, service: &str) -> Option<u64> {
@@ -61,7 +68,7 @@ async fn ask(pool: &Pool, service: &str) -> Option<u64> {
         .body(())
         .ok()?;
     let (response, mut tx, _lease) = pool.send(checkout, head, false).ok()?;
-    tx.send_data(request(service)?, true).ok()?;
+    tx.send_data(request(service), true).ok()?;
 
     let response = response.await.ok()?;
     if status::code_of(response.headers()).is_some() {
@@ -101,7 +108,7 @@ mod tests {
     fn service_names_of_any_length_encode_as_field_one() {
         for len in [0, 1, 127, 128, 300, 20_000] {
             let name = "s".repeat(len);
-            let framed = request(&name).expect("encodes");
+            let framed = request(&name);
             let size = u32::from_be_bytes(framed[1..5].try_into().expect("4 bytes")) as usize;
             assert_eq!(size, framed.len() - 5);
             let path: FieldPath = "1".parse().expect("path");

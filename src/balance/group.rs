@@ -1,0 +1,296 @@
+//! A group: a named set of endpoints, replaced whole when it changes (DNS,
+//! agents joining and leaving), and the choice of one endpoint per call.
+//!
+//! A group's strategies are tried in order, falling through to the next
+//! only when one finds no endpoint (konnectivity's chain): `dest-host` (the
+//! endpoint whose identifiers match the call's destination host),
+//! `default-route` (endpoints marked so), `random`, and `least-loaded`, the
+//! default: power-of-two-choices over peak-EWMA latency, as linkerd and
+//! `tower::balance` do (two endpoints at random, the lower
+//! `latency × (calls in flight + 1)` wins). Within any strategy, endpoints
+//! that are usable (last dial succeeded, health check passing) and not
+//! draining (no GOAWAY lately) are preferred, then usable ones, then any.
+//! Choosing allocates nothing: candidates are counted, then the chosen
+//! ones found again by position.
+
+use std::{
+    cell::Cell,
+    hash::{BuildHasher, RandomState},
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, request::Parts};
+use tokio::time::Instant;
+
+use super::endpoint::Endpoint;
+use crate::config::Strategy;
+
+/// The endpoints of one group. The list is swapped whole when it changes;
+/// a call works on the list it picked from.
+#[derive(Debug)]
+pub(crate) struct Group {
+    name: Arc<str>,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    strategies: Box<[Strategy]>,
+    dest_host_key: HeaderName,
+    /// Woken when an endpoint joins or leaves.
+    changed: tokio::sync::Notify,
+    /// How long a call no strategy finds an endpoint for waits for one to
+    /// join (a hub's agents: `tunnel.hub.agent_wait`); zero elsewhere.
+    wait: Duration,
+}
+
+impl Group {
+    pub(super) fn new(
+        name: &str,
+        endpoints: Vec<Arc<Endpoint>>,
+        strategies: Box<[Strategy]>,
+        dest_host_key: HeaderName,
+        wait: Duration,
+    ) -> Self {
+        Self {
+            name: Arc::from(name),
+            endpoints: ArcSwap::from_pointee(endpoints),
+            strategies,
+            dest_host_key,
+            changed: tokio::sync::Notify::new(),
+            wait,
+        }
+    }
+
+    /// Its name.
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The endpoints now.
+    pub(crate) fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// Replaces the endpoint list (a resolution, an agent that came or
+    /// went); calls already on an endpoint go on.
+    pub(super) fn replace(&self, endpoints: Vec<Arc<Endpoint>>) {
+        self.endpoints.store(Arc::new(endpoints));
+        self.changed.notify_waiters();
+    }
+
+    /// Adds `endpoint` to the group.
+    pub(crate) fn insert(&self, endpoint: Arc<Endpoint>) {
+        self.endpoints.rcu(|list| {
+            let mut list = Vec::clone(list);
+            list.push(endpoint.clone());
+            list
+        });
+        self.changed.notify_waiters();
+    }
+
+    /// Takes `endpoint` out of the group; calls already on it go on.
+    pub(crate) fn remove(&self, endpoint: &Arc<Endpoint>) {
+        self.endpoints.rcu(|list| {
+            list.iter()
+                .filter(|e| !Arc::ptr_eq(e, endpoint))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        self.changed.notify_waiters();
+    }
+
+    /// Closes every endpoint's connections once their calls are done.
+    pub(crate) fn close(&self) {
+        for endpoint in self.endpoints.load().iter() {
+            endpoint.pool().close();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.endpoints.load().len()
+    }
+
+    /// The endpoint with identifier `id` (its address, its host, or one of
+    /// its configured ids; case-insensitive).
+    pub(crate) fn find(&self, id: &str) -> Option<Arc<Endpoint>> {
+        self.endpoints.load().iter().find(|e| e.is(id)).cloned()
+    }
+
+    /// The names a fan-out over the whole group reports its endpoints by:
+    /// the first configured id, else the address.
+    pub(crate) fn endpoint_names(&self) -> Vec<String> {
+        self.endpoints.load().iter().map(|e| e.name()).collect()
+    }
+
+    /// [`Group::pick`], waiting for a matching endpoint to join for up to
+    /// the group's wait (none outside a hub's agents group).
+    pub(crate) async fn pick_or_wait(&self, parts: &Parts) -> Option<Arc<Endpoint>> {
+        if let Some(e) = self.pick(parts, None) {
+            return Some(e);
+        }
+        if self.wait.is_zero() {
+            return None;
+        }
+        let until = Instant::now() + self.wait;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(e) = self.pick(parts, None) {
+                return Some(e);
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// How long a call waits for an endpoint to join.
+    pub(crate) fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// The endpoint for a call with head `parts`, or `None` when no
+    /// strategy finds one. `skip` excludes an endpoint already tried.
+    pub(crate) fn pick(
+        &self,
+        parts: &Parts,
+        skip: Option<&Arc<Endpoint>>,
+    ) -> Option<Arc<Endpoint>> {
+        let endpoints = self.endpoints.load();
+        let not_skipped = |e: &Arc<Endpoint>| skip.is_none_or(|s| !Arc::ptr_eq(s, e));
+        let host = || dest_host(parts, &self.dest_host_key);
+        if let [only] = &endpoints[..] {
+            // One endpoint (the default group, most groups): the strategies
+            // only decide whether it may be used; no balancing.
+            if !not_skipped(only) {
+                return None;
+            }
+            let found = self.strategies.iter().any(|strategy| match strategy {
+                Strategy::DestHost => host().is_some_and(|h| only.answers_to(h)),
+                Strategy::DefaultRoute => only.default_route,
+                Strategy::Random | Strategy::LeastLoaded => true,
+            });
+            return found.then(|| only.clone());
+        }
+        for strategy in &self.strategies {
+            let chosen = match strategy {
+                Strategy::DestHost => {
+                    let Some(host) = host() else {
+                        continue;
+                    };
+                    choose(&endpoints, false, |e| not_skipped(e) && e.answers_to(host))
+                }
+                Strategy::DefaultRoute => {
+                    choose(&endpoints, false, |e| not_skipped(e) && e.default_route)
+                }
+                Strategy::Random => choose(&endpoints, true, not_skipped),
+                Strategy::LeastLoaded => choose(&endpoints, false, not_skipped),
+            };
+            if let Some(e) = chosen {
+                return Some(e.clone());
+            }
+        }
+        None
+    }
+}
+
+impl Endpoint {
+    /// Whether `dest-host` finds it by `host` (as the call wrote it).
+    fn answers_to(&self, host: &str) -> bool {
+        self.ids.iter().any(|i| i.eq_ignore_ascii_case(host))
+    }
+}
+
+/// Among the endpoints that `matches`, the serving ones (usable and not
+/// draining) first, else the usable ones, else any: one at random, or the
+/// cheaper of two at random (P2C).
+fn choose(
+    endpoints: &[Arc<Endpoint>],
+    random: bool,
+    matches: impl Fn(&Arc<Endpoint>) -> bool,
+) -> Option<&Arc<Endpoint>> {
+    let serving = |e: &Arc<Endpoint>| !e.unusable() && !e.pool().is_draining();
+    let usable = |e: &Arc<Endpoint>| !e.unusable();
+    let any = |_: &Arc<Endpoint>| true;
+    let tiers: [&dyn Fn(&Arc<Endpoint>) -> bool; 3] = [&serving, &usable, &any];
+    for tier in tiers {
+        let ok = |e: &&Arc<Endpoint>| matches(e) && tier(e);
+        let n = endpoints.iter().filter(ok).count();
+        if n == 0 {
+            continue;
+        }
+        let nth = |k: usize| endpoints.iter().filter(ok).nth(k);
+        if random || n == 1 {
+            return nth(random_below(n));
+        }
+        let a = random_below(n);
+        let b = (a + 1 + random_below(n - 1)) % n;
+        let (ea, eb) = (nth(a)?, nth(b)?);
+        return Some(if ea.cost() <= eb.cost() { ea } else { eb });
+    }
+    None
+}
+
+/// The destination host of a call: the group's metadata key, else the
+/// `:authority` host, without a port or IPv6 brackets (compared without
+/// regard to case).
+fn dest_host<'a>(parts: &'a Parts, key: &HeaderName) -> Option<&'a str> {
+    let raw = match parts.headers.get(key).and_then(|v| v.to_str().ok()) {
+        Some(v) => v,
+        None => parts.uri.authority()?.host(),
+    };
+    let host = raw.trim().trim_start_matches('[');
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.contains(':') => h,
+        _ => host,
+    };
+    Some(host.trim_end_matches(']'))
+}
+
+/// A cheap per-thread random number below `n` (xorshift, seeded from the
+/// std hasher's random keys): balancing needs spread, not secrecy.
+fn random_below(n: usize) -> usize {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u64) | 1);
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x % n as u64) as usize
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_below_stays_in_range_and_spreads() {
+        let mut seen = [0u32; 5];
+        for _ in 0..5000 {
+            seen[random_below(5)] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 800), "{seen:?}");
+    }
+
+    #[test]
+    fn the_destination_host_is_the_key_else_the_authority_without_its_port() {
+        let key = HeaderName::from_static("x-dest-host");
+        let head = |uri: &str, dest: Option<&str>| {
+            let mut req = http::Request::post(uri);
+            if let Some(d) = dest {
+                req = req.header("x-dest-host", d);
+            }
+            req.body(()).expect("request").into_parts().0
+        };
+        let p = head("http://app.internal:50051/a.B/C", None);
+        assert_eq!(dest_host(&p, &key), Some("app.internal"));
+        let p = head("http://app.internal/a.B/C", Some(" Node-1:8080 "));
+        assert_eq!(dest_host(&p, &key), Some("Node-1"));
+        let p = head("http://[::1]:443/a.B/C", None);
+        assert_eq!(dest_host(&p, &key), Some("::1"));
+    }
+}

@@ -1,0 +1,168 @@
+//! Endpoint choice as a layer of its own: [`Balance`] takes the call's
+//! resolved destination (the group a route named, or one endpoint of it),
+//! picks the endpoint, checks out a stream slot on one of its connections
+//! inside its own future, tries one other endpoint when that dial fails
+//! before anything was sent, hands the call and the slot to the endpoint
+//! client below ([`Forward`](crate::forward::Forward)), and feeds the
+//! endpoint's latency back to the strategy. What it chose travels with the
+//! response as a [`Chosen`] extension, for telemetry to read.
+//!
+//! This room owns the groups ([`Groups`], one snapshot read once per call
+//! and replaceable while calls run), their endpoints and strategies
+//! ([`group`]), DNS re-resolution ([`resolve`]), health checks
+//! ([`health`]) and the endpoints of tunnel agents
+//! ([`Endpoint::agent`]). The connection pool, the dialer and the
+//! connection driver are [`upstream`](crate::upstream)'s.
+
+mod endpoint;
+mod error;
+mod group;
+mod groups;
+mod health;
+mod resolve;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use sluice_layers::{BoxError, direct::Route};
+use tower::{Service, ServiceExt};
+
+pub(crate) use self::{
+    endpoint::{AgentEndpoint, Endpoint},
+    error::BalanceError,
+    group::Group,
+    groups::Groups,
+};
+use crate::forward::Call;
+
+/// What a call was sent to, in the response's extensions: the group, the
+/// endpoint (its address, or an agent's id).
+#[derive(Clone, Debug)]
+pub(crate) struct Chosen {
+    pub(crate) group: Arc<str>,
+    /// Read by the access log.
+    #[allow(dead_code)]
+    pub(crate) endpoint: Arc<str>,
+}
+
+/// The balancer: one endpoint per call, chosen from the group its route
+/// names (the default target without a route).
+///
+/// Always ready: a call waits for an endpoint and a connection inside its
+/// future, and fails with UNAVAILABLE if none can be had.
+#[derive(Clone, Debug)]
+pub(crate) struct Balance<S> {
+    inner: S,
+    groups: Arc<Groups>,
+    /// The group of a call without a route.
+    default_target: Arc<str>,
+}
+
+impl<S> Balance<S> {
+    pub(crate) fn new(inner: S, groups: Arc<Groups>, default_target: impl Into<Arc<str>>) -> Self {
+        Self {
+            inner,
+            groups,
+            default_target: default_target.into(),
+        }
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Balance<S>
+where
+    S: Service<Call<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    // Boxed: the checkout is an `async fn`, whose future cannot be named.
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        let groups = self.groups.clone();
+        let default_target = self.default_target.clone();
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let route = parts.extensions.remove::<Route>();
+            let (target, endpoint_id): (&str, Option<&str>) = match &route {
+                None => (&default_target, None),
+                Some(Route::One(destination)) => {
+                    if let Some(edits) = destination.edits() {
+                        edits.apply(&mut parts.headers);
+                    }
+                    (destination.target(), destination.endpoint())
+                }
+                Some(_) => return Err(BalanceError::Unroutable(
+                    "a fan-out or mirror route reached the balancer; a FanoutLayer above carries those out"
+                        .to_owned(),
+                ).into()),
+            };
+            // The snapshot in force when the call starts is its own to the
+            // end: one atomic load.
+            let group = groups.load().get(target).cloned().ok_or_else(|| {
+                BalanceError::Unroutable(format!("no upstream group named {target:?}"))
+            })?;
+            let mut endpoint = match endpoint_id {
+                Some(id) => group.find(id).ok_or_else(|| {
+                    BalanceError::NoEndpoint(format!("{target}: no endpoint {id:?}"))
+                })?,
+                None => group.pick_or_wait(&parts).await.ok_or_else(|| {
+                    let waited = group.wait();
+                    BalanceError::NoEndpoint(if waited.is_zero() {
+                        target.to_string()
+                    } else {
+                        format!("{target} (waited {waited:?} for one to connect)")
+                    })
+                })?,
+            };
+            let checkout = match endpoint.pool().checkout().await {
+                Ok(checkout) => checkout,
+                // Nothing was sent: another endpoint of the group gets one
+                // try (not when the route named this one).
+                Err(e) => match group
+                    .pick(&parts, Some(&endpoint))
+                    .filter(|_| group.len() > 1 && endpoint_id.is_none())
+                {
+                    Some(other) => {
+                        tracing::debug!(error = %e, "endpoint unreachable; trying another in its group");
+                        endpoint = other;
+                        endpoint
+                            .pool()
+                            .checkout()
+                            .await
+                            .map_err(BalanceError::Upstream)?
+                    }
+                    None => return Err(BalanceError::Upstream(e).into()),
+                },
+            };
+            crate::telemetry::trace::record_upstream(endpoint.address());
+            let sent = tokio::time::Instant::now();
+            let call = Call {
+                request: Request::from_parts(parts, body),
+                checkout,
+            };
+            let mut res = inner.oneshot(call).await.map_err(Into::into)?;
+            endpoint.observe(sent.elapsed());
+            res.extensions_mut().insert(Chosen {
+                group: group.name().clone(),
+                endpoint: endpoint.label().clone(),
+            });
+            Ok(res)
+        })
+    }
+}
