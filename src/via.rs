@@ -72,7 +72,7 @@ where
                 "routing loop: this call already passed through this sluice (sluice-via {})",
                 String::from_utf8_lossy(self.id.as_bytes())
             );
-            tracing::debug!(%message, "call refused");
+            tracing::debug!(error = %message, "call refused");
             return Either::Right(ready(Ok(status::trailers_only(Code::Aborted, &message))));
         }
         req.headers_mut().append(VIA, HeaderValue::clone(&self.id));

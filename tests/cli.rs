@@ -69,8 +69,14 @@ fn spawn_logged(args: &[&str]) -> (Proc, SocketAddr, Vec<String>) {
 /// first one alone says nothing of the kind.
 #[test]
 fn a_second_sluice_on_a_taken_port_says_it_shares_it() {
-    let (_first, addr, first_log) =
-        spawn_logged(&["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--admin", "off"]);
+    let (_first, addr, first_log) = spawn_logged(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:1",
+        "--admin",
+        "off",
+    ]);
     assert!(
         !first_log.iter().any(|l| l.contains("already listens")),
         "{first_log:?}"
@@ -84,9 +90,15 @@ fn a_second_sluice_on_a_taken_port_says_it_shares_it() {
         "off",
     ]);
     assert_eq!(same, addr);
-    let warnings: Vec<&String> = log.iter().filter(|l| l.contains("already listens")).collect();
+    let warnings: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("already listens"))
+        .collect();
     assert_eq!(warnings.len(), 1, "{log:?}");
-    assert!(warnings[0].contains(&addr.to_string()) && warnings[0].contains("WARN"), "{log:?}");
+    assert!(
+        warnings[0].contains(&addr.to_string()) && warnings[0].contains("WARN"),
+        "{log:?}"
+    );
 }
 
 fn terminate(proc: &mut Proc) -> std::process::ExitStatus {
@@ -770,4 +782,166 @@ async fn the_hub_and_agent_example_configs_tunnel_a_call() {
     .expect("the call reached the application through the tunnel");
     assert_eq!(reply.seq, 42);
     assert_eq!(app.probe.counts().completed, 1);
+}
+
+/// A JSON value whose objects may not repeat a key: standard parsers keep
+/// one of two `message` keys and drop the other silently.
+#[derive(Debug)]
+struct Strict(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Strict;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Strict, A::Error> {
+                let mut obj = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: Strict = map.next_value()?;
+                    if obj.insert(key.clone(), value.0).is_some() {
+                        return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+                    }
+                }
+                Ok(Strict(serde_json::Value::Object(obj)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Strict, A::Error> {
+                let mut items = Vec::new();
+                while let Some(Strict(v)) = seq.next_element()? {
+                    items.push(v);
+                }
+                Ok(Strict(serde_json::Value::Array(items)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_unit<E>(self) -> Result<Strict, E> {
+                Ok(Strict(serde_json::Value::Null))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Every key named `key` anywhere in `v`, with its value.
+fn values_of<'a>(v: &'a serde_json::Value, key: &str, out: &mut Vec<&'a serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                if k == key {
+                    out.push(v);
+                }
+                values_of(v, key, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| values_of(v, key, out)),
+        _ => {}
+    }
+}
+
+/// Issue #18.4: with `log.format = "json"`, at debug (every call event),
+/// through OK calls, failing calls and an upstream that is down, every
+/// line is one JSON object with one key each, its `message` is the event's
+/// text, and `grpc_status` is always a number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_parse_with_one_message_and_numeric_statuses() {
+    let upstream = EchoServer::start().await;
+    let file =
+        write_config("[log]\nformat = \"json\"\nlevel = \"debug,h2=info,hyper=info,tower=info\"\n");
+    let mut child = sluice()
+        .args([
+            "--config",
+            file.as_str(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+        ])
+        .args(["--upstream", &upstream.addr.to_string()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn sluice");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let addr: SocketAddr = loop {
+        let line = rx
+            .recv_timeout(LIMIT)
+            .expect("a log line before the address");
+        let found = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse().ok());
+        lines.push(line);
+        if let Some(addr) = found {
+            break addr;
+        }
+    };
+    let mut proc = Proc(child);
+    let mut client = sluice_testkit::client(addr);
+    client.unary(Req::default()).await.expect("an OK call");
+    let failed = client
+        .unary(Req {
+            fail_code: tonic::Code::NotFound as i32,
+            ..Req::default()
+        })
+        .await
+        .expect_err("a failing call");
+    assert_eq!(failed.code(), tonic::Code::NotFound);
+    // The upstream goes away: UNAVAILABLE from sluice itself.
+    drop(upstream);
+    let down = client.unary(Req::default()).await.expect_err("no upstream");
+    assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
+    assert_eq!(terminate(&mut proc).code(), Some(0));
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
+        lines.push(line);
+    }
+    let mut statuses = Vec::new();
+    let mut failed_events = 0;
+    for line in &lines {
+        let Strict(v) = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let fields = &v["fields"];
+        let message = fields["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message: {line}"));
+        failed_events += usize::from(message == "call failed");
+        let mut found = Vec::new();
+        values_of(&v, "grpc_status", &mut found);
+        statuses.extend(found.into_iter().cloned());
+    }
+    assert!(failed_events >= 1, "a call-failed event: {lines:#?}");
+    assert!(!statuses.is_empty(), "statuses are logged: {lines:#?}");
+    for s in &statuses {
+        assert!(s.is_number(), "grpc_status {s} is not a number");
+    }
 }

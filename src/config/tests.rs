@@ -248,7 +248,9 @@ fn the_client_id_key_defaults_on_with_client_auth_and_paths_follow_the_file() {
 /// that opens it), read from the error an unknown key gets.
 fn accepted_keys(prefix: &str) -> Vec<String> {
     let text = format!("{prefix}\nzz_not_a_key = 1\n");
-    let err = Config::from_toml_str(&text).expect_err("an unknown key").to_string();
+    let err = Config::from_toml_str(&text)
+        .expect_err("an unknown key")
+        .to_string();
     let list = err
         .split("expected one of ")
         .nth(1)
@@ -292,19 +294,34 @@ fn the_default_config_spells_out_every_key() {
         ("", ""),
         ("server", "[server]"),
         ("server.tls", "[server.tls]\ncert = \"c\"\nkey = \"k\""),
-        ("server.tls.client_auth", "[server.tls]\ncert = \"c\"\nkey = \"k\"\n[server.tls.client_auth]\nca = \"a\""),
+        (
+            "server.tls.client_auth",
+            "[server.tls]\ncert = \"c\"\nkey = \"k\"\n[server.tls.client_auth]\nca = \"a\"",
+        ),
         ("upstream", "[upstream]"),
         ("upstream.tls", "[upstream.tls]"),
-        ("upstreams.NAME", "[upstreams.n]\nendpoints = [\"127.0.0.1:1\"]"),
-        ("upstreams.NAME.health_check", "[upstreams.n]\nendpoints = [\"127.0.0.1:1\"]\n[upstreams.n.health_check]"),
+        (
+            "upstreams.NAME",
+            "[upstreams.n]\nendpoints = [\"127.0.0.1:1\"]",
+        ),
+        (
+            "upstreams.NAME.health_check",
+            "[upstreams.n]\nendpoints = [\"127.0.0.1:1\"]\n[upstreams.n.health_check]",
+        ),
         ("routes", "[[routes]]\nupstream = \"default\""),
         ("routing", "[routing]"),
         ("fanout", "[fanout]"),
         ("enrich", "[enrich]"),
         ("tls", "[tls]"),
         ("tunnel", "[tunnel]"),
-        ("tunnel.hub", "[tunnel.hub]\nlisten = \"127.0.0.1:0\"\nname = \"h\""),
-        ("tunnel.agent", "[tunnel.agent]\nhubs = [\"127.0.0.1:1\"]\nid = \"a\""),
+        (
+            "tunnel.hub",
+            "[tunnel.hub]\nlisten = \"127.0.0.1:0\"\nname = \"h\"",
+        ),
+        (
+            "tunnel.agent",
+            "[tunnel.agent]\nhubs = [\"127.0.0.1:1\"]\nid = \"a\"",
+        ),
         ("runtime", "[runtime]"),
         ("log", "[log]"),
         ("drain", "[drain]"),
@@ -329,5 +346,8 @@ fn the_default_config_spells_out_every_key() {
             }
         }
     }
-    assert!(missing.is_empty(), "config/default.toml does not document: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "config/default.toml does not document: {missing:?}"
+    );
 }

@@ -73,11 +73,14 @@ pub(crate) struct OnEos;
 
 impl tower_http::trace::OnEos for OnEos {
     fn on_eos(self, trailers: Option<&HeaderMap>, duration: Duration, span: &Span) {
-        let status = trailers
+        // A number, as in every other event (none without a status).
+        let status: Option<i64> = trailers
             .and_then(|t| t.get("grpc-status"))
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("none");
-        span.record("grpc_status", status);
+            .and_then(|v| v.parse().ok());
+        if let Some(status) = status {
+            span.record("grpc_status", status);
+        }
         span.record("duration_ms", duration.as_secs_f64() * 1000.0);
         tracing::debug!(parent: span, grpc_status = status, ?duration, "call ended");
     }
@@ -92,11 +95,13 @@ impl tower_http::trace::OnFailure<GrpcFailureClass> for OnFailure {
         span.record("duration_ms", duration.as_secs_f64() * 1000.0);
         match failure {
             GrpcFailureClass::Status(status) => {
-                span.record("grpc_status", status.code_raw());
+                span.record("grpc_status", i64::from(status.code_raw()));
+                // `grpc_message`, not `message`: that key is the event's
+                // own text, and a JSON line must have one of each.
                 tracing::debug!(
                     parent: span,
-                    grpc_status = status.code_raw(),
-                    message = status.message().unwrap_or_default(),
+                    grpc_status = i64::from(status.code_raw()),
+                    grpc_message = status.message().unwrap_or_default(),
                     ?duration,
                     "call failed"
                 );
