@@ -301,6 +301,18 @@ fn unfinished_part() -> Bytes {
     Bytes::from(message(0, &[1u8; 2000])[..600].to_vec())
 }
 
+/// The answer to a call that must come at once (not at `max_wait`).
+async fn answered<F, R, E>(call: F) -> R
+where
+    F: std::future::Future<Output = Result<R, E>>,
+    E: std::fmt::Debug,
+{
+    tokio::time::timeout(std::time::Duration::from_secs(5), call)
+        .await
+        .expect("answered at once, not held to the wait bound")
+        .expect("answered")
+}
+
 /// A call whose body holds `part` and then waits; the sender keeps it open.
 fn holding_request(part: Bytes) -> (mpsc::Sender<Bytes>, Request<Chunks>) {
     let (tx, rx) = mpsc::channel(1);
@@ -329,7 +341,7 @@ async fn a_budget_in_the_extensions_is_shared_by_per_request_clones() {
 
     let (_tx2, mut req2) = holding_request(unfinished_part());
     req2.extensions_mut().insert(conn.clone());
-    let second = svc.clone().oneshot(req2).await.expect("answered");
+    let second = answered(svc.clone().oneshot(req2)).await;
     assert_eq!(
         status::code_of(second.headers()),
         Some(Code::ResourceExhausted)
@@ -377,7 +389,7 @@ async fn budget_from_reads_the_connections_budget_from_another_extension() {
     assert_eq!(conn.held(), 600);
     let (_tx2, mut req2) = holding_request(unfinished_part());
     req2.extensions_mut().insert(ConnInfo(conn.clone()));
-    let second = svc.clone().oneshot(req2).await.expect("answered");
+    let second = answered(svc.clone().oneshot(req2)).await;
     assert_eq!(
         status::code_of(second.headers()),
         Some(Code::ResourceExhausted)
@@ -410,7 +422,7 @@ async fn per_connection_services_share_a_budget_across_their_clones() {
     tokio::task::yield_now().await;
     assert!(!first.is_finished(), "the first call is still reading");
     let (_tx2, req2) = holding_request(unfinished_part());
-    let second = conn.clone().oneshot(req2).await.expect("answered");
+    let second = answered(conn.clone().oneshot(req2)).await;
     assert_eq!(
         status::code_of(second.headers()),
         Some(Code::ResourceExhausted),
