@@ -18,27 +18,50 @@ use sluice_layers::drain::Watch;
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::debug;
 
-use crate::{stats::Counters, telemetry::metrics::Metrics, upstream::Pool};
+use crate::{
+    stats::Counters,
+    telemetry::metrics::{Metrics, TunnelView},
+};
 
 /// How long the admin accept loop pauses after an accept error.
 const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// What the admin routes read and poke.
-#[derive(Debug)]
+/// Whether the upstream can be reached now (a connection open, or one
+/// dialled).
+pub(crate) type ReachableFn =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// What the admin routes read and poke: handles the app hands over, never
+/// another room's types.
 pub(crate) struct State {
     /// The drain handle: `/ready` is 503 from its announcement on.
     pub(crate) drain: Watch,
     pub(crate) drain_requested: Arc<Notify>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) counters: Arc<Counters>,
-    pub(crate) pool: Pool,
-    pub(crate) ready_requires_upstream: bool,
-    /// A hub's agents' group: `/ready` needs one agent when asked to.
-    pub(crate) agents: Option<Arc<crate::balance::Group>>,
+    /// Asked by `/ready` when `admin.ready_requires_upstream`.
+    pub(crate) upstream_reachable: Option<ReachableFn>,
+    /// A hub's agents connected now; `/ready` needs one when
+    /// `admin.ready_requires_agents`.
+    pub(crate) agents: Option<Arc<dyn Fn() -> usize + Send + Sync>>,
     pub(crate) ready_requires_agents: bool,
-    pub(crate) tracker: Option<Arc<crate::tunnel::tracker::Tracker>>,
+    /// An agent's tunnel pool now, for `/metrics`.
+    pub(crate) tunnels: Option<Arc<dyn Fn() -> TunnelView + Send + Sync>>,
     /// Who may drain.
     pub(crate) control: crate::config::AdminControl,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field(
+                "ready_requires_upstream",
+                &self.upstream_reachable.is_some(),
+            )
+            .field("ready_requires_agents", &self.ready_requires_agents)
+            .field("control", &self.control)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Serves admin connections until the task is aborted.
@@ -93,32 +116,24 @@ async fn handle(
     let res = match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
+            let agents = || state.agents.as_ref().map_or(0, |n| n());
             if !state.drain.is_ready() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if state.ready_requires_upstream && !state.pool.reachable().await {
-                text(StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n")
-            } else if state.ready_requires_agents
-                && state.agents.as_ref().is_none_or(|g| g.len() == 0)
+            } else if let Some(reachable) = &state.upstream_reachable
+                && !reachable().await
             {
+                text(StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n")
+            } else if state.ready_requires_agents && agents() == 0 {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no agent connected\n")
             } else {
                 text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/metrics") => {
-            let agent = state.tracker.as_ref().map(|t| {
-                let s = t.snapshot();
-                crate::telemetry::metrics::TunnelView {
-                    desired: s.desired,
-                    claimed: s.claimed,
-                    inflight: s.inflight,
-                    failed_dials: s.failed_dials,
-                    hubs: t.claimed_hubs(),
-                }
-            });
+            let agent = state.tunnels.as_ref().map(|view| view());
             state
                 .metrics
-                .set_tunnels(agent, state.agents.as_ref().map(|g| g.len()));
+                .set_tunnels(agent, state.agents.as_ref().map(|n| n()));
             let mut res = Response::new(Full::new(Bytes::from(
                 state.metrics.encode(&state.counters, &state.drain),
             )));

@@ -141,7 +141,7 @@ impl Endpoint {
     /// works).
     pub(crate) fn agent(
         agent: &AgentEndpoint<'_>,
-        stream: crate::net::Stream,
+        stream: crate::proto::transport::Stream,
         upstream: &UpstreamConfig,
         counters: &Arc<Counters>,
     ) -> Arc<Self> {

@@ -194,10 +194,19 @@ fn default_backoff_max() -> Duration {
     DEFAULT_BACKOFF_MAX
 }
 
-/// Names and ids travel in headers: letters, digits and `-._:` only (the
-/// handshake's own check).
+/// Whether `text` may be a tunnel name or id: names and ids travel in
+/// the handshake's headers, so letters, digits and `-._:` only, at most 253
+/// bytes (the config and the handshake check the same rule).
+pub fn is_tunnel_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 253
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+}
+
 fn is_name(text: &str) -> bool {
-    crate::tunnel::handshake::is_token(text)
+    is_tunnel_name(text)
 }
 
 impl super::Config {

@@ -22,8 +22,8 @@ use tracing::debug;
 
 use super::ForwardError;
 use crate::{
+    proto::flow::{Outgoing, RecvBody, Sent},
     upstream::{ConnLoad, Lease, SendBlocked},
-    window::{Outgoing, RecvBody, Sent},
 };
 
 /// Copies a downstream request body into an upstream h2 stream.

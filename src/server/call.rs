@@ -22,8 +22,8 @@ use sluice_layers::BoxError;
 use tracing::debug;
 
 use crate::{
+    proto::flow::{Outgoing, RecvBody, Sent},
     stats::Gauge,
-    window::{Outgoing, RecvBody, Sent},
 };
 
 /// How a call ended, for the connection's bookkeeping.

@@ -5,7 +5,7 @@
 //!
 //! The task polls the calls, then h2 (which encodes what they queued and
 //! reads what arrived), then writes everything out in one go
-//! ([`crate::batch`]). h2 does the protocol: settings, flow control, stream
+//! ([`crate::proto::batch`]). h2 does the protocol: settings, flow control, stream
 //! limits, every check RFC 9113 asks of a server.
 
 use std::{
@@ -38,11 +38,11 @@ use tracing::{debug, warn};
 
 use super::call::{self, CallEnd, CallFuture};
 use crate::{
-    batch::BatchIo,
     config::ServerConfig,
+    proto::batch::BatchIo,
+    proto::flow::RecvBody,
     stats::{Counters, Gauge, Kind},
     telemetry::metrics::{Metrics, RefusalReason},
-    window::RecvBody,
 };
 
 /// After sluice told a connection to go (idle, or abusive), how long it may
@@ -77,6 +77,9 @@ pub(crate) struct Shared {
     /// Whether each call gets the peer's address as a request extension
     /// (only when an enrich rule reads it: it costs an allocation).
     tag_peer: bool,
+    /// Whether calls may be peeked (a route on a message field): each then
+    /// carries its connection's peek budget.
+    peeks: bool,
     counters: Arc<Counters>,
     metrics: Arc<Metrics>,
 }
@@ -109,9 +112,17 @@ impl Shared {
             max_in_flight: config.max_in_flight,
             refuse_non_grpc: config.non_grpc == crate::config::NonGrpc::Refuse,
             tag_peer,
+            peeks: false,
             counters,
             metrics,
         }
+    }
+
+    /// Says whether calls may be peeked (see [`Shared::peeks`]).
+    #[must_use]
+    pub(crate) fn peeking(mut self, peeks: bool) -> Self {
+        self.peeks = peeks;
+        self
     }
 
     pub(crate) fn handshake_timeout(&self) -> Duration {
@@ -442,6 +453,10 @@ where
     }
     if let Some(identity) = &peer.identity {
         req.extensions_mut().insert(identity.clone());
+    }
+    if shared.peeks {
+        // One peek budget per connection, however the stack is cloned.
+        req.extensions_mut().insert(peer.peek_budget.clone());
     }
     // The call counts as in flight until its answer is out or abandoned.
     let in_flight = Gauge::hold(&shared.counters, Kind::Call);

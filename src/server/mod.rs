@@ -17,10 +17,10 @@ use tower::Service;
 use tracing::{debug, warn};
 
 use crate::{
-    net::Listener,
+    proto::flow::RecvBody,
+    proto::transport::Listener,
     stats::{Gauge, Kind},
     tls::server::ServerTls,
-    window::RecvBody,
 };
 
 mod call;
@@ -46,6 +46,9 @@ pub(crate) struct Peer {
     /// deadline, and no per-connection reset limit (the calls of every
     /// client of the hub share it; the hub limits each client).
     pub(crate) tunnel: bool,
+    /// What every call of the connection may hold of peeked messages
+    /// together (`routing.peek_max_bytes_per_connection`).
+    pub(crate) peek_budget: sluice_layers::peek::ConnectionBudget,
 }
 
 impl std::fmt::Display for Peer {
@@ -89,7 +92,12 @@ pub(crate) async fn serve<S, B>(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((io, addr)) => {
-                    let peer = Peer { addr, identity: None, tunnel: false };
+                    let peer = Peer {
+                        addr,
+                        identity: None,
+                        tunnel: false,
+                        peek_budget: sluice_layers::peek::ConnectionBudget::new(),
+                    };
                     if shared.counters().snapshot().downstream_connections >= max_connections {
                         // Over TLS the connection is closed at once: a
                         // GOAWAY would need a handshake first, a private-key
@@ -271,7 +279,7 @@ async fn serve_io<T, S, B>(
 /// Serves a connection sluice dialled itself (an agent's tunnel to a
 /// hub) as a downstream one: the hub is the HTTP/2 client.
 pub(crate) async fn serve_tunnel<S, B>(
-    io: crate::net::Stream,
+    io: crate::proto::transport::Stream,
     shared: Arc<Shared>,
     svc: S,
     watch: Watch,
@@ -286,6 +294,7 @@ pub(crate) async fn serve_tunnel<S, B>(
         addr: None,
         identity: None,
         tunnel: true,
+        peek_budget: sluice_layers::peek::ConnectionBudget::new(),
     };
     connection(io, shared, svc, watch, gauge, peer).await;
 }

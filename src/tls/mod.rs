@@ -164,7 +164,7 @@ pub(crate) fn failure_reason(e: &io::Error) -> &'static str {
 /// # Errors
 ///
 /// [`TlsError`] naming the file (or the configuration) that is unusable.
-pub fn check(config: &crate::Config) -> Result<(), TlsError> {
+pub fn check(config: &crate::config::Config) -> Result<(), TlsError> {
     if let Some(tls) = &config.server.tls {
         server::build(tls)?;
     }

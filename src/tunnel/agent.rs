@@ -32,10 +32,10 @@ use super::{
 };
 use crate::{
     config::{AgentConfig, HostPort},
-    net::Stream,
+    proto::flow::RecvBody,
+    proto::transport::Stream,
     server::{self, Shared},
     tls::client::ClientTls,
-    window::RecvBody,
 };
 
 /// How long a tunnel to an older hub generation keeps taking calls once
@@ -63,10 +63,13 @@ struct Dialer {
 impl Dialer {
     /// Connects to `hub`, with TLS when configured, by `deadline`.
     async fn dial(&self, hub: &HostPort, deadline: Instant) -> Result<Stream, String> {
-        let plain = tokio::time::timeout_at(deadline, Stream::connect(hub))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let plain = tokio::time::timeout_at(
+            deadline,
+            Stream::connect(crate::upstream::transport_target(hub)),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
         let Some(tls) = &self.tls else {
             return Ok(plain);
         };

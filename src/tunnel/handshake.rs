@@ -144,14 +144,9 @@ pub(crate) fn negotiate(theirs: &[u32]) -> Option<u32> {
     VERSIONS.iter().rev().find(|v| theirs.contains(v)).copied()
 }
 
-/// Whether `text` is safe in a header and a name: letters, digits and
-/// `-._:` only.
+/// Whether `text` is safe in a header and a name (the config's rule).
 pub(crate) fn is_token(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 253
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+    crate::config::is_tunnel_name(text)
 }
 
 fn hub_field(h: &HubInfo) -> String {

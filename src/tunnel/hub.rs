@@ -31,7 +31,7 @@ use super::handshake::{self, HubPolicy};
 use crate::{
     balance::{AgentEndpoint, Endpoint, Group},
     config::{HubConfig, UpstreamConfig},
-    net::Stream,
+    proto::transport::Stream,
     stats::Counters,
     tls::server::ServerTls,
 };
@@ -93,7 +93,7 @@ impl HandOverWatch {
 #[derive(Debug)]
 pub(crate) struct Hub {
     /// Where agents dial: any transport the server can listen on.
-    pub(crate) listener: crate::net::Listener,
+    pub(crate) listener: crate::proto::transport::Listener,
     pub(crate) config: HubConfig,
     pub(crate) group: Arc<Group>,
     /// Settings the agents' endpoints take (windows, keepalive).

@@ -2,7 +2,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::{config::HostPort, net::Stream, tls::client::ClientTls};
+use crate::{
+    config::HostPort,
+    proto::transport::{Stream, Target},
+    tls::client::ClientTls,
+};
 
 /// How one endpoint is dialled: plaintext, or TLS with its group's
 /// material and the name its certificate must carry.
@@ -64,7 +68,7 @@ impl Connector {
                 .take()
                 .ok_or_else(|| ConnectError("the agent's tunnel is gone".to_owned()));
         }
-        let plain = Stream::connect(target)
+        let plain = Stream::connect(transport_target(target))
             .await
             .map_err(|e| ConnectError(e.to_string()))?;
         let Some((tls, host)) = &self.tls else {
@@ -74,5 +78,17 @@ impl Connector {
             Ok(s) => Ok(Stream::Tls(Box::new(s))),
             Err(e) => Err(ConnectError(format!("TLS handshake failed: {e}"))),
         }
+    }
+}
+
+/// Where the transport dials for `address`: the transports take hosts,
+/// ports and paths, not config types.
+pub(crate) fn transport_target(address: &HostPort) -> Target<'_> {
+    match address.unix_path() {
+        Some(path) => Target::Unix(path),
+        None => Target::Tcp {
+            host: address.host(),
+            port: address.port(),
+        },
     }
 }

@@ -17,7 +17,7 @@ use super::{
     pool::{BACKOFF_BASE, BACKOFF_MAX, Conn, DialState, Pool},
 };
 use crate::{
-    batch::{self, Flushed},
+    proto::batch::{self, Flushed},
     stats::{Gauge, Kind},
 };
 

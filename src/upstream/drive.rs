@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::{
-    batch::{BatchIo, Flushed},
-    net::Stream,
+    proto::batch::{BatchIo, Flushed},
+    proto::transport::Stream,
 };
 
 /// Drives an upstream connection, pinging it every `interval` while calls

@@ -29,7 +29,7 @@ mod pool;
 use std::{sync::Arc, time::Duration};
 
 pub(crate) use self::{
-    connect::Connector,
+    connect::{Connector, transport_target},
     pool::{Checkout, ConnLoad, Lease, Pool, SendBlocked},
 };
 

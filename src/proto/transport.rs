@@ -13,8 +13,6 @@ use tokio::{
     net::{TcpStream, UnixStream},
 };
 
-use crate::config::HostPort;
-
 /// An open transport.
 #[derive(Debug)]
 pub(crate) enum Stream {
@@ -25,13 +23,22 @@ pub(crate) enum Stream {
     TlsServer(Box<tokio_rustls::server::TlsStream<Self>>),
 }
 
+/// Where to dial: a host (a name or an address) and a port, or a Unix
+/// socket path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Target<'a> {
+    Tcp { host: &'a str, port: u16 },
+    Unix(&'a std::path::Path),
+}
+
 impl Stream {
     /// Dials `target` (TCP with `TCP_NODELAY`, or a Unix socket path).
-    pub(crate) async fn connect(target: &HostPort) -> io::Result<Self> {
-        if let Some(path) = target.unix_path() {
-            return UnixStream::connect(path).await.map(Self::Unix);
-        }
-        let tcp = TcpStream::connect((target.host(), target.port())).await?;
+    pub(crate) async fn connect(target: Target<'_>) -> io::Result<Self> {
+        let (host, port) = match target {
+            Target::Unix(path) => return UnixStream::connect(path).await.map(Self::Unix),
+            Target::Tcp { host, port } => (host, port),
+        };
+        let tcp = TcpStream::connect((host, port)).await?;
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on an upstream connection");
         }

@@ -1,0 +1,468 @@
+//! The wiring of a sluice: listeners, the inbound stack, the admin
+//! server, the tunnel roles and the TLS reloader. Each part starts with
+//! what it needs and hands back a handle; [`Running`] holds them, and its
+//! drain takes them down in order.
+
+mod bind;
+mod drain;
+mod serve;
+
+use std::time::Duration;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use sluice_layers::drain as drain_signal;
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
+
+use self::bind::{bind, bind_admin, local_addr};
+pub use self::serve::{admin_ready, serve};
+use crate::{
+    AgentTunnels, Config, Stats, admin,
+    balance::Groups,
+    config::{AdminListen, DrainConfig},
+    proto::transport,
+    server, stack,
+    stats::Counters,
+    telemetry::metrics::{Metrics, TunnelView},
+    tls, tunnel,
+};
+
+/// Why sluice could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// An address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Unix socket path could not be bound.
+    #[error("cannot listen on {}: {source}", path.display())]
+    BindUnix {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate, key or CA bundle cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// A running sluice.
+#[derive(Debug)]
+pub struct Running {
+    listen: SocketAddr,
+    tls_listen: Option<SocketAddr>,
+    tunnel_listen: Option<SocketAddr>,
+    tunnel_tasks: Vec<JoinHandle<()>>,
+    tracker: Option<Arc<tunnel::tracker::Tracker>>,
+    /// A hub's first drain step: agents re-homed before clients go.
+    hand_over: Option<tunnel::hub::HandOver>,
+    admin: Option<SocketAddr>,
+    reload_requested: Arc<Notify>,
+    reloader: Option<JoinHandle<()>>,
+    signal: drain_signal::Signal,
+    watch: drain_signal::Watch,
+    drain_requested: Arc<Notify>,
+    abort: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    admin_task: Option<JoinHandle<()>>,
+    groups: Arc<Groups>,
+    counters: Arc<Counters>,
+    drain: DrainConfig,
+}
+
+/// Asks a [`Running`] sluice to reload its TLS material.
+#[derive(Clone, Debug)]
+pub struct ReloadHandle(Arc<Notify>);
+
+impl ReloadHandle {
+    /// See [`Running::reload_tls`].
+    pub fn reload(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// How a drain went.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// From the start of the drain to the last connection closed.
+    pub elapsed: Duration,
+    /// Calls still open at the drain deadline, which were ended with
+    /// UNAVAILABLE.
+    pub cut_off: usize,
+}
+
+/// The TLS material a config names, read once at the start.
+struct Material {
+    server: Option<Arc<tls::server::ServerTls>>,
+    hub: Option<Arc<tls::server::ServerTls>>,
+    agent: Option<Arc<tls::client::ClientTls>>,
+}
+
+impl Material {
+    fn read(config: &Config) -> Result<Self, RunError> {
+        let server = match &config.server.tls {
+            Some(t) => Some(Arc::new(tls::server::ServerTls::new("server.tls", t)?)),
+            None => None,
+        };
+        let hub = match config.tunnel.hub.as_ref().and_then(|h| h.tls.as_ref()) {
+            Some(t) => Some(Arc::new(tls::server::ServerTls::new("tunnel.hub.tls", t)?)),
+            None => None,
+        };
+        let agent = match config.tunnel.agent.as_ref().and_then(|a| a.tls.as_ref()) {
+            Some(t) => Some(Arc::new(tls::client::ClientTls::new(
+                "tunnel.agent.tls".to_owned(),
+                t,
+            )?)),
+            None => None,
+        };
+        Ok(Self { server, hub, agent })
+    }
+
+    /// Every piece the reloader looks after (the groups' too).
+    fn reloadable(&self, groups: &Groups) -> Vec<Arc<dyn tls::reload::Reload>> {
+        let mut all: Vec<Arc<dyn tls::reload::Reload>> = groups.tls_materials().to_vec();
+        all.extend(
+            self.server
+                .iter()
+                .chain(&self.hub)
+                .map(|t| t.material() as Arc<dyn tls::reload::Reload>),
+        );
+        all.extend(
+            self.agent
+                .iter()
+                .map(|t| t.material() as Arc<dyn tls::reload::Reload>),
+        );
+        all
+    }
+}
+
+/// The listeners of the proxy port(s), each with whether it speaks TLS.
+struct Listeners {
+    all: Vec<(transport::Listener, bool)>,
+    listen: SocketAddr,
+    tls_listen: Option<SocketAddr>,
+}
+
+impl Listeners {
+    fn bind(config: &Config, tls: bool) -> Result<Self, RunError> {
+        let listener = bind(config.server.listen, config.server.reuse_port)?;
+        let listen = local_addr(&listener, config.server.listen)?;
+        let tls_only = tls
+            && config
+                .server
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.listen.is_none());
+        let mut all = vec![(transport::Listener::Tcp(listener), tls_only)];
+        let mut tls_listen = tls_only.then_some(listen);
+        if let Some(addr) = config.server.tls.as_ref().and_then(|t| t.listen) {
+            let l = bind(addr, config.server.reuse_port)?;
+            tls_listen = Some(local_addr(&l, addr)?);
+            all.push((transport::Listener::Tcp(l), true));
+        }
+        if let Some(path) = &config.server.listen_unix {
+            let l = transport::Listener::bind_unix(path).map_err(|source| RunError::BindUnix {
+                path: path.clone(),
+                source,
+            })?;
+            all.push((l, false));
+        }
+        Ok(Self {
+            all,
+            listen,
+            tls_listen,
+        })
+    }
+}
+
+/// Binds the listeners and starts serving on the current tokio runtime.
+///
+/// # Errors
+///
+/// [`RunError::Bind`] when the proxy or admin address cannot be bound,
+/// [`RunError::Tls`] when TLS material cannot be used.
+pub async fn run(config: &Config) -> Result<Running, RunError> {
+    let material = Material::read(config)?;
+    let counters = Arc::new(Counters::default());
+    let metrics = Arc::new(Metrics::new());
+    let groups = Arc::new(Groups::from_config(config, &counters)?);
+    let listeners = Listeners::bind(config, material.server.is_some())?;
+    let hub_listener = match &config.tunnel.hub {
+        Some(hub) => {
+            let l = bind(hub.listen, config.server.reuse_port)?;
+            let addr = local_addr(&l, hub.listen)?;
+            Some((l, addr))
+        }
+        None => None,
+    };
+    let (signal, watch) = drain_signal::channel();
+    let stack = stack::build(
+        config,
+        groups.clone(),
+        counters.clone(),
+        watch.clone(),
+        metrics.clone(),
+    );
+    let (abort, aborted) = watch::channel(false);
+    let drain_requested = Arc::new(Notify::new());
+    let tracker = config
+        .tunnel
+        .agent
+        .as_ref()
+        .map(|a| tunnel::tracker::Tracker::new(a.expiry, a.connections));
+    let agents = config
+        .tunnel
+        .hub
+        .as_ref()
+        .and_then(|h| groups.group(&h.group));
+
+    let (admin, admin_task) = match config.admin.listen {
+        AdminListen::Off => (None, None),
+        AdminListen::On(addr) => {
+            let listener = bind_admin(addr).await?;
+            let bound = local_addr(&listener, addr)?;
+            let state = admin_state(
+                config,
+                &groups,
+                agents.clone(),
+                tracker.clone(),
+                admin::State {
+                    drain: watch.clone(),
+                    drain_requested: drain_requested.clone(),
+                    metrics: metrics.clone(),
+                    counters: counters.clone(),
+                    upstream_reachable: None,
+                    agents: None,
+                    ready_requires_agents: config.admin.ready_requires_agents,
+                    tunnels: None,
+                    control: config.admin.control,
+                },
+            );
+            (
+                Some(bound),
+                Some(tokio::spawn(admin::serve(listener, Arc::new(state)))),
+            )
+        }
+    };
+
+    let tag_peer = config.enrich.forwarded || config.enrich.x_forwarded_for;
+    let shared = Arc::new(
+        server::Shared::new(&config.server, tag_peer, counters.clone(), metrics.clone())
+            .peeking(config.routes.iter().any(|r| r.field.is_some())),
+    );
+    let servers: Vec<_> = listeners
+        .all
+        .into_iter()
+        .map(|(listener, is_tls)| {
+            server::serve(
+                listener,
+                if is_tls {
+                    material.server.clone()
+                } else {
+                    None
+                },
+                shared.clone(),
+                stack.clone(),
+                config.server.max_connections,
+                watch.clone(),
+                aborted.clone(),
+            )
+        })
+        .collect();
+    let server = tokio::spawn(async move {
+        futures_util::future::join_all(servers).await;
+    });
+
+    let mut tunnel_tasks = Vec::new();
+    let mut hand_over = None;
+    let tunnel_listen = hub_listener.as_ref().map(|(_, addr)| *addr);
+    if let (Some(hub), Some((listener, _))) = (&config.tunnel.hub, hub_listener) {
+        // Groups::from_config creates the agents' group when the config
+        // does not.
+        let group = agents.clone().expect("the agents' group exists");
+        let upstream = config
+            .upstreams
+            .get(&hub.group)
+            .map_or_else(|| config.upstream.clone(), |g| config.group_upstream(g));
+        let (handle, hand_over_watch) = tunnel::hub::hand_over();
+        hand_over = Some(handle);
+        tunnel_tasks.push(tokio::spawn(
+            tunnel::hub::Hub {
+                listener: transport::Listener::Tcp(listener),
+                config: hub.clone(),
+                group,
+                upstream,
+                counters: counters.clone(),
+                watch: watch.clone(),
+                tls: material.hub.clone(),
+                hand_over: hand_over_watch,
+            }
+            .serve(),
+        ));
+    }
+    if let (Some(agent), Some(t)) = (&config.tunnel.agent, tracker.clone()) {
+        tunnel_tasks.push(tokio::spawn(tunnel::agent::run(
+            agent.clone(),
+            material.agent.clone(),
+            t,
+            shared,
+            stack.clone(),
+            watch.clone(),
+        )));
+    }
+
+    let materials = material.reloadable(&groups);
+    let reload_requested = Arc::new(Notify::new());
+    let reloader = (!materials.is_empty()).then(|| {
+        tokio::spawn(
+            tls::reload::Reloader {
+                materials,
+                interval: config.tls.reload_interval,
+                requested: reload_requested.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(),
+        )
+    });
+    Ok(Running {
+        listen: listeners.listen,
+        tls_listen: listeners.tls_listen,
+        tunnel_listen,
+        tunnel_tasks,
+        tracker,
+        hand_over,
+        admin,
+        reload_requested,
+        reloader,
+        signal,
+        watch,
+        drain_requested,
+        abort,
+        server,
+        admin_task,
+        groups,
+        counters,
+        drain: config.drain.clone(),
+    })
+}
+
+/// The admin server's handles: readiness and tunnel probes as functions
+/// of the groups and the tracker, which the admin port never sees.
+fn admin_state(
+    config: &Config,
+    groups: &Groups,
+    agents: Option<Arc<crate::balance::Group>>,
+    tracker: Option<Arc<tunnel::tracker::Tracker>>,
+    mut state: admin::State,
+) -> admin::State {
+    if config.admin.ready_requires_upstream
+        && let Some(pool) = groups.default_pool()
+    {
+        state.upstream_reachable = Some(Arc::new(move || {
+            let pool = pool.clone();
+            Box::pin(async move { pool.reachable().await })
+        }));
+    }
+    state.agents =
+        agents.map(|g| Arc::new(move || g.len()) as Arc<dyn Fn() -> usize + Send + Sync>);
+    state.tunnels = tracker.map(|t| {
+        Arc::new(move || {
+            let s = t.snapshot();
+            TunnelView {
+                desired: s.desired,
+                claimed: s.claimed,
+                inflight: s.inflight,
+                failed_dials: s.failed_dials,
+                hubs: t.claimed_hubs(),
+            }
+        }) as Arc<dyn Fn() -> TunnelView + Send + Sync>
+    });
+    state
+}
+
+impl Running {
+    /// The address the proxy listener is bound to (the real port when the
+    /// config said port 0).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The address of the TLS listener, if there is one (the same as
+    /// [`Running::listen_addr`] when `server.listen` speaks TLS only).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listen
+    }
+
+    /// The address agents dial, when this sluice is a tunnel hub.
+    pub fn tunnel_addr(&self) -> Option<SocketAddr> {
+        self.tunnel_listen
+    }
+
+    /// The agent's tunnel pool now, when this sluice is a tunnel agent.
+    pub fn agent_tunnels(&self) -> Option<AgentTunnels> {
+        self.tracker.as_ref().map(|t| t.snapshot())
+    }
+
+    /// Endpoints of group `group` now (for a hub: the agents connected).
+    pub fn group_len(&self, group: &str) -> usize {
+        self.groups.group(group).map_or(0, |g| g.len())
+    }
+
+    /// [`Running::group_len`] as a function that outlives the handle (to
+    /// watch a group while [`Running::drain`] runs).
+    pub fn group_len_fn(&self, group: &str) -> impl Fn() -> usize + Send + Sync + 'static {
+        let (groups, group) = (self.groups.clone(), group.to_owned());
+        move || groups.group(&group).map_or(0, |g| g.len())
+    }
+
+    /// Reads every certificate, key and CA bundle again now, whether or not
+    /// the files look changed (what SIGHUP does). Material that does not
+    /// parse is kept as it was.
+    pub fn reload_tls(&self) {
+        self.reload_requested.notify_one();
+    }
+
+    /// A handle that does [`Running::reload_tls`] from elsewhere (a signal
+    /// handler task).
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle(self.reload_requested.clone())
+    }
+
+    /// The address the admin server is bound to, unless it is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// What sluice holds open right now.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
+    }
+
+    /// The addresses of an upstream group's endpoints now (names resolved
+    /// to one endpoint per address), or `None` for an unknown group.
+    pub fn group_endpoints(&self, group: &str) -> Option<Vec<String>> {
+        self.groups.addresses(group)
+    }
+
+    /// Whether `/ready` answers 200 (before any upstream check).
+    pub fn is_ready(&self) -> bool {
+        self.watch.is_ready()
+    }
+
+    /// Resolves when `POST /drain` arrives on the admin server.
+    pub async fn drain_requested(&self) {
+        self.drain_requested.notified().await;
+    }
+}
