@@ -82,7 +82,7 @@ fn route_matching(c: &mut Criterion) {
         ));
     }
     let config = sluice::Config::from_toml_str(&text).expect("100 routes");
-    let mut routes = sluice::route::Routes::from_config(&config);
+    let mut routes = sluice::route::RouteTable::from_config(&config);
     let (parts, ()) = Request::post("http://x/svc99.v1.Things/GetThing")
         .header("x-tenant", "t99-acme")
         .body(())
@@ -111,7 +111,7 @@ fn route_matching_at_scale(c: &mut Criterion) {
         }
     }
     let config = sluice::Config::from_toml_str(&text).expect("10,000 routes");
-    let mut routes = sluice::route::Routes::from_config(&config);
+    let mut routes = sluice::route::RouteTable::from_config(&config);
     let head = |tenant: &str| {
         let (parts, ()) = Request::post("http://x/sluice.test.Echo/Unary")
             .header("x-tenant", tenant)

@@ -23,7 +23,7 @@ use crate::{
     config::{Config, DEFAULT_GROUP, FailWhen, MalformedConfig},
     forward::Forward,
     rescue::Rescue,
-    route::Routes,
+    route::RouteTable,
     stats::Counters,
     telemetry::{
         calls::CallMetrics,
@@ -46,7 +46,9 @@ type Ids<S> = Either<SetRequestId<S, MakeId>, S>;
 /// The stack between the server and the upstream.
 pub(crate) type Stack = Trace<
     CallMetrics<
-        Rescue<Drain<Enrich<Ids<Peek<Direct<Via<Fanout<Deadline<Balance<Forward>>>>, Routes>>>>>>,
+        Rescue<
+            Drain<Enrich<Ids<Peek<Direct<Via<Fanout<Deadline<Balance<Forward>>>>, RouteTable>>>>>,
+        >,
     >,
     SharedClassifier<GrpcErrorsAsFailures>,
     trace::MakeSpan,
@@ -73,14 +75,14 @@ pub(crate) fn build(
                 .unwrap_or_default()
         })
     };
-    let routes = Routes::with_members(config, members);
+    let routes = RouteTable::with_members(config, members);
     let peek_max_bytes = config.routing.peek_max_bytes.0 as usize;
     ServiceBuilder::new()
         // A DEBUG span per call: method, upstream, grpc-status, duration.
         .layer(trace::layer())
         // Count every call (refusals included) by service, method and
         // status, with latency, messages and bytes each way.
-        .layer_fn(|inner| CallMetrics::new(inner, metrics.clone()))
+        .layer_fn(|inner| CallMetrics::new(inner, metrics.calls.clone(), metrics.refusals.clone()))
         // The one place errors become gRPC statuses (or, for an upstream
         // reset, stay errors that the server turns into RST_STREAM). What
         // must not be forwarded at all (non-gRPC HTTP/2, calls past

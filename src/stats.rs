@@ -35,7 +35,7 @@ pub(crate) struct Counters {
     upstream_gone: Notify,
 }
 
-/// Which counter a [`Gauge`] holds up.
+/// Which count a [`Held`] holds up.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Kind {
     DownstreamConnection,
@@ -45,7 +45,7 @@ pub(crate) enum Kind {
 
 /// Holds one unit of a counter until dropped.
 #[derive(Debug)]
-pub(crate) struct Gauge {
+pub(crate) struct Held {
     counters: Arc<Counters>,
     kind: Kind,
 }
@@ -90,10 +90,10 @@ impl Counters {
     }
 }
 
-// === impl Gauge ===
+// === impl Held ===
 
-impl Gauge {
-    pub(crate) fn hold(counters: &Arc<Counters>, kind: Kind) -> Self {
+impl Held {
+    pub(crate) fn count(counters: &Arc<Counters>, kind: Kind) -> Self {
         counters.counter(kind).fetch_add(1, Ordering::Relaxed);
         Self {
             counters: counters.clone(),
@@ -102,7 +102,7 @@ impl Gauge {
     }
 }
 
-impl Drop for Gauge {
+impl Drop for Held {
     fn drop(&mut self) {
         let before = self
             .counters

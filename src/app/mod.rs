@@ -259,7 +259,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
 
     let tag_peer = config.enrich.forwarded || config.enrich.x_forwarded_for;
     let shared = Arc::new(
-        server::Shared::new(&config.server, tag_peer, counters.clone(), metrics.clone())
+        server::ListenerSettings::new(&config.server, tag_peer, counters.clone(), metrics.clone())
             .peeking(config.routes.iter().any(|r| r.field.is_some())),
     );
     let servers: Vec<_> = listeners

@@ -11,7 +11,7 @@ pub(crate) enum BalanceError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// The director chose a route the balancer cannot follow: a fan-out or
-    /// mirror route, or a group that does not exist. Routes read from a
+    /// mirror route, or a group that does not exist. RouteTable read from a
     /// config never do (the config checks its groups, and its routes have
     /// one destination); a director of a library user can.
     #[error("cannot follow the route: {0}")]

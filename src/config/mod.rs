@@ -80,7 +80,7 @@ pub struct Config {
     pub trace: TraceConfig,
     /// More upstream groups, by name, besides `[upstream]` (group `default`).
     pub upstreams: std::collections::BTreeMap<String, GroupConfig>,
-    /// Routes, tried in order; the first that matches decides.
+    /// RouteTable, tried in order; the first that matches decides.
     pub routes: Vec<RouteConfig>,
     /// What happens when no route matches, and how routing reads calls.
     pub routing: RoutingConfig,

@@ -18,7 +18,7 @@ use super::{
 use crate::config::TextMatch;
 
 /// At most this many metadata keys are indexed (those most routes test
-/// with `equals`); a call looks each one up. Routes keyed otherwise are
+/// with `equals`); a call looks each one up. RouteTable keyed otherwise are
 /// tried for every call.
 const MAX_INDEXED_KEYS: usize = 4;
 

@@ -35,7 +35,7 @@ pub type Members = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 /// One pointer: every connection's stack holds a copy, so its size is paid
 /// per idle connection.
 #[derive(Clone)]
-pub struct Routes {
+pub struct RouteTable {
     inner: Arc<Inner>,
 }
 
@@ -51,21 +51,21 @@ struct Inner {
     streaming: Box<[Glob]>,
 }
 
-impl std::fmt::Debug for Routes {
+impl std::fmt::Debug for RouteTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Routes")
+        f.debug_struct("RouteTable")
             .field("routes", &self.inner.routes)
             .field("fallback", &self.inner.fallback)
             .finish_non_exhaustive()
     }
 }
 
-// === impl Routes ===
+// === impl RouteTable ===
 
-impl Routes {
+impl RouteTable {
     /// Compiles the config's `[[routes]]` and `[routing]` fallback. A
     /// fan-out over a whole group sends to the endpoints the config lists
-    /// (see [`Routes::with_members`] for the live ones).
+    /// (see [`RouteTable::with_members`] for the live ones).
     pub fn from_config(config: &Config) -> Self {
         let groups: std::collections::HashMap<String, Vec<String>> = config
             .upstreams
@@ -142,7 +142,7 @@ impl Routes {
     }
 }
 
-impl Director for Routes {
+impl Director for RouteTable {
     fn direct(&mut self, parts: &Parts, peeked: &[PeekedMessage]) -> Result<Route, Refusal> {
         for route in self.candidates(parts) {
             if !route.matches(parts, peeked) {
@@ -189,7 +189,7 @@ impl Director for Routes {
     }
 }
 
-impl Routes {
+impl RouteTable {
     /// The routes the call with head `parts` could match, in order.
     fn candidates<'a>(&'a self, parts: &Parts) -> impl Iterator<Item = &'a Compiled> {
         let routes = &self.inner.routes;
@@ -303,7 +303,7 @@ mod tests {
              [[routes]]\nupstream = \"default\"\n"
         ))
         .expect("config");
-        let mut routes = Routes::from_config(&config);
+        let mut routes = RouteTable::from_config(&config);
         let denied =
             |r: &Result<Route, Refusal>| matches!(r, Err(e) if e.code() == Code::PermissionDenied);
         // A keyed fan-out without its key passes the call on: no refusal.
@@ -345,7 +345,7 @@ mod tests {
              [[routes]]\nfanout = { group = \"nodes\", key = \"nodes\" }\n",
         )
         .expect("config");
-        let mut routes = Routes::from_config(&config);
+        let mut routes = RouteTable::from_config(&config);
         let ids: Vec<String> = (0..4_900).map(|i| format!("n{i}")).collect();
         let key = ids.join(",");
         let r = routes.direct(&head("/a.B/C", &[("nodes", &key)], None), &[]);

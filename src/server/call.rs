@@ -23,7 +23,7 @@ use tracing::debug;
 
 use crate::{
     proto::flow::{Outgoing, RecvBody, Sent},
-    stats::Gauge,
+    stats::Held,
 };
 
 /// How a call ended, for the connection's bookkeeping.
@@ -61,7 +61,7 @@ pin_project! {
     pub(super) struct CallFuture<F, B> {
         #[pin]
         state: CallState<F, B>,
-        _in_flight: Option<Gauge>,
+        _in_flight: Option<Held>,
     }
 }
 
@@ -91,7 +91,7 @@ pin_project! {
 
 impl<F, B> CallFuture<F, B> {
     /// A call whose stack future is `answer`; `in_flight` counts it.
-    pub(super) fn new(answer: F, respond: SendResponse<Bytes>, in_flight: Gauge) -> Self {
+    pub(super) fn new(answer: F, respond: SendResponse<Bytes>, in_flight: Held) -> Self {
         Self {
             state: CallState::Answer {
                 answer,

@@ -26,14 +26,12 @@ use futures_util::{
     task::{ArcWake, AtomicWaker},
 };
 use h2::{Ping, Reason, RecvStream, server::SendResponse};
-use http::{Request, Response};
-use http_body::Body;
+use http::Request;
 use sluice_layers::{BoxError, drain::Watch, grpc::status::Code};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     time::{Instant, sleep_until, timeout_at},
 };
-use tower::Service;
 use tracing::{debug, warn};
 
 use super::call::{self, CallEnd, CallFuture};
@@ -41,7 +39,7 @@ use crate::{
     config::ServerConfig,
     proto::batch::BatchIo,
     proto::flow::RecvBody,
-    stats::{Counters, Gauge, Kind},
+    stats::{Counters, Held, Kind},
     telemetry::metrics::{Metrics, RefusalReason},
 };
 
@@ -65,7 +63,7 @@ const NOT_GRPC: &str = "sluice serves gRPC only: content-type must be applicatio
 
 /// What every connection of a listener shares.
 #[derive(Debug)]
-pub(crate) struct Shared {
+pub(crate) struct ListenerSettings {
     builder: h2::server::Builder,
     handshake_timeout: Duration,
     idle_timeout: Duration,
@@ -84,7 +82,7 @@ pub(crate) struct Shared {
     metrics: Arc<Metrics>,
 }
 
-impl Shared {
+impl ListenerSettings {
     pub(crate) fn new(
         config: &ServerConfig,
         tag_peer: bool,
@@ -118,7 +116,7 @@ impl Shared {
         }
     }
 
-    /// Says whether calls may be peeked (see [`Shared::peeks`]).
+    /// Says whether calls may be peeked (see [`ListenerSettings::peeks`]).
     #[must_use]
     pub(crate) fn peeking(mut self, peeks: bool) -> Self {
         self.peeks = peeks;
@@ -204,20 +202,17 @@ impl Resets {
 /// many calls, or the drain begins (GOAWAY, then the streams already open
 /// finish). The preface and SETTINGS must arrive by `deadline`, and the
 /// first request too.
-pub(super) async fn serve<T, S, B>(
+pub(super) async fn serve<T, S>(
     io: T,
     prefix: Bytes,
     deadline: Instant,
     svc: &mut S,
-    shared: &Shared,
+    shared: &ListenerSettings,
     watch: Watch,
     peer: &super::Peer,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
-    S: Service<Request<RecvBody>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    S: super::CallService,
 {
     let (io, flusher) = BatchIo::with_prefix(io, prefix);
     // Boxed: the handshake's state is only needed until it completes, and
@@ -415,15 +410,15 @@ pub(super) async fn serve<T, S, B>(
 
 /// One stream: refused by the server itself, or a call through the stack
 /// (which must be ready).
-fn admit<S, B>(
+fn admit<S>(
     svc: &mut S,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    shared: &Shared,
+    shared: &ListenerSettings,
     peer: &super::Peer,
-) -> CallFuture<S::Future, B>
+) -> CallFuture<S::Future, S::ResBody>
 where
-    S: Service<Request<RecvBody>, Response = Response<B>>,
+    S: super::CallService,
 {
     if shared.refuse_non_grpc {
         let grpc = req
@@ -459,6 +454,6 @@ where
         req.extensions_mut().insert(peer.peek_budget.clone());
     }
     // The call counts as in flight until its answer is out or abandoned.
-    let in_flight = Gauge::hold(&shared.counters, Kind::Call);
+    let in_flight = Held::count(&shared.counters, Kind::Call);
     CallFuture::new(svc.call(req.map(RecvBody::new)), respond, in_flight)
 }

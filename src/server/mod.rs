@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use crate::{
     proto::flow::RecvBody,
     proto::transport::Listener,
-    stats::{Gauge, Kind},
+    stats::{Held, Kind},
     tls::server::ServerTls,
 };
 
@@ -27,13 +27,36 @@ mod call;
 mod conn;
 mod sniff;
 
-pub(crate) use self::conn::Shared;
+pub(crate) use self::conn::ListenerSettings;
 
 /// How long to wait before accepting again after an accept error that is
 /// not about one connection (EMFILE, ENOBUFS): retrying at once would spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How long a connection over `max_connections` gets to take its GOAWAY.
 const REFUSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What the server hands each call to, in one bound (hyper's
+/// `HttpService` idea): a cloneable service answering a request whose body
+/// is the client's h2 stream with a response whose body carries `Bytes`.
+pub(crate) trait CallService:
+    Service<Request<RecvBody>, Response = Response<Self::ResBody>, Error = Self::Err> + Clone
+{
+    /// The response body.
+    type ResBody: Body<Data = Bytes, Error: Into<BoxError>>;
+    /// The service's error.
+    type Err: Into<BoxError>;
+}
+
+impl<S, B> CallService for S
+where
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type ResBody = B;
+    type Err = S::Error;
+}
 
 /// Who is at the other end of a connection.
 #[derive(Clone, Debug)]
@@ -68,20 +91,20 @@ impl std::fmt::Display for Peer {
 /// Each connection task holds a drain guard until its connection closes.
 /// With `tls`, each connection's TLS handshake runs first, in its own task
 /// and under the handshake deadline.
-pub(crate) async fn serve<S, B>(
+pub(crate) async fn serve<S>(
     listener: Listener,
     tls: Option<Arc<ServerTls>>,
-    shared: Arc<Shared>,
+    shared: Arc<ListenerSettings>,
     svc: S,
     max_connections: usize,
     watch: Watch,
     mut abort: watch::Receiver<bool>,
 ) where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError> + Send,
+    S: CallService + Send + Sync + 'static,
+    S::Err: Send,
     S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError> + Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as Body>::Error: Send,
 {
     let mut conns = JoinSet::new();
     let draining = watch.clone().signaled();
@@ -110,7 +133,7 @@ pub(crate) async fn serve<S, B>(
                         }
                         continue;
                     }
-                    let gauge = Gauge::hold(shared.counters(), Kind::DownstreamConnection);
+                    let gauge = Held::count(shared.counters(), Kind::DownstreamConnection);
                     match &tls {
                         None => conns.spawn(connection(io, shared.clone(), svc.clone(), watch.clone(), gauge, peer)),
                         Some(tls) => conns.spawn(tls_connection(io, tls.clone(), shared.clone(), svc.clone(), watch.clone(), gauge, peer)),
@@ -161,7 +184,7 @@ where
 async fn handshake<T>(
     io: T,
     tls: &ServerTls,
-    shared: &Shared,
+    shared: &ListenerSettings,
     peer: &Peer,
     deadline: Instant,
 ) -> Option<(tokio_rustls::server::TlsStream<T>, Option<PeerIdentity>)>
@@ -183,20 +206,17 @@ where
 /// on the decrypted stream, all by the one handshake deadline. The
 /// handshake and the TLS stream are boxed: rustls's connection state is
 /// large, and unboxed it would be in every connection future.
-async fn tls_connection<T, S, B>(
+async fn tls_connection<T, S>(
     io: T,
     tls: Arc<ServerTls>,
-    shared: Arc<Shared>,
+    shared: Arc<ListenerSettings>,
     mut svc: S,
     watch: Watch,
-    _gauge: Gauge,
+    _gauge: Held,
     mut peer: Peer,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    S: CallService,
 {
     let _guard = watch.guard();
     let deadline = Instant::now() + shared.handshake_timeout();
@@ -210,19 +230,16 @@ async fn tls_connection<T, S, B>(
 
 /// Serves one connection: decides what it speaks, under the handshake
 /// deadline, then serves HTTP/2 or refuses it.
-async fn connection<T, S, B>(
+async fn connection<T, S>(
     io: T,
-    shared: Arc<Shared>,
+    shared: Arc<ListenerSettings>,
     mut svc: S,
     watch: Watch,
-    _gauge: Gauge,
+    _gauge: Held,
     peer: Peer,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    S: CallService,
 {
     let _guard = watch.guard();
     let deadline = Instant::now() + shared.handshake_timeout();
@@ -233,19 +250,16 @@ async fn connection<T, S, B>(
 /// HTTP/2 or a refusal. Everything but the transport by reference: an
 /// async fn keeps its arguments for its whole life, so values moved in
 /// here would take their space in every connection future twice.
-async fn serve_io<T, S, B>(
+async fn serve_io<T, S>(
     mut io: T,
-    shared: &Shared,
+    shared: &ListenerSettings,
     svc: &mut S,
     watch: Watch,
     peer: &Peer,
     deadline: Instant,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    S: CallService,
 {
     let (protocol, prefix) = match sniff::sniff(&mut io, deadline).await {
         Ok(sniffed) => sniffed,
@@ -278,18 +292,15 @@ async fn serve_io<T, S, B>(
 
 /// Serves a connection sluice dialled itself (an agent's tunnel to a
 /// hub) as a downstream one: the hub is the HTTP/2 client.
-pub(crate) async fn serve_tunnel<S, B>(
+pub(crate) async fn serve_tunnel<S>(
     io: crate::proto::transport::Stream,
-    shared: Arc<Shared>,
+    shared: Arc<ListenerSettings>,
     svc: S,
     watch: Watch,
 ) where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    S: CallService,
 {
-    let gauge = Gauge::hold(shared.counters(), Kind::DownstreamConnection);
+    let gauge = Held::count(shared.counters(), Kind::DownstreamConnection);
     let peer = Peer {
         addr: None,
         identity: None,

@@ -28,7 +28,7 @@ use sluice_layers::grpc::{
 };
 use tower::Service;
 
-use super::metrics::{Metrics, RefusalReason};
+use super::refusals::{RefusalReason, Refusals};
 
 /// Distinct `/service/method` paths tracked; calls to further paths are
 /// counted as service `other`, so a client inventing method names cannot
@@ -190,19 +190,25 @@ impl CallFamilies {
 #[derive(Clone, Debug)]
 pub(crate) struct CallMetrics<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    families: Arc<CallFamilies>,
+    refusals: Refusals,
 }
 
 impl<S> CallMetrics<S> {
-    pub(crate) fn new(inner: S, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    pub(crate) fn new(inner: S, families: Arc<CallFamilies>, refusals: Refusals) -> Self {
+        Self {
+            inner,
+            families,
+            refusals,
+        }
     }
 }
 
 /// One call's record, written once when the call ends.
 #[derive(Debug)]
 struct Call {
-    metrics: Arc<Metrics>,
+    families: Arc<CallFamilies>,
+    refusals: Refusals,
     handles: Arc<Handles>,
     start: Instant,
     code: Option<Code>,
@@ -220,8 +226,7 @@ impl Call {
         let slot = usize::try_from(code.as_i32()).map_or(2, |i| i.min(16));
         h.codes[slot]
             .get_or_init(|| {
-                self.metrics
-                    .calls
+                self.families
                     .calls
                     .get_or_create(&CallLabels {
                         service: h.labels.service.clone(),
@@ -233,7 +238,7 @@ impl Call {
             .inc();
         h.duration.observe(self.start.elapsed().as_secs_f64());
         if let Some(group) = &self.group {
-            let families = &self.metrics.calls;
+            let families = &self.families;
             families.group_codes(group)[slot]
                 .get_or_init(|| {
                     families
@@ -270,7 +275,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let handles = self.metrics.calls.handles(req.uri().path());
+        let handles = self.families.handles(req.uri().path());
         let req = req.map(|body| MeteredRequest {
             body,
             counter: MessageCounter::default(),
@@ -279,7 +284,8 @@ where
         ResponseFuture {
             inner: self.inner.call(req),
             call: Some(Call {
-                metrics: self.metrics.clone(),
+                families: self.families.clone(),
+                refusals: self.refusals.clone(),
                 handles,
                 start: Instant::now(),
                 code: None,
@@ -318,7 +324,7 @@ where
                 }
                 // An answer a layer gave itself is a refusal by its cause.
                 if let Some(by) = res.extensions().get::<status::Answered>() {
-                    call.metrics.refused(RefusalReason::answered_by(*by));
+                    call.refusals.refused(RefusalReason::answered_by(*by));
                 }
                 if let Some(chosen) = res.extensions().get::<crate::balance::Chosen>() {
                     call.group = Some(chosen.group.clone());

@@ -4,56 +4,16 @@
 //! lookup and a few atomic adds.
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
 use sluice_layers::drain::Watch;
 
-use super::calls::CallFamilies;
+pub(crate) use super::refusals::RefusalReason;
+use super::{calls::CallFamilies, refusals::Refusals};
 use crate::stats::Counters;
-
-/// Why sluice refused a call itself.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub(crate) enum RefusalReason {
-    /// The upstream could not be reached or was lost (UNAVAILABLE).
-    upstream_unavailable,
-    /// No endpoint of the routed group matches the call (UNAVAILABLE).
-    no_endpoint,
-    /// The call already passed through this sluice (ABORTED).
-    routing_loop,
-    /// A route refused the call with the status it names.
-    route,
-    /// The first message was larger than `routing.peek_max_bytes`
-    /// (RESOURCE_EXHAUSTED).
-    peek_budget,
-    /// The call's deadline passed in sluice (DEADLINE_EXCEEDED).
-    deadline,
-    /// The drain deadline cut the call off (UNAVAILABLE).
-    drained,
-    /// Something unexpected inside sluice (INTERNAL).
-    internal,
-    /// An HTTP/2 request that is not gRPC (answered 415).
-    not_grpc,
-    /// Past `server.max_in_flight` (answered RESOURCE_EXHAUSTED).
-    overloaded,
-}
-
-impl RefusalReason {
-    /// The reason for an answer a layer gave itself.
-    pub(crate) fn answered_by(by: sluice_layers::grpc::status::Answered) -> Self {
-        use sluice_layers::grpc::status::Answered;
-        match by {
-            Answered::Refused => Self::route,
-            Answered::PeekBudget => Self::peek_budget,
-            Answered::Deadline => Self::deadline,
-            Answered::Draining => Self::drained,
-            _ => Self::internal,
-        }
-    }
-}
 
 /// A mirror destination's outcome, by route and destination (group
 /// names from the config: bounded).
@@ -102,11 +62,6 @@ pub(crate) struct TunnelView {
     pub(crate) hubs: Vec<String>,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct RefusalLabels {
-    pub(crate) reason: RefusalReason,
-}
-
 /// Every metric sluice exports.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -114,9 +69,9 @@ pub(crate) struct Metrics {
     downstream_connections: Gauge,
     upstream_connections: Gauge,
     calls_in_flight: Gauge,
-    pub(crate) refusals: Family<RefusalLabels, Counter>,
+    pub(crate) refusals: Refusals,
     drain_state: Gauge,
-    pub(crate) calls: CallFamilies,
+    pub(crate) calls: std::sync::Arc<CallFamilies>,
     mirror_outcomes: Family<MirrorLabels, Counter>,
     fanout_outcomes: Family<FanoutLabels, Counter>,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
@@ -134,7 +89,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("sluice");
-        let calls = CallFamilies::new();
+        let calls = std::sync::Arc::new(CallFamilies::new());
         for (name, help, family) in [
             (
                 "request_messages",
@@ -190,11 +145,11 @@ impl Metrics {
                 "calls_in_flight",
                 "Calls forwarded and not yet finished",
             ),
-            refusals: register(
+            refusals: Refusals(register(
                 &mut registry,
                 "refusals",
                 "Calls sluice answered itself instead of forwarding, by reason",
-            ),
+            )),
             drain_state: register(
                 &mut registry,
                 "drain_state",
@@ -340,7 +295,7 @@ impl Metrics {
     }
 
     pub(crate) fn refused(&self, reason: RefusalReason) {
-        self.refusals.get_or_create(&RefusalLabels { reason }).inc();
+        self.refusals.refused(reason);
     }
 
     /// The Prometheus text exposition, with live gauges read at scrape time

@@ -2,6 +2,7 @@
 
 pub(crate) mod calls;
 pub(crate) mod metrics;
+pub(crate) mod refusals;
 pub(crate) mod trace;
 
 use std::io::IsTerminal;

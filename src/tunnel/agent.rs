@@ -21,7 +21,7 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use sluice_layers::{BoxError, drain::Watch};
+use sluice_layers::drain::Watch;
 use tokio::{task::JoinSet, time::Instant};
 use tower::Service;
 use tracing::{debug, info, warn};
@@ -34,7 +34,7 @@ use crate::{
     config::{AgentConfig, HostPort},
     proto::flow::RecvBody,
     proto::transport::Stream,
-    server::{self, Shared},
+    server::{self, CallService, ListenerSettings},
     tls::client::ClientTls,
 };
 
@@ -83,19 +83,19 @@ impl Dialer {
 
 /// Keeps the agent's tunnels until the drain begins; then waits for them
 /// to close.
-pub(crate) async fn run<S, B>(
+pub(crate) async fn run<S>(
     config: AgentConfig,
     tls: Option<Arc<ClientTls>>,
     tracker: Arc<Tracker>,
-    shared: Arc<Shared>,
+    shared: Arc<ListenerSettings>,
     svc: S,
     watch: Watch,
 ) where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Error: Into<BoxError> + Send,
+    S: CallService + Send + Sync + 'static,
+    S::Err: Send,
     S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError> + Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as Body>::Error: Send,
 {
     let i = &config.identifiers;
     let dialer = Arc::new(Dialer {
@@ -161,19 +161,18 @@ pub(crate) async fn run<S, B>(
 
 /// One dial: connect, handshake, claim, then serve the tunnel until it
 /// closes. The lease goes with the task.
-async fn tunnel<S, B>(
+async fn tunnel<S>(
     mut lease: Lease,
     hub: HostPort,
     dialer: Arc<Dialer>,
     tracker: Arc<Tracker>,
-    shared: Arc<Shared>,
+    shared: Arc<ListenerSettings>,
     svc: S,
     watch: Watch,
 ) where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
-    S::Error: Into<BoxError> + Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: CallService,
+    S::Err: Send + 'static,
+    S::ResBody: Send + 'static,
 {
     let deadline = Instant::now() + dialer.config.handshake_timeout;
     let dialled = async {

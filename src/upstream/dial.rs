@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     proto::batch::{self, Flushed},
-    stats::{Gauge, Kind},
+    stats::{Held, Kind},
 };
 
 impl Pool {
@@ -116,7 +116,7 @@ impl Pool {
             generation,
             evicted: evicted.clone(),
         };
-        let gauge = Gauge::hold(&inner.counters, Kind::UpstreamConnection);
+        let gauge = Held::count(&inner.counters, Kind::UpstreamConnection);
         let pool = Arc::downgrade(&self.inner);
         let name = inner.name.clone();
         // A tunnel is pinged when idle too: an agent whose host went away

@@ -20,7 +20,7 @@ pub struct AppendInfo {
 /// A reply that is not a sequence of field-1 length-delimited entries.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the reply of {destination} is not a list of field-1 entries")]
-pub struct Malformed {
+pub struct MalformedReply {
     /// The destination that sent it.
     pub destination: String,
 }
@@ -83,15 +83,15 @@ impl AppendInfo {
     ///
     /// # Errors
     ///
-    /// [`Malformed`] when `reply` holds anything but field-1
+    /// [`MalformedReply`] when `reply` holds anything but field-1
     /// length-delimited entries.
     pub fn merge_entries(
         self,
         out: &mut Vec<u8>,
         reply: &[u8],
         hostname: &str,
-    ) -> Result<(), Malformed> {
-        let entries = wire::repeated_entries(reply, 1).ok_or_else(|| Malformed {
+    ) -> Result<(), MalformedReply> {
+        let entries = wire::repeated_entries(reply, 1).ok_or_else(|| MalformedReply {
             destination: hostname.to_owned(),
         })?;
         let mut meta = Vec::new();

@@ -204,7 +204,7 @@ use tower_service::Service;
 
 use self::report::Reporter;
 pub use self::{
-    append::{AppendInfo, Malformed as MalformedReply},
+    append::{AppendInfo, MalformedReply},
     body::{RequestBody, ResponseBody},
     report::{Outcome, Report},
     tee::TeeError,
