@@ -16,22 +16,8 @@ use std::{
 use sluice::{Config, Running};
 use sluice_testkit::{EchoServer, Req};
 
-use super::{Killable, agent_config, to};
+use super::{Killable, agent, any, call, hub, hub_config, to};
 use crate::support::*;
-
-/// A hub named `name` on the given addresses (port 0: a free one).
-fn hub_config(name: &str, listen: SocketAddr, tunnel: SocketAddr, extra: &str) -> Config {
-    let text = format!(
-        "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"off\"\n\
-         [tunnel.hub]\nallow_anonymous = true\nlisten = \"{tunnel}\"\nname = \"{name}\"\n{extra}\n\
-         [[routes]]\nupstream = \"agents\"\n"
-    );
-    Config::from_toml_str(&text).expect("hub config")
-}
-
-fn any() -> SocketAddr {
-    "127.0.0.1:0".parse().expect("address")
-}
 
 /// A hub of the same name on the same ports as `first`: its restart in
 /// place, or a replica.
@@ -112,20 +98,10 @@ impl Load {
 async fn an_in_place_hub_restart_under_load_fails_no_call() {
     trace_init();
     let strict = "agent_wait = \"0s\"";
-    let old = sluice::run(&hub_config("hub-1", any(), any(), strict))
-        .await
-        .expect("hub");
+    let old = hub("hub-1", strict).await;
     let app = EchoServer::start().await;
     let tunnel = old.tunnel_addr().expect("a hub");
-    let _agent = sluice::run(&agent_config(
-        "agent-a",
-        "a.internal",
-        &[tunnel],
-        app.addr,
-        "",
-    ))
-    .await
-    .expect("agent");
+    let _agent = agent("agent-a", "a.internal", &[tunnel], app.addr, "").await;
     eventually("the agent joined the old hub", || {
         old.group_len("agents") == 1
     })
@@ -158,21 +134,12 @@ async fn an_in_place_hub_restart_under_load_fails_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_of_one_hub_behind_one_address_each_get_the_agent() {
     trace_init();
-    let first = sluice::run(&hub_config("hub-1", any(), any(), ""))
-        .await
-        .expect("hub");
+    let first = hub("hub-1", "").await;
     let second = same_hub(&first, "").await;
     let app = EchoServer::start().await;
     let tunnel = first.tunnel_addr().expect("a hub");
-    let agent = sluice::run(&agent_config(
-        "agent-a",
-        "a.internal",
-        &[tunnel],
-        app.addr,
-        "discovery_interval = \"50ms\"",
-    ))
-    .await
-    .expect("agent");
+    let discovery = "discovery_interval = \"50ms\"";
+    let agent = agent("agent-a", "a.internal", &[tunnel], app.addr, discovery).await;
     eventually("both replicas hold the agent", || {
         first.group_len("agents") == 1 && second.group_len("agents") == 1
     })
@@ -181,7 +148,7 @@ async fn replicas_of_one_hub_behind_one_address_each_get_the_agent() {
     // Each replica serves the agent's calls.
     for hub in [&first, &second] {
         let mut client = sluice_testkit::client(hub.listen_addr());
-        within("a call", client.unary(to("agent-a", Req::default())))
+        call(&mut client, "a call", "agent-a", Req::default())
             .await
             .expect("served by this replica");
     }
@@ -194,9 +161,7 @@ async fn replicas_of_one_hub_behind_one_address_each_get_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_returns_within_backoff_max_when_its_hub_comes_back() {
     trace_init();
-    let hub = sluice::run(&hub_config("hub-1", any(), any(), ""))
-        .await
-        .expect("hub");
+    let hub = hub("hub-1", "").await;
     let (listen, tunnel) = (hub.listen_addr(), hub.tunnel_addr().expect("a hub"));
     let app = EchoServer::start().await;
     let agent = sluice::run(&agent_config_backoff(&[tunnel], app.addr, "1s"))

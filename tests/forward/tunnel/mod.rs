@@ -6,22 +6,56 @@
 use std::{net::SocketAddr, time::Duration};
 
 use sluice::{Config, Running};
-use sluice_testkit::{EchoServer, Req};
+use sluice_testkit::{EchoClient, EchoServer, Reply, Req};
+use tonic::transport::Channel;
 
 use crate::support::*;
 
 mod handover;
 
-/// A hub named `name` on a free port; `extra` is appended to its config.
-pub(crate) async fn hub(name: &str, extra: &str) -> Running {
-    trace_init();
+/// A hub named `name` on the given addresses (port 0: a free one); `extra`
+/// is appended to its `[tunnel.hub]` section.
+pub(crate) fn hub_config(
+    name: &str,
+    listen: SocketAddr,
+    tunnel: SocketAddr,
+    extra: &str,
+) -> Config {
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
-         [tunnel.hub]\nallow_anonymous = true\nlisten = \"127.0.0.1:0\"\nname = \"{name}\"\n{extra}\n\
+        "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"off\"\n\
+         [tunnel.hub]\nallow_anonymous = true\nlisten = \"{tunnel}\"\nname = \"{name}\"\n{extra}\n\
          [[routes]]\nupstream = \"agents\"\n"
     );
-    let config = Config::from_toml_str(&text).expect("hub config");
-    sluice::run(&config).await.expect("hub starts")
+    Config::from_toml_str(&text).expect("hub config")
+}
+
+/// Port 0 on loopback: a free port.
+pub(crate) fn any() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("address")
+}
+
+/// A loopback address with nothing listening on it yet, for a hub that
+/// starts later.
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
+/// A hub named `name` whose tunnel listener is `tunnel`; `extra` is
+/// appended to its `[tunnel.hub]` section.
+pub(crate) async fn hub_on(name: &str, tunnel: SocketAddr, extra: &str) -> Running {
+    trace_init();
+    sluice::run(&hub_config(name, any(), tunnel, extra))
+        .await
+        .unwrap_or_else(|e| panic!("hub {name} starts: {e:?}"))
+}
+
+/// A hub named `name` on free ports; `extra` is appended to its
+/// `[tunnel.hub]` section.
+pub(crate) async fn hub(name: &str, extra: &str) -> Running {
+    hub_on(name, any(), extra).await
 }
 
 pub(crate) fn agent_config(
@@ -40,6 +74,59 @@ pub(crate) fn agent_config(
         hubs.join(", ")
     );
     Config::from_toml_str(&text).expect("agent config")
+}
+
+/// Agent `id`, known also as `host`, dialling `hubs` and forwarding to
+/// `app`; `extra` is appended to its `[tunnel.agent]` section.
+pub(crate) async fn agent(
+    id: &str,
+    host: &str,
+    hubs: &[SocketAddr],
+    app: SocketAddr,
+    extra: &str,
+) -> Running {
+    sluice::run(&agent_config(id, host, hubs, app, extra))
+        .await
+        .unwrap_or_else(|e| panic!("agent {id} starts: {e:?}"))
+}
+
+/// An agent and the echo app of its own that it forwards to.
+pub(crate) struct Agent {
+    pub(crate) running: Running,
+    pub(crate) app: EchoServer,
+}
+
+/// hub-1 with one agent per `(id, host)` connected to it, each in front of
+/// an echo app of its own.
+async fn hub_with_agents<const N: usize>(agents: [(&str, &str); N]) -> (Running, [Agent; N]) {
+    hub_with_tuned_agents(agents, |_| {}).await
+}
+
+/// [`hub_with_agents`], with each agent's config tuned first.
+async fn hub_with_tuned_agents<const N: usize>(
+    agents: [(&str, &str); N],
+    tune: impl Fn(&mut Config),
+) -> (Running, [Agent; N]) {
+    let hub = hub("hub-1", "").await;
+    let hub_addr = hub.tunnel_addr().expect("a tunnel listener");
+    let mut started = Vec::with_capacity(N);
+    for (id, host) in agents {
+        let app = EchoServer::start().await;
+        let mut config = agent_config(id, host, &[hub_addr], app.addr, "");
+        tune(&mut config);
+        let running = sluice::run(&config)
+            .await
+            .unwrap_or_else(|e| panic!("agent {id} starts: {e:?}"));
+        started.push(Agent { running, app });
+    }
+    eventually(&format!("{N} agents connected"), || {
+        hub.group_len("agents") == N
+    })
+    .await;
+    let Ok(agents) = started.try_into() else {
+        unreachable!("one agent per (id, host)")
+    };
+    (hub, agents)
 }
 
 /// A sluice in a runtime of its own on its own thread, so that a test
@@ -106,64 +193,43 @@ pub(crate) fn to(dest: &str, req: Req) -> tonic::Request<Req> {
     req
 }
 
+/// One unary call for agent `dest` (an id or a host) through `client`,
+/// within [`LIMIT`].
+pub(crate) async fn call(
+    client: &mut EchoClient<Channel>,
+    what: &str,
+    dest: &str,
+    req: Req,
+) -> Result<Reply, tonic::Status> {
+    within(what, client.unary(to(dest, req)))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_through_a_hub_reach_the_agent_named_by_id_or_host() {
-    let hub = hub("hub-1", "").await;
-    let hub_addr = hub.tunnel_addr().expect("a tunnel listener");
-    let (a_app, b_app) = (EchoServer::start().await, EchoServer::start().await);
-    let a = sluice::run(&agent_config(
-        "node-a",
-        "a.internal",
-        &[hub_addr],
-        a_app.addr,
-        "",
-    ))
-    .await
-    .expect("agent a");
-    let b = sluice::run(&agent_config(
-        "node-b",
-        "b.internal",
-        &[hub_addr],
-        b_app.addr,
-        "",
-    ))
-    .await
-    .expect("agent b");
-    eventually("both agents connected", || hub.group_len("agents") == 2).await;
-    let tunnels = a.agent_tunnels().expect("an agent");
+    let (hub, [a, b]) = hub_with_agents([("node-a", "a.internal"), ("node-b", "b.internal")]).await;
+    let (a_app, b_app) = (&a.app, &b.app);
+    let tunnels = a.running.agent_tunnels().expect("an agent");
     assert_eq!((tunnels.claimed, tunnels.desired), (1, 1));
 
     let mut client = sluice_testkit::client(hub.listen_addr());
     for i in 0..5 {
-        within(
-            "to node-a by id",
-            client.unary(to(
-                "node-a",
-                Req {
-                    seq: i,
-                    ..Req::default()
-                },
-            )),
-        )
-        .await
-        .expect("reached node-a");
+        let req = Req {
+            seq: i,
+            ..Req::default()
+        };
+        call(&mut client, "to node-a by id", "node-a", req.clone())
+            .await
+            .expect("reached node-a");
         assert_eq!(
             a_app.probe.counts().completed,
             i + 1,
             "node-a's app answered"
         );
-        within(
-            "to node-b by host",
-            client.unary(to(
-                "b.internal",
-                Req {
-                    seq: i,
-                    ..Req::default()
-                },
-            )),
-        )
-        .await
-        .expect("reached node-b");
+        call(&mut client, "to node-b by host", "b.internal", req)
+            .await
+            .expect("reached node-b");
         assert_eq!(
             b_app.probe.counts().completed,
             i + 1,
@@ -193,7 +259,7 @@ async fn calls_through_a_hub_reach_the_agent_named_by_id_or_host() {
         n += 1;
     }
     assert_eq!(n, 50);
-    drop(b);
+    drop(b.running);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +276,7 @@ async fn agent_loss_fails_its_calls_with_unavailable_at_once_and_removes_it() {
     ));
     eventually("the agent connected", || hub.group_len("agents") == 1).await;
     let mut client = sluice_testkit::client(hub.listen_addr());
-    within("a call", client.unary(to("node-a", Req::default())))
+    call(&mut client, "a call", "node-a", Req::default())
         .await
         .expect("served");
     let mut slow = client.clone();
@@ -242,9 +308,11 @@ async fn agent_loss_fails_its_calls_with_unavailable_at_once_and_removes_it() {
         "at once, not at the call's end"
     );
     eventually("the agent left the group", || hub.group_len("agents") == 0).await;
-    let status = within(
+    let status = call(
+        &mut client,
         "a call with no agent",
-        client.unary(to("node-a", Req::default())),
+        "node-a",
+        Req::default(),
     )
     .await
     .expect_err("no agent");
@@ -253,19 +321,8 @@ async fn agent_loss_fails_its_calls_with_unavailable_at_once_and_removes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_stops_never_slows_another_call_on_the_same_tunnel() {
-    let hub = hub("hub-1", "").await;
-    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
-    let app = EchoServer::start().await;
-    let _agent = sluice::run(&agent_config(
-        "node-a",
-        "a.internal",
-        &[hub_addr],
-        app.addr,
-        "",
-    ))
-    .await
-    .expect("agent");
-    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    let (hub, [node_a]) = hub_with_agents([("node-a", "a.internal")]).await;
+    let app = &node_a.app;
     // Four readers ask for 32 MiB each and read nothing.
     let mut stalled = Vec::new();
     for _ in 0..4 {
@@ -295,20 +352,15 @@ async fn a_reader_that_stops_never_slows_another_call_on_the_same_tunnel() {
     let mut other = sluice_testkit::client(hub.listen_addr());
     let started = std::time::Instant::now();
     for seq in 0..50 {
-        let reply = within(
-            "a call beside the stalled ones",
-            other.unary(to(
-                "node-a",
-                Req {
-                    seq,
-                    payload: vec![7; 1024].into(),
-                    ..Req::default()
-                },
-            )),
-        )
-        .await
-        .expect("served");
-        assert_eq!(reply.into_inner().seq, seq);
+        let req = Req {
+            seq,
+            payload: vec![7; 1024].into(),
+            ..Req::default()
+        };
+        let reply = call(&mut other, "a call beside the stalled ones", "node-a", req)
+            .await
+            .expect("served");
+        assert_eq!(reply.seq, seq);
     }
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -326,15 +378,7 @@ async fn two_addresses_of_one_hub_make_one_tunnel() {
     let hub = hub("hub-1", "peers = [{ name = \"hub-2\" }]").await;
     let hub_addr = hub.tunnel_addr().expect("tunnel listener");
     let app = EchoServer::start().await;
-    let agent = sluice::run(&agent_config(
-        "node-a",
-        "a.internal",
-        &[hub_addr, hub_addr],
-        app.addr,
-        "",
-    ))
-    .await
-    .expect("agent");
+    let agent = agent("node-a", "a.internal", &[hub_addr, hub_addr], app.addr, "").await;
     eventually("the agent connected", || hub.group_len("agents") == 1).await;
     eventually("the agent wants two and holds one", || {
         agent
@@ -354,12 +398,7 @@ async fn two_addresses_of_one_hub_make_one_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_released_on_failure_so_the_agent_connects_after_100_failed_dials() {
     // A port with nothing on it yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let hub_addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let hub_addr = free_addr();
     let app = EchoServer::start().await;
     let mut config = agent_config("node-a", "a.internal", &[hub_addr], app.addr, "");
     let a = config.tunnel.agent.as_mut().expect("agent");
@@ -373,16 +412,10 @@ async fn leases_are_released_on_failure_so_the_agent_connects_after_100_failed_d
     let t = agent.agent_tunnels().expect("agent");
     assert!(t.inflight <= 1, "no leaked lease: {t:?}");
     // The hub comes up on that port: the agent gets there.
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
-         [tunnel.hub]\nallow_anonymous = true\nlisten = \"{hub_addr}\"\nname = \"late\"\n[[routes]]\nupstream = \"agents\"\n"
-    );
-    let hub = sluice::run(&Config::from_toml_str(&text).expect("config"))
-        .await
-        .expect("hub");
+    let hub = hub_on("late", hub_addr, "").await;
     eventually("the agent connected", || hub.group_len("agents") == 1).await;
     let mut client = sluice_testkit::client(hub.listen_addr());
-    within("a call", client.unary(to("node-a", Req::default())))
+    call(&mut client, "a call", "node-a", Req::default())
         .await
         .expect("served through the late hub");
 }
@@ -396,29 +429,27 @@ async fn a_bad_token_and_a_wrong_version_never_join_the_group() {
     .await;
     let hub_addr = hub.tunnel_addr().expect("tunnel listener");
     let app = EchoServer::start().await;
-    let bad = sluice::run(&agent_config(
+    let bad = agent(
         "bad",
         "bad.internal",
         &[hub_addr],
         app.addr,
         "token = \"guess\"",
-    ))
-    .await
-    .expect("agent");
+    )
+    .await;
     eventually("the bad agent was refused a few times", || {
         bad.agent_tunnels().is_some_and(|t| t.failed_dials >= 3)
     })
     .await;
     assert_eq!(hub.group_len("agents"), 0);
-    let good = sluice::run(&agent_config(
+    let good = agent(
         "good",
         "good.internal",
         &[hub_addr],
         app.addr,
         "token = \"s3cret\"",
-    ))
-    .await
-    .expect("agent");
+    )
+    .await;
     eventually("the good agent connected", || hub.group_len("agents") == 1).await;
     assert_eq!(good.agent_tunnels().expect("agent").failed_dials, 0);
     // A peer that speaks an unknown version: 426 with the reason.
@@ -476,22 +507,16 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
     );
     let old_addr = old.tunnel_addr().expect("tunnel listener");
     // The new hub's port, free until it starts.
-    let new_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let new_addr: SocketAddr = format!("127.0.0.1:{new_port}").parse().expect("addr");
+    let new_addr = free_addr();
     let app = EchoServer::start().await;
-    let agent = sluice::run(&agent_config(
+    let agent = agent(
         "node-a",
         "a.internal",
         &[old_addr, new_addr],
         app.addr,
         "discovery_interval = \"50ms\"",
-    ))
-    .await
-    .expect("agent");
+    )
+    .await;
     eventually("the agent is on the old hub", || {
         old.group_len("agents") == 1
     })
@@ -534,16 +559,7 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
     );
     assert_eq!(agent.agent_tunnels().expect("agent").desired, 1);
 
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n\
-         [tunnel.hub]\nallow_anonymous = true\nlisten = \"{new_addr}\"\nname = \"hub-new\"\ngeneration = 2\n\
-         [[routes]]\nupstream = \"agents\"\n"
-    );
-    let new = std::sync::Arc::new(
-        sluice::run(&Config::from_toml_str(&text).expect("config"))
-            .await
-            .expect("new hub"),
-    );
+    let new = std::sync::Arc::new(hub_on("hub-new", new_addr, "generation = 2").await);
     *new_slot.lock().expect("slot") = Some(new.clone());
     // Make-before-break: the new tunnel exists while the old one still does.
     let mut both = false;
@@ -632,24 +648,16 @@ async fn a_draining_hub_closes_its_tunnels_and_the_agent_rehomes() {
     let (a_addr, b_addr) = (a.tunnel_addr().expect("a"), b.tunnel_addr().expect("b"));
     let (app, slow_app) = (EchoServer::start().await, EchoServer::start().await);
     // One tunnel each at most: an agent holds one hub at a time.
-    let _agent = sluice::run(&agent_config(
-        "node-a",
-        "a.internal",
-        &[a_addr, b_addr],
-        app.addr,
-        "connections = 1",
-    ))
-    .await
-    .expect("agent");
-    let _slow = sluice::run(&agent_config(
+    let hubs = [a_addr, b_addr];
+    let _agent = agent("node-a", "a.internal", &hubs, app.addr, "connections = 1").await;
+    let _slow = agent(
         "node-slow",
         "slow.internal",
-        &[a_addr, b_addr],
+        &hubs,
         slow_app.addr,
         "connections = 1",
-    ))
-    .await
-    .expect("agent");
+    )
+    .await;
     eventually("both agents are on hub-a", || a.group_len("agents") == 2).await;
     // A long call through hub-a holds its drain open.
     let mut client = sluice_testkit::client(a.listen_addr());
@@ -688,9 +696,11 @@ async fn a_draining_hub_closes_its_tunnels_and_the_agent_rehomes() {
     })
     .await;
     let mut to_b = sluice_testkit::client(b.listen_addr());
-    within(
+    call(
+        &mut to_b,
         "a call to node-a through hub-b",
-        to_b.unary(to("node-a", Req::default())),
+        "node-a",
+        Req::default(),
     )
     .await
     .expect("served");
@@ -708,28 +718,9 @@ async fn a_draining_hub_closes_its_tunnels_and_the_agent_rehomes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_agent_is_chosen_last() {
-    let hub = hub("hub-1", "").await;
-    let hub_addr = hub.tunnel_addr().expect("tunnel listener");
-    let (one_app, two_app) = (EchoServer::start().await, EchoServer::start().await);
-    let one = sluice::run(&agent_config(
-        "one",
-        "shared.internal",
-        &[hub_addr],
-        one_app.addr,
-        "",
-    ))
-    .await
-    .expect("agent one");
-    let _two = sluice::run(&agent_config(
-        "two",
-        "shared.internal",
-        &[hub_addr],
-        two_app.addr,
-        "",
-    ))
-    .await
-    .expect("agent two");
-    eventually("both agents connected", || hub.group_len("agents") == 2).await;
+    let (hub, [one, two]) =
+        hub_with_agents([("one", "shared.internal"), ("two", "shared.internal")]).await;
+    let (one_app, two_app) = (&one.app, &two.app);
     // A long call on agent one holds its drain (and its tunnel) open.
     let mut client = sluice_testkit::client(hub.listen_addr());
     let mut long_client = client.clone();
@@ -748,7 +739,7 @@ async fn a_draining_agent_is_chosen_last() {
         one_app.probe.counts().started == 1
     })
     .await;
-    let drain = tokio::spawn(one.drain());
+    let drain = tokio::spawn(one.running.drain());
     // GOAWAY on its tunnel: once the hub has read it, calls that both
     // agents could take go to the one that is not draining.
     within("the hub sees agent one draining", async {
@@ -762,9 +753,11 @@ async fn a_draining_agent_is_chosen_last() {
     .await;
     let before = two_app.probe.counts().completed;
     for _ in 0..20 {
-        within(
+        call(
+            &mut client,
             "a call to the shared host",
-            client.unary(to("shared.internal", Req::default())),
+            "shared.internal",
+            Req::default(),
         )
         .await
         .expect("served");
@@ -809,44 +802,20 @@ async fn tunnels_over_mutual_tls_refuse_an_agent_without_a_certificate_before_th
         t.push_str(" }");
         t
     };
-    let bare = sluice::run(&agent_config(
-        "bare",
-        "bare.internal",
-        &[hub_addr],
-        app.addr,
-        &tls(false),
-    ))
-    .await
-    .expect("agent without a certificate");
+    let bare = agent("bare", "bare.internal", &[hub_addr], app.addr, &tls(false)).await;
     eventually(
         "the agent without a certificate is refused a few times",
         || bare.agent_tunnels().is_some_and(|t| t.failed_dials >= 3),
     )
     .await;
     assert_eq!(hub.group_len("agents"), 0);
-    let _good = sluice::run(&agent_config(
-        "node-a",
-        "a.internal",
-        &[hub_addr],
-        app.addr,
-        &tls(true),
-    ))
-    .await
-    .expect("agent with a certificate");
+    let _good = agent("node-a", "a.internal", &[hub_addr], app.addr, &tls(true)).await;
     eventually("the certified agent connected", || {
         hub.group_len("agents") == 1
     })
     .await;
     // The same certificate claiming another agent's id: refused (403).
-    let impostor = sluice::run(&agent_config(
-        "node-b",
-        "b.internal",
-        &[hub_addr],
-        app.addr,
-        &tls(true),
-    ))
-    .await
-    .expect("agent claiming another id");
+    let impostor = agent("node-b", "b.internal", &[hub_addr], app.addr, &tls(true)).await;
     eventually("the impostor is refused a few times", || {
         impostor
             .agent_tunnels()
@@ -855,18 +824,13 @@ async fn tunnels_over_mutual_tls_refuse_an_agent_without_a_certificate_before_th
     .await;
     assert_eq!(hub.group_len("agents"), 1);
     let mut client = sluice_testkit::client(hub.listen_addr());
-    within(
-        "a call over the TLS tunnel",
-        client.unary(to(
-            "node-a",
-            Req {
-                seq: 3,
-                ..Req::default()
-            },
-        )),
-    )
-    .await
-    .expect("served");
+    let req = Req {
+        seq: 3,
+        ..Req::default()
+    };
+    call(&mut client, "a call over the TLS tunnel", "node-a", req)
+        .await
+        .expect("served");
     // Plaintext to a TLS hub: refused at once, never an endpoint.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut plain = tokio::net::TcpStream::connect(hub_addr)
@@ -889,18 +853,7 @@ async fn tunnels_over_mutual_tls_refuse_an_agent_without_a_certificate_before_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_of_the_hub_cannot_forge_a_rehome_request() {
-    let hub = hub("hub-1", "").await;
-    let app = EchoServer::start().await;
-    let agent = sluice::run(&agent_config(
-        "node-a",
-        "a.internal",
-        &[hub.tunnel_addr().expect("tunnel")],
-        app.addr,
-        "",
-    ))
-    .await
-    .expect("agent");
-    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    let (hub, [node_a]) = hub_with_agents([("node-a", "a.internal")]).await;
     let mut client = raw_client(hub.listen_addr()).await;
     let head = http::Request::post("http://hub/sluice.tunnel.v1.Hub/Rehome")
         .header("content-type", "application/grpc")
@@ -924,7 +877,7 @@ async fn a_client_of_the_hub_cannot_forge_a_rehome_request() {
         Some("12"),
         "{response:?}"
     );
-    let t = agent.agent_tunnels().expect("agent");
+    let t = node_a.running.agent_tunnels().expect("agent");
     assert_eq!((t.desired, t.claimed), (1, 1), "the agent did not re-home");
 }
 
@@ -933,25 +886,9 @@ async fn a_hub_holds_at_most_max_agents_tunnels() {
     let hub = hub("hub-1", "max_agents = 1").await;
     let hub_addr = hub.tunnel_addr().expect("tunnel listener");
     let app = EchoServer::start().await;
-    let _one = sluice::run(&agent_config(
-        "one",
-        "one.internal",
-        &[hub_addr],
-        app.addr,
-        "",
-    ))
-    .await
-    .expect("agent one");
+    let _one = agent("one", "one.internal", &[hub_addr], app.addr, "").await;
     eventually("the first agent connected", || hub.group_len("agents") == 1).await;
-    let two = sluice::run(&agent_config(
-        "two",
-        "two.internal",
-        &[hub_addr],
-        app.addr,
-        "",
-    ))
-    .await
-    .expect("agent two");
+    let two = agent("two", "two.internal", &[hub_addr], app.addr, "").await;
     eventually("the second agent is turned away a few times", || {
         two.agent_tunnels().is_some_and(|t| t.failed_dials >= 3)
     })
@@ -961,19 +898,12 @@ async fn a_hub_holds_at_most_max_agents_tunnels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tunnel_outlives_the_agents_idle_and_first_request_deadlines() {
-    let hub = hub("hub-1", "").await;
-    let app = EchoServer::start().await;
-    let mut config = agent_config(
-        "node-a",
-        "a.internal",
-        &[hub.tunnel_addr().expect("tunnel")],
-        app.addr,
-        "",
-    );
-    config.server.handshake_timeout = Duration::from_millis(100);
-    config.server.idle_timeout = Duration::from_millis(100);
-    let agent = sluice::run(&config).await.expect("agent");
-    eventually("the agent connected", || hub.group_len("agents") == 1).await;
+    let (hub, [node_a]) = hub_with_tuned_agents([("node-a", "a.internal")], |config| {
+        config.server.handshake_timeout = Duration::from_millis(100);
+        config.server.idle_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let agent = &node_a.running;
     // Idle well past both deadlines: nothing may happen to the tunnel.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let t = agent.agent_tunnels().expect("agent");
@@ -982,9 +912,11 @@ async fn an_idle_tunnel_outlives_the_agents_idle_and_first_request_deadlines() {
         "the tunnel was never closed and dialled again: {t:?}"
     );
     let mut client = sluice_testkit::client(hub.listen_addr());
-    within(
+    call(
+        &mut client,
         "a call after the idle time",
-        client.unary(to("node-a", Req::default())),
+        "node-a",
+        Req::default(),
     )
     .await
     .expect("served on the same tunnel");
@@ -1003,27 +935,16 @@ async fn a_call_for_a_missing_agent_never_reaches_another() {
         a_app.addr,
         "",
     ));
-    let _b = sluice::run(&agent_config(
-        "node-b",
-        "b.internal",
-        &[hub_addr],
-        b_app.addr,
-        "",
-    ))
-    .await
-    .expect("agent b");
+    let _b = agent("node-b", "b.internal", &[hub_addr], b_app.addr, "").await;
     eventually("both connected", || hub.group_len("agents") == 2).await;
     tokio::task::spawn_blocking(move || a.kill())
         .await
         .expect("killed");
     eventually("node-a left", || hub.group_len("agents") == 1).await;
     let mut client = sluice_testkit::client(hub.listen_addr());
-    let status = within(
-        "a call for node-a",
-        client.unary(to("node-a", Req::default())),
-    )
-    .await
-    .expect_err("node-a is gone");
+    let status = call(&mut client, "a call for node-a", "node-a", Req::default())
+        .await
+        .expect_err("node-a is gone");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(b_app.probe.counts().started, 0, "never node-b's network");
     drop(a_app);
