@@ -18,10 +18,7 @@ use sluice_layers::drain::Watch;
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::debug;
 
-use crate::{
-    stats::Counters,
-    telemetry::metrics::{Metrics, TunnelView},
-};
+use crate::{stats::Counters, telemetry::metrics::Metrics};
 
 /// How long the admin accept loop pauses after an accept error.
 const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
@@ -45,8 +42,6 @@ pub(crate) struct State {
     /// `admin.ready_requires_agents`.
     pub(crate) agents: Option<Arc<dyn Fn() -> usize + Send + Sync>>,
     pub(crate) ready_requires_agents: bool,
-    /// An agent's tunnel pool now, for `/metrics`.
-    pub(crate) tunnels: Option<Arc<dyn Fn() -> TunnelView + Send + Sync>>,
     /// Who may drain.
     pub(crate) control: crate::config::AdminControl,
 }
@@ -130,18 +125,27 @@ async fn handle(
             }
         }
         (&Method::GET, "/metrics") => {
-            let agent = state.tunnels.as_ref().map(|view| view());
-            state
-                .metrics
-                .set_tunnels(agent, state.agents.as_ref().map(|n| n()));
-            let mut res = Response::new(Full::new(Bytes::from(
-                state.metrics.encode(&state.counters, &state.drain),
-            )));
+            // What the scraper asks for: OpenMetrics, or else the
+            // Prometheus text format (whose parser types OpenMetrics
+            // counters `unknown`).
+            let openmetrics = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            let mut res = Response::new(Full::new(Bytes::from(state.metrics.encode(
+                &state.counters,
+                &state.drain,
+                openmetrics,
+            ))));
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                header::HeaderValue::from_static(if openmetrics {
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                } else {
+                    "text/plain; version=0.0.4; charset=utf-8"
+                }),
             );
             res
         }

@@ -26,7 +26,10 @@ use crate::{
     proto::transport,
     server, stack,
     stats::Counters,
-    telemetry::metrics::{Metrics, TunnelView},
+    telemetry::{
+        collect::{GroupView, TunnelView},
+        metrics::{Metrics, Views},
+    },
     tls, tunnel,
 };
 
@@ -196,8 +199,22 @@ impl Listeners {
 pub async fn run(config: &Config) -> Result<Running, RunError> {
     let material = Material::read(config)?;
     let counters = Arc::new(Counters::default());
-    let metrics = Arc::new(Metrics::new());
     let groups = Arc::new(Groups::from_config(config, &counters)?);
+    let tracker = config
+        .tunnel
+        .agent
+        .as_ref()
+        .map(|a| tunnel::tracker::Tracker::new(a.expiry, a.connections));
+    let agents = config
+        .tunnel
+        .hub
+        .as_ref()
+        .and_then(|h| groups.group(&h.group));
+    let metrics = Arc::new(Metrics::new(views(
+        &groups,
+        agents.as_ref(),
+        tracker.as_ref(),
+    )));
     let listeners = Listeners::bind(config, material.server.is_some())?;
     let hub_listener = match &config.tunnel.hub {
         Some(hub) => {
@@ -217,16 +234,6 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     );
     let (abort, aborted) = watch::channel(false);
     let drain_requested = Arc::new(Notify::new());
-    let tracker = config
-        .tunnel
-        .agent
-        .as_ref()
-        .map(|a| tunnel::tracker::Tracker::new(a.expiry, a.connections));
-    let agents = config
-        .tunnel
-        .hub
-        .as_ref()
-        .and_then(|h| groups.group(&h.group));
 
     let (admin, admin_task) = match config.admin.listen {
         AdminListen::Off => (None, None),
@@ -237,7 +244,6 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                 config,
                 &groups,
                 agents.clone(),
-                tracker.clone(),
                 admin::State {
                     drain: watch.clone(),
                     drain_requested: drain_requested.clone(),
@@ -246,7 +252,6 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                     upstream_reachable: None,
                     agents: None,
                     ready_requires_agents: config.admin.ready_requires_agents,
-                    tunnels: None,
                     control: config.admin.control,
                 },
             );
@@ -358,13 +363,12 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
     })
 }
 
-/// The admin server's handles: readiness and tunnel probes as functions
-/// of the groups and the tracker, which the admin port never sees.
+/// The admin server's handles: readiness probes as functions of the
+/// groups, which the admin port never sees.
 fn admin_state(
     config: &Config,
     groups: &Groups,
     agents: Option<Arc<crate::balance::Group>>,
-    tracker: Option<Arc<tunnel::tracker::Tracker>>,
     mut state: admin::State,
 ) -> admin::State {
     if config.admin.ready_requires_upstream
@@ -377,19 +381,51 @@ fn admin_state(
     }
     state.agents =
         agents.map(|g| Arc::new(move || g.len()) as Arc<dyn Fn() -> usize + Send + Sync>);
-    state.tunnels = tracker.map(|t| {
-        Arc::new(move || {
-            let s = t.snapshot();
-            TunnelView {
-                desired: s.desired,
-                claimed: s.claimed,
-                inflight: s.inflight,
-                failed_dials: s.failed_dials,
-                hubs: t.claimed_hubs(),
-            }
-        }) as Arc<dyn Fn() -> TunnelView + Send + Sync>
-    });
     state
+}
+
+/// What the metrics read at scrape time: the groups, an agent's tunnel
+/// pool, a hub's agents (the tunnel families exist only on those roles).
+fn views(
+    groups: &Arc<Groups>,
+    agents: Option<&Arc<crate::balance::Group>>,
+    tracker: Option<&Arc<tunnel::tracker::Tracker>>,
+) -> Views {
+    let all = groups.clone();
+    let groups_fn = Arc::new(move || {
+        all.names()
+            .into_iter()
+            .filter_map(|name| all.group(&name))
+            .map(|g| {
+                let endpoints = g.endpoints();
+                let usable = endpoints.iter().filter(|e| !e.unusable()).count();
+                GroupView {
+                    group: g.name().to_string(),
+                    usable,
+                    unusable: endpoints.len() - usable,
+                    in_flight: endpoints.iter().map(|e| e.pool().in_flight()).sum(),
+                }
+            })
+            .collect()
+    });
+    Views {
+        agent: tracker.cloned().map(|t| {
+            Arc::new(move || {
+                let s = t.snapshot();
+                TunnelView {
+                    desired: s.desired,
+                    claimed: s.claimed,
+                    inflight: s.inflight,
+                    failed_dials: s.failed_dials,
+                    hubs: t.claimed_hubs(),
+                }
+            }) as crate::telemetry::collect::AgentFn
+        }),
+        hub: agents
+            .cloned()
+            .map(|g| Arc::new(move || g.len()) as crate::telemetry::collect::CountFn),
+        groups: Some(groups_fn),
+    }
 }
 
 impl Running {

@@ -216,7 +216,7 @@ impl Endpoint {
 
     /// Whether the endpoint should be avoided: its last dial failed, or it
     /// failed its last health check.
-    pub(super) fn unusable(&self) -> bool {
+    pub(crate) fn unusable(&self) -> bool {
         self.pool.is_failing() || !self.healthy.load(Ordering::Relaxed)
     }
 

@@ -144,6 +144,19 @@ impl Groups {
         self.current.load().get(name).cloned()
     }
 
+    /// The names of the groups, sorted.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .current
+            .load()
+            .by_name
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The TLS material of every group, for the reloader.
     pub(crate) fn tls_materials(&self) -> &[Arc<dyn Reload>] {
         &self.materials

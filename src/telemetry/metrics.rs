@@ -5,14 +5,21 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
 
 use sluice_layers::drain::Watch;
 
 pub(crate) use super::refusals::RefusalReason;
-use super::{calls::CallFamilies, refusals::Refusals};
+use super::{
+    calls::CallFamilies,
+    collect::{
+        AgentCollector, AgentFn, CountFn, GroupsCollector, GroupsFn, HubCollector,
+        ProcessCollector, to_text_004,
+    },
+    refusals::Refusals,
+};
 use crate::stats::Counters;
 
 /// A mirror destination's outcome, by route and destination (group
@@ -46,22 +53,6 @@ pub(crate) struct ReloadLabels {
     outcome: &'static str,
 }
 
-/// A hub an agent holds a tunnel to.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct HubLabels {
-    hub: String,
-}
-
-/// What a tunnel agent holds, read at scrape time.
-#[derive(Debug, Default)]
-pub(crate) struct TunnelView {
-    pub(crate) desired: usize,
-    pub(crate) claimed: usize,
-    pub(crate) inflight: usize,
-    pub(crate) failed_dials: u64,
-    pub(crate) hubs: Vec<String>,
-}
-
 /// Every metric sluice exports.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -76,19 +67,42 @@ pub(crate) struct Metrics {
     fanout_outcomes: Family<FanoutLabels, Counter>,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     tls_reloads: Family<ReloadLabels, Counter>,
-    agent_hubs_desired: Gauge,
-    agent_hubs_claimed: Gauge,
-    agent_dials_in_flight: Gauge,
-    agent_dials_failed: Gauge,
-    agent_tunnels: Family<HubLabels, Gauge>,
-    hub_agents: Gauge,
+}
+
+/// The handles scrape-time families read (see [`super::collect`]).
+#[derive(Default)]
+pub(crate) struct Views {
+    /// A tunnel agent's pool: its families exist only on an agent.
+    pub(crate) agent: Option<AgentFn>,
+    /// A hub's agents: the family exists only on a hub.
+    pub(crate) hub: Option<CountFn>,
+    /// The upstream groups now.
+    pub(crate) groups: Option<GroupsFn>,
 }
 
 // === impl Metrics ===
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
-        let mut registry = Registry::with_prefix("sluice");
+    pub(crate) fn new(views: Views) -> Self {
+        let mut root = Registry::default();
+        // The process's own families are unprefixed, as every client
+        // library names them.
+        root.register_collector(Box::new(ProcessCollector::new()));
+        let registry = root.sub_registry_with_prefix("sluice");
+        registry.register(
+            "build",
+            "sluice's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        if let Some(agent) = views.agent {
+            registry.register_collector(Box::new(AgentCollector(agent)));
+        }
+        if let Some(hub) = views.hub {
+            registry.register_collector(Box::new(HubCollector(hub)));
+        }
+        if let Some(groups) = views.groups {
+            registry.register_collector(Box::new(GroupsCollector(groups)));
+        }
         let calls = std::sync::Arc::new(CallFamilies::new());
         for (name, help, family) in [
             (
@@ -131,97 +145,52 @@ impl Metrics {
         );
         Self {
             downstream_connections: register(
-                &mut registry,
+                registry,
                 "downstream_connections",
                 "Downstream (client) connections being served",
             ),
             upstream_connections: register(
-                &mut registry,
+                registry,
                 "upstream_connections",
                 "Upstream connections open",
             ),
             calls_in_flight: register(
-                &mut registry,
+                registry,
                 "calls_in_flight",
                 "Calls forwarded and not yet finished",
             ),
             refusals: Refusals(register(
-                &mut registry,
+                registry,
                 "refusals",
                 "Calls sluice answered itself instead of forwarding, by reason",
             )),
             drain_state: register(
-                &mut registry,
+                registry,
                 "drain_state",
                 "0 serving, 1 draining, 2 drain deadline passed",
             ),
             mirror_outcomes: register(
-                &mut registry,
+                registry,
                 "mirror_outcomes",
                 "Mirrored calls' destinations by route, destination and outcome",
             ),
             fanout_outcomes: register(
-                &mut registry,
+                registry,
                 "fanout_outcomes",
                 "Fan-out calls' destinations by route and outcome",
             ),
             tls_handshake_failures: register(
-                &mut registry,
+                registry,
                 "tls_handshake_failures",
                 "TLS handshakes that failed, by side (downstream, upstream) and reason",
             ),
             tls_reloads: register(
-                &mut registry,
+                registry,
                 "tls_reloads",
                 "Reloads of certificates, keys and CA bundles, by material and outcome",
             ),
-            agent_hubs_desired: register(
-                &mut registry,
-                "agent_hubs_desired",
-                "Tunnel agent: hubs of the newest generation of their group",
-            ),
-            agent_hubs_claimed: register(
-                &mut registry,
-                "agent_hubs_claimed",
-                "Tunnel agent: hubs it holds a tunnel to",
-            ),
-            agent_dials_in_flight: register(
-                &mut registry,
-                "agent_dials_in_flight",
-                "Tunnel agent: dials under way",
-            ),
-            agent_dials_failed: register(
-                &mut registry,
-                "agent_dials_failed",
-                "Tunnel agent: dials that failed since the start",
-            ),
-            agent_tunnels: register(
-                &mut registry,
-                "agent_tunnels",
-                "Tunnel agent: tunnels per hub",
-            ),
-            hub_agents: register(&mut registry, "hub_agents", "Tunnel hub: agents connected"),
             calls,
-            registry,
-        }
-    }
-
-    /// Sets the tunnel gauges before a scrape: the agent's view, and the
-    /// hub's count of agents.
-    pub(crate) fn set_tunnels(&self, agent: Option<TunnelView>, hub_agents: Option<usize>) {
-        if let Some(v) = agent {
-            self.agent_hubs_desired.set(gauge(v.desired));
-            self.agent_hubs_claimed.set(gauge(v.claimed));
-            self.agent_dials_in_flight.set(gauge(v.inflight));
-            self.agent_dials_failed
-                .set(i64::try_from(v.failed_dials).unwrap_or(i64::MAX));
-            self.agent_tunnels.clear();
-            for hub in v.hubs {
-                self.agent_tunnels.get_or_create(&HubLabels { hub }).set(1);
-            }
-        }
-        if let Some(n) = hub_agents {
-            self.hub_agents.set(gauge(n));
+            registry: root,
         }
     }
 
@@ -298,9 +267,10 @@ impl Metrics {
         self.refusals.refused(reason);
     }
 
-    /// The Prometheus text exposition, with live gauges read at scrape time
-    /// (the drain's phase from the drain handle itself).
-    pub(crate) fn encode(&self, counters: &Counters, drain: &Watch) -> String {
+    /// The exposition, with live gauges read at scrape time (the drain's
+    /// phase from the drain handle itself): OpenMetrics when asked for,
+    /// else the Prometheus text format 0.0.4.
+    pub(crate) fn encode(&self, counters: &Counters, drain: &Watch, openmetrics: bool) -> String {
         let drain_state = if drain.is_expired() {
             2
         } else {
@@ -316,7 +286,7 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        out
+        if openmetrics { out } else { to_text_004(&out) }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Logging (`tracing` to stderr, as text or JSON lines) and metrics.
 
 pub(crate) mod calls;
+pub(crate) mod collect;
 pub(crate) mod metrics;
 pub(crate) mod refusals;
 pub(crate) mod trace;

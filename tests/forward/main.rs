@@ -9,6 +9,7 @@ mod deadline;
 mod drain;
 mod enrich;
 mod errors;
+mod exposition;
 mod fanout;
 mod flow;
 mod half_close;
