@@ -300,6 +300,25 @@ fn main() {
         assert!(second.probe.counts().completed > 0, "the routed calls reached the second group");
         drop(routed);
 
+        // The access log on (JSON lines to stdout, which the bench
+        // discards): what a logged call costs beside an unlogged one.
+        let logged = start_sluice(
+            upstream.addr,
+            workers,
+            "[log]\nformat = \"json\"\naccess = true\n",
+            "access-log",
+        );
+        let cpu0 = logged.cpu_secs();
+        let through_logged = measure(logged.addr, Workload::Unary, dur).await;
+        let cpu_logged = (logged.cpu_secs() - cpu0) / through_logged.ops as f64 * 1e6;
+        report("unary, access log on", direct, through_logged, "rpc");
+        println!(
+            "{:<24} sluice CPU {cpu_logged:.1} µs per call = {:.2}x an unlogged call's",
+            "",
+            cpu_logged / cpu_per_call
+        );
+        drop(logged);
+
         // 10,000 routes (half by metadata value, half by exact method of
         // other services): the unary calls match none and take the
         // fallback, the worst case for a table tried route by route.

@@ -76,13 +76,27 @@ pub(crate) fn build(
         })
     };
     let routes = RouteTable::with_members(config, members);
+    // One writer thread for the process's access log, when it is on.
+    let access = config.log.access.then(|| {
+        crate::telemetry::access::AccessLog::start(
+            config.log.format,
+            metrics.access_log_dropped.clone(),
+        )
+    });
     let peek_max_bytes = config.routing.peek_max_bytes.0 as usize;
     ServiceBuilder::new()
         // A DEBUG span per call: method, upstream, grpc-status, duration.
         .layer(trace::layer())
         // Count every call (refusals included) by service, method and
         // status, with latency, messages and bytes each way.
-        .layer_fn(|inner| CallMetrics::new(inner, metrics.calls.clone(), metrics.refusals.clone()))
+        .layer_fn(|inner| {
+            CallMetrics::new(
+                inner,
+                metrics.calls.clone(),
+                metrics.refusals.clone(),
+                access.clone(),
+            )
+        })
         // The one place errors become gRPC statuses (or, for an upstream
         // reset, stay errors that the server turns into RST_STREAM). What
         // must not be forwarded at all (non-gRPC HTTP/2, calls past

@@ -262,7 +262,9 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         }
     };
 
-    let tag_peer = config.enrich.forwarded || config.enrich.x_forwarded_for;
+    // The peer's address travels with each call when enrichment or the
+    // access log wants it.
+    let tag_peer = config.enrich.forwarded || config.enrich.x_forwarded_for || config.log.access;
     let shared = Arc::new(
         server::ListenerSettings::new(&config.server, tag_peer, counters.clone(), metrics.clone())
             .peeking(config.routes.iter().any(|r| r.field.is_some())),

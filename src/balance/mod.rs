@@ -47,9 +47,9 @@ use crate::forward::Call;
 #[derive(Clone, Debug)]
 pub(crate) struct Chosen {
     pub(crate) group: Arc<str>,
-    /// Read by the access log.
-    #[allow(dead_code)]
     pub(crate) endpoint: Arc<str>,
+    /// The name of the route that sent the call, if it has one.
+    pub(crate) route: Option<Arc<str>>,
 }
 
 /// The balancer: one endpoint per call, chosen from the group its route
@@ -158,9 +158,14 @@ where
             };
             let mut res = inner.oneshot(call).await.map_err(Into::into)?;
             endpoint.observe(sent.elapsed());
+            let route = match &route {
+                Some(Route::One(d)) => d.route_name().cloned(),
+                _ => None,
+            };
             res.extensions_mut().insert(Chosen {
                 group: group.name().clone(),
                 endpoint: endpoint.label().clone(),
+                route,
             });
             Ok(res)
         })

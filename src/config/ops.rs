@@ -93,6 +93,10 @@ pub struct LogConfig {
     pub level: String,
     /// `text` or `json`.
     pub format: LogFormat,
+    /// One line per call on stdout (in `format`): time, peer, method,
+    /// authority, status and message, duration, bytes each way, upstream
+    /// endpoint, group and route, request id and trace id. Off by default.
+    pub access: bool,
 }
 
 /// The log line format.
@@ -191,6 +195,7 @@ impl Default for LogConfig {
         Self {
             level: "info".to_owned(),
             format: LogFormat::Text,
+            access: false,
         }
     }
 }

@@ -74,6 +74,9 @@ pub(super) fn compile(r: &RouteConfig) -> Compiled {
     let edits = edits(r);
     let destination = |group: &str| {
         let mut destination = Destination::new(group);
+        if let Some(name) = &r.name {
+            destination = destination.with_route_name(name.as_str());
+        }
         if let Some(timeout) = r.timeout {
             destination = destination.with_timeout(timeout);
         }

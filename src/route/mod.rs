@@ -242,6 +242,9 @@ impl RouteTable {
             .into_iter()
             .map(|id| {
                 let mut d = Destination::new(f.group.clone()).with_endpoint(id);
+                if let Some(name) = &f.name {
+                    d = d.with_route_name(name.clone());
+                }
                 if let Some(t) = f.timeout {
                     d = d.with_timeout(t);
                 }

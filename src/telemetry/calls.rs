@@ -28,7 +28,10 @@ use sluice_layers::grpc::{
 };
 use tower::Service;
 
-use super::refusals::{RefusalReason, Refusals};
+use super::{
+    access::{AccessLog, Entry},
+    refusals::{RefusalReason, Refusals},
+};
 
 /// Distinct `/service/method` paths tracked; calls to further paths are
 /// counted as service `other`, so a client inventing method names cannot
@@ -192,14 +195,22 @@ pub(crate) struct CallMetrics<S> {
     inner: S,
     families: Arc<CallFamilies>,
     refusals: Refusals,
+    /// Set when `log.access` is on.
+    access: Option<AccessLog>,
 }
 
 impl<S> CallMetrics<S> {
-    pub(crate) fn new(inner: S, families: Arc<CallFamilies>, refusals: Refusals) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        families: Arc<CallFamilies>,
+        refusals: Refusals,
+        access: Option<AccessLog>,
+    ) -> Self {
         Self {
             inner,
             families,
             refusals,
+            access,
         }
     }
 }
@@ -214,7 +225,18 @@ struct Call {
     code: Option<Code>,
     /// The upstream group the call went to, if it went to one.
     group: Option<Arc<str>>,
+    /// What the access log writes of the call, when it is on.
+    access: Option<Box<AccessCall>>,
     recorded: bool,
+}
+
+/// The access log's view of one call, filled as it goes.
+#[derive(Debug)]
+struct AccessCall {
+    log: AccessLog,
+    entry: Entry,
+    /// Request bytes, counted by the request body.
+    bytes_in: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Call {
@@ -236,7 +258,14 @@ impl Call {
                     .clone()
             })
             .inc();
-        h.duration.observe(self.start.elapsed().as_secs_f64());
+        let elapsed = self.start.elapsed();
+        h.duration.observe(elapsed.as_secs_f64());
+        if let Some(mut access) = self.access.take() {
+            access.entry.status = code.as_i32();
+            access.entry.duration = elapsed;
+            access.entry.bytes_in = access.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+            access.log.log(access.entry);
+        }
         if let Some(group) = &self.group {
             let families = &self.families;
             families.group_codes(group)[slot]
@@ -276,10 +305,38 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let handles = self.families.handles(req.uri().path());
+        let access = self.access.as_ref().map(|log| {
+            let header = |name| req.headers().get(name).cloned();
+            Box::new(AccessCall {
+                log: log.clone(),
+                entry: Entry {
+                    start: std::time::SystemTime::now(),
+                    peer: req
+                        .extensions()
+                        .get::<sluice_layers::enrich::PeerAddr>()
+                        .map(|p| p.0),
+                    method: Arc::from(req.uri().path()),
+                    authority: req.uri().authority().cloned(),
+                    status: 0,
+                    message: None,
+                    duration: std::time::Duration::ZERO,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    upstream: None,
+                    group: None,
+                    route: None,
+                    request_id: header("x-request-id"),
+                    traceparent: header("traceparent"),
+                },
+                bytes_in: Arc::default(),
+            })
+        });
+        let bytes_in = access.as_ref().map(|a| a.bytes_in.clone());
         let req = req.map(|body| MeteredRequest {
             body,
             counter: MessageCounter::default(),
             handles: handles.clone(),
+            bytes_in,
         });
         ResponseFuture {
             inner: self.inner.call(req),
@@ -290,6 +347,7 @@ where
                 start: Instant::now(),
                 code: None,
                 group: None,
+                access,
                 recorded: false,
             }),
         }
@@ -328,6 +386,14 @@ where
                 }
                 if let Some(chosen) = res.extensions().get::<crate::balance::Chosen>() {
                     call.group = Some(chosen.group.clone());
+                    if let Some(access) = call.access.as_mut() {
+                        access.entry.upstream = Some(chosen.endpoint.clone());
+                        access.entry.group = Some(chosen.group.clone());
+                        access.entry.route.clone_from(&chosen.route);
+                    }
+                }
+                if let Some(access) = call.access.as_mut() {
+                    access.entry.message = res.headers().get(status::GRPC_MESSAGE).cloned();
                 }
                 Poll::Ready(Ok(res.map(|body| MeteredResponse {
                     body,
@@ -353,6 +419,8 @@ pin_project! {
         body: B,
         counter: MessageCounter,
         handles: Arc<Handles>,
+        // The call's own count, for the access log.
+        bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
     }
 }
 
@@ -370,6 +438,9 @@ impl<B: Body<Data = Bytes>> Body for MeteredRequest<B> {
             && let Some(data) = f.data_ref()
         {
             this.handles.request_bytes.inc_by(data.len() as u64);
+            if let Some(n) = this.bytes_in {
+                n.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             let n = this.counter.push(data);
             if n > 0 {
                 this.handles.request_messages.inc_by(n as u64);
@@ -413,12 +484,18 @@ impl<B: Body<Data = Bytes>> Body for MeteredResponse<B> {
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
                     this.call.handles.response_bytes.inc_by(data.len() as u64);
+                    if let Some(access) = this.call.access.as_mut() {
+                        access.entry.bytes_out += data.len() as u64;
+                    }
                     let n = this.counter.push(data);
                     if n > 0 {
                         this.call.handles.response_messages.inc_by(n as u64);
                     }
                 } else if let Some(trailers) = f.trailers_ref() {
                     this.call.code = Some(status::code_of(trailers).unwrap_or(Code::Unknown));
+                    if let Some(access) = this.call.access.as_mut() {
+                        access.entry.message = trailers.get(status::GRPC_MESSAGE).cloned();
+                    }
                 }
             }
             Some(Err(_)) => this.call.code = Some(Code::Cancelled),

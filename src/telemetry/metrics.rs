@@ -67,6 +67,8 @@ pub(crate) struct Metrics {
     fanout_outcomes: Family<FanoutLabels, Counter>,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     tls_reloads: Family<ReloadLabels, Counter>,
+    /// Access-log entries dropped because the writer was behind.
+    pub(crate) access_log_dropped: Counter,
 }
 
 /// The handles scrape-time families read (see [`super::collect`]).
@@ -188,6 +190,11 @@ impl Metrics {
                 registry,
                 "tls_reloads",
                 "Reloads of certificates, keys and CA bundles, by material and outcome",
+            ),
+            access_log_dropped: register(
+                registry,
+                "access_log_dropped",
+                "Access-log lines dropped because the writer was behind",
             ),
             calls,
             registry: root,

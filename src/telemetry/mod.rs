@@ -1,5 +1,6 @@
 //! Logging (`tracing` to stderr, as text or JSON lines) and metrics.
 
+pub(crate) mod access;
 pub(crate) mod calls;
 pub(crate) mod collect;
 pub(crate) mod metrics;

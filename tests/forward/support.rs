@@ -24,6 +24,7 @@ fn tracing_subscriber_init() -> Result<(), ()> {
         &sluice::config::LogConfig {
             level: std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
             format: sluice::config::LogFormat::Text,
+            access: false,
         },
         &sluice::config::TraceConfig::default(),
     );

@@ -26,6 +26,7 @@ pub enum Route {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Destination {
     target: Arc<str>,
+    route: Option<Arc<str>>,
     endpoint: Option<Arc<str>>,
     first_message: Option<Bytes>,
     timeout: Option<Duration>,
@@ -217,6 +218,7 @@ impl Destination {
     pub fn new(target: impl Into<Arc<str>>) -> Self {
         Self {
             target: target.into(),
+            route: None,
             endpoint: None,
             first_message: None,
             timeout: None,
@@ -265,6 +267,19 @@ impl Destination {
     pub fn with_first_message(mut self, message: Bytes) -> Self {
         self.first_message = Some(message);
         self
+    }
+
+    /// Names the route that chose this destination (for logs and
+    /// metrics; routing does not read it).
+    #[must_use]
+    pub fn with_route_name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.route = Some(name.into());
+        self
+    }
+
+    /// The name of the route that chose this destination, if it has one.
+    pub fn route_name(&self) -> Option<&Arc<str>> {
+        self.route.as_ref()
     }
 
     /// The target's name.
