@@ -258,3 +258,79 @@ fn the_image_and_the_manifest_run_without_root_and_with_limits() {
     let ignore = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
     assert!(ignore.lines().any(|l| l.trim() == "target/"), "{ignore}");
 }
+
+/// The metric families sluice's source registers, as Prometheus names
+/// them: every name given to a registry or a scrape-time collector,
+/// with its `sluice_` prefix (the process families have none) and the
+/// sample suffixes of counters, histograms and infos.
+fn exported_names() -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/telemetry");
+    let mut names = std::collections::BTreeSet::new();
+    for file in ["metrics.rs", "collect.rs", "calls.rs"] {
+        let text = std::fs::read_to_string(root.join(file)).expect("telemetry source");
+        for literal in text.split('"').skip(1).step_by(2) {
+            if literal.is_empty()
+                || !literal
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                continue;
+            }
+            let base = if literal.starts_with("process_") {
+                literal.to_owned()
+            } else {
+                format!("sluice_{literal}")
+            };
+            for suffix in ["", "_total", "_bucket", "_sum", "_count", "_info"] {
+                names.insert(format!("{base}{suffix}"));
+            }
+        }
+    }
+    names
+}
+
+/// Issue #18.10: the Grafana dashboard parses, is a dashboard (panels
+/// with Prometheus targets), and every expression names only metrics
+/// sluice exports.
+#[test]
+fn the_grafana_dashboard_parses_and_names_only_exported_metrics() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/sluice.json");
+    let text = std::fs::read_to_string(&path).expect("deploy/grafana/sluice.json");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(dash["title"], "sluice");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    let exported = exported_names();
+    let mut named = std::collections::BTreeSet::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            let words = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("sluice_") || w.starts_with("process_"));
+            for metric in words {
+                assert!(
+                    exported.contains(metric),
+                    "panel {:?} uses {metric}, which sluice does not export",
+                    panel["title"]
+                );
+                named.insert(metric.to_owned());
+            }
+        }
+    }
+    // The panels the issue names are there.
+    for needed in [
+        "sluice_upstream_calls_total",
+        "sluice_calls_total",
+        "sluice_call_duration_seconds_bucket",
+        "sluice_upstream_endpoints",
+        "sluice_calls_in_flight",
+        "sluice_drain_state",
+        "sluice_tls_reloads_total",
+        "sluice_hub_agents",
+    ] {
+        assert!(named.contains(needed), "no panel shows {needed}");
+    }
+}

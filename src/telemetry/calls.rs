@@ -59,6 +59,7 @@ pub(crate) struct MethodLabels {
 /// Calls by the upstream group they went to, and their status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct UpstreamLabels {
+    route: Label,
     group: Label,
     grpc_code: Label,
 }
@@ -81,8 +82,9 @@ pub(crate) struct CallFamilies {
     pub(crate) response_bytes: Family<MethodLabels, Counter>,
     /// Calls by upstream group (the groups of the config: bounded).
     pub(crate) upstream_calls: Family<UpstreamLabels, Counter>,
-    /// Per group, `upstream_calls` by gRPC code, resolved on first use.
-    groups: Mutex<HashMap<Arc<str>, Arc<[OnceLock<Counter>; 17]>>>,
+    /// Per route and group, `upstream_calls` by gRPC code, resolved on
+    /// first use.
+    groups: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<[OnceLock<Counter>; 17]>>>,
     paths: Mutex<HashMap<Box<str>, Arc<Handles>>>,
     /// Where calls to paths beyond [`MAX_TRACKED_PATHS`] are counted.
     other: std::sync::OnceLock<Arc<Handles>>,
@@ -139,11 +141,12 @@ impl CallFamilies {
         }
     }
 
-    /// The `upstream_calls` counters of `group`, one per gRPC code.
-    fn group_codes(&self, group: &Arc<str>) -> Arc<[OnceLock<Counter>; 17]> {
+    /// The `upstream_calls` counters of `route` and `group`, one per gRPC
+    /// code.
+    fn group_codes(&self, route: &Arc<str>, group: &Arc<str>) -> Arc<[OnceLock<Counter>; 17]> {
         let mut groups = self.groups.lock().expect("metrics lock");
         groups
-            .entry(group.clone())
+            .entry((route.clone(), group.clone()))
             .or_insert_with(|| Arc::new(Default::default()))
             .clone()
     }
@@ -223,8 +226,9 @@ struct Call {
     handles: Arc<Handles>,
     start: Instant,
     code: Option<Code>,
-    /// The upstream group the call went to, if it went to one.
-    group: Option<Arc<str>>,
+    /// The route and upstream group the call went to, if it went to one
+    /// (`""` for a call no named route sent).
+    group: Option<(Arc<str>, Arc<str>)>,
     /// What the access log writes of the call, when it is on.
     access: Option<Box<AccessCall>>,
     recorded: bool,
@@ -266,13 +270,14 @@ impl Call {
             access.entry.bytes_in = access.bytes_in.load(std::sync::atomic::Ordering::Relaxed);
             access.log.log(access.entry);
         }
-        if let Some(group) = &self.group {
+        if let Some((route, group)) = &self.group {
             let families = &self.families;
-            families.group_codes(group)[slot]
+            families.group_codes(route, group)[slot]
                 .get_or_init(|| {
                     families
                         .upstream_calls
                         .get_or_create(&UpstreamLabels {
+                            route: Label(route.clone()),
                             group: Label(group.clone()),
                             grpc_code: code_label(code),
                         })
@@ -385,7 +390,8 @@ where
                     call.refusals.refused(RefusalReason::answered_by(*by));
                 }
                 if let Some(chosen) = res.extensions().get::<crate::balance::Chosen>() {
-                    call.group = Some(chosen.group.clone());
+                    let route = chosen.route.clone().unwrap_or_else(|| Arc::from(""));
+                    call.group = Some((route, chosen.group.clone()));
                     if let Some(access) = call.access.as_mut() {
                         access.entry.upstream = Some(chosen.endpoint.clone());
                         access.entry.group = Some(chosen.group.clone());

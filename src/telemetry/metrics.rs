@@ -137,7 +137,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_calls",
-            "Calls by the upstream group they went to and gRPC status",
+            "Calls by the route that sent them (empty: none named), the upstream group they went to, and gRPC status",
             calls.upstream_calls.clone(),
         );
         registry.register(

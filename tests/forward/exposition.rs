@@ -100,7 +100,9 @@ async fn metrics_answer_text_004_or_openmetrics_as_asked_and_both_parse() {
     );
     // Upstream families by group.
     assert!(
-        text.contains("sluice_upstream_calls_total{group=\"default\",grpc_code=\"OK\"} 1"),
+        text.contains(
+            "sluice_upstream_calls_total{route=\"\",group=\"default\",grpc_code=\"OK\"} 1"
+        ),
         "{text}"
     );
     assert!(
