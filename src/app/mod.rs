@@ -5,6 +5,7 @@
 
 mod bind;
 mod drain;
+mod handles;
 mod serve;
 
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::{
 };
 
 use self::bind::{bind, bind_admin, local_addr};
+use self::handles::{admin_state, views};
 pub use self::serve::{admin_ready, serve};
 use crate::{
     AgentTunnels, Config, Stats, admin,
@@ -26,10 +28,7 @@ use crate::{
     proto::transport,
     server, stack,
     stats::Counters,
-    telemetry::{
-        collect::{GroupView, TunnelView},
-        metrics::{Metrics, Views},
-    },
+    telemetry::metrics::Metrics,
     tls, tunnel,
 };
 
@@ -363,71 +362,6 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         counters,
         drain: config.drain.clone(),
     })
-}
-
-/// The admin server's handles: readiness probes as functions of the
-/// groups, which the admin port never sees.
-fn admin_state(
-    config: &Config,
-    groups: &Groups,
-    agents: Option<Arc<crate::balance::Group>>,
-    mut state: admin::State,
-) -> admin::State {
-    if config.admin.ready_requires_upstream
-        && let Some(pool) = groups.default_pool()
-    {
-        state.upstream_reachable = Some(Arc::new(move || {
-            let pool = pool.clone();
-            Box::pin(async move { pool.reachable().await })
-        }));
-    }
-    state.agents =
-        agents.map(|g| Arc::new(move || g.len()) as Arc<dyn Fn() -> usize + Send + Sync>);
-    state
-}
-
-/// What the metrics read at scrape time: the groups, an agent's tunnel
-/// pool, a hub's agents (the tunnel families exist only on those roles).
-fn views(
-    groups: &Arc<Groups>,
-    agents: Option<&Arc<crate::balance::Group>>,
-    tracker: Option<&Arc<tunnel::tracker::Tracker>>,
-) -> Views {
-    let all = groups.clone();
-    let groups_fn = Arc::new(move || {
-        all.names()
-            .into_iter()
-            .filter_map(|name| all.group(&name))
-            .map(|g| {
-                let endpoints = g.endpoints();
-                let usable = endpoints.iter().filter(|e| !e.unusable()).count();
-                GroupView {
-                    group: g.name().to_string(),
-                    usable,
-                    unusable: endpoints.len() - usable,
-                    in_flight: endpoints.iter().map(|e| e.pool().in_flight()).sum(),
-                }
-            })
-            .collect()
-    });
-    Views {
-        agent: tracker.cloned().map(|t| {
-            Arc::new(move || {
-                let s = t.snapshot();
-                TunnelView {
-                    desired: s.desired,
-                    claimed: s.claimed,
-                    inflight: s.inflight,
-                    failed_dials: s.failed_dials,
-                    hubs: t.claimed_hubs(),
-                }
-            }) as crate::telemetry::collect::AgentFn
-        }),
-        hub: agents
-            .cloned()
-            .map(|g| Arc::new(move || g.len()) as crate::telemetry::collect::CountFn),
-        groups: Some(groups_fn),
-    }
 }
 
 impl Running {
