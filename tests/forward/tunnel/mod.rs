@@ -129,6 +129,24 @@ async fn hub_with_tuned_agents<const N: usize>(
     (hub, agents)
 }
 
+/// A call to agent `dest` that its app holds for `delay_ms`, in a task of
+/// its own, on a clone of `client`.
+fn held_call(
+    client: &EchoClient<Channel>,
+    dest: &str,
+    delay_ms: u64,
+) -> tokio::task::JoinHandle<Result<tonic::Response<Reply>, tonic::Status>> {
+    let mut client = client.clone();
+    let req = to(
+        dest,
+        Req {
+            delay_ms,
+            ..Req::default()
+        },
+    );
+    tokio::spawn(async move { client.unary(req).await })
+}
+
 /// A sluice in a runtime of its own on its own thread, so that a test
 /// can kill it outright (every socket closed at once, no drain), as a
 /// machine that dies.
@@ -279,17 +297,7 @@ async fn agent_loss_fails_its_calls_with_unavailable_at_once_and_removes_it() {
     call(&mut client, "a call", "node-a", Req::default())
         .await
         .expect("served");
-    let mut slow = client.clone();
-    let in_flight = tokio::spawn(async move {
-        slow.unary(to(
-            "node-a",
-            Req {
-                delay_ms: 8_000,
-                ..Req::default()
-            },
-        ))
-        .await
-    });
+    let in_flight = held_call(&client, "node-a", 8_000);
     eventually("the slow call is at the app", || {
         app.probe.counts().started == 2
     })
@@ -660,18 +668,7 @@ async fn a_draining_hub_closes_its_tunnels_and_the_agent_rehomes() {
     .await;
     eventually("both agents are on hub-a", || a.group_len("agents") == 2).await;
     // A long call through hub-a holds its drain open.
-    let mut client = sluice_testkit::client(a.listen_addr());
-    let long = tokio::spawn(async move {
-        client
-            .unary(to(
-                "node-slow",
-                Req {
-                    delay_ms: 3_000,
-                    ..Req::default()
-                },
-            ))
-            .await
-    });
+    let long = held_call(&sluice_testkit::client(a.listen_addr()), "node-slow", 3_000);
     eventually("the long call is at its app", || {
         slow_app.probe.counts().started == 1
     })
@@ -723,18 +720,7 @@ async fn a_draining_agent_is_chosen_last() {
     let (one_app, two_app) = (&one.app, &two.app);
     // A long call on agent one holds its drain (and its tunnel) open.
     let mut client = sluice_testkit::client(hub.listen_addr());
-    let mut long_client = client.clone();
-    let long = tokio::spawn(async move {
-        long_client
-            .unary(to(
-                "one",
-                Req {
-                    delay_ms: 2_000,
-                    ..Req::default()
-                },
-            ))
-            .await
-    });
+    let long = held_call(&client, "one", 2_000);
     eventually("the long call is at agent one's app", || {
         one_app.probe.counts().started == 1
     })
