@@ -3,13 +3,14 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use bytes::Bytes;
 use sluice::{Config, Running};
 use sluice_testkit::{
     NodeServer,
-    npb::{Chunk, LogsRequest, Metadata, VersionRequest, nodes_client::NodesClient},
+    npb::{Chunk, Log, LogsRequest, Metadata, VersionRequest, nodes_client::NodesClient},
 };
 use tokio_stream::StreamExt;
-use tonic::{Code, Request, transport::Channel};
+use tonic::{Code, Request, Streaming, transport::Channel};
 
 use crate::support::*;
 
@@ -58,6 +59,39 @@ async fn start(config: &Config) -> (Running, NodesClient<Channel>) {
             .expect("uri")
             .connect_lazy();
     (sluice, NodesClient::new(channel))
+}
+
+/// A node server for each of `names`, a sluice fanning out over them by
+/// the `nodes` key, and a client of that sluice. Bind every field when
+/// destructuring: a field left to `..` is dropped (stopped) at once.
+struct Fanout {
+    nodes: Vec<NodeServer>,
+    sluice: Running,
+    client: NodesClient<Channel>,
+}
+
+async fn fanout_over(names: &[&str]) -> Fanout {
+    let nodes: Vec<NodeServer> = names.iter().map(|n| NodeServer::start(n)).collect();
+    let named: Vec<(&str, SocketAddr)> = names
+        .iter()
+        .copied()
+        .zip(nodes.iter().map(|n| n.addr))
+        .collect();
+    let (sluice, client) = start(&config(&named, "")).await;
+    Fanout {
+        nodes,
+        sluice,
+        client,
+    }
+}
+
+/// Opens a Logs stream to `nodes` (the key's value) and waits for its
+/// headers.
+async fn logs(client: &mut NodesClient<Channel>, nodes: &str, req: LogsRequest) -> Streaming<Log> {
+    within("the stream's headers", client.logs(to(nodes, req)))
+        .await
+        .expect("headers")
+        .into_inner()
 }
 
 fn to<M>(nodes: &str, msg: M) -> Request<M> {
@@ -122,10 +156,11 @@ async fn merged_replies_carry_each_node_and_an_error_entry_for_the_one_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_node_is_an_entry_and_all_failing_is_the_calls_status() {
-    let a = NodeServer::start("a");
-    let b = NodeServer::start("b");
-    let cfg = config(&[("a", a.addr), ("b", b.addr)], "");
-    let (_sluice, mut client) = start(&cfg).await;
+    let Fanout {
+        nodes: _nodes,
+        sluice: _sluice,
+        mut client,
+    } = fanout_over(&["a", "b"]).await;
     // Both nodes fail as asked: the call fails with their code.
     let err = within(
         "an all-failing call",
@@ -159,31 +194,18 @@ async fn a_failing_node_is_an_entry_and_all_failing_is_the_calls_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_fanout_delivers_every_line_of_every_node_enriched() {
-    let nodes: Vec<NodeServer> = ["a", "b", "c"]
-        .iter()
-        .map(|n| NodeServer::start(n))
-        .collect();
-    let named: Vec<(&str, SocketAddr)> = ["a", "b", "c"]
-        .iter()
-        .copied()
-        .zip(nodes.iter().map(|n| n.addr))
-        .collect();
-    let (_sluice, mut client) = start(&config(&named, "")).await;
-    let mut stream = within(
-        "the stream's headers",
-        client.logs(to(
-            "a,b,c",
-            LogsRequest {
-                lines: 20,
-                line_size: 10,
-                delay_ms: 0,
-                ..Default::default()
-            },
-        )),
-    )
-    .await
-    .expect("headers")
-    .into_inner();
+    let Fanout {
+        nodes: _nodes,
+        sluice: _sluice,
+        mut client,
+    } = fanout_over(&["a", "b", "c"]).await;
+    let req = LogsRequest {
+        lines: 20,
+        line_size: 10,
+        delay_ms: 0,
+        ..Default::default()
+    };
+    let mut stream = logs(&mut client, "a,b,c", req).await;
     let mut per_node: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
     while let Some(line) = within("the next line", stream.next()).await {
         let line = line.expect("a line");
@@ -209,33 +231,20 @@ async fn streaming_fanout_delivers_every_line_of_every_node_enriched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_stalls_every_node_then_gets_everything() {
-    let nodes: Vec<NodeServer> = ["a", "b", "c"]
-        .iter()
-        .map(|n| NodeServer::start(n))
-        .collect();
-    let named: Vec<(&str, SocketAddr)> = ["a", "b", "c"]
-        .iter()
-        .copied()
-        .zip(nodes.iter().map(|n| n.addr))
-        .collect();
-    let (_sluice, mut client) = start(&config(&named, "")).await;
+    let Fanout {
+        nodes,
+        sluice: _sluice,
+        mut client,
+    } = fanout_over(&["a", "b", "c"]).await;
     // 3 × 4000 lines of 4 KiB (48 MiB): far past every window and queue.
     let lines = 4000;
-    let mut stream = within(
-        "headers",
-        client.logs(to(
-            "a,b,c",
-            LogsRequest {
-                lines,
-                line_size: 4096,
-                delay_ms: 0,
-                ..Default::default()
-            },
-        )),
-    )
-    .await
-    .expect("headers")
-    .into_inner();
+    let req = LogsRequest {
+        lines,
+        line_size: 4096,
+        delay_ms: 0,
+        ..Default::default()
+    };
+    let mut stream = logs(&mut client, "a,b,c", req).await;
     // Not reading: every node gets going, then every node stops short.
     for n in &nodes {
         n.probe.wait_for(LIMIT, |c| c.lines_sent > 0).await;
@@ -268,26 +277,20 @@ async fn a_client_that_stops_reading_stalls_every_node_then_gets_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_stream_passes_unrewritten() {
-    let a = NodeServer::start("a");
-    let b = NodeServer::start("b");
-    let (_sluice, client) = start(&config(&[("a", a.addr), ("b", b.addr)], "")).await;
+    let Fanout {
+        nodes: _nodes,
+        sluice: _sluice,
+        client,
+    } = fanout_over(&["a", "b"]).await;
     // The client accepts gzip, so the nodes compress every line.
     let mut client = client.accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-    let mut stream = within(
-        "headers",
-        client.logs(to(
-            "a,b",
-            LogsRequest {
-                lines: 5,
-                line_size: 100,
-                delay_ms: 0,
-                ..Default::default()
-            },
-        )),
-    )
-    .await
-    .expect("headers")
-    .into_inner();
+    let req = LogsRequest {
+        lines: 5,
+        line_size: 100,
+        delay_ms: 0,
+        ..Default::default()
+    };
+    let mut stream = logs(&mut client, "a,b", req).await;
     let mut got = 0;
     while let Some(line) = within("the next line", stream.next()).await {
         let line = line.expect("a line that decompresses and decodes");
@@ -301,31 +304,18 @@ async fn a_compressed_stream_passes_unrewritten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_fanout_reaches_every_node() {
-    let nodes: Vec<NodeServer> = ["a", "b", "c"]
-        .iter()
-        .map(|n| NodeServer::start(n))
-        .collect();
-    let named: Vec<(&str, SocketAddr)> = ["a", "b", "c"]
-        .iter()
-        .copied()
-        .zip(nodes.iter().map(|n| n.addr))
-        .collect();
-    let (_sluice, mut client) = start(&config(&named, "")).await;
-    let mut stream = within(
-        "headers",
-        client.logs(to(
-            "a,b,c",
-            LogsRequest {
-                lines: 1_000_000,
-                line_size: 10,
-                delay_ms: 5,
-                ..Default::default()
-            },
-        )),
-    )
-    .await
-    .expect("headers")
-    .into_inner();
+    let Fanout {
+        nodes,
+        sluice: _sluice,
+        mut client,
+    } = fanout_over(&["a", "b", "c"]).await;
+    let req = LogsRequest {
+        lines: 1_000_000,
+        line_size: 10,
+        delay_ms: 5,
+        ..Default::default()
+    };
+    let mut stream = logs(&mut client, "a,b,c", req).await;
     within("a first line", stream.next()).await;
     drop(stream);
     for n in &nodes {
@@ -354,16 +344,11 @@ async fn reported(sluice: &Running, destination: &str, outcome: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_merge_reaches_every_node_still_working() {
-    let nodes: Vec<NodeServer> = ["a", "b", "c"]
-        .iter()
-        .map(|n| NodeServer::start(n))
-        .collect();
-    let named: Vec<(&str, SocketAddr)> = ["a", "b", "c"]
-        .iter()
-        .copied()
-        .zip(nodes.iter().map(|n| n.addr))
-        .collect();
-    let (_sluice, mut client) = start(&config(&named, "")).await;
+    let Fanout {
+        nodes,
+        sluice: _sluice,
+        mut client,
+    } = fanout_over(&["a", "b", "c"]).await;
     // Every node takes a minute to answer; the client gives up once all
     // three are working on it.
     let call = client.version(to(
@@ -560,6 +545,30 @@ async fn a_reply_in_the_wrong_layout_fails_the_call_naming_the_destination() {
     assert_eq!(malformed, 2.0);
 }
 
+/// A raw h2 upstream that takes one connection and hands its first stream
+/// to `on_stream`, serving the connection meanwhile: a secondary that
+/// does what a tonic server never does.
+async fn raw_secondary<F, Fut>(on_stream: F) -> SocketAddr
+where
+    F: FnOnce(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut
+        + Send
+        + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut conn = h2::server::handshake(tcp).await.expect("h2");
+        let (req, respond) = conn.accept().await.expect("a stream").expect("ok");
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        on_stream(req, respond).await;
+    });
+    addr
+}
+
 /// A secondary cut off in drop mode is reset with INTERNAL_ERROR: hyper
 /// (tonic) servers read RST_STREAM(CANCEL) on a request stream as its clean
 /// end, and would take the cut-off copy for the whole request.
@@ -567,16 +576,10 @@ async fn a_reply_in_the_wrong_layout_fails_the_call_naming_the_destination() {
 async fn a_dropped_secondary_is_reset_as_an_error_not_a_cancel() {
     let primary = NodeServer::start("primary");
     // A raw h2 upstream that never gives window back: the copy backs up.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let shadow = listener.local_addr().expect("addr");
     let (reason_tx, reason_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let mut conn = h2::server::handshake(tcp).await.expect("h2");
-        let (req, _respond) = conn.accept().await.expect("a stream").expect("ok");
-        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+    let shadow = raw_secondary(|req, respond| async move {
+        // Held, unanswered, while the body is read.
+        let _respond = respond;
         let mut body = req.into_body();
         loop {
             match body.data().await {
@@ -592,7 +595,8 @@ async fn a_dropped_secondary_is_reset_as_an_error_not_a_cancel() {
                 }
             }
         }
-    });
+    })
+    .await;
     let cfg = mirror_config(primary.addr, shadow, "drop");
     let (_sluice, mut client) = start(&cfg).await;
     let (_, chunks) = write(&mut client, 300, 16 << 10).await;
@@ -605,9 +609,12 @@ async fn a_dropped_secondary_is_reset_as_an_error_not_a_cancel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_cannot_name_more_destinations_than_the_group_has() {
-    let a = NodeServer::start("a");
-    let b = NodeServer::start("b");
-    let (_sluice, mut client) = start(&config(&[("a", a.addr), ("b", b.addr)], "")).await;
+    let Fanout {
+        nodes,
+        sluice: _sluice,
+        mut client,
+    } = fanout_over(&["a", "b"]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
     let err = within(
         "an oversized fan-out",
         client.version(to("a,b,x,y,z", VersionRequest::default())),
@@ -622,19 +629,12 @@ async fn a_key_cannot_name_more_destinations_than_the_group_has() {
 async fn a_secondary_that_never_answers_is_cancelled_after_the_grace() {
     let primary = NodeServer::start("primary");
     // A raw h2 upstream that takes the call and never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let shadow = listener.local_addr().expect("addr");
     let (reset_tx, reset_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let mut conn = h2::server::handshake(tcp).await.expect("h2");
-        let (_req, mut respond) = conn.accept().await.expect("a stream").expect("ok");
-        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+    let shadow = raw_secondary(|_req, mut respond| async move {
         let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
         let _ = reset_tx.send(reason.ok());
-    });
+    })
+    .await;
     let mut cfg = mirror_config(primary.addr, shadow, "block");
     cfg.fanout.secondary_grace = Duration::from_millis(200);
     let (sluice, mut client) = start(&cfg).await;
