@@ -113,21 +113,64 @@ async fn handshake(addr: SocketAddr) -> Raw {
     Raw::handshake(addr).await
 }
 
+/// A raw h2 connection (prefaces and SETTINGS exchanged) to a sluice in
+/// `mode`, which it keeps running (and its upstream) while it lives.
+struct Connected {
+    raw: Raw,
+    _sluice: sluice::Running,
+    _up: Option<RawUpstream>,
+}
+
+async fn connected(mode: Mode) -> Connected {
+    let (sluice, up) = start(mode, |_| {}).await;
+    Connected {
+        raw: handshake(sluice.listen_addr()).await,
+        _sluice: sluice,
+        _up: up,
+    }
+}
+
+impl Connected {
+    /// Sends `frames` in one write, as h2spec does.
+    async fn send_frames(&mut self, frames: &[Vec<u8>]) {
+        self.raw.send(&frames.concat()).await;
+    }
+
+    /// Sets SETTINGS_INITIAL_WINDOW_SIZE and waits for the ACK.
+    async fn settle_initial_window(&mut self, size: u32) {
+        self.raw.send(&initial_window(size)).await;
+        self.raw
+            .until(|f| f.kind == SETTINGS && f.flags & ACK != 0)
+            .await
+            .expect("SETTINGS ACK");
+    }
+}
+
+impl std::ops::Deref for Connected {
+    type Target = Raw;
+    fn deref(&self) -> &Raw {
+        &self.raw
+    }
+}
+
+impl std::ops::DerefMut for Connected {
+    fn deref_mut(&mut self) -> &mut Raw {
+        &mut self.raw
+    }
+}
+
+/// A whole GET on stream 1: HEADERS with END_STREAM.
+fn get() -> Vec<u8> {
+    frame(HEADERS, END_HEADERS | END_STREAM, 1, &plain("GET", &[]))
+}
+
 // h2spec generic/2.2: WINDOW_UPDATE on a half-closed (remote) stream is
 // accepted: the answer comes whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_update_on_a_half_closed_stream_is_accepted() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
-        raw.send(
-            &[
-                frame(HEADERS, END_HEADERS | END_STREAM, 1, &plain("GET", &[])),
-                window_update(1, 1),
-            ]
-            .concat(),
-        )
-        .await;
+        let mut raw = connected(mode).await;
+        raw.send_frames(&[get(), window_update(1, 1)]).await;
         let body = whole_answer(&mut raw, 1, &format!("{mode:?}")).await;
         assert!(!body.is_empty(), "{mode:?}: the answer has a body");
     }
@@ -137,17 +180,9 @@ async fn window_update_on_a_half_closed_stream_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_on_a_half_closed_stream_is_accepted() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
+        let mut raw = connected(mode).await;
         let priority = frame(0x2, 0, 1, &[0, 0, 0, 0, 15]);
-        raw.send(
-            &[
-                frame(HEADERS, END_HEADERS | END_STREAM, 1, &plain("GET", &[])),
-                priority,
-            ]
-            .concat(),
-        )
-        .await;
+        raw.send_frames(&[get(), priority]).await;
         whole_answer(&mut raw, 1, &format!("{mode:?}")).await;
     }
 }
@@ -156,16 +191,8 @@ async fn priority_on_a_half_closed_stream_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_on_a_half_closed_stream_is_stream_closed() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
-        raw.send(
-            &[
-                frame(HEADERS, END_HEADERS | END_STREAM, 1, &plain("GET", &[])),
-                frame(DATA, 0, 1, b"x"),
-            ]
-            .concat(),
-        )
-        .await;
+        let mut raw = connected(mode).await;
+        raw.send_frames(&[get(), frame(DATA, 0, 1, b"x")]).await;
         let (_, code) = error_on(&mut raw, 1, &format!("{mode:?}")).await;
         // h2 names it PROTOCOL_ERROR where RFC 9113 says STREAM_CLOSED
         // (noted in #4); h2spec accepts either.
@@ -181,17 +208,13 @@ async fn data_on_a_half_closed_stream_is_stream_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_after_rst_stream_are_stream_closed() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
+        let mut raw = connected(mode).await;
         let head = plain("POST", &[]);
-        raw.send(
-            &[
-                frame(HEADERS, END_HEADERS, 1, &head),
-                frame(RST_STREAM, 0, 1, &CANCEL.to_be_bytes()),
-                frame(HEADERS, END_HEADERS, 1, &head),
-            ]
-            .concat(),
-        )
+        raw.send_frames(&[
+            frame(HEADERS, END_HEADERS, 1, &head),
+            frame(RST_STREAM, 0, 1, &CANCEL.to_be_bytes()),
+            frame(HEADERS, END_HEADERS, 1, &head),
+        ])
         .await;
         let (_, code) = error_on(&mut raw, 1, &format!("{mode:?}")).await;
         assert!(
@@ -239,15 +262,11 @@ async fn the_concurrency_limit_holds_while_refusals_are_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_window_update_on_a_stream_is_a_protocol_error() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
-        raw.send(
-            &[
-                frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
-                window_update(1, 0),
-            ]
-            .concat(),
-        )
+        let mut raw = connected(mode).await;
+        raw.send_frames(&[
+            frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
+            window_update(1, 0),
+        ])
         .await;
         // RFC 9113 §6.9 names a stream error; h2 rejects the frame while
         // parsing it, before it looks at the stream, so it answers with the
@@ -262,16 +281,12 @@ async fn a_zero_window_update_on_a_stream_is_a_protocol_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_window_overflow_is_a_flow_control_error() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
-        raw.send(
-            &[
-                frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
-                window_update(1, 0x7fff_ffff),
-                window_update(1, 0x7fff_ffff),
-            ]
-            .concat(),
-        )
+        let mut raw = connected(mode).await;
+        raw.send_frames(&[
+            frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
+            window_update(1, 0x7fff_ffff),
+            window_update(1, 0x7fff_ffff),
+        ])
         .await;
         assert_eq!(
             error_on(&mut raw, 1, &format!("{mode:?}")).await,
@@ -288,12 +303,11 @@ async fn a_stream_window_overflow_is_a_flow_control_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_window_overflow_after_the_answer_is_a_flow_control_error() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
+        let mut raw = connected(mode).await;
         raw.send(&frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])))
             .await;
         whole_answer(&mut raw, 1, &format!("{mode:?}")).await;
-        raw.send(&[window_update(1, 0x7fff_ffff), window_update(1, 0x7fff_ffff)].concat())
+        raw.send_frames(&[window_update(1, 0x7fff_ffff), window_update(1, 0x7fff_ffff)])
             .await;
         assert_eq!(
             error_on(&mut raw, 1, &format!("{mode:?}")).await,
@@ -308,19 +322,9 @@ async fn a_stream_window_overflow_after_the_answer_is_a_flow_control_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_raised_after_the_request_lets_that_much_data_through() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
-        raw.send(&initial_window(0)).await;
-        raw.until(|f| f.kind == SETTINGS && f.flags & ACK != 0)
-            .await
-            .expect("SETTINGS ACK");
-        raw.send(&frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            1,
-            &plain("GET", &[]),
-        ))
-        .await;
+        let mut raw = connected(mode).await;
+        raw.settle_initial_window(0).await;
+        raw.send(&get()).await;
         let head = raw
             .until(|f| f.stream == 1)
             .await
@@ -344,19 +348,9 @@ async fn a_window_raised_after_the_request_lets_that_much_data_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_negative_stream_window_holds_data_back_until_it_recovers() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
-        raw.send(&initial_window(3)).await;
-        raw.until(|f| f.kind == SETTINGS && f.flags & ACK != 0)
-            .await
-            .expect("SETTINGS ACK");
-        raw.send(&frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            1,
-            &plain("GET", &[]),
-        ))
-        .await;
+        let mut raw = connected(mode).await;
+        raw.settle_initial_window(3).await;
+        raw.send(&get()).await;
         let mut got = 0;
         while got < 3 {
             let f = raw.until(|f| f.stream == 1).await.expect("the answer");
@@ -380,16 +374,12 @@ async fn a_negative_stream_window_holds_data_back_until_it_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_headers_without_end_stream_is_a_protocol_error() {
     for mode in BOTH {
-        let (sluice, _up) = start(mode, |_| {}).await;
-        let mut raw = handshake(sluice.listen_addr()).await;
+        let mut raw = connected(mode).await;
         let trailers = header_block(&[(b"x-trailer", b"1")]);
-        raw.send(
-            &[
-                frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
-                frame(HEADERS, END_HEADERS, 1, &trailers),
-            ]
-            .concat(),
-        )
+        raw.send_frames(&[
+            frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
+            frame(HEADERS, END_HEADERS, 1, &trailers),
+        ])
         .await;
         let (_, code) = error_on(&mut raw, 1, &format!("{mode:?}")).await;
         assert_eq!(code, PROTOCOL_ERROR, "{mode:?}");
@@ -408,15 +398,10 @@ async fn a_content_length_that_does_not_match_the_data_is_a_protocol_error() {
                 vec![frame(DATA, 0, 1, b"a"), frame(DATA, END_STREAM, 1, b"b")],
             ),
         ] {
-            let (sluice, _up) = start(mode, |_| {}).await;
-            let mut raw = handshake(sluice.listen_addr()).await;
+            let mut raw = connected(mode).await;
             let head = plain("POST", &[("content-length", "1")]);
-            raw.send(
-                &[vec![frame(HEADERS, END_HEADERS, 1, &head)], data]
-                    .concat()
-                    .concat(),
-            )
-            .await;
+            raw.send_frames(&[vec![frame(HEADERS, END_HEADERS, 1, &head)], data].concat())
+                .await;
             let (_, code) = error_on(&mut raw, 1, &format!("{mode:?} {what}")).await;
             assert_eq!(code, PROTOCOL_ERROR, "{mode:?} {what}");
         }
@@ -442,8 +427,7 @@ async fn an_invalid_preface_gets_goaway_protocol_error() {
 // stream closes only when the client is done (or after the linger).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_415_is_a_complete_exchange_that_waits_for_the_request_to_end() {
-    let (sluice, _up) = start(Mode::Refuse, |_| {}).await;
-    let mut raw = handshake(sluice.listen_addr()).await;
+    let mut raw = connected(Mode::Refuse).await;
     raw.send(&frame(
         HEADERS,
         END_HEADERS,
