@@ -4,8 +4,11 @@
 
 use std::time::Duration;
 
-use sluice_testkit::{EchoServer, Req};
-use tonic::metadata::MetadataValue;
+use std::net::SocketAddr;
+
+use sluice::Running;
+use sluice_testkit::{EchoClient, EchoServer, Req};
+use tonic::{metadata::MetadataValue, transport::Channel};
 
 use crate::support::*;
 
@@ -17,15 +20,40 @@ fn with_routes(default: std::net::SocketAddr, extra: &str) -> sluice::Config {
     sluice::Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
+/// A sluice whose default upstream is `default`, with `extra` (groups and
+/// routes) in its config, and a client of it.
+async fn routed(default: SocketAddr, extra: &str) -> (Running, EchoClient<Channel>) {
+    trace_init();
+    let sluice = sluice::run(&with_routes(default, extra))
+        .await
+        .expect("sluice");
+    let client = sluice_testkit::client(sluice.listen_addr());
+    (sluice, client)
+}
+
+/// A unary call (an empty request) that asks for endpoint `host` by
+/// `x-dest-host`.
+fn to_host(host: &'static str) -> tonic::Request<Req> {
+    let mut req = tonic::Request::new(Req::default());
+    req.metadata_mut()
+        .insert("x-dest-host", MetadataValue::from_static(host));
+    req
+}
+
+/// A loopback address that nothing listens on.
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_matcher_kind_routes_to_its_group() {
-    trace_init();
     let (a, b, c) = (
         EchoServer::start().await,
         EchoServer::start().await,
         EchoServer::start().await,
     );
-    let config = with_routes(
+    let (sluice, mut client) = routed(
         a.addr,
         &format!(
             r#"
@@ -62,9 +90,8 @@ upstream = "c"
             b = b.addr,
             c = c.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
 
     client.unary(Req::default()).await.expect("plain unary");
     assert_eq!(
@@ -136,14 +163,12 @@ upstream = "c"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_calls_can_be_refused_with_unimplemented() {
-    trace_init();
     let a = EchoServer::start().await;
-    let config = with_routes(
+    let (_sluice, mut client) = routed(
         a.addr,
         "[routing]\nfallback = \"unimplemented\"\n[[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nupstream = \"default\"\n",
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
     client.unary(Req::default()).await.expect("routed");
     let status = client
         .server_stream(Req::default())
@@ -155,18 +180,16 @@ async fn unmatched_calls_can_be_refused_with_unimplemented() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_message_streams_proceed_and_the_peek_budget_is_enforced() {
-    trace_init();
     let (a, b) = (EchoServer::start().await, EchoServer::start().await);
-    let config = with_routes(
+    let (_sluice, mut client) = routed(
         a.addr,
         &format!(
             "[routing]\npeek_max_bytes = 512\n[upstreams.b]\nendpoints = [\"{}\"]\n\
              [[routes]]\nfield = {{ path = \"8\", present = true }}\nupstream = \"b\"\n",
             b.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
     // No message at all: nothing to match, the call still goes through.
     let reply = client
         .client_stream(tokio_stream::iter(Vec::<Req>::new()))
@@ -197,19 +220,17 @@ async fn zero_message_streams_proceed_and_the_peek_budget_is_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_moves_load_away_from_a_ten_times_slower_endpoint() {
-    trace_init();
     let fast = EchoServer::start_slow(Duration::from_millis(2)).await;
     let slow = EchoServer::start_slow(Duration::from_millis(20)).await;
     let placeholder = EchoServer::start().await;
-    let config = with_routes(
+    let (_sluice, client) = routed(
         placeholder.addr,
         &format!(
             "[upstreams.pool]\nendpoints = [\"{}\", \"{}\"]\n[[routes]]\nupstream = \"pool\"\n",
             fast.addr, slow.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let mut client = client.clone();
@@ -233,11 +254,7 @@ async fn p2c_moves_load_away_from_a_ten_times_slower_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routing_loop_between_two_sluices_ends_with_aborted() {
     trace_init();
-    let free = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let (addr_a, addr_b) = (free(), free());
+    let (addr_a, addr_b) = (free_addr(), free_addr());
     let mut config_a = config(addr_b);
     config_a.server.listen = addr_a;
     let mut config_b = config(addr_a);
@@ -254,9 +271,8 @@ async fn a_routing_loop_between_two_sluices_ends_with_aborted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_forward_the_budget_less_the_offset_and_routes_can_cap_them() {
-    trace_init();
     let (a, b) = (EchoServer::start().await, EchoServer::start().await);
-    let config = with_routes(
+    let (_sluice, mut client) = routed(
         a.addr,
         &format!(
             "[routing]\ndeadline_offset = \"100ms\"\n[upstreams.b]\nendpoints = [\"{}\"]\n\
@@ -264,9 +280,8 @@ async fn deadlines_forward_the_budget_less_the_offset_and_routes_can_cap_them() 
              upstream = \"b\"\ntimeout = \"300ms\"\n",
             b.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
 
     // The client's 10 s reaches the upstream as 9.9 s.
     let mut req = tonic::Request::new(Req::default());
@@ -323,13 +338,12 @@ async fn idle_upstream_connections_are_evicted_and_reopened_on_demand() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strategies_fall_through_from_dest_host_to_default_route() {
-    trace_init();
     let (a, b, c) = (
         EchoServer::start().await,
         EchoServer::start().await,
         EchoServer::start().await,
     );
-    let config = with_routes(
+    let (_sluice, mut client) = routed(
         c.addr,
         &format!(
             r#"
@@ -356,13 +370,10 @@ upstream = "agents"
             b = b.addr,
             c = c.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
     let call = |host: &'static str, strict: bool| {
-        let mut req = tonic::Request::new(Req::default());
-        req.metadata_mut()
-            .insert("x-dest-host", MetadataValue::from_static(host));
+        let mut req = to_host(host);
         if strict {
             req.metadata_mut()
                 .insert("x-strict", MetadataValue::from_static("1"));
@@ -401,23 +412,16 @@ upstream = "agents"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_endpoint_is_tried_once_then_avoided() {
-    trace_init();
     let live = EchoServer::start().await;
-    let dead = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let config = with_routes(
+    let dead = free_addr();
+    let (_sluice, mut client) = routed(
         live.addr,
         &format!(
             "[upstreams.pair]\nendpoints = [\"{dead}\", \"{}\"]\n[[routes]]\nupstream = \"pair\"\n",
             live.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
     for seq in 0..20 {
         let reply = client
             .unary(Req {
@@ -433,9 +437,8 @@ async fn an_unreachable_endpoint_is_tried_once_then_avoided() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_its_health_check_is_avoided_until_it_recovers() {
-    trace_init();
     let (sick, well) = (EchoServer::start().await, EchoServer::start().await);
-    let config = with_routes(
+    let (_sluice, mut client) = routed(
         well.addr,
         &format!(
             "[upstreams.pair]\nendpoints = [\"{}\", \"{}\"]\n\
@@ -443,9 +446,8 @@ async fn an_endpoint_failing_its_health_check_is_avoided_until_it_recovers() {
              [[routes]]\nupstream = \"pair\"\n",
             sick.addr, well.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
     sick.health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
@@ -484,11 +486,10 @@ async fn an_endpoint_failing_its_health_check_is_avoided_until_it_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_that_sent_goaway_are_avoided_while_others_serve() {
-    trace_init();
     let mut leaving = RawUpstream::start(Behaviour::AnswerThenGoAway).await;
     // 50 ms slower: on load and latency alone, P2C would choose `leaving`.
     let staying = EchoServer::start_slow(Duration::from_millis(50)).await;
-    let config = with_routes(
+    let (_sluice, mut client) = routed(
         staying.addr,
         &format!(
             "[upstreams.pair]\nendpoints = [{{ address = \"{}\", ids = [\"leaving\"] }}, \
@@ -496,27 +497,20 @@ async fn endpoints_that_sent_goaway_are_avoided_while_others_serve() {
              strategy = [\"dest-host\", \"least-loaded\"]\n[[routes]]\nupstream = \"pair\"\n",
             leaving.addr, staying.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
-    let pinned = |host: &'static str| {
-        let mut req = tonic::Request::new(Req::default());
-        req.metadata_mut()
-            .insert("x-dest-host", MetadataValue::from_static(host));
-        req
-    };
+    )
+    .await;
     // The slow endpoint's latency is measured...
     client
-        .unary(pinned("staying"))
+        .unary(to_host("staying"))
         .await
         .expect("slow but fine");
     // ...and the leaving one answers twice, sending GOAWAY each time.
     client
-        .unary(pinned("leaving"))
+        .unary(to_host("leaving"))
         .await
         .expect("answered before GOAWAY");
     client
-        .unary(pinned("leaving"))
+        .unary(to_host("leaving"))
         .await
         .expect("a new connection");
     let mut seen = 0;
@@ -537,17 +531,16 @@ async fn endpoints_that_sent_goaway_are_avoided_while_others_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_names_are_resolved_to_one_endpoint_per_address() {
-    trace_init();
     let upstream = EchoServer::start().await;
     let port = upstream.addr.port();
-    let config = with_routes(
+    let (sluice, mut client) = routed(
         upstream.addr,
         &format!(
             "[upstreams.named]\nendpoints = [\"localhost:{port}\"]\nresolve_interval = \"50ms\"\n\
              [[routes]]\nupstream = \"named\"\n"
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
+    )
+    .await;
     let resolved = format!("127.0.0.1:{port}");
     eventually("localhost resolves to its addresses", || {
         sluice
@@ -557,7 +550,6 @@ async fn endpoint_names_are_resolved_to_one_endpoint_per_address() {
     .await;
     // Whatever else localhost resolves to (::1, which nothing serves here),
     // calls reach the server.
-    let mut client = sluice_testkit::client(sluice.listen_addr());
     for _ in 0..10 {
         client.unary(Req::default()).await.expect("ok");
     }
@@ -566,19 +558,17 @@ async fn endpoint_names_are_resolved_to_one_endpoint_per_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_random_strategy_spreads_calls_regardless_of_latency() {
-    trace_init();
     // P2C would send almost everything to the fast one; random does not.
     let fast = EchoServer::start().await;
     let slow = EchoServer::start_slow(Duration::from_millis(10)).await;
-    let config = with_routes(
+    let (_sluice, mut client) = routed(
         fast.addr,
         &format!(
             "[upstreams.pair]\nendpoints = [\"{}\", \"{}\"]\nstrategy = [\"random\"]\n[[routes]]\nupstream = \"pair\"\n",
             fast.addr, slow.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
     for _ in 0..100 {
         client.unary(Req::default()).await.expect("ok");
     }
@@ -591,17 +581,16 @@ async fn the_random_strategy_spreads_calls_regardless_of_latency() {
 /// parser reads it (the last value), not as the first occurrence says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicated_routing_field_routes_on_the_value_the_upstream_reads() {
-    trace_init();
     let (a, b) = (EchoServer::start().await, EchoServer::start().await);
-    let config = with_routes(
+    let (sluice, _) = routed(
         a.addr,
         &format!(
             "[upstreams.b]\nendpoints = [\"{}\"]\n\
              [[routes]]\nfield = {{ path = \"8\", int = 42 }}\nupstream = \"b\"\n",
             b.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
+    )
+    .await;
     let mut send = raw_client(sluice.listen_addr()).await;
     // seq = 42, then seq = 1: one message, which the upstream reads as 1.
     for (first, last, to_b) in [(42, 1, false), (1, 42, true)] {
@@ -653,18 +642,16 @@ async fn a_duplicated_routing_field_routes_on_the_value_the_upstream_reads() {
 /// still match wait for their first message, and that wait is bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_calls_a_field_route_could_match_are_peeked_and_the_wait_is_bounded() {
-    trace_init();
     let (a, b) = (EchoServer::start().await, EchoServer::start().await);
-    let config = with_routes(
+    let (sluice, mut client) = routed(
         a.addr,
         &format!(
             "[upstreams.b]\nendpoints = [\"{}\"]\n\
              [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nfield = {{ path = \"8\", int = 42 }}\nupstream = \"b\"\n",
             b.addr
         ),
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    )
+    .await;
     // A bidi call whose client waits for the server before sending: no
     // field route can match its method, so it is not read ahead and its
     // response headers come.
@@ -713,16 +700,14 @@ async fn only_calls_a_field_route_could_match_are_peeked_and_the_wait_is_bounded
 /// message matches, so compressing cannot bypass it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_field_refusal_can_refuse_compressed_messages_too() {
-    trace_init();
     let a = EchoServer::start().await;
-    let config = with_routes(
+    let (sluice, client) = routed(
         a.addr,
         "[[routes]]\nfield = { path = \"8\", int = 13, compressed = \"match\" }\n\
          refuse = { code = \"PERMISSION_DENIED\", message = \"13 is unlucky\" }\n",
-    );
-    let sluice = sluice::run(&config).await.expect("sluice");
-    let mut client = sluice_testkit::client(sluice.listen_addr())
-        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    )
+    .await;
+    let mut client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
     let err = within(
         "a compressed call",
         client.unary(Req {
