@@ -20,6 +20,16 @@ fn dead_port() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
+/// A sluice on free ports (admin too) whose default upstream is `default`,
+/// with `rest` (groups, `[fanout]`, routes) after that.
+fn sluice_config(default: SocketAddr, rest: &str) -> Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [upstream]\naddress = \"{default}\"\n{rest}"
+    );
+    Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
 /// Group `nodes` of the named endpoints, a keyed fan-out route for the
 /// Nodes service (`nodes` metadata), `extra` TOML appended.
 fn config(nodes: &[(&str, SocketAddr)], extra: &str) -> Config {
@@ -29,12 +39,6 @@ fn config(nodes: &[(&str, SocketAddr)], extra: &str) -> Config {
         .collect();
     let text = format!(
         r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[upstream]
-address = "{first}"
 [upstreams.nodes]
 endpoints = [{endpoints}]
 [fanout]
@@ -45,10 +49,9 @@ name = "nodes"
 method = "/sluice.test.nodes.Nodes/*"
 fanout = {{ group = "nodes", key = "nodes" }}
 "#,
-        first = nodes[0].1,
         endpoints = endpoints.join(", "),
     );
-    Config::from_toml_str(&text).expect("test config")
+    sluice_config(nodes[0].1, &text)
 }
 
 async fn start(config: &Config) -> (Running, NodesClient<Channel>) {
@@ -62,15 +65,8 @@ async fn start(config: &Config) -> (Running, NodesClient<Channel>) {
 }
 
 /// A node server for each of `names`, a sluice fanning out over them by
-/// the `nodes` key, and a client of that sluice. Bind every field when
-/// destructuring: a field left to `..` is dropped (stopped) at once.
-struct Fanout {
-    nodes: Vec<NodeServer>,
-    sluice: Running,
-    client: NodesClient<Channel>,
-}
-
-async fn fanout_over(names: &[&str]) -> Fanout {
+/// the `nodes` key, and a client of that sluice.
+async fn fanout_over(names: &[&str]) -> (Vec<NodeServer>, Running, NodesClient<Channel>) {
     let nodes: Vec<NodeServer> = names.iter().map(|n| NodeServer::start(n)).collect();
     let named: Vec<(&str, SocketAddr)> = names
         .iter()
@@ -78,10 +74,16 @@ async fn fanout_over(names: &[&str]) -> Fanout {
         .zip(nodes.iter().map(|n| n.addr))
         .collect();
     let (sluice, client) = start(&config(&named, "")).await;
-    Fanout {
-        nodes,
-        sluice,
-        client,
+    (nodes, sluice, client)
+}
+
+/// `lines` log lines of `line_size` bytes, `delay_ms` apart.
+fn lines_of(lines: u32, line_size: u32, delay_ms: u64) -> LogsRequest {
+    LogsRequest {
+        lines,
+        line_size,
+        delay_ms,
+        ..Default::default()
     }
 }
 
@@ -156,11 +158,7 @@ async fn merged_replies_carry_each_node_and_an_error_entry_for_the_one_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_node_is_an_entry_and_all_failing_is_the_calls_status() {
-    let Fanout {
-        nodes: _nodes,
-        sluice: _sluice,
-        mut client,
-    } = fanout_over(&["a", "b"]).await;
+    let (_nodes, _sluice, mut client) = fanout_over(&["a", "b"]).await;
     // Both nodes fail as asked: the call fails with their code.
     let err = within(
         "an all-failing call",
@@ -194,17 +192,8 @@ async fn a_failing_node_is_an_entry_and_all_failing_is_the_calls_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_fanout_delivers_every_line_of_every_node_enriched() {
-    let Fanout {
-        nodes: _nodes,
-        sluice: _sluice,
-        mut client,
-    } = fanout_over(&["a", "b", "c"]).await;
-    let req = LogsRequest {
-        lines: 20,
-        line_size: 10,
-        delay_ms: 0,
-        ..Default::default()
-    };
+    let (_nodes, _sluice, mut client) = fanout_over(&["a", "b", "c"]).await;
+    let req = lines_of(20, 10, 0);
     let mut stream = logs(&mut client, "a,b,c", req).await;
     let mut per_node: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
     while let Some(line) = within("the next line", stream.next()).await {
@@ -231,19 +220,10 @@ async fn streaming_fanout_delivers_every_line_of_every_node_enriched() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_stalls_every_node_then_gets_everything() {
-    let Fanout {
-        nodes,
-        sluice: _sluice,
-        mut client,
-    } = fanout_over(&["a", "b", "c"]).await;
+    let (nodes, _sluice, mut client) = fanout_over(&["a", "b", "c"]).await;
     // 3 × 4000 lines of 4 KiB (48 MiB): far past every window and queue.
     let lines = 4000;
-    let req = LogsRequest {
-        lines,
-        line_size: 4096,
-        delay_ms: 0,
-        ..Default::default()
-    };
+    let req = lines_of(lines, 4096, 0);
     let mut stream = logs(&mut client, "a,b,c", req).await;
     // Not reading: every node gets going, then every node stops short.
     for n in &nodes {
@@ -277,19 +257,10 @@ async fn a_client_that_stops_reading_stalls_every_node_then_gets_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_stream_passes_unrewritten() {
-    let Fanout {
-        nodes: _nodes,
-        sluice: _sluice,
-        client,
-    } = fanout_over(&["a", "b"]).await;
+    let (_nodes, _sluice, client) = fanout_over(&["a", "b"]).await;
     // The client accepts gzip, so the nodes compress every line.
     let mut client = client.accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-    let req = LogsRequest {
-        lines: 5,
-        line_size: 100,
-        delay_ms: 0,
-        ..Default::default()
-    };
+    let req = lines_of(5, 100, 0);
     let mut stream = logs(&mut client, "a,b", req).await;
     let mut got = 0;
     while let Some(line) = within("the next line", stream.next()).await {
@@ -304,17 +275,8 @@ async fn a_compressed_stream_passes_unrewritten() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_fanout_reaches_every_node() {
-    let Fanout {
-        nodes,
-        sluice: _sluice,
-        mut client,
-    } = fanout_over(&["a", "b", "c"]).await;
-    let req = LogsRequest {
-        lines: 1_000_000,
-        line_size: 10,
-        delay_ms: 5,
-        ..Default::default()
-    };
+    let (nodes, _sluice, mut client) = fanout_over(&["a", "b", "c"]).await;
+    let req = lines_of(1_000_000, 10, 5);
     let mut stream = logs(&mut client, "a,b,c", req).await;
     within("a first line", stream.next()).await;
     drop(stream);
@@ -344,11 +306,7 @@ async fn reported(sluice: &Running, destination: &str, outcome: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_merge_reaches_every_node_still_working() {
-    let Fanout {
-        nodes,
-        sluice: _sluice,
-        mut client,
-    } = fanout_over(&["a", "b", "c"]).await;
+    let (nodes, _sluice, mut client) = fanout_over(&["a", "b", "c"]).await;
     // Every node takes a minute to answer; the client gives up once all
     // three are working on it.
     let call = client.version(to(
@@ -376,12 +334,6 @@ async fn cancelling_a_merge_reaches_every_node_still_working() {
 fn mirror_config(primary: SocketAddr, shadow: SocketAddr, policy: &str) -> Config {
     let text = format!(
         r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[upstream]
-address = "{primary}"
 [upstreams.primary]
 endpoints = ["{primary}"]
 [upstreams.shadow]
@@ -394,7 +346,19 @@ method = "/sluice.test.nodes.Nodes/Write"
 mirror = {{ primary = "primary", secondaries = [{{ upstream = "shadow", overflow = "{policy}" }}] }}
 "#
     );
-    Config::from_toml_str(&text).expect("mirror config")
+    sluice_config(primary, &text)
+}
+
+/// A primary node, a shadow node that takes `per_chunk` over each chunk,
+/// and a sluice mirroring Write to both (overflow `policy`), with a client.
+async fn slow_shadow(
+    per_chunk: Duration,
+    policy: &str,
+) -> ([NodeServer; 2], Running, NodesClient<Channel>) {
+    let primary = NodeServer::start("primary");
+    let shadow = NodeServer::start_with("shadow", per_chunk);
+    let (sluice, client) = start(&mirror_config(primary.addr, shadow.addr, policy)).await;
+    ([primary, shadow], sluice, client)
 }
 
 /// Streams `n` chunks of `size` bytes to Write and returns the time the
@@ -415,12 +379,10 @@ async fn write(client: &mut NodesClient<Channel>, n: usize, size: usize) -> (Dur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_secondary_in_drop_mode_never_slows_the_primary() {
-    let primary = NodeServer::start("primary");
     // 20 ms per 16 KiB chunk: 300 chunks (4.8 MiB, more than the windows
     // and queue in between hold) would take 6 s.
-    let shadow = NodeServer::start_with("shadow", Duration::from_millis(20));
-    let cfg = mirror_config(primary.addr, shadow.addr, "drop");
-    let (sluice, mut client) = start(&cfg).await;
+    let ([_primary, shadow], sluice, mut client) =
+        slow_shadow(Duration::from_millis(20), "drop").await;
     let (took, chunks) = write(&mut client, 300, 16 << 10).await;
     assert_eq!(chunks, 300);
     assert!(
@@ -439,12 +401,10 @@ async fn a_slow_secondary_in_drop_mode_never_slows_the_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_secondary_in_block_mode_paces_the_call_and_gets_everything() {
-    let primary = NodeServer::start("primary");
     // 300 chunks of 16 KiB at 2 ms each: 0.6 s at the secondary, of which
     // its windows and queues (about 1.4 MiB, 90 chunks) absorb 0.18 s.
-    let shadow = NodeServer::start_with("shadow", Duration::from_millis(2));
-    let cfg = mirror_config(primary.addr, shadow.addr, "block");
-    let (sluice, mut client) = start(&cfg).await;
+    let ([_primary, shadow], sluice, mut client) =
+        slow_shadow(Duration::from_millis(2), "block").await;
     let (took, chunks) = write(&mut client, 300, 16 << 10).await;
     assert_eq!(chunks, 300);
     let c = shadow.probe.wait_for(LIMIT, |c| c.writes_done == 1).await;
@@ -464,12 +424,6 @@ async fn a_slow_secondary_in_block_mode_paces_the_call_and_gets_everything() {
 fn echo_fanout(a: SocketAddr, b: SocketAddr, malformed: &str) -> Config {
     let text = format!(
         r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[upstream]
-address = "{a}"
 [upstreams.echoes]
 endpoints = [{{ address = "{a}", ids = ["e1"] }}, {{ address = "{b}", ids = ["e2"] }}]
 [fanout]
@@ -480,7 +434,17 @@ method = "/sluice.test.Echo/Unary"
 fanout = {{ group = "echoes" }}
 "#
     );
-    Config::from_toml_str(&text).expect("echo fan-out config")
+    sluice_config(a, &text)
+}
+
+/// A request with payload `hi` and `seq` (0 leaves field 2 out, so the
+/// reply is one field-1 entry).
+fn hi(seq: u64) -> sluice_testkit::Req {
+    sluice_testkit::Req {
+        payload: b"hi".to_vec().into(),
+        seq,
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,27 +459,14 @@ async fn a_reply_in_the_wrong_layout_fails_the_call_naming_the_destination() {
         .expect("sluice");
     let mut client = sluice_testkit::client(sluice.listen_addr());
     // Without seq the reply is one field-1 entry: it merges.
-    let ok = within(
-        "a well-formed merge",
-        client.unary(sluice_testkit::Req {
-            payload: b"hi".to_vec().into(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("merged");
+    let ok = within("a well-formed merge", client.unary(hi(0)))
+        .await
+        .expect("merged");
     assert_eq!(&ok.get_ref().payload[..2], b"hi", "{:?}", ok.get_ref());
     // With seq (field 2) it is not the layout: INTERNAL, naming e1.
-    let err = within(
-        "a malformed merge",
-        client.unary(sluice_testkit::Req {
-            payload: b"hi".to_vec().into(),
-            seq: 5,
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect_err("malformed");
+    let err = within("a malformed merge", client.unary(hi(5)))
+        .await
+        .expect_err("malformed");
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(err.message().contains("e1"), "{err:?}");
 
@@ -524,16 +475,9 @@ async fn a_reply_in_the_wrong_layout_fails_the_call_naming_the_destination() {
         .await
         .expect("sluice");
     let mut client = sluice_testkit::client(sluice.listen_addr());
-    let ok = within(
-        "a passed-through merge",
-        client.unary(sluice_testkit::Req {
-            payload: b"hi".to_vec().into(),
-            seq: 5,
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("passed through");
+    let ok = within("a passed-through merge", client.unary(hi(5)))
+        .await
+        .expect("passed through");
     assert_eq!(ok.get_ref().seq, 5);
     assert_eq!(ok.get_ref().payload, b"hi".to_vec());
     let s = crate::metrics::scrape(sluice.admin_addr().expect("admin")).await;
@@ -609,11 +553,7 @@ async fn a_dropped_secondary_is_reset_as_an_error_not_a_cancel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_cannot_name_more_destinations_than_the_group_has() {
-    let Fanout {
-        nodes,
-        sluice: _sluice,
-        mut client,
-    } = fanout_over(&["a", "b"]).await;
+    let (nodes, _sluice, mut client) = fanout_over(&["a", "b"]).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let err = within(
         "an oversized fan-out",
@@ -715,12 +655,6 @@ async fn a_compressed_reply_is_never_merged_and_counts_as_failed() {
 fn mirror_everything(primary: SocketAddr, shadow: SocketAddr) -> Config {
     let text = format!(
         r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[upstream]
-address = "{primary}"
 [upstreams.primary]
 endpoints = ["{primary}"]
 [upstreams.shadow]
@@ -730,7 +664,7 @@ method = "/sluice.test.nodes.Nodes/*"
 mirror = {{ primary = "primary", secondaries = ["shadow"] }}
 "#
     );
-    Config::from_toml_str(&text).expect("mirror config")
+    sluice_config(primary, &text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
