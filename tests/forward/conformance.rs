@@ -117,6 +117,7 @@ async fn handshake(addr: SocketAddr) -> Raw {
 /// `mode`, which it keeps running (and its upstream) while it lives.
 struct Connected {
     raw: Raw,
+    mode: Mode,
     _sluice: sluice::Running,
     _up: Option<RawUpstream>,
 }
@@ -125,12 +126,25 @@ async fn connected(mode: Mode) -> Connected {
     let (sluice, up) = start(mode, |_| {}).await;
     Connected {
         raw: handshake(sluice.listen_addr()).await,
+        mode,
         _sluice: sluice,
         _up: up,
     }
 }
 
 impl Connected {
+    /// [`whole_answer`] on `stream`, failures named by the mode.
+    async fn answer(&mut self, stream: u32) -> Vec<u8> {
+        let what = format!("{:?}", self.mode);
+        whole_answer(&mut self.raw, stream, &what).await
+    }
+
+    /// [`error_on`] `stream`, failures named by the mode.
+    async fn error(&mut self, stream: u32) -> (u8, u32) {
+        let what = format!("{:?}", self.mode);
+        error_on(&mut self.raw, stream, &what).await
+    }
+
     /// Sends `frames` in one write, as h2spec does.
     async fn send_frames(&mut self, frames: &[Vec<u8>]) {
         self.raw.send(&frames.concat()).await;
@@ -159,6 +173,17 @@ impl std::ops::DerefMut for Connected {
     }
 }
 
+/// The HEADERS of a POST on stream 1, its request left open.
+fn post() -> Vec<u8> {
+    frame(HEADERS, END_HEADERS, 1, &plain("POST", &[]))
+}
+
+/// Two WINDOW_UPDATEs on stream 1 that together push its window past
+/// 2^31-1.
+fn overflow() -> [Vec<u8>; 2] {
+    [window_update(1, 0x7fff_ffff), window_update(1, 0x7fff_ffff)]
+}
+
 /// A whole GET on stream 1: HEADERS with END_STREAM.
 fn get() -> Vec<u8> {
     frame(HEADERS, END_HEADERS | END_STREAM, 1, &plain("GET", &[]))
@@ -171,7 +196,7 @@ async fn window_update_on_a_half_closed_stream_is_accepted() {
     for mode in BOTH {
         let mut raw = connected(mode).await;
         raw.send_frames(&[get(), window_update(1, 1)]).await;
-        let body = whole_answer(&mut raw, 1, &format!("{mode:?}")).await;
+        let body = raw.answer(1).await;
         assert!(!body.is_empty(), "{mode:?}: the answer has a body");
     }
 }
@@ -183,7 +208,7 @@ async fn priority_on_a_half_closed_stream_is_accepted() {
         let mut raw = connected(mode).await;
         let priority = frame(0x2, 0, 1, &[0, 0, 0, 0, 15]);
         raw.send_frames(&[get(), priority]).await;
-        whole_answer(&mut raw, 1, &format!("{mode:?}")).await;
+        raw.answer(1).await;
     }
 }
 
@@ -193,7 +218,7 @@ async fn data_on_a_half_closed_stream_is_stream_closed() {
     for mode in BOTH {
         let mut raw = connected(mode).await;
         raw.send_frames(&[get(), frame(DATA, 0, 1, b"x")]).await;
-        let (_, code) = error_on(&mut raw, 1, &format!("{mode:?}")).await;
+        let (_, code) = raw.error(1).await;
         // h2 names it PROTOCOL_ERROR where RFC 9113 says STREAM_CLOSED
         // (noted in #4); h2spec accepts either.
         assert!(
@@ -216,7 +241,7 @@ async fn headers_after_rst_stream_are_stream_closed() {
             frame(HEADERS, END_HEADERS, 1, &head),
         ])
         .await;
-        let (_, code) = error_on(&mut raw, 1, &format!("{mode:?}")).await;
+        let (_, code) = raw.error(1).await;
         assert!(
             matches!(code, STREAM_CLOSED | PROTOCOL_ERROR),
             "{mode:?}: {code}"
@@ -263,15 +288,11 @@ async fn the_concurrency_limit_holds_while_refusals_are_in_flight() {
 async fn a_zero_window_update_on_a_stream_is_a_protocol_error() {
     for mode in BOTH {
         let mut raw = connected(mode).await;
-        raw.send_frames(&[
-            frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
-            window_update(1, 0),
-        ])
-        .await;
+        raw.send_frames(&[post(), window_update(1, 0)]).await;
         // RFC 9113 §6.9 names a stream error; h2 rejects the frame while
         // parsing it, before it looks at the stream, so it answers with the
         // connection error (h2spec accepts either).
-        let (_, code) = error_on(&mut raw, 1, &format!("{mode:?}")).await;
+        let (_, code) = raw.error(1).await;
         assert_eq!(code, PROTOCOL_ERROR, "{mode:?}");
     }
 }
@@ -282,14 +303,10 @@ async fn a_zero_window_update_on_a_stream_is_a_protocol_error() {
 async fn a_stream_window_overflow_is_a_flow_control_error() {
     for mode in BOTH {
         let mut raw = connected(mode).await;
-        raw.send_frames(&[
-            frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
-            window_update(1, 0x7fff_ffff),
-            window_update(1, 0x7fff_ffff),
-        ])
-        .await;
+        let [first, second] = overflow();
+        raw.send_frames(&[post(), first, second]).await;
         assert_eq!(
-            error_on(&mut raw, 1, &format!("{mode:?}")).await,
+            raw.error(1).await,
             (RST_STREAM, FLOW_CONTROL_ERROR),
             "{mode:?}"
         );
@@ -304,13 +321,11 @@ async fn a_stream_window_overflow_is_a_flow_control_error() {
 async fn a_stream_window_overflow_after_the_answer_is_a_flow_control_error() {
     for mode in BOTH {
         let mut raw = connected(mode).await;
-        raw.send(&frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])))
-            .await;
-        whole_answer(&mut raw, 1, &format!("{mode:?}")).await;
-        raw.send_frames(&[window_update(1, 0x7fff_ffff), window_update(1, 0x7fff_ffff)])
-            .await;
+        raw.send(&post()).await;
+        raw.answer(1).await;
+        raw.send_frames(&overflow()).await;
         assert_eq!(
-            error_on(&mut raw, 1, &format!("{mode:?}")).await,
+            raw.error(1).await,
             (RST_STREAM, FLOW_CONTROL_ERROR),
             "{mode:?}"
         );
@@ -376,12 +391,9 @@ async fn a_second_headers_without_end_stream_is_a_protocol_error() {
     for mode in BOTH {
         let mut raw = connected(mode).await;
         let trailers = header_block(&[(b"x-trailer", b"1")]);
-        raw.send_frames(&[
-            frame(HEADERS, END_HEADERS, 1, &plain("POST", &[])),
-            frame(HEADERS, END_HEADERS, 1, &trailers),
-        ])
-        .await;
-        let (_, code) = error_on(&mut raw, 1, &format!("{mode:?}")).await;
+        raw.send_frames(&[post(), frame(HEADERS, END_HEADERS, 1, &trailers)])
+            .await;
+        let (_, code) = raw.error(1).await;
         assert_eq!(code, PROTOCOL_ERROR, "{mode:?}");
     }
 }
