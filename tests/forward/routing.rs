@@ -31,6 +31,34 @@ async fn routed(default: SocketAddr, extra: &str) -> (Running, EchoClient<Channe
     (sluice, client)
 }
 
+/// `N` echo servers.
+async fn echoes<const N: usize>() -> [EchoServer; N] {
+    let mut started = Vec::with_capacity(N);
+    for _ in 0..N {
+        started.push(EchoServer::start().await);
+    }
+    let Ok(echoes) = started.try_into() else {
+        unreachable!("N servers")
+    };
+    echoes
+}
+
+/// Echo servers `a` (the default upstream) and `b` (group `b`), and a
+/// routed sluice whose one route sends what `route` (its TOML keys)
+/// matches to `b`; `settings` (TOML tables) come first.
+async fn a_and_b(settings: &str, route: &str) -> ([EchoServer; 2], Running, EchoClient<Channel>) {
+    let [a, b] = echoes().await;
+    let (sluice, client) = routed(
+        a.addr,
+        &format!(
+            "{settings}[upstreams.b]\nendpoints = [\"{}\"]\n[[routes]]\n{route}\nupstream = \"b\"\n",
+            b.addr
+        ),
+    )
+    .await;
+    ([a, b], sluice, client)
+}
+
 /// A unary call (an empty request) that asks for endpoint `host` by
 /// `x-dest-host`.
 fn to_host(host: &'static str) -> tonic::Request<Req> {
@@ -48,11 +76,7 @@ fn free_addr() -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_matcher_kind_routes_to_its_group() {
-    let (a, b, c) = (
-        EchoServer::start().await,
-        EchoServer::start().await,
-        EchoServer::start().await,
-    );
+    let [a, b, c] = echoes().await;
     let (sluice, mut client) = routed(
         a.addr,
         &format!(
@@ -180,14 +204,9 @@ async fn unmatched_calls_can_be_refused_with_unimplemented() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_message_streams_proceed_and_the_peek_budget_is_enforced() {
-    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
-    let (_sluice, mut client) = routed(
-        a.addr,
-        &format!(
-            "[routing]\npeek_max_bytes = 512\n[upstreams.b]\nendpoints = [\"{}\"]\n\
-             [[routes]]\nfield = {{ path = \"8\", present = true }}\nupstream = \"b\"\n",
-            b.addr
-        ),
+    let ([a, b], _sluice, mut client) = a_and_b(
+        "[routing]\npeek_max_bytes = 512\n",
+        "field = { path = \"8\", present = true }",
     )
     .await;
     // No message at all: nothing to match, the call still goes through.
@@ -271,15 +290,9 @@ async fn a_routing_loop_between_two_sluices_ends_with_aborted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_forward_the_budget_less_the_offset_and_routes_can_cap_them() {
-    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
-    let (_sluice, mut client) = routed(
-        a.addr,
-        &format!(
-            "[routing]\ndeadline_offset = \"100ms\"\n[upstreams.b]\nendpoints = [\"{}\"]\n\
-             [[routes]]\nmetadata = {{ \"x-client\" = {{ regex = \"^batch-[0-9]+$\" }} }}\n\
-             upstream = \"b\"\ntimeout = \"300ms\"\n",
-            b.addr
-        ),
+    let ([a, b], _sluice, mut client) = a_and_b(
+        "[routing]\ndeadline_offset = \"100ms\"\n",
+        "metadata = { \"x-client\" = { regex = \"^batch-[0-9]+$\" } }\ntimeout = \"300ms\"",
     )
     .await;
 
@@ -338,11 +351,7 @@ async fn idle_upstream_connections_are_evicted_and_reopened_on_demand() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strategies_fall_through_from_dest_host_to_default_route() {
-    let (a, b, c) = (
-        EchoServer::start().await,
-        EchoServer::start().await,
-        EchoServer::start().await,
-    );
+    let [a, b, c] = echoes().await;
     let (_sluice, mut client) = routed(
         c.addr,
         &format!(
@@ -437,7 +446,7 @@ async fn an_unreachable_endpoint_is_tried_once_then_avoided() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_its_health_check_is_avoided_until_it_recovers() {
-    let (sick, well) = (EchoServer::start().await, EchoServer::start().await);
+    let [sick, well] = echoes().await;
     let (_sluice, mut client) = routed(
         well.addr,
         &format!(
@@ -581,16 +590,7 @@ async fn the_random_strategy_spreads_calls_regardless_of_latency() {
 /// parser reads it (the last value), not as the first occurrence says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicated_routing_field_routes_on_the_value_the_upstream_reads() {
-    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
-    let (sluice, _) = routed(
-        a.addr,
-        &format!(
-            "[upstreams.b]\nendpoints = [\"{}\"]\n\
-             [[routes]]\nfield = {{ path = \"8\", int = 42 }}\nupstream = \"b\"\n",
-            b.addr
-        ),
-    )
-    .await;
+    let ([a, b], sluice, _) = a_and_b("", "field = { path = \"8\", int = 42 }").await;
     let mut send = raw_client(sluice.listen_addr()).await;
     // seq = 42, then seq = 1: one message, which the upstream reads as 1.
     for (first, last, to_b) in [(42, 1, false), (1, 42, true)] {
@@ -642,14 +642,9 @@ async fn a_duplicated_routing_field_routes_on_the_value_the_upstream_reads() {
 /// still match wait for their first message, and that wait is bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_calls_a_field_route_could_match_are_peeked_and_the_wait_is_bounded() {
-    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
-    let (sluice, mut client) = routed(
-        a.addr,
-        &format!(
-            "[upstreams.b]\nendpoints = [\"{}\"]\n\
-             [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nfield = {{ path = \"8\", int = 42 }}\nupstream = \"b\"\n",
-            b.addr
-        ),
+    let ([a, b], sluice, mut client) = a_and_b(
+        "",
+        "method = \"/sluice.test.Echo/Unary\"\nfield = { path = \"8\", int = 42 }",
     )
     .await;
     // A bidi call whose client waits for the server before sending: no
