@@ -3,9 +3,11 @@
 //! line, exit 0 on SIGTERM, exit 64 on a bad config, and `sluice check`.
 
 use std::{
+    ffi::OsStr,
     io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
     time::Duration,
 };
 
@@ -15,6 +17,40 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 fn sluice() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// A finished run of sluice: how it exited and what it wrote.
+struct Ran {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` (a [`sluice`] with its arguments) to its end.
+fn ran(cmd: &mut Command) -> Ran {
+    let out = cmd.output().expect("run sluice");
+    Ran {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `sluice check` over `files`, run to its end.
+fn check<S: AsRef<OsStr>>(files: impl IntoIterator<Item = S>) -> Ran {
+    ran(sluice().arg("check").args(files))
+}
+
+/// The example configs, `config/` in the repository.
+fn examples() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+/// Waits for `fut` at most [`LIMIT`].
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {LIMIT:?}"))
 }
 
 /// Kills the child when dropped, so a failing test leaves no process.
@@ -32,6 +68,17 @@ impl Drop for Proc {
 fn spawn(args: &[&str]) -> (Proc, SocketAddr) {
     let (proc, addr, _) = spawn_logged(args);
     (proc, addr)
+}
+
+/// `sluice --config config --listen 127.0.0.1:0 [--upstream upstream]
+/// --admin off`, started as [`spawn`] does.
+fn spawn_config(config: &str, upstream: Option<&str>) -> (Proc, SocketAddr) {
+    let mut args = vec!["--config", config, "--listen", "127.0.0.1:0"];
+    if let Some(upstream) = upstream {
+        args.extend(["--upstream", upstream]);
+    }
+    args.extend(["--admin", "off"]);
+    spawn(&args)
 }
 
 /// [`spawn`], with the log lines before the address line.
@@ -69,26 +116,22 @@ fn spawn_logged(args: &[&str]) -> (Proc, SocketAddr, Vec<String>) {
 /// first one alone says nothing of the kind.
 #[test]
 fn a_second_sluice_on_a_taken_port_says_it_shares_it() {
-    let (_first, addr, first_log) = spawn_logged(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        "127.0.0.1:1",
-        "--admin",
-        "off",
-    ]);
+    let beside = |listen: &str| {
+        spawn_logged(&[
+            "--listen",
+            listen,
+            "--upstream",
+            "127.0.0.1:1",
+            "--admin",
+            "off",
+        ])
+    };
+    let (_first, addr, first_log) = beside("127.0.0.1:0");
     assert!(
         !first_log.iter().any(|l| l.contains("already listens")),
         "{first_log:?}"
     );
-    let (_second, same, log) = spawn_logged(&[
-        "--listen",
-        &addr.to_string(),
-        "--upstream",
-        "127.0.0.1:1",
-        "--admin",
-        "off",
-    ]);
+    let (_second, same, log) = beside(&addr.to_string());
     assert_eq!(same, addr);
     let warnings: Vec<&String> = log
         .iter()
@@ -101,7 +144,7 @@ fn a_second_sluice_on_a_taken_port_says_it_shares_it() {
     );
 }
 
-fn terminate(proc: &mut Proc) -> std::process::ExitStatus {
+fn terminate(proc: &mut Proc) -> ExitStatus {
     let status = Command::new("kill")
         .args(["-TERM", &proc.0.id().to_string()])
         .status()
@@ -120,29 +163,30 @@ fn terminate(proc: &mut Proc) -> std::process::ExitStatus {
     }
 }
 
+/// [`terminate`], off the async runtime.
+async fn sigterm(mut proc: Proc) -> ExitStatus {
+    tokio::task::spawn_blocking(move || terminate(&mut proc))
+        .await
+        .expect("join")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_and_upstream_flags_serve_h2c_and_sigterm_exits_zero() {
     let upstream = EchoServer::start().await;
     let up = upstream.addr.to_string();
-    let (mut proc, addr) = spawn(&["--listen", "127.0.0.1:0", "--upstream", &up]);
+    let (proc, addr) = spawn(&["--listen", "127.0.0.1:0", "--upstream", &up]);
     assert_ne!(addr.port(), 0, "the real bound port is logged");
     let mut client = sluice_testkit::client(addr);
-    let reply = tokio::time::timeout(
-        LIMIT,
-        client.unary(Req {
-            seq: 42,
-            ..Req::default()
-        }),
-    )
-    .await
-    .expect("in time")
-    .expect("call through the sluice process");
+    let req = Req {
+        seq: 42,
+        ..Req::default()
+    };
+    let reply = within("a call", client.unary(req))
+        .await
+        .expect("call through the sluice process");
     assert_eq!(reply.into_inner().seq, 42);
     assert_eq!(upstream.probe.counts().completed, 1);
-    let status = tokio::task::spawn_blocking(move || terminate(&mut proc))
-        .await
-        .expect("join");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(sigterm(proc).await.code(), Some(0));
 }
 
 fn write_config(text: &str) -> tempfile_path::TempPath {
@@ -187,12 +231,8 @@ fn a_bad_config_exits_64_naming_the_key_and_line() {
     let file = write_config(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nconnect_timeout = \"soon\"\n",
     );
-    let out = sluice()
-        .args(["--config", file.as_str()])
-        .output()
-        .expect("run sluice");
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let Ran { status, stderr, .. } = ran(sluice().args(["--config", file.as_str()]));
+    assert_eq!(status.code(), Some(64));
     assert!(stderr.contains("upstream.connect_timeout"), "{stderr}");
     assert!(stderr.contains(":5:"), "line 5 named: {stderr}");
 }
@@ -200,31 +240,21 @@ fn a_bad_config_exits_64_naming_the_key_and_line() {
 #[test]
 fn check_accepts_a_good_file_and_refuses_a_bad_one() {
     let good = write_config("[upstream]\naddress = \"127.0.0.1:9\"\n");
-    let out = sluice()
-        .args(["check", good.as_str()])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(0));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Ran { status, stdout, .. } = check([good.as_str()]);
+    assert_eq!(status.code(), Some(0));
     assert!(stdout.contains("127.0.0.1:9"), "{stdout}");
 
     let bad = write_config("[server]\nmax_concurrent_streams = -1\n");
-    let out = sluice()
-        .args(["check", bad.as_str()])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let Ran { status, stderr, .. } = check([bad.as_str()]);
+    assert_eq!(status.code(), Some(64));
     assert!(stderr.contains("server.max_concurrent_streams"), "{stderr}");
     assert!(stderr.contains(":2:"), "{stderr}");
 }
 
 #[test]
 fn check_prints_the_routes_it_read() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/routes.toml");
-    let out = sluice().arg("check").arg(&path).output().expect("run");
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Ran { status, stdout, .. } = check([examples().join("routes.toml")]);
+    assert!(status.success());
     assert!(
         stdout.contains("group     billing: 127.0.0.1:50061, 127.0.0.1:50062"),
         "{stdout}"
@@ -239,22 +269,20 @@ fn check_prints_the_routes_it_read() {
 
 #[test]
 fn check_accepts_every_example_config() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("config/") {
+    for entry in std::fs::read_dir(examples()).expect("config/") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             files.push(path);
         }
     }
     // All of them in one run, as `sluice check config/*.toml` (#18.7).
-    let out = sluice().arg("check").args(&files).output().expect("run");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Ran {
+        status,
+        stdout,
+        stderr,
+    } = check(&files);
+    assert!(status.success(), "{stderr}");
     for path in &files {
         assert!(
             stdout.contains(&format!("{}: ok", path.display())),
@@ -273,13 +301,12 @@ fn check_takes_many_files_and_refuses_bad_log_filters_and_https_otlp() {
     let good = write_config("[upstream]\naddress = \"127.0.0.1:9\"\n");
     let filter = write_config("[log]\nlevel = \"sluice=verbose!!\"\n");
     let https = write_config("[trace]\notlp_endpoint = \"https://collector:4318\"\n");
-    let out = sluice()
-        .args(["check", good.as_str(), filter.as_str(), https.as_str()])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(64));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let Ran {
+        status,
+        stdout,
+        stderr,
+    } = check([good.as_str(), filter.as_str(), https.as_str()]);
+    assert_eq!(status.code(), Some(64));
     assert!(
         stdout.contains(&format!("{}: ok", good.as_str())),
         "{stdout}"
@@ -293,24 +320,17 @@ fn check_takes_many_files_and_refuses_bad_log_filters_and_https_otlp() {
         "{stderr}"
     );
     // The server refuses them too, and a RUST_LOG that does not parse.
-    let out = sluice()
-        .args(["--config", filter.as_str()])
-        .output()
-        .expect("run");
+    let out = ran(sluice().args(["--config", filter.as_str()]));
     assert_eq!(out.status.code(), Some(64));
-    let out = sluice()
+    let out = ran(sluice()
         .args(["--listen", "127.0.0.1:0", "--admin", "off"])
-        .env("RUST_LOG", "sluice=verbose!!")
-        .output()
-        .expect("run");
+        .env("RUST_LOG", "sluice=verbose!!"));
     assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = out.stderr;
     assert!(stderr.contains("RUST_LOG"), "{stderr}");
-    let out = sluice()
+    let out = ran(sluice()
         .args(["check", good.as_str()])
-        .env("RUST_LOG", "sluice=verbose!!")
-        .output()
-        .expect("run");
+        .env("RUST_LOG", "sluice=verbose!!"));
     assert_eq!(out.status.code(), Some(64), "check sees RUST_LOG too");
 }
 
@@ -374,14 +394,7 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
         routed.addr
     ));
     let up = upstream.addr.to_string();
-    let (mut proc, addr) = spawn(&[
-        "--config",
-        file.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up,
-    ]);
+    let (proc, addr) = spawn_config(file.as_str(), Some(&up));
     let mut client = sluice_testkit::client(addr);
     // The caller's span: sluice's call spans must be its children.
     const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -394,19 +407,12 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
                 .parse()
                 .expect("ascii"),
         );
-        tokio::time::timeout(LIMIT, client.unary(req))
-            .await
-            .expect("in time")
-            .expect("call");
+        within("a call", client.unary(req)).await.expect("call");
     }
     // Spans are batched; stopping sluice flushes them.
-    let status = tokio::task::spawn_blocking(move || terminate(&mut proc))
+    assert_eq!(sigterm(proc).await.code(), Some(0));
+    let (head, body) = within("an export", exports.recv())
         .await
-        .expect("join");
-    assert_eq!(status.code(), Some(0));
-    let (head, body) = tokio::time::timeout(LIMIT, exports.recv())
-        .await
-        .expect("an export within the limit")
         .expect("an export");
     assert!(head.starts_with("post /v1/traces"), "{head}");
     assert!(head.contains("application/x-protobuf"), "{head}");
@@ -442,12 +448,8 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_configured() {
 #[test]
 fn a_malformed_otlp_endpoint_is_a_config_error() {
     let bad = write_config("[trace]\notlp_endpoint = \"collector:4318\"\n");
-    let out = sluice()
-        .args(["check", bad.as_str()])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let Ran { status, stderr, .. } = check([bad.as_str()]);
+    assert_eq!(status.code(), Some(64));
     assert!(stderr.contains("trace.otlp_endpoint"), "{stderr}");
 }
 
@@ -464,22 +466,18 @@ async fn the_fanout_example_config_runs_against_three_nodes() {
         .iter()
         .map(|n| NodeServer::start(n))
         .collect();
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fanout.toml");
+    let path = examples().join("fanout.toml");
     let mut text = std::fs::read_to_string(&path).expect("config/fanout.toml");
     for (i, node) in nodes.iter().enumerate() {
         text = text.replace(&format!("127.0.0.1:5006{}", i + 1), &node.addr.to_string());
     }
     let file = write_config(&text);
-    let check = sluice()
-        .args(["check", file.as_str()])
-        .output()
-        .expect("run");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&check.stdout);
+    let Ran {
+        status,
+        stdout,
+        stderr,
+    } = check([file.as_str()]);
+    assert!(status.success(), "{stderr}");
     assert!(
         stdout.contains("fan out to the endpoints of nodes named by nodes"),
         "{stdout}"
@@ -489,14 +487,7 @@ async fn the_fanout_example_config_runs_against_three_nodes() {
         "{stdout}"
     );
 
-    let (mut proc, addr) = spawn(&[
-        "--config",
-        file.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "off",
-    ]);
+    let (proc, addr) = spawn_config(file.as_str(), None);
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect_lazy();
@@ -504,9 +495,8 @@ async fn the_fanout_example_config_runs_against_three_nodes() {
     let mut req = tonic::Request::new(VersionRequest::default());
     req.metadata_mut()
         .insert("nodes", "node-1,node-2,node-3".parse().expect("ascii"));
-    let reply = tokio::time::timeout(LIMIT, client.version(req))
+    let reply = within("a merged call", client.version(req))
         .await
-        .expect("in time")
         .expect("a merged reply")
         .into_inner();
     let hosts: Vec<&str> = reply
@@ -521,9 +511,8 @@ async fn the_fanout_example_config_runs_against_three_nodes() {
     let chunks = tokio_stream::iter((0..3).map(|_| Chunk {
         data: vec![1u8; 10].into(),
     }));
-    let written = tokio::time::timeout(LIMIT, client.write(chunks))
+    let written = within("a mirrored write", client.write(chunks))
         .await
-        .expect("in time")
         .expect("the primary's answer")
         .into_inner();
     assert_eq!(written.messages.len(), 1);
@@ -534,10 +523,7 @@ async fn the_fanout_example_config_runs_against_three_nodes() {
     // The replica got the copy.
     nodes[1].probe.wait_for(LIMIT, |c| c.writes_done == 1).await;
     assert_eq!(nodes[1].probe.counts().chunks, 3);
-    let status = tokio::task::spawn_blocking(move || terminate(&mut proc))
-        .await
-        .expect("join");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(sigterm(proc).await.code(), Some(0));
 }
 
 /// Issue #11's acceptance: `config/tls.toml`, run by the real binary in
@@ -547,18 +533,13 @@ async fn the_fanout_example_config_runs_against_three_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_example_config_runs_with_and_without_a_client_certificate() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let check = sluice()
-        .arg("check")
-        .arg(dir.join("tls.toml"))
-        .output()
-        .expect("run");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&check.stdout);
+    let dir = examples();
+    let Ran {
+        status,
+        stdout,
+        stderr,
+    } = check([dir.join("tls.toml")]);
+    assert!(status.success(), "{stderr}");
     assert!(
         stdout.contains("(TLS)") && stdout.contains("PERMISSION_DENIED"),
         "{stdout}"
@@ -567,16 +548,7 @@ async fn the_tls_example_config_runs_with_and_without_a_client_certificate() {
     let upstream = EchoServer::start().await;
     let config = dir.join("tls.toml");
     let upstream_addr = upstream.addr.to_string();
-    let (_proc, addr) = spawn(&[
-        "--config",
-        config.to_str().expect("utf-8 path"),
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream_addr,
-        "--admin",
-        "off",
-    ]);
+    let (_proc, addr) = spawn_config(config.to_str().expect("utf-8 path"), Some(&upstream_addr));
     let read = |f: &str| std::fs::read(dir.join("tls").join(f)).expect("example file");
     let client = |with_cert: bool| {
         let mut tls = ClientTlsConfig::new()
@@ -595,9 +567,8 @@ async fn the_tls_example_config_runs_with_and_without_a_client_certificate() {
     let uploads = || tokio_stream::iter([Req::default(), Req::default()]);
 
     let mut admin = client(true);
-    let reply = tokio::time::timeout(LIMIT, admin.client_stream(uploads()))
+    let reply = within("an upload", admin.client_stream(uploads()))
         .await
-        .expect("in time")
         .expect("an admin may write")
         .into_inner();
     assert_eq!(reply.seq, 2, "both messages arrived");
@@ -608,13 +579,11 @@ async fn the_tls_example_config_runs_with_and_without_a_client_certificate() {
     );
 
     let mut anon = client(false);
-    tokio::time::timeout(LIMIT, anon.unary(Req::default()))
+    within("a read", anon.unary(Req::default()))
         .await
-        .expect("in time")
         .expect("anyone may read");
-    let denied = tokio::time::timeout(LIMIT, anon.client_stream(uploads()))
+    let denied = within("an upload", anon.client_stream(uploads()))
         .await
-        .expect("in time")
         .expect_err("no certificate, no write");
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 }
@@ -629,16 +598,7 @@ async fn sighup_reloads_the_certificates() {
     let file = write_config(&format!(
         "[server.tls]\ncert = {cert:?}\nkey = {key:?}\n[tls]\nreload_interval = \"1h\"\n"
     ));
-    let (proc, addr) = spawn(&[
-        "--config",
-        file.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        "127.0.0.1:1",
-        "--admin",
-        "off",
-    ]);
+    let (proc, addr) = spawn_config(file.as_str(), Some("127.0.0.1:1"));
     let der = |path: &std::path::Path| der(&std::fs::read_to_string(path).expect("pem"));
     assert_eq!(pki.served_leaf(addr).await, der(&cert));
     pki.write(
@@ -654,13 +614,12 @@ async fn sighup_reloads_the_certificates() {
         .status()
         .expect("kill");
     assert!(hup.success());
-    tokio::time::timeout(LIMIT, async {
+    within("the new certificate is served after SIGHUP", async {
         while pki.served_leaf(addr).await != second {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
-    .await
-    .expect("the new certificate is served after SIGHUP");
+    .await;
 }
 
 /// Issue #17.12: a certificate that is not one, or a key that is not
@@ -681,11 +640,8 @@ fn unusable_tls_files_exit_64_naming_the_file() {
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"off\"\n[server.tls]\ncert = {cert:?}\nkey = {key:?}\n"
     ));
     let run = |args: &[&str]| {
-        let out = sluice().args(args).output().expect("run sluice");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let Ran { status, stderr, .. } = ran(sluice().args(args));
+        (status.code(), stderr)
     };
     for args in [
         vec!["--config", file.as_str()],
@@ -713,18 +669,10 @@ fn unusable_tls_files_exit_64_naming_the_file() {
 /// the hub reaches the application through the tunnel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_and_agent_example_configs_tunnel_a_call() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let dir = examples();
     for file in ["hub.toml", "agent.toml"] {
-        let out = sluice()
-            .arg("check")
-            .arg(dir.join(file))
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let Ran { status, stderr, .. } = check([dir.join(file)]);
+        assert!(status.success(), "{file}: {stderr}");
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -735,51 +683,37 @@ async fn the_hub_and_agent_example_configs_tunnel_a_call() {
         .expect("hub.toml")
         .replace("0.0.0.0:15052", &format!("127.0.0.1:{port}"));
     let hub_file = write_config(&hub_text);
-    let (_hub, hub_addr) = spawn(&[
-        "--config",
-        hub_file.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "off",
-    ]);
+    let (_hub, hub_addr) = spawn_config(hub_file.as_str(), None);
     let app = EchoServer::start().await;
     let agent_text = std::fs::read_to_string(dir.join("agent.toml"))
         .expect("agent.toml")
         .replace("127.0.0.1:15052", &format!("127.0.0.1:{port}"));
     let agent_file = write_config(&agent_text);
     let app_addr = app.addr.to_string();
-    let (_agent, _) = spawn(&[
-        "--config",
-        agent_file.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &app_addr,
-        "--admin",
-        "off",
-    ]);
+    let (_agent, _) = spawn_config(agent_file.as_str(), Some(&app_addr));
     let mut client = sluice_testkit::client(hub_addr);
     // The agent dials in on its own time: call until it is there.
-    let reply = tokio::time::timeout(LIMIT, async {
-        loop {
-            let mut req = tonic::Request::new(Req {
-                seq: 42,
-                ..Req::default()
-            });
-            req.metadata_mut()
-                .insert("x-dest-host", "node-1.internal".parse().expect("ascii"));
-            match client.unary(req).await {
-                Ok(reply) => break reply.into_inner(),
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+    let reply = within(
+        "the call reached the application through the tunnel",
+        async {
+            loop {
+                let mut req = tonic::Request::new(Req {
+                    seq: 42,
+                    ..Req::default()
+                });
+                req.metadata_mut()
+                    .insert("x-dest-host", "node-1.internal".parse().expect("ascii"));
+                match client.unary(req).await {
+                    Ok(reply) => break reply.into_inner(),
+                    Err(s) if s.code() == tonic::Code::Unavailable => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(s) => panic!("not a missing agent: {s:?}"),
                 }
-                Err(s) => panic!("not a missing agent: {s:?}"),
             }
-        }
-    })
-    .await
-    .expect("the call reached the application through the tunnel");
+        },
+    )
+    .await;
     assert_eq!(reply.seq, 42);
     assert_eq!(app.probe.counts().completed, 1);
 }
