@@ -80,6 +80,75 @@ async fn start(config: &Config) -> Running {
     sluice::run(config).await.expect("sluice starts")
 }
 
+/// An echo upstream and a sluice serving TLS in front of it with the
+/// PKI's server certificate, client certificates `mode` (`None`: not
+/// asked for), the config tuned first.
+async fn tls_sluice(
+    pki: &Pki,
+    mode: Option<&str>,
+    tune: impl FnOnce(&mut Config),
+) -> (EchoServer, Running) {
+    let upstream = EchoServer::start().await;
+    let mut config = tls_config(pki, upstream.addr, mode);
+    tune(&mut config);
+    let sluice = start(&config).await;
+    (upstream, sluice)
+}
+
+/// A sluice started from `config` and a (plaintext) client of it.
+async fn start_with_client(config: &Config) -> (Running, EchoClient<Channel>) {
+    let sluice = start(config).await;
+    let client = sluice_testkit::client(sluice.listen_addr());
+    (sluice, client)
+}
+
+/// [`tls_client`] that must connect within [`LIMIT`].
+async fn connect_as(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    who: Option<&str>,
+) -> EchoClient<Channel> {
+    within("TLS connect", tls_client(addr, pki, who))
+        .await
+        .unwrap_or_else(|e| panic!("{who:?} connects over TLS: {e}"))
+}
+
+/// Waits until `read` (a counter) reaches `n`, polling every 20 ms.
+async fn reaches<F, Fut>(what: &str, n: f64, mut read: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = f64>,
+{
+    within(what, async {
+        while read().await < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// One unary call on a raw h2 connection: the response status, the reply
+/// bytes and the trailers.
+async fn raw_unary(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    req: &Req,
+) -> (http::StatusCode, Vec<u8>, http::HeaderMap) {
+    let (response, mut body) = send.send_request(grpc_head("Unary"), false).expect("send");
+    body.send_data(grpc_frame(req), true).expect("data");
+    let response = within("the reply", response).await.expect("response");
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = within("reply data", body.data()).await {
+        got.extend_from_slice(&chunk.expect("chunk"));
+    }
+    let trailers = within("trailers", body.trailers())
+        .await
+        .expect("trailers")
+        .expect("some");
+    (status, got, trailers)
+}
+
 fn spoofing(seq: u64) -> tonic::Request<Req> {
     let mut req = tonic::Request::new(Req {
         seq,
@@ -117,8 +186,7 @@ async fn proxied_tls_upstream(
     let mut config = config(addr);
     upstream_tls(&mut config, pki, true);
     config.tls.reload_interval = Duration::from_millis(50);
-    let sluice = start(&config).await;
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    let (sluice, mut client) = start_with_client(&config).await;
     within("a first call", client.unary(Req::default()))
         .await
         .expect("served");
@@ -137,16 +205,10 @@ async fn handshake_failures(sluice: &Running, reason: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_client_certificates_refuse_a_client_without_one_and_forward_the_identity() {
     let pki = pki();
-    let upstream = EchoServer::start().await;
-    let sluice = start(&tls_config(&pki, upstream.addr, Some("required"))).await;
+    let (upstream, sluice) = tls_sluice(&pki, Some("required"), |_| {}).await;
     assert_eq!(sluice.tls_addr(), Some(sluice.listen_addr()));
 
-    let mut web = within(
-        "TLS connect",
-        tls_client(sluice.listen_addr(), &pki, Some("web")),
-    )
-    .await
-    .expect("a client with a certificate connects");
+    let mut web = connect_as(sluice.listen_addr(), &pki, Some("web")).await;
     let reply = within("a call with a certificate", web.unary(spoofing(7)))
         .await
         .expect("served")
@@ -176,10 +238,8 @@ async fn required_client_certificates_refuse_a_client_without_one_and_forward_th
     let err = outcome.expect_err("no certificate, no call");
     assert!(started.elapsed() < Duration::from_secs(5), "{err}");
     assert_eq!(upstream.probe.counts().started, before);
-    within("the failure is counted", async {
-        while handshake_failures(&sluice, "no_client_certificate").await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    reaches("the failure is counted", 1.0, || {
+        handshake_failures(&sluice, "no_client_certificate")
     })
     .await;
 }
@@ -187,12 +247,9 @@ async fn required_client_certificates_refuse_a_client_without_one_and_forward_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn optional_client_certificates_serve_a_client_without_one_with_no_identity() {
     let pki = pki();
-    let upstream = EchoServer::start().await;
-    let sluice = start(&tls_config(&pki, upstream.addr, Some("optional"))).await;
+    let (upstream, sluice) = tls_sluice(&pki, Some("optional"), |_| {}).await;
 
-    let mut anon = within("TLS connect", tls_client(sluice.listen_addr(), &pki, None))
-        .await
-        .expect("connects");
+    let mut anon = connect_as(sluice.listen_addr(), &pki, None).await;
     within("a call without a certificate", anon.unary(spoofing(1)))
         .await
         .expect("optional: served");
@@ -202,12 +259,7 @@ async fn optional_client_certificates_serve_a_client_without_one_with_no_identit
         "no identity, and the client's own value is stripped: {seen:?}"
     );
 
-    let mut batch = within(
-        "TLS connect",
-        tls_client(sluice.listen_addr(), &pki, Some("batch")),
-    )
-    .await
-    .expect("connects");
+    let mut batch = connect_as(sluice.listen_addr(), &pki, Some("batch")).await;
     within("a call with a certificate", batch.unary(spoofing(2)))
         .await
         .expect("served");
@@ -239,22 +291,12 @@ async fn a_route_refuses_an_identity_it_does_not_accept_with_permission_denied()
     config.routes = Config::from_toml_str(&text).expect("routes").routes;
     let sluice = start(&config).await;
 
-    let mut web = within(
-        "connect",
-        tls_client(sluice.listen_addr(), &pki, Some("web")),
-    )
-    .await
-    .expect("connects");
+    let mut web = connect_as(sluice.listen_addr(), &pki, Some("web")).await;
     within("an admin's call", web.unary(Req::default()))
         .await
         .expect("os:admin in prod passes");
 
-    let mut batch = within(
-        "connect",
-        tls_client(sluice.listen_addr(), &pki, Some("batch")),
-    )
-    .await
-    .expect("connects");
+    let mut batch = connect_as(sluice.listen_addr(), &pki, Some("batch")).await;
     let denied = within("a reader's call", batch.unary(Req::default()))
         .await
         .expect_err("os:reader is refused");
@@ -275,12 +317,8 @@ async fn a_route_refuses_an_identity_it_does_not_accept_with_permission_denied()
             &["os:admin"],
         ),
     );
-    let mut sneaky = within(
-        "connect",
-        tls_client(sluice.listen_addr(), &pki, Some("sneaky")),
-    )
-    .await
-    .expect("connects: the certificate itself is valid");
+    // It connects: the certificate itself is valid.
+    let mut sneaky = connect_as(sluice.listen_addr(), &pki, Some("sneaky")).await;
     let denied = within(
         "a call with a dotted SPIFFE id",
         sneaky.unary(Req::default()),
@@ -289,9 +327,7 @@ async fn a_route_refuses_an_identity_it_does_not_accept_with_permission_denied()
     .expect_err("an invalid SPIFFE id is refused");
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
 
-    let mut anon = within("connect", tls_client(sluice.listen_addr(), &pki, None))
-        .await
-        .expect("connects");
+    let mut anon = connect_as(sluice.listen_addr(), &pki, None).await;
     let denied = within("an anonymous call", anon.unary(Req::default()))
         .await
         .expect_err("no identity is refused");
@@ -381,8 +417,7 @@ async fn a_tls_upstream_that_requires_a_client_certificate() {
 
     let mut with = config(addr);
     upstream_tls(&mut with, &pki, true);
-    let sluice = start(&with).await;
-    let mut client = sluice_testkit::client(sluice.listen_addr());
+    let (_sluice, mut client) = start_with_client(&with).await;
     let reply = within(
         "a call to the TLS upstream",
         client.unary(Req {
@@ -397,8 +432,7 @@ async fn a_tls_upstream_that_requires_a_client_certificate() {
 
     let mut without = config(addr);
     upstream_tls(&mut without, &pki, false);
-    let bare = start(&without).await;
-    let mut client = sluice_testkit::client(bare.listen_addr());
+    let (_bare, mut client) = start_with_client(&without).await;
     let refused = within(
         "a call without a client certificate",
         client.unary(Req::default()),
@@ -422,8 +456,7 @@ async fn a_tls_upstream_that_requires_a_client_certificate() {
         cert: None,
         key: None,
     });
-    let untrusting = start(&wrong).await;
-    let mut client = sluice_testkit::client(untrusting.listen_addr());
+    let (_untrusting, mut client) = start_with_client(&wrong).await;
     let refused = within(
         "a call to an untrusted upstream",
         client.unary(Req::default()),
@@ -442,22 +475,20 @@ async fn a_tls_upstream_that_requires_a_client_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_on_the_tls_port_and_tls_on_the_h2c_port_fail_fast() {
     let pki = pki();
-    let upstream = EchoServer::start().await;
-    let mut config = tls_config(&pki, upstream.addr, None);
-    let tls = config.server.tls.as_mut().expect("tls");
-    tls.listen = Some("127.0.0.1:0".parse().expect("addr"));
-    // A hang would be cut by the handshake timeout: make that longer than
-    // the test's own limit, so that only a real refusal passes.
-    config.server.handshake_timeout = Duration::from_secs(60);
-    let sluice = start(&config).await;
+    let (_upstream, sluice) = tls_sluice(&pki, None, |config| {
+        let tls = config.server.tls.as_mut().expect("tls");
+        tls.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        // A hang would be cut by the handshake timeout: make that longer
+        // than the test's own limit, so that only a real refusal passes.
+        config.server.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
     let tls_addr = sluice.tls_addr().expect("a TLS listener");
     assert_ne!(tls_addr, sluice.listen_addr());
 
     // Both listeners serve.
     normal_calls(sluice.listen_addr(), 1).await;
-    let mut over_tls = within("connect", tls_client(tls_addr, &pki, None))
-        .await
-        .expect("connects");
+    let mut over_tls = connect_as(tls_addr, &pki, None).await;
     within("a call over TLS", over_tls.unary(Req::default()))
         .await
         .expect("served");
@@ -503,12 +534,10 @@ async fn plaintext_on_the_tls_port_and_tls_on_the_h2c_port_fail_fast() {
     .await
     .expect_err("the h2c port does not speak TLS");
     let connector = rustls_connector(&pki, &[b"h2"]);
-    let tcp = tokio::net::TcpStream::connect(sluice.listen_addr())
-        .await
-        .expect("connect");
-    let err = within(
+    let err = handshake_with(
         "a TLS handshake on the h2c port",
-        connector.connect("localhost".try_into().expect("name"), tcp),
+        connector,
+        sluice.listen_addr(),
     )
     .await
     .expect_err("refused");
@@ -523,21 +552,34 @@ fn rustls_connector(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     pki.connector(alpn, rustls::DEFAULT_VERSIONS)
 }
 
+/// A raw TLS handshake by `connector` with the server at `addr` (as
+/// `localhost`), within [`LIMIT`].
+async fn handshake_with(
+    what: &str,
+    connector: tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    within(
+        what,
+        connector.connect("localhost".try_into().expect("name"), tcp),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_only_client_gets_no_application_protocol_and_a_stalled_one_the_timeout() {
     let pki = pki();
-    let upstream = EchoServer::start().await;
-    let mut config = tls_config(&pki, upstream.addr, None);
-    config.server.handshake_timeout = Duration::from_millis(300);
-    let sluice = start(&config).await;
+    let (_upstream, sluice) = tls_sluice(&pki, None, |config| {
+        config.server.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
 
     let connector = rustls_connector(&pki, &[b"http/1.1"]);
-    let tcp = tokio::net::TcpStream::connect(sluice.listen_addr())
-        .await
-        .expect("connect");
-    let err = within(
+    let err = handshake_with(
         "an http/1.1-only handshake",
-        connector.connect("localhost".try_into().expect("name"), tcp),
+        connector,
+        sluice.listen_addr(),
     )
     .await
     .expect_err("no common protocol");
@@ -574,10 +616,8 @@ async fn an_http1_only_client_gets_no_application_protocol_and_a_stalled_one_the
         .await
         .expect("a close, not a reset");
     assert_eq!(n, 0);
-    within("both are counted as timeouts", async {
-        while handshake_failures(&sluice, "timeout").await < 2.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    reaches("both are counted as timeouts", 2.0, || {
+        handshake_failures(&sluice, "timeout")
     })
     .await;
 }
@@ -593,8 +633,7 @@ fn pem_der(pem: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotated_every_200ms_under_load_fail_no_call() {
     let pki = pki();
-    let upstream = EchoServer::start().await;
-    let sluice = start(&tls_config(&pki, upstream.addr, None)).await;
+    let (_upstream, sluice) = tls_sluice(&pki, None, |_| {}).await;
     let addr = sluice.listen_addr();
     assert_eq!(
         served_leaf(addr, &pki).await,
@@ -714,11 +753,12 @@ async fn certificates_rotated_every_200ms_under_load_fail_no_call() {
         &pki.path("server.pem"),
         b"-----BEGIN CERTIFICATE-----\nnot base64\n",
     );
-    within("the corrupt file is seen and refused", async {
-        while scrape_failed().await <= failed_before {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    // A counter: more than before is one more at least.
+    reaches(
+        "the corrupt file is seen and refused",
+        failed_before + 1.0,
+        scrape_failed,
+    )
     .await;
     assert_eq!(
         served_leaf(addr, &pki).await,
@@ -730,9 +770,7 @@ async fn certificates_rotated_every_200ms_under_load_fail_no_call() {
 }
 
 async fn normal_tls_call(addr: std::net::SocketAddr, pki: &Pki) {
-    let mut client = within("connect", tls_client(addr, pki, None))
-        .await
-        .expect("connects");
+    let mut client = connect_as(addr, pki, None).await;
     within("a call", client.unary(Req::default()))
         .await
         .expect("served");
@@ -758,12 +796,7 @@ async fn an_upstream_client_certificate_rotation_replaces_connections_once_their
     })
     .await;
     pki.write("web", &Leaf::client(WEB, &["os:admin", "rotated"]));
-    within("the new client certificate is loaded", async {
-        while scrape_swapped().await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    reaches("the new client certificate is loaded", 1.0, scrape_swapped).await;
     within("a call after the rotation", client.unary(Req::default()))
         .await
         .expect("a new connection with the new certificate serves it");
@@ -803,28 +836,12 @@ async fn h2c_is_served_on_a_unix_socket_beside_tcp() {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let (response, mut body) = send.send_request(grpc_head("Unary"), false).expect("send");
-    body.send_data(
-        grpc_frame(&Req {
-            seq: 5,
-            ..Req::default()
-        }),
-        true,
-    )
-    .expect("data");
-    let response = within("a call over the unix socket", response)
-        .await
-        .expect("response");
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = within("reply", body.data()).await {
-        got.extend_from_slice(&chunk.expect("chunk"));
-    }
-    let trailers = within("trailers", body.trailers())
-        .await
-        .expect("trailers")
-        .expect("some");
+    let req = Req {
+        seq: 5,
+        ..Req::default()
+    };
+    let (status, got, trailers) = raw_unary(&mut send, &req).await;
+    assert_eq!(status, 200);
     assert_eq!(trailers["grpc-status"], "0");
     assert!(got.len() > 5, "a reply message");
     assert_eq!(upstream.probe.counts().completed, 1);
@@ -864,18 +881,11 @@ async fn unusable_tls_files_fail_the_start_naming_the_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_1_2_client_is_served_and_negotiates_h2() {
     let pki = pki();
-    let upstream = EchoServer::start().await;
-    let sluice = start(&tls_config(&pki, upstream.addr, None)).await;
-    let tcp = tokio::net::TcpStream::connect(sluice.listen_addr())
+    let (_upstream, sluice) = tls_sluice(&pki, None, |_| {}).await;
+    let connector = pki.connector(&[b"h2"], &[&rustls::version::TLS12]);
+    let tls = handshake_with("a TLS 1.2 handshake", connector, sluice.listen_addr())
         .await
-        .expect("connect");
-    let tls = within(
-        "a TLS 1.2 handshake",
-        pki.connector(&[b"h2"], &[&rustls::version::TLS12])
-            .connect("localhost".try_into().expect("name"), tcp),
-    )
-    .await
-    .expect("TLS 1.2 is accepted");
+        .expect("TLS 1.2 is accepted");
     let conn = tls.get_ref().1;
     assert_eq!(
         conn.protocol_version(),
@@ -886,16 +896,7 @@ async fn a_tls_1_2_client_is_served_and_negotiates_h2() {
     tokio::spawn(async move {
         let _ = h2conn.await;
     });
-    let (response, mut body) = send.send_request(grpc_head("Unary"), false).expect("send");
-    body.send_data(grpc_frame(&Req::default()), true)
-        .expect("data");
-    let response = within("the reply", response).await.expect("response");
-    let mut body = response.into_body();
-    while within("reply data", body.data()).await.is_some() {}
-    let trailers = within("trailers", body.trailers())
-        .await
-        .expect("trailers")
-        .expect("some");
+    let (_, _, trailers) = raw_unary(&mut send, &Req::default()).await;
     assert_eq!(trailers["grpc-status"], "0");
 }
 
@@ -911,12 +912,7 @@ async fn an_upstream_that_rejects_the_new_client_certificate_keeps_being_served_
     sluice_testkit::pki::replace(&pki.path("web.key"), key.as_bytes());
     sluice_testkit::pki::replace(&pki.path("web.pem"), cert.as_bytes());
     let swapped = || reloads(&sluice, "upstream.tls", "swapped");
-    within("the new certificate is loaded", async {
-        while swapped().await < 1.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    reaches("the new certificate is loaded", 1.0, swapped).await;
     for seq in 0..20 {
         let reply = within(
             "a call after the rotation",
@@ -936,13 +932,12 @@ async fn an_upstream_that_rejects_the_new_client_certificate_keeps_being_served_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_connection_over_the_connection_limit_is_closed_before_its_handshake() {
     let pki = pki();
-    let upstream = EchoServer::start().await;
-    let mut config = tls_config(&pki, upstream.addr, None);
-    config.server.max_connections = 1;
-    let sluice = start(&config).await;
-    let mut first = within("connect", tls_client(sluice.listen_addr(), &pki, None))
-        .await
-        .expect("the first connection is served");
+    let (_upstream, sluice) = tls_sluice(&pki, None, |config| {
+        config.server.max_connections = 1;
+    })
+    .await;
+    // The first connection is served.
+    let mut first = connect_as(sluice.listen_addr(), &pki, None).await;
     within("a call", first.unary(Req::default()))
         .await
         .expect("served");
@@ -964,12 +959,8 @@ async fn a_tls_connection_over_the_connection_limit_is_closed_before_its_handsha
 
 /// Waits until `sluice_tls_reloads_total{material, outcome}` reaches `n`.
 async fn reloads_reach(sluice: &Running, material: &str, outcome: &str, n: f64) {
-    within(&format!("{n} {outcome} reloads of {material}"), async {
-        while reloads(sluice, material, outcome).await < n {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let what = format!("{n} {outcome} reloads of {material}");
+    reaches(&what, n, || reloads(sluice, material, outcome)).await;
 }
 
 /// Issue #17.13: a key and a certificate rotated as two renames, with a
@@ -979,8 +970,7 @@ async fn reloads_reach(sluice: &Running, material: &str, outcome: &str, n: f64) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_in_two_renames_is_no_failure_and_a_lasting_mismatch_is_one() {
     let pki = pki();
-    let upstream = EchoServer::start().await;
-    let sluice = start(&tls_config(&pki, upstream.addr, None)).await;
+    let (_upstream, sluice) = tls_sluice(&pki, None, |_| {}).await;
     let addr = sluice.listen_addr();
     let (cert, key) = pki.issue(&Leaf {
         common_name: "localhost rotated".to_owned(),
