@@ -30,13 +30,7 @@ async fn start(
 ) -> (sluice::Running, Option<RawUpstream>) {
     trace_init();
     let (addr, upstream) = match mode {
-        Mode::Refuse => {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0")
-                .expect("bind")
-                .local_addr()
-                .expect("addr");
-            (closed, None)
-        }
+        Mode::Refuse => (closed_addr(), None),
         Mode::Forward(behaviour) => {
             let up = RawUpstream::start(behaviour).await;
             (up.addr, Some(up))

@@ -234,12 +234,7 @@ async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Option<F::Output> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_can_require_a_reachable_upstream() {
     trace_init();
-    let closed = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let closed = closed_addr();
     let mut cfg = config(closed);
     cfg.admin.ready_requires_upstream = true;
     let down = sluice::run(&cfg).await.expect("sluice");

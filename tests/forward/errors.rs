@@ -4,17 +4,10 @@ use sluice_testkit::{EchoServer, Req};
 
 use crate::support::*;
 
-async fn closed_port() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    listener.local_addr().expect("addr")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_upstream_is_unavailable_at_once() {
     trace_init();
-    let upstream = closed_port().await;
+    let upstream = closed_addr();
     let sluice = sluice::run(&config(upstream)).await.expect("sluice");
     let mut client = sluice_testkit::client(sluice.listen_addr());
     for _ in 0..5 {

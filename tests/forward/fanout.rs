@@ -14,12 +14,6 @@ use tonic::{Code, Request, Streaming, transport::Channel};
 
 use crate::support::*;
 
-/// A port nothing listens on: a node that is down.
-fn dead_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
 /// A sluice on free ports (admin too) whose default upstream is `default`,
 /// with `rest` (groups, `[fanout]`, routes) after that.
 fn sluice_config(default: SocketAddr, rest: &str) -> Config {
@@ -111,7 +105,7 @@ fn hostname(m: &Option<Metadata>) -> &str {
 async fn merged_replies_carry_each_node_and_an_error_entry_for_the_one_down() {
     let a = NodeServer::start("a");
     let b = NodeServer::start("b");
-    let cfg = config(&[("a", a.addr), ("b", b.addr), ("c", dead_port())], "");
+    let cfg = config(&[("a", a.addr), ("b", b.addr), ("c", closed_addr())], "");
     let (sluice, mut client) = start(&cfg).await;
 
     let res = within(
@@ -779,8 +773,8 @@ async fn an_interleaved_fanout_ends_at_once_when_no_destination_answers() {
     let up = NodeServer::start("node-1");
     let cfg = interleaved(&[
         ("node-1", up.addr),
-        ("node-2", dead_port()),
-        ("node-3", dead_port()),
+        ("node-2", closed_addr()),
+        ("node-3", closed_addr()),
     ]);
     let (_sluice, mut client) = start(&cfg).await;
     let lines = |fail_code| LogsRequest {
@@ -816,7 +810,7 @@ async fn an_interleaved_fanout_ends_at_once_when_no_destination_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_failed_destination_of_an_interleaved_stream_gets_its_error_message() {
     let up = NodeServer::start("node-1");
-    let cfg = interleaved(&[("node-1", up.addr), ("node-2", dead_port())]);
+    let cfg = interleaved(&[("node-1", up.addr), ("node-2", closed_addr())]);
     let (_sluice, mut client) = start(&cfg).await;
     for nodes in ["node-1,node-9", "node-1,node-2", "node-9,node-1"] {
         let (got, status) = drain_stream(client.logs(to(

@@ -139,13 +139,7 @@ async fn a_scrape_counts_known_traffic_by_method_and_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_counted_by_reason() {
     trace_init();
-    let closed = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let sluice = sluice::run(&config(closed)).await.expect("sluice");
+    let sluice = sluice::run(&config(closed_addr())).await.expect("sluice");
     let admin_addr = sluice.admin_addr().expect("admin");
     let mut client = sluice_testkit::client(sluice.listen_addr());
     for _ in 0..3 {
@@ -180,10 +174,7 @@ async fn every_refusal_is_counted_under_its_own_reason() {
     // An upstream that never answers nor enforces deadlines (tonic's server
     // answers CANCELLED at the deadline, which would race sluice's).
     let hang = RawUpstream::start(Behaviour::Hang).await;
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let free = closed_addr();
     let text = format!(
         "[server]\nlisten = \"{free}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [upstream]\naddress = \"{up}\"\n[routing]\npeek_max_bytes = 256\n\

@@ -68,12 +68,6 @@ fn to_host(host: &'static str) -> tonic::Request<Req> {
     req
 }
 
-/// A loopback address that nothing listens on.
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_matcher_kind_routes_to_its_group() {
     let [a, b, c] = echoes().await;
@@ -273,7 +267,7 @@ async fn p2c_moves_load_away_from_a_ten_times_slower_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routing_loop_between_two_sluices_ends_with_aborted() {
     trace_init();
-    let (addr_a, addr_b) = (free_addr(), free_addr());
+    let (addr_a, addr_b) = (closed_addr(), closed_addr());
     let mut config_a = config(addr_b);
     config_a.server.listen = addr_a;
     let mut config_b = config(addr_a);
@@ -422,7 +416,7 @@ upstream = "agents"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_endpoint_is_tried_once_then_avoided() {
     let live = EchoServer::start().await;
-    let dead = free_addr();
+    let dead = closed_addr();
     let (_sluice, mut client) = routed(
         live.addr,
         &format!(

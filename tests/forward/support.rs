@@ -31,6 +31,15 @@ fn tracing_subscriber_init() -> Result<(), ()> {
     Ok(())
 }
 
+/// A loopback address that nothing listens on (yet): an upstream that is
+/// down, or a port a test starts something on later.
+pub(crate) fn closed_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
 /// A config forwarding to `upstream`, listening on a free loopback port.
 pub(crate) fn config(upstream: SocketAddr) -> Config {
     let mut config = Config::embedded();

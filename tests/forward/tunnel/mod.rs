@@ -34,15 +34,6 @@ pub(crate) fn any() -> SocketAddr {
     "127.0.0.1:0".parse().expect("address")
 }
 
-/// A loopback address with nothing listening on it yet, for a hub that
-/// starts later.
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
-
 /// A hub named `name` whose tunnel listener is `tunnel`; `extra` is
 /// appended to its `[tunnel.hub]` section.
 pub(crate) async fn hub_on(name: &str, tunnel: SocketAddr, extra: &str) -> Running {
@@ -406,7 +397,7 @@ async fn two_addresses_of_one_hub_make_one_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_released_on_failure_so_the_agent_connects_after_100_failed_dials() {
     // A port with nothing on it yet.
-    let hub_addr = free_addr();
+    let hub_addr = closed_addr();
     let app = EchoServer::start().await;
     let mut config = agent_config("node-a", "a.internal", &[hub_addr], app.addr, "");
     let a = config.tunnel.agent.as_mut().expect("agent");
@@ -515,7 +506,7 @@ async fn a_hub_rollout_moves_the_agent_to_the_new_generation_before_the_old_tunn
     );
     let old_addr = old.tunnel_addr().expect("tunnel listener");
     // The new hub's port, free until it starts.
-    let new_addr = free_addr();
+    let new_addr = closed_addr();
     let app = EchoServer::start().await;
     let agent = agent(
         "node-a",
