@@ -8,10 +8,7 @@ use crate::support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_dropping_a_stream_cancels_the_upstream_call() {
     let mut p = proxied().await;
-    let req = Req {
-        headers_then_hang: true,
-        ..Req::default()
-    };
+    let req = hanging();
     let stream = within("headers", p.client.server_stream(req))
         .await
         .expect("headers");
@@ -76,17 +73,7 @@ async fn a_dropped_client_connection_cancels_its_upstream_calls() {
     });
     let mut calls = Vec::new();
     for _ in 0..3 {
-        let (response, mut body) = h2
-            .send_request(grpc_head("ServerStream"), false)
-            .expect("open");
-        body.send_data(
-            grpc_frame(&Req {
-                headers_then_hang: true,
-                ..Req::default()
-            }),
-            true,
-        )
-        .expect("send");
+        let (response, _body) = send_call(&mut h2, grpc_head("ServerStream"), &hanging());
         calls.push(response);
     }
     for response in calls {

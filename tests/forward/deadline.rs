@@ -20,11 +20,7 @@ async fn deadline_before_headers_gives_a_trailers_only_deadline_exceeded() {
     let mut upstream = RawUpstream::start(Behaviour::Hang).await;
     let sluice = sluice::run(&config(upstream.addr)).await.expect("sluice");
     let mut h2 = raw_client(sluice.listen_addr()).await;
-    let (response, mut body) = h2
-        .send_request(with_timeout("Unary", "200m"), false)
-        .expect("open");
-    body.send_data(grpc_frame(&Req::default()), true)
-        .expect("send");
+    let (response, _body) = send_call(&mut h2, with_timeout("Unary", "200m"), &Req::default());
     let head = within("upstream call", upstream.heads.recv())
         .await
         .expect("a call");
@@ -45,17 +41,7 @@ async fn deadline_before_headers_gives_a_trailers_only_deadline_exceeded() {
 async fn deadline_during_a_stream_ends_it_with_deadline_exceeded_trailers() {
     let p = proxied().await;
     let mut h2 = raw_client(p.sluice.listen_addr()).await;
-    let (response, mut body) = h2
-        .send_request(with_timeout("ServerStream", "300m"), false)
-        .expect("open");
-    body.send_data(
-        grpc_frame(&Req {
-            headers_then_hang: true,
-            ..Req::default()
-        }),
-        true,
-    )
-    .expect("send");
+    let (response, _body) = send_call(&mut h2, with_timeout("ServerStream", "300m"), &hanging());
     // tonic's server stops enforcing grpc-timeout once it has sent
     // headers: from here on only sluice's deadline can end this call.
     let res = within("headers", response).await.expect("headers");

@@ -83,11 +83,7 @@ async fn in_flight_calls_finish_and_readiness_goes_false_before_goaway() {
     std::future::poll_fn(|cx| watcher.poll_ready(cx))
         .await
         .expect("no GOAWAY during the pre-drain delay");
-    let (response, mut body) = watcher
-        .send_request(grpc_head("Unary"), false)
-        .expect("open");
-    body.send_data(grpc_frame(&Req::default()), true)
-        .expect("send");
+    let (response, _body) = send_call(&mut watcher, grpc_head("Unary"), &Req::default());
     let res = within("call during pre-delay", response)
         .await
         .expect("served");
@@ -131,16 +127,10 @@ async fn a_stream_open_at_the_deadline_ends_with_unavailable_trailers() {
     let sluice = sluice_with(upstream.addr, Duration::ZERO, Duration::from_millis(300)).await;
     let listen = sluice.listen_addr();
     let mut client = sluice_testkit::client(listen);
-    let mut stream = within(
-        "headers",
-        client.server_stream(Req {
-            headers_then_hang: true,
-            ..Req::default()
-        }),
-    )
-    .await
-    .expect("headers")
-    .into_inner();
+    let mut stream = within("headers", client.server_stream(hanging()))
+        .await
+        .expect("headers")
+        .into_inner();
     upstream.probe.wait_for(LIMIT, |c| c.started == 1).await;
 
     let started = std::time::Instant::now();
@@ -172,18 +162,15 @@ async fn a_peer_that_never_reads_cannot_hold_sluice_past_the_deadline() {
     // A client that never reads (its 64 KiB window stays full), on a
     // stream that would send 64 MiB: it cannot even take the trailers.
     let mut h2 = raw_client(sluice.listen_addr()).await;
-    let (response, mut body) = h2
-        .send_request(grpc_head("ServerStream"), false)
-        .expect("open");
-    body.send_data(
-        grpc_frame(&Req {
+    let (response, _body) = send_call(
+        &mut h2,
+        grpc_head("ServerStream"),
+        &Req {
             replies: 1024,
             reply_size: 64 << 10,
             ..Req::default()
-        }),
-        true,
-    )
-    .expect("send");
+        },
+    );
     let _res = within("headers", response).await.expect("headers");
     upstream
         .probe

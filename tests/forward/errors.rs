@@ -22,9 +22,7 @@ async fn an_unreachable_upstream_is_unavailable_at_once() {
     }
     // Raw: the refusal is trailers-only with a content-type.
     let mut h2 = raw_client(sluice.listen_addr()).await;
-    let (response, mut body) = h2.send_request(grpc_head("Unary"), false).expect("open");
-    body.send_data(grpc_frame(&Req::default()), true)
-        .expect("send");
+    let (response, _body) = send_call(&mut h2, grpc_head("Unary"), &Req::default());
     let res = within("response", response).await.expect("response");
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/grpc");
@@ -47,10 +45,7 @@ async fn an_upstream_dying_mid_stream_ends_the_call_with_unavailable() {
         .into_inner();
     while within("reply", ok.message()).await.expect("ok").is_some() {}
 
-    let hang = Req {
-        headers_then_hang: true,
-        ..Req::default()
-    };
+    let hang = hanging();
     let mut stream = within("headers", p.client.server_stream(hang))
         .await
         .expect("headers")

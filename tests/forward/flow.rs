@@ -58,18 +58,15 @@ async fn a_stalled_reader_stalls_the_upstream_not_sluice() {
     let mut h2 = raw_client(p.sluice.listen_addr()).await;
     const REPLIES: u32 = 1024;
     const SIZE: u32 = 64 << 10;
-    let (response, mut body) = h2
-        .send_request(grpc_head("ServerStream"), false)
-        .expect("open");
-    body.send_data(
-        grpc_frame(&Req {
+    let (response, mut body) = send_call(
+        &mut h2,
+        grpc_head("ServerStream"),
+        &Req {
             replies: REPLIES,
             reply_size: SIZE,
             ..Req::default()
-        }),
-        true,
-    )
-    .expect("send");
+        },
+    );
     let res = within("headers", response).await.expect("headers");
     let mut recv = res.into_body();
     // The raw client never releases capacity while it is not reading: its

@@ -1,18 +1,13 @@
 //! Point 1: response headers go back the moment the upstream sends them,
 //! not when the first message arrives.
 
-use sluice_testkit::Req;
-
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_headers_reach_the_client_before_any_message() {
     let mut p = proxied().await;
     // The upstream sends headers and then waits forever.
-    let req = Req {
-        headers_then_hang: true,
-        ..Req::default()
-    };
+    let req = hanging();
     let res = within("response headers", p.client.server_stream(req))
         .await
         .expect("headers arrive as a response");
@@ -34,17 +29,7 @@ async fn response_headers_reach_the_client_before_any_message() {
 async fn raw_client_sees_response_headers_without_end_of_stream() {
     let p = proxied().await;
     let mut h2 = raw_client(p.sluice.listen_addr()).await;
-    let (response, mut body) = h2
-        .send_request(grpc_head("ServerStream"), false)
-        .expect("stream opens");
-    body.send_data(
-        grpc_frame(&Req {
-            headers_then_hang: true,
-            ..Req::default()
-        }),
-        true,
-    )
-    .expect("send request");
+    let (response, _body) = send_call(&mut h2, grpc_head("ServerStream"), &hanging());
     let res = within("response headers", response).await.expect("headers");
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/grpc");

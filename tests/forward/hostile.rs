@@ -193,10 +193,7 @@ async fn a_client_that_never_answers_ping_is_dropped() {
     let mut raw = Raw::handshake(sluice.listen_addr()).await;
     // A call that stays open, so the connection is not idle.
     raw.request(1, "ServerStream", false).await;
-    let hang = Req {
-        headers_then_hang: true,
-        ..Req::default()
-    };
+    let hang = hanging();
     raw.send(&frame(DATA, END_STREAM, 1, &grpc_message(&hang)))
         .await;
     // The drop must come (not silence), after a PING left unanswered.
@@ -237,10 +234,7 @@ async fn an_upstream_that_never_answers_ping_fails_calls_instead_of_hanging() {
 async fn streams_beyond_max_concurrent_streams_are_refused_and_the_rest_carry_on() {
     let (_upstream, sluice) = setup(|c| c.server.max_concurrent_streams = 3).await;
     let mut raw = Raw::handshake(sluice.listen_addr()).await;
-    let hang = grpc_message(&Req {
-        headers_then_hang: true,
-        ..Req::default()
-    });
+    let hang = grpc_message(&hanging());
     for stream in [1, 3, 5, 7, 9] {
         raw.request(stream, "ServerStream", false).await;
         raw.send(&frame(DATA, END_STREAM, stream, &hang)).await;
@@ -546,10 +540,7 @@ async fn connections_past_the_limit_get_goaway_and_calls_past_it_resource_exhaus
 async fn resetting_accepted_calls_too_fast_gets_goaway() {
     let (upstream, sluice) = setup(|c| c.server.max_resets_per_second = 20).await;
     let mut raw = Raw::handshake(sluice.listen_addr()).await;
-    let hang = grpc_message(&Req {
-        headers_then_hang: true,
-        ..Req::default()
-    });
+    let hang = grpc_message(&hanging());
     let mut reset = 0;
     let mut goaway = None;
     for i in 0..60u32 {

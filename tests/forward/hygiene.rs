@@ -101,15 +101,14 @@ async fn compressed_messages_pass_untouched() {
         "grpc-accept-encoding",
         http::HeaderValue::from_static("gzip"),
     );
-    let (response, mut body) = h2.send_request(head, false).expect("open");
-    body.send_data(
-        grpc_frame(&Req {
+    let (response, _body) = send_call(
+        &mut h2,
+        head,
+        &Req {
             payload,
             ..Req::default()
-        }),
-        true,
-    )
-    .expect("send");
+        },
+    );
     let res = within("response", response).await.expect("headers");
     assert_eq!(res.headers()["grpc-encoding"], "gzip");
     let mut recv = res.into_body();

@@ -81,18 +81,15 @@ async fn stalled_readers(
     let mut held = Vec::new();
     for i in 0..streams {
         let conn = &mut conns[i % connections];
-        let (response, mut body) = conn
-            .send_request(grpc_head("ServerStream"), false)
-            .expect("open a stream");
-        body.send_data(
-            grpc_frame(&Req {
+        let (response, body) = send_call(
+            conn,
+            grpc_head("ServerStream"),
+            &Req {
                 replies: 512,
                 reply_size: 64 << 10,
                 ..Req::default()
-            }),
-            true,
-        )
-        .expect("send the request");
+            },
+        );
         let res = within("stalled stream headers", response)
             .await
             .expect("headers");
@@ -298,10 +295,7 @@ async fn calls_beyond_every_stream_slot_wait_for_one_then_fail_unavailable() {
     })
     .await;
     let addr = sluice.listen_addr();
-    let hang = || Req {
-        headers_then_hang: true,
-        ..Req::default()
-    };
+    let hang = || hanging();
     let mut holders = Vec::new();
     for _ in 0..2 {
         let mut client = sluice_testkit::client(addr);

@@ -141,10 +141,7 @@ async fn one_call(client: &mut sluice_testkit::EchoClient<tonic::transport::Chan
         }
         // A deadline sluice enforces mid-stream.
         6 => {
-            let mut req = tonic::Request::new(Req {
-                headers_then_hang: true,
-                ..Req::default()
-            });
+            let mut req = tonic::Request::new(hanging());
             req.set_timeout(Duration::from_millis(20));
             if let Ok(res) = client.server_stream(req).await {
                 let mut s = res.into_inner();

@@ -228,9 +228,7 @@ async fn every_refusal_is_counted_under_its_own_reason() {
         }
         head
     };
-    let (res, mut body) = h2.send_request(timed("Unary", true), false).expect("send");
-    body.send_data(grpc_frame(&Req::default()), true)
-        .expect("send");
+    let (res, _body) = send_call(&mut h2, timed("Unary", true), &Req::default());
     let res = within("deadline before headers", res)
         .await
         .expect("answer");
@@ -238,10 +236,7 @@ async fn every_refusal_is_counted_under_its_own_reason() {
     let (res, mut body) = h2
         .send_request(timed("ServerStream", false), false)
         .expect("send");
-    let hang = Req {
-        headers_then_hang: true,
-        ..Req::default()
-    };
+    let hang = hanging();
     body.send_data(grpc_frame(&hang), true).expect("send");
     let mut recv = within("headers", res).await.expect("headers").into_body();
     while within("data", recv.data()).await.is_some() {}

@@ -160,9 +160,7 @@ upstream = "c"
     *head.uri_mut() = "http://special.test/sluice.test.Echo/Unary"
         .parse()
         .expect("uri");
-    let (response, mut body) = h2.send_request(head, false).expect("open");
-    body.send_data(grpc_frame(&Req::default()), true)
-        .expect("send");
+    let (response, _body) = send_call(&mut h2, head, &Req::default());
     within("authority route", response).await.expect("answer");
 
     let status = client
@@ -304,10 +302,7 @@ async fn deadlines_forward_the_budget_less_the_offset_and_routes_can_cap_them() 
 
     // A call matched by the capped route, with no deadline of its own, is
     // ended by sluice at the route's 300 ms.
-    let mut req = tonic::Request::new(Req {
-        headers_then_hang: true,
-        ..Req::default()
-    });
+    let mut req = tonic::Request::new(hanging());
     req.metadata_mut()
         .insert("x-client", MetadataValue::from_static("batch-7"));
     let mut stream = within("headers", client.server_stream(req))

@@ -102,6 +102,27 @@ pub(crate) fn grpc_head(method: &str) -> Request<()> {
         .expect("valid request")
 }
 
+/// Opens a call on a raw h2 connection: `head`, then `req` as its only
+/// message, which ends the request.
+pub(crate) fn send_call(
+    conn: &mut h2::client::SendRequest<Bytes>,
+    head: Request<()>,
+    req: &Req,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let (response, mut body) = conn.send_request(head, false).expect("open a stream");
+    body.send_data(grpc_frame(req), true)
+        .expect("send the request");
+    (response, body)
+}
+
+/// A request whose upstream sends response headers and then nothing.
+pub(crate) fn hanging() -> Req {
+    Req {
+        headers_then_hang: true,
+        ..Req::default()
+    }
+}
+
 /// One length-prefixed, uncompressed gRPC message.
 pub(crate) fn grpc_frame(req: &Req) -> Bytes {
     let mut buf = BytesMut::with_capacity(5 + req.encoded_len());

@@ -133,8 +133,7 @@ async fn raw_unary(
     send: &mut h2::client::SendRequest<bytes::Bytes>,
     req: &Req,
 ) -> (http::StatusCode, Vec<u8>, http::HeaderMap) {
-    let (response, mut body) = send.send_request(grpc_head("Unary"), false).expect("send");
-    body.send_data(grpc_frame(req), true).expect("data");
+    let (response, _body) = send_call(send, grpc_head("Unary"), req);
     let response = within("the reply", response).await.expect("response");
     let status = response.status();
     let mut body = response.into_body();
@@ -659,17 +658,14 @@ async fn certificates_rotated_every_200ms_under_load_fail_no_call() {
         async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (response, mut body) = old
-                    .send_request(grpc_head("Unary"), false)
-                    .expect("the old connection takes a call");
-                body.send_data(
-                    grpc_frame(&Req {
+                let (response, _body) = send_call(
+                    &mut old,
+                    grpc_head("Unary"),
+                    &Req {
                         seq: n,
                         ..Req::default()
-                    }),
-                    true,
-                )
-                .expect("data");
+                    },
+                );
                 let mut body = response
                     .await
                     .expect("a response on the old connection")

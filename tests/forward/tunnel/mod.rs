@@ -329,16 +329,15 @@ async fn a_reader_that_stops_never_slows_another_call_on_the_same_tunnel() {
         let mut head = grpc_head("ServerStream");
         head.headers_mut()
             .insert("x-dest-host", "node-a".parse().expect("ascii"));
-        let (response, mut body) = client.send_request(head, false).expect("send");
-        body.send_data(
-            grpc_frame(&Req {
+        let (response, _body) = send_call(
+            &mut client,
+            head,
+            &Req {
                 replies: 512,
                 reply_size: 64 << 10,
                 ..Req::default()
-            }),
-            true,
-        )
-        .expect("data");
+            },
+        );
         let response = within("the stalled stream starts", response)
             .await
             .expect("response");
