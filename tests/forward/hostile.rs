@@ -456,14 +456,18 @@ async fn http1_gets_an_http1_answer_and_non_grpc_http2_gets_415() {
     assert!(answer.contains("content-length:"), "{answer}");
 
     let mut h2 = raw_client(sluice.listen_addr()).await;
-    let req = http::Request::post("http://x/api/thing")
-        .header("content-type", "application/json")
-        .body(())
-        .expect("request");
-    let (response, _) = h2.send_request(req, true).expect("open");
+    let (response, _) = h2.send_request(json_post(), true).expect("open");
     let res = within("response", response).await.expect("a response");
     assert_eq!(res.status(), 415);
     assert_eq!(upstream.probe.counts().started, 0);
+}
+
+/// An HTTP/2 request that is not gRPC: a POST of JSON.
+fn json_post() -> http::Request<()> {
+    http::Request::post("http://x/api/thing")
+        .header("content-type", "application/json")
+        .body(())
+        .expect("request")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,11 +478,7 @@ async fn non_grpc_http2_can_be_forwarded_by_config() {
     config.server.non_grpc = sluice::config::NonGrpc::Forward;
     let sluice = sluice::run(&config).await.expect("sluice");
     let mut h2 = raw_client(sluice.listen_addr()).await;
-    let req = http::Request::post("http://x/api/thing")
-        .header("content-type", "application/json")
-        .body(())
-        .expect("request");
-    let (response, _) = h2.send_request(req, true).expect("open");
+    let (response, _) = h2.send_request(json_post(), true).expect("open");
     within("response", response).await.expect("forwarded");
     let head = within("upstream", upstream.heads.recv())
         .await
