@@ -81,18 +81,7 @@ async fn stalled_readers(
     let mut held = Vec::new();
     for i in 0..streams {
         let conn = &mut conns[i % connections];
-        let (response, body) = send_call(
-            conn,
-            grpc_head("ServerStream"),
-            &Req {
-                replies: 512,
-                reply_size: 64 << 10,
-                ..Req::default()
-            },
-        );
-        let res = within("stalled stream headers", response)
-            .await
-            .expect("headers");
+        let (res, body) = stalled_stream(conn, grpc_head("ServerStream")).await;
         held.push((res.into_body(), body));
     }
     held

@@ -115,6 +115,25 @@ pub(crate) fn send_call(
     (response, body)
 }
 
+/// Opens a server stream of 512 replies of 64 KiB (32 MiB) with `head`
+/// and waits for its response headers; the caller holds it and reads
+/// nothing, so the replies back up behind it.
+pub(crate) async fn stalled_stream(
+    conn: &mut h2::client::SendRequest<Bytes>,
+    head: Request<()>,
+) -> (http::Response<h2::RecvStream>, h2::SendStream<Bytes>) {
+    let req = Req {
+        replies: 512,
+        reply_size: 64 << 10,
+        ..Req::default()
+    };
+    let (response, body) = send_call(conn, head, &req);
+    let response = within("the stalled stream's headers", response)
+        .await
+        .expect("headers");
+    (response, body)
+}
+
 /// A request whose upstream sends response headers and then nothing.
 pub(crate) fn hanging() -> Req {
     Req {

@@ -329,18 +329,7 @@ async fn a_reader_that_stops_never_slows_another_call_on_the_same_tunnel() {
         let mut head = grpc_head("ServerStream");
         head.headers_mut()
             .insert("x-dest-host", "node-a".parse().expect("ascii"));
-        let (response, _body) = send_call(
-            &mut client,
-            head,
-            &Req {
-                replies: 512,
-                reply_size: 64 << 10,
-                ..Req::default()
-            },
-        );
-        let response = within("the stalled stream starts", response)
-            .await
-            .expect("response");
+        let (response, _body) = stalled_stream(&mut client, head).await;
         stalled.push((client, response));
     }
     eventually("the app is blocked on the stalled streams", || {
