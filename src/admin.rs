@@ -6,6 +6,8 @@
 //! | `GET /ready` | 200 when serving; 503 while draining (and, if configured, while no upstream is reachable) |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `POST /drain` | 202, and the drain begins (403 from a peer that is not on loopback, unless `admin.control = "any"`) |
+//! | `POST /reload` | the config file read again and applied: 200 with what changed, 422 with the error when it is invalid (nothing changes), 409 without a file; loopback only as `POST /drain` |
+//! | `GET /config` | the config in force, as `sluice check` prints it, and where it came from |
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -28,6 +30,12 @@ const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis
 pub(crate) type ReachableFn =
     Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
+/// Reloads the config: the text of the answer, or why nothing changed
+/// (and whether that is the file's fault, 422, or no file at all, 409).
+pub(crate) type ReloadFn = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = (StatusCode, String)> + Send>> + Send + Sync,
+>;
+
 /// What the admin routes read and poke: handles the app hands over, never
 /// another room's types.
 pub(crate) struct State {
@@ -42,8 +50,12 @@ pub(crate) struct State {
     /// `admin.ready_requires_agents`.
     pub(crate) agents: Option<Arc<dyn Fn() -> usize + Send + Sync>>,
     pub(crate) ready_requires_agents: bool,
-    /// Who may drain.
+    /// Who may drain and reload.
     pub(crate) control: crate::config::AdminControl,
+    /// `POST /reload`.
+    pub(crate) reload: Option<ReloadFn>,
+    /// `GET /config`.
+    pub(crate) config: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 impl std::fmt::Debug for State {
@@ -92,8 +104,8 @@ fn may_control(control: crate::config::AdminControl, peer: std::net::SocketAddr)
     control == crate::config::AdminControl::Any || peer.ip().to_canonical().is_loopback()
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body.into()));
     *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -157,12 +169,27 @@ async fn handle(
             state.drain_requested.notify_one();
             text(StatusCode::ACCEPTED, "draining\n")
         }
-        (_, "/live" | "/ready" | "/metrics" | "/drain") => {
+        (&Method::POST, "/reload") if !may_control => text(
+            StatusCode::FORBIDDEN,
+            "POST /reload is for loopback peers (admin.control = \"any\" lets anyone)\n",
+        ),
+        (&Method::POST, "/reload") => match &state.reload {
+            Some(reload) => {
+                let (status, body) = reload().await;
+                text(status, body)
+            }
+            None => text(StatusCode::CONFLICT, "nothing to reload\n"),
+        },
+        (&Method::GET, "/config") => match &state.config {
+            Some(config) => text(StatusCode::OK, config()),
+            None => text(StatusCode::NOT_FOUND, "no config view\n"),
+        },
+        (_, "/live" | "/ready" | "/metrics" | "/drain" | "/reload" | "/config") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live, /ready, /metrics, POST /drain\n",
+            "not found: try /live, /ready, /metrics, /config, POST /drain, POST /reload\n",
         ),
     };
     Ok(res)

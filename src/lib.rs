@@ -24,6 +24,7 @@ mod balance;
 pub mod check;
 pub mod config;
 mod forward;
+mod live;
 mod proto;
 mod rescue;
 pub mod route;
@@ -37,7 +38,10 @@ mod upstream;
 mod via;
 
 pub use crate::{
-    app::{DrainReport, ReloadHandle, RunError, Running, admin_ready, run, serve},
+    app::{
+        ConfigSource, DrainReport, ReloadHandle, RunError, Running, admin_ready, run, run_with,
+        serve,
+    },
     config::Config,
     stats::Stats,
     tunnel::tracker::Snapshot as AgentTunnels,

@@ -95,7 +95,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    match runtime.block_on(sluice::serve(config)) {
+    // A reload reads the file again and applies the command line's
+    // overrides to it as at start.
+    let source = cli.config.clone().map(|path| {
+        let (listen, upstream, admin) = (cli.listen, cli.upstream.clone(), config.admin.listen);
+        sluice::ConfigSource::file(path, move |c| {
+            if let Some(listen) = listen {
+                c.server.listen = listen;
+            }
+            if let Some(upstream) = &upstream {
+                c.upstream.address = upstream.clone();
+            }
+            c.admin.listen = admin;
+        })
+    });
+    match runtime.block_on(sluice::serve(config, source)) {
         Ok(()) => ExitCode::SUCCESS,
         // A certificate, key or CA bundle that cannot be used is a bad
         // config (as `sluice check` says), not a failure to start.

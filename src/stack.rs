@@ -26,6 +26,7 @@ use crate::{
     route::RouteTable,
     stats::Counters,
     telemetry::{
+        access::AccessLog,
         calls::CallMetrics,
         metrics::{Metrics, RefusalReason},
         trace,
@@ -59,13 +60,28 @@ pub(crate) type Stack = Trace<
     trace::OnFailure,
 >;
 
-pub(crate) fn build(
-    config: &Config,
-    groups: Arc<Groups>,
-    counters: Arc<Counters>,
-    drain: Watch,
-    metrics: Arc<Metrics>,
-) -> Stack {
+/// What every stack of one sluice shares, whatever config it was built
+/// from: a config reload builds a new stack over the same parts.
+#[derive(Clone, Debug)]
+pub(crate) struct Parts {
+    pub(crate) groups: Arc<Groups>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) drain: Watch,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The process's access-log writer, started the first time a config
+    /// turns `log.access` on.
+    pub(crate) access: Arc<std::sync::OnceLock<AccessLog>>,
+}
+
+/// The stack for `config` over `parts`.
+pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
+    let Parts {
+        groups,
+        counters,
+        drain,
+        metrics,
+        access,
+    } = parts.clone();
     let members: crate::route::Members = {
         let groups = groups.clone();
         Arc::new(move |name: &str| {
@@ -78,10 +94,9 @@ pub(crate) fn build(
     let routes = RouteTable::with_members(config, members);
     // One writer thread for the process's access log, when it is on.
     let access = config.log.access.then(|| {
-        crate::telemetry::access::AccessLog::start(
-            config.log.format,
-            metrics.access_log_dropped.clone(),
-        )
+        access
+            .get_or_init(|| AccessLog::start(config.log.format, metrics.access_log_dropped.clone()))
+            .clone()
     });
     let peek_max_bytes = config.routing.peek_max_bytes.0 as usize;
     ServiceBuilder::new()
@@ -158,7 +173,7 @@ pub(crate) fn build(
         // Pick each call's endpoint in the group its route names (the
         // default group without one) and check out a stream slot on one of
         // its connections; one other endpoint when that dial fails.
-        .layer_fn(|inner| Balance::new(inner, groups.clone(), DEFAULT_GROUP))
+        .layer_fn(|inner| Balance::new(inner, &groups, DEFAULT_GROUP))
         // One upstream h2 stream per call on that slot, frames both ways.
         .service(Forward::new(counters.pumps.clone()))
 }

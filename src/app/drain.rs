@@ -107,6 +107,9 @@ impl Running {
         if let Some(admin) = self.admin_task.take() {
             admin.abort();
         }
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
         if let Some(reloader) = self.reloader.take() {
             reloader.abort();
         }

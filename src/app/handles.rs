@@ -18,16 +18,21 @@ use crate::{
 /// groups, which the admin port never sees.
 pub(super) fn admin_state(
     config: &Config,
-    groups: &Groups,
+    groups: &Arc<Groups>,
     agents: Option<Arc<Group>>,
     mut state: admin::State,
 ) -> admin::State {
-    if config.admin.ready_requires_upstream
-        && let Some(pool) = groups.default_pool()
-    {
+    if config.admin.ready_requires_upstream {
+        // Looked up at each probe: a config reload may change `[upstream]`.
+        let groups = groups.clone();
         state.upstream_reachable = Some(Arc::new(move || {
-            let pool = pool.clone();
-            Box::pin(async move { pool.reachable().await })
+            let pool = groups.default_pool();
+            Box::pin(async move {
+                match pool {
+                    Some(pool) => pool.reachable().await,
+                    None => false,
+                }
+            })
         }));
     }
     state.agents =

@@ -6,6 +6,7 @@
 mod bind;
 mod drain;
 mod handles;
+mod reload;
 mod serve;
 
 use std::time::Duration;
@@ -20,11 +21,14 @@ use tokio::{
 
 use self::bind::{bind, bind_admin, local_addr};
 use self::handles::{admin_state, views};
+pub use self::reload::ConfigSource;
+use self::reload::reload_fn;
 pub use self::serve::{admin_ready, serve};
 use crate::{
     AgentTunnels, Config, Stats, admin,
     balance::Groups,
     config::{AdminListen, DrainConfig},
+    live::Switch,
     proto::transport,
     server, stack,
     stats::Counters,
@@ -72,6 +76,8 @@ pub struct Running {
     admin: Option<SocketAddr>,
     reload_requested: Arc<Notify>,
     reloader: Option<JoinHandle<()>>,
+    config_reloader: Arc<reload::Reloader>,
+    watcher: Option<JoinHandle<()>>,
     signal: drain_signal::Signal,
     watch: drain_signal::Watch,
     drain_requested: Arc<Notify>,
@@ -83,14 +89,24 @@ pub struct Running {
     drain: DrainConfig,
 }
 
-/// Asks a [`Running`] sluice to reload its TLS material.
+/// Asks a [`Running`] sluice to read its config file and its TLS
+/// material again (what SIGHUP does).
 #[derive(Clone, Debug)]
-pub struct ReloadHandle(Arc<Notify>);
+pub struct ReloadHandle {
+    tls: Arc<Notify>,
+    config: Arc<reload::Reloader>,
+}
 
 impl ReloadHandle {
-    /// See [`Running::reload_tls`].
+    /// Reloads the config file (see [`Running::reload_config`]), then
+    /// every piece of TLS material; returns at once, the outcome is
+    /// logged and counted.
     pub fn reload(&self) {
-        self.0.notify_one();
+        let (tls, config) = (self.tls.clone(), self.config.clone());
+        tokio::spawn(async move {
+            let _ = tokio::task::spawn_blocking(move || config.reload("SIGHUP")).await;
+            tls.notify_one();
+        });
     }
 }
 
@@ -132,21 +148,27 @@ impl Material {
         Ok(Self { server, hub, agent })
     }
 
-    /// Every piece the reloader looks after (the groups' too).
-    fn reloadable(&self, groups: &Groups) -> Vec<Arc<dyn tls::reload::Reload>> {
-        let mut all: Vec<Arc<dyn tls::reload::Reload>> = groups.tls_materials().to_vec();
-        all.extend(
+    /// Every piece the reloader looks after: these, and the groups' at
+    /// each round (a config reload changes those).
+    fn reloadable(&self, groups: &Arc<Groups>) -> tls::reload::MaterialsFn {
+        let mut fixed: Vec<Arc<dyn tls::reload::Reload>> = Vec::new();
+        fixed.extend(
             self.server
                 .iter()
                 .chain(&self.hub)
                 .map(|t| t.material() as Arc<dyn tls::reload::Reload>),
         );
-        all.extend(
+        fixed.extend(
             self.agent
                 .iter()
                 .map(|t| t.material() as Arc<dyn tls::reload::Reload>),
         );
-        all
+        let groups = groups.clone();
+        Arc::new(move || {
+            let mut all = groups.tls_materials();
+            all.extend(fixed.iter().cloned());
+            all
+        })
     }
 }
 
@@ -189,13 +211,25 @@ impl Listeners {
     }
 }
 
-/// Binds the listeners and starts serving on the current tokio runtime.
+/// Binds the listeners and starts serving on the current tokio runtime,
+/// with a config that no reload changes (see [`run_with`]).
 ///
 /// # Errors
 ///
 /// [`RunError::Bind`] when the proxy or admin address cannot be bound,
 /// [`RunError::Tls`] when TLS material cannot be used.
 pub async fn run(config: &Config) -> Result<Running, RunError> {
+    run_with(config, None).await
+}
+
+/// [`run`], with the file `config` was read from: SIGHUP, `POST /reload`
+/// and (with `reload.watch`) a change of the file apply it again while
+/// calls run.
+///
+/// # Errors
+///
+/// As [`run`].
+pub async fn run_with(config: &Config, source: Option<ConfigSource>) -> Result<Running, RunError> {
     let material = Material::read(config)?;
     let counters = Arc::new(Counters::default());
     let groups = Arc::new(Groups::from_config(config, &counters)?);
@@ -224,13 +258,32 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         None => None,
     };
     let (signal, watch) = drain_signal::channel();
-    let stack = stack::build(
-        config,
-        groups.clone(),
-        counters.clone(),
-        watch.clone(),
-        metrics.clone(),
+    let parts = stack::Parts {
+        groups: groups.clone(),
+        counters: counters.clone(),
+        drain: watch.clone(),
+        metrics: metrics.clone(),
+        access: Arc::default(),
+    };
+    let switch = Switch::new(stack::build(config, &parts));
+    // The peer's address travels with each call when enrichment or the
+    // access log wants it.
+    let shared = Arc::new(
+        server::ListenerSettings::new(
+            &config.server,
+            reload::tag_peer(config),
+            counters.clone(),
+            metrics.clone(),
+        )
+        .peeking(config.routes.iter().any(|r| r.field.is_some())),
     );
+    let config_reloader = Arc::new(reload::Reloader::new(
+        source,
+        config,
+        parts,
+        switch.clone(),
+        shared.clone(),
+    ));
     let (abort, aborted) = watch::channel(false);
     let drain_requested = Arc::new(Notify::new());
 
@@ -252,6 +305,11 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                     agents: None,
                     ready_requires_agents: config.admin.ready_requires_agents,
                     control: config.admin.control,
+                    reload: Some(reload_fn(&config_reloader)),
+                    config: Some({
+                        let r = config_reloader.clone();
+                        Arc::new(move || r.describe())
+                    }),
                 },
             );
             (
@@ -261,13 +319,6 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         }
     };
 
-    // The peer's address travels with each call when enrichment or the
-    // access log wants it.
-    let tag_peer = config.enrich.forwarded || config.enrich.x_forwarded_for || config.log.access;
-    let shared = Arc::new(
-        server::ListenerSettings::new(&config.server, tag_peer, counters.clone(), metrics.clone())
-            .peeking(config.routes.iter().any(|r| r.field.is_some())),
-    );
     let servers: Vec<_> = listeners
         .all
         .into_iter()
@@ -280,7 +331,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
                     None
                 },
                 shared.clone(),
-                stack.clone(),
+                switch.live(),
                 config.server.max_connections,
                 watch.clone(),
                 aborted.clone(),
@@ -324,24 +375,25 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
             material.agent.clone(),
             t,
             shared,
-            stack.clone(),
+            switch.live(),
             watch.clone(),
         )));
     }
 
-    let materials = material.reloadable(&groups);
     let reload_requested = Arc::new(Notify::new());
-    let reloader = (!materials.is_empty()).then(|| {
-        tokio::spawn(
-            tls::reload::Reloader {
-                materials,
-                interval: config.tls.reload_interval,
-                requested: reload_requested.clone(),
-                metrics: metrics.clone(),
-            }
-            .run(),
-        )
-    });
+    let reloader = Some(tokio::spawn(
+        tls::reload::Reloader {
+            materials: material.reloadable(&groups),
+            interval: config.tls.reload_interval,
+            requested: reload_requested.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(),
+    ));
+    let watcher = config
+        .reload
+        .watch
+        .then(|| tokio::spawn(config_reloader.clone().watch(config.reload.interval)));
     Ok(Running {
         listen: listeners.listen,
         tls_listen: listeners.tls_listen,
@@ -352,6 +404,8 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
         admin,
         reload_requested,
         reloader,
+        config_reloader,
+        watcher,
         signal,
         watch,
         drain_requested,
@@ -406,10 +460,37 @@ impl Running {
         self.reload_requested.notify_one();
     }
 
-    /// A handle that does [`Running::reload_tls`] from elsewhere (a signal
-    /// handler task).
+    /// A handle that does what SIGHUP does from elsewhere (a signal
+    /// handler task): [`Running::reload_config`], then
+    /// [`Running::reload_tls`].
     pub fn reload_handle(&self) -> ReloadHandle {
-        ReloadHandle(self.reload_requested.clone())
+        ReloadHandle {
+            tls: self.reload_requested.clone(),
+            config: self.config_reloader.clone(),
+        }
+    }
+
+    /// Reads the config file again and applies it to the calls that start
+    /// from now on (what `POST /reload` does): its answer, as text. An
+    /// invalid file changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// Why nothing was applied: the file's error (with its line, column
+    /// and key), TLS material a new group cannot use, or no file to read.
+    pub async fn reload_config(&self) -> Result<String, String> {
+        let reloader = self.config_reloader.clone();
+        match tokio::task::spawn_blocking(move || reloader.reload("request")).await {
+            Ok(Ok(outcome)) => Ok(outcome.text()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("the reload failed: {e}")),
+        }
+    }
+
+    /// What `GET /config` shows: where the config in force came from,
+    /// and what it configures.
+    pub fn config_in_force(&self) -> String {
+        self.config_reloader.describe()
     }
 
     /// The address the admin server is bound to, unless it is off.

@@ -7,19 +7,20 @@ use std::{net::SocketAddr, time::Duration};
 
 use tracing::{info, warn};
 
-use super::{RunError, run};
+use super::{ConfigSource, RunError, run_with};
 use crate::Config;
 
 /// Runs sluice as the binary does until a shutdown signal (SIGTERM,
-/// SIGINT) or `POST /drain`, then drains: [`run`], SIGHUP reloading TLS
-/// material, the log line with the bound addresses, and the drain. A
-/// second signal during the drain exits at once.
+/// SIGINT) or `POST /drain`, then drains: [`run_with`], SIGHUP reloading
+/// the config file (`source`) and TLS material, the log line with the
+/// bound addresses, and the drain. A second signal during the drain exits
+/// at once.
 ///
 /// # Errors
 ///
-/// What [`run`] says.
-pub async fn serve(config: Config) -> Result<(), RunError> {
-    let running = run(&config).await?;
+/// What [`run_with`] says.
+pub async fn serve(config: Config, source: Option<ConfigSource>) -> Result<(), RunError> {
+    let running = run_with(&config, source).await?;
     // Before the address is logged: a harness that reads the line and
     // sends SIGHUP must find the handler in place.
     #[cfg(unix)]
@@ -29,7 +30,7 @@ pub async fn serve(config: Config) -> Result<(), RunError> {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
-                        info!("SIGHUP: reloading TLS material");
+                        info!("SIGHUP: reloading the config and TLS material");
                         reload.reload();
                     }
                 });

@@ -48,6 +48,9 @@ pub(crate) struct Endpoint {
     /// (an agent: its id); what calls record as the endpoint they reached.
     label: Arc<str>,
     pub(super) default_route: bool,
+    /// The config entry it was made from (none for an agent): a reload
+    /// keeps the endpoint, connections and all, only for the same entry.
+    pub(super) source: Option<EndpointConfig>,
 }
 
 #[derive(Debug)]
@@ -126,14 +129,16 @@ impl Endpoint {
             default_route = *dr;
         }
         let label = Arc::from(address.to_string());
-        Self::new(
+        let mut endpoint = Self::new(
             address,
             Pool::new(upstream, connector, counters.clone()),
             ids,
             configured_id,
             label,
             default_route,
-        )
+        );
+        endpoint.source = Some(e.clone());
+        endpoint
     }
 
     /// An endpoint for an agent's tunnel `stream`, not yet in any group
@@ -183,6 +188,7 @@ impl Endpoint {
             configured_id,
             label,
             default_route,
+            source: None,
         }
     }
 

@@ -7,8 +7,8 @@
 //! endpoint's latency back to the strategy. What it chose travels with the
 //! response as a [`Chosen`] extension, for telemetry to read.
 //!
-//! This room owns the groups ([`Groups`], one snapshot read once per call
-//! and replaceable while calls run), their endpoints and strategies
+//! This room owns the groups ([`Groups`], one snapshot that each stack
+//! holds and a config reload replaces with the stack), their endpoints and strategies
 //! ([`group`]), DNS re-resolution ([`resolve`]), health checks
 //! ([`health`]) and the endpoints of tunnel agents
 //! ([`Endpoint::agent`]). The connection pool, the dialer and the
@@ -38,7 +38,7 @@ pub(crate) use self::{
     endpoint::{AgentEndpoint, Endpoint},
     error::BalanceError,
     group::Group,
-    groups::Groups,
+    groups::{Groups, Snapshot},
 };
 use crate::forward::Call;
 
@@ -60,16 +60,20 @@ pub(crate) struct Chosen {
 #[derive(Clone, Debug)]
 pub(crate) struct Balance<S> {
     inner: S,
-    groups: Arc<Groups>,
+    /// The groups as they were when this stack was built: a config reload
+    /// builds a new stack, so a call keeps the groups its route was
+    /// chosen against (DNS and agents change a group's endpoints inside
+    /// it).
+    groups: Arc<Snapshot>,
     /// The group of a call without a route.
     default_target: Arc<str>,
 }
 
 impl<S> Balance<S> {
-    pub(crate) fn new(inner: S, groups: Arc<Groups>, default_target: impl Into<Arc<str>>) -> Self {
+    pub(crate) fn new(inner: S, groups: &Groups, default_target: impl Into<Arc<str>>) -> Self {
         Self {
             inner,
-            groups,
+            groups: groups.load_full(),
             default_target: default_target.into(),
         }
     }
@@ -112,9 +116,7 @@ where
                         .to_owned(),
                 ).into()),
             };
-            // The snapshot in force when the call starts is its own to the
-            // end: one atomic load.
-            let group = groups.load().get(target).cloned().ok_or_else(|| {
+            let group = groups.get(target).cloned().ok_or_else(|| {
                 BalanceError::Unroutable(format!("no upstream group named {target:?}"))
             })?;
             let mut endpoint = match endpoint_id {

@@ -71,9 +71,9 @@ pub(super) async fn resolve(
 }
 
 /// The endpoint list for `wanted` (entries and, for names, the addresses
-/// they resolved to), reusing `current` endpoints with the same address;
-/// returns it and the endpoints that are no longer wanted.
-fn reconcile<F>(
+/// they resolved to), reusing `current` endpoints made from the same entry
+/// with the same address; returns it and the endpoints that are no longer wanted.
+pub(super) fn reconcile<F>(
     current: &[Arc<Endpoint>],
     wanted: &[(EndpointConfig, Option<SocketAddr>)],
     mut make: F,
@@ -90,7 +90,10 @@ where
         if next.iter().any(|n| n.address().to_string() == address) {
             continue;
         }
-        match current.iter().find(|c| c.address().to_string() == address) {
+        match current
+            .iter()
+            .find(|c| c.address().to_string() == address && c.source.as_ref() == Some(e))
+        {
             Some(same) => next.push(same.clone()),
             None => next.push(make(e, *resolved)),
         }

@@ -111,3 +111,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
 /// sidecar should take as little of its application's cores as it can;
 /// raise this for a proxy with cores of its own.
 pub const DEFAULT_WORKER_THREADS: usize = 1;
+
+/// How often `reload.watch` looks at the config file: 2 s. A stat per
+/// look; a Kubernetes ConfigMap update takes up to a minute to reach a
+/// pod, so the look is not what makes a change slow.
+pub const DEFAULT_CONFIG_WATCH_INTERVAL: Duration = Duration::from_secs(2);

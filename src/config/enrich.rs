@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 /// `[enrich]`. Off unless given: with nothing set, a call's head passes
 /// untouched and costs nothing.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnrichConfig {
     /// Keys whose inbound values are dropped first (keys this hop owns, so

@@ -7,7 +7,7 @@ use super::ByteSize;
 
 /// `fanout = { … }` of a route: the call goes to several endpoints of one
 /// group (Talos's one-to-many).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FanoutRouteConfig {
     /// The group whose endpoints are the destinations.
@@ -41,7 +41,7 @@ pub enum FanoutMode {
 
 /// `mirror = { … }` of a route: the primary answers, the secondaries get
 /// copies (Gitaly's Praefect).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MirrorRouteConfig {
     /// The group that answers.
@@ -51,7 +51,7 @@ pub struct MirrorRouteConfig {
 }
 
 /// One secondary of a mirror.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum SecondaryConfig {
     /// Just the group: `block` and `swallow`.
@@ -104,7 +104,7 @@ impl SecondaryConfig {
 }
 
 /// `[fanout]`: what every fan-out and mirror call shares.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FanoutConfig {
     /// Frames (request side) and messages (interleaved replies) queued

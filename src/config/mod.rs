@@ -32,7 +32,7 @@ pub use self::fanout::{
 };
 pub use self::ops::{
     AdminConfig, AdminControl, AdminListen, DrainConfig, LogConfig, LogFormat, OtlpEndpoint,
-    RuntimeConfig, TraceConfig,
+    ReloadConfig, RuntimeConfig, TraceConfig,
 };
 pub use self::routes::{
     CompressedMatch, Fallback, FieldMatch, RefuseConfig, RouteConfig, RoutingConfig, TextMatch,
@@ -61,7 +61,7 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 pub const DEFAULT_GROUP: &str = "default";
 
 /// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The downstream side: where sluice listens, and its HTTP/2 settings.
@@ -90,6 +90,8 @@ pub struct Config {
     pub enrich: EnrichConfig,
     /// `[tls]`: reloading of every certificate, key and CA file.
     pub tls: TlsConfig,
+    /// `[reload]`: reading this config again while calls run.
+    pub reload: ReloadConfig,
     /// `[tunnel]`: reverse tunnels (hub, agent).
     pub tunnel: TunnelConfig,
 }

@@ -1,5 +1,5 @@
 //! What an operator runs sluice with: `[log]`, `[trace]`, `[drain]`,
-//! `[admin]` and `[runtime]`.
+//! `[admin]`, `[reload]` and `[runtime]`.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -9,7 +9,7 @@ use super::{defaults::*, value};
 
 /// `[trace]`: OpenTelemetry export of each call's span. Off unless an
 /// endpoint is given; off costs nothing per call.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TraceConfig {
     /// OTLP/HTTP traces endpoint, e.g. `http://otel-collector:4318/v1/traces`.
@@ -22,8 +22,31 @@ pub struct TraceConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OtlpEndpoint(pub String);
 
+/// `[reload]`: reading the config file again while calls run. SIGHUP and
+/// `POST /reload` always do; `watch` also polls the file.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Poll the file every `interval` and reload when it changed (its
+    /// size, modification time or inode: a Kubernetes ConfigMap's symlink
+    /// swap counts).
+    pub watch: bool,
+    /// How often `watch` looks.
+    #[serde(with = "value::duration")]
+    pub interval: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: false,
+            interval: DEFAULT_CONFIG_WATCH_INTERVAL,
+        }
+    }
+}
+
 /// `[drain]`: what happens on SIGTERM or `POST /drain`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DrainConfig {
     /// After `/ready` turns false, keep serving normally this long before
@@ -37,7 +60,7 @@ pub struct DrainConfig {
 }
 
 /// `[admin]`: the admin HTTP/1.1 server.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of the admin server, or `"off"`.
@@ -76,7 +99,7 @@ pub enum AdminListen {
 }
 
 /// `[runtime]`: the tokio runtime.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Worker threads; 1 runs sluice on a current-thread runtime.
@@ -85,7 +108,7 @@ pub struct RuntimeConfig {
 }
 
 /// `[log]`: logging.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A `tracing` filter (`info`, `sluice=debug,h2=info`, ...); `RUST_LOG`

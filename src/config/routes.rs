@@ -8,7 +8,7 @@ use super::{ByteSize, EnrichConfig, FanoutRouteConfig, IdentityConfig, MirrorRou
 
 /// `[[routes]]`: a match and what to do with the calls it matches. Every
 /// condition given must hold; a route with none matches every call.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// A name for logs and `sluice check`.
@@ -68,9 +68,22 @@ pub enum TextMatch {
     Regex(#[serde(deserialize_with = "value::regex")] regex::Regex),
 }
 
+/// Two conditions are equal when they say the same (a regex by its text),
+/// which is what a reload compares.
+impl PartialEq for TextMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Equals(a), Self::Equals(b)) | (Self::Prefix(a), Self::Prefix(b)) => a == b,
+            (Self::Present(a), Self::Present(b)) => a == b,
+            (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
 /// A condition on a field of the first request message, by protobuf field
 /// path (`1.2` = field 2 of the message in field 1), without a descriptor.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldMatch {
     /// The field path.
@@ -107,7 +120,7 @@ pub enum CompressedMatch {
 }
 
 /// A refusal: the status the client gets.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefuseConfig {
     /// A gRPC status code name, e.g. `PERMISSION_DENIED`.
@@ -119,7 +132,7 @@ pub struct RefuseConfig {
 }
 
 /// `[routing]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     /// When no route matches: `upstream` (the default group) or

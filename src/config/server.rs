@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::{ByteSize, FrameSize, ServerTlsConfig, WindowSize, defaults::*, value};
 
 /// `[server]`: the downstream listener and its HTTP/2 settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on for plaintext HTTP/2 (h2c, prior knowledge).

@@ -24,7 +24,7 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_CLIENT_ID_KEY: &str = "x-sluice-client-id";
 
 /// `[tls]`: what applies to every piece of TLS material.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// How often the files are checked for changes (their size, time and
@@ -44,7 +44,7 @@ impl Default for TlsConfig {
 
 /// `[server.tls]`: TLS on the downstream side. ALPN `h2` only; TLS 1.2 and
 /// 1.3.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTlsConfig {
     /// Where the TLS listener listens. Unset, `server.listen` itself speaks
@@ -61,7 +61,7 @@ pub struct ServerTlsConfig {
 }
 
 /// `client_auth = { … }` of `[server.tls]`: mutual TLS.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuthConfig {
     /// The CA bundle (PEM) client certificates must chain to.
@@ -125,7 +125,7 @@ impl<'de> Deserialize<'de> for RoleSource {
 }
 
 /// `tls = { … }` of `[upstream]` or a group: TLS to the upstream, ALPN `h2`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
     /// The CA bundle (PEM) the upstream's certificate must chain to;
@@ -147,7 +147,7 @@ pub struct UpstreamTlsConfig {
 /// `identity = { … }` of a route: which verified clients may make the
 /// calls it matches. Every condition given must hold; a call that fails
 /// them is refused with PERMISSION_DENIED.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// The SPIFFE trust domain the client's id must be in.

@@ -21,7 +21,7 @@ pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 /// `[tunnel]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelConfig {
     /// Accept agents.
@@ -31,7 +31,7 @@ pub struct TunnelConfig {
 }
 
 /// A hub as `hubs = [...]` of `[tunnel.hub]` names it.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubPeerConfig {
     /// Its name.
@@ -45,7 +45,7 @@ pub struct HubPeerConfig {
 }
 
 /// `[tunnel.hub]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubConfig {
     /// Where agents dial (HTTP/1.1 Upgrade, then HTTP/2 with the hub as
@@ -105,7 +105,7 @@ fn default_agent_wait() -> Duration {
 }
 
 /// `identifiers = { … }` of `[tunnel.agent]` (konnectivity's).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentifiersConfig {
     /// Host names `dest-host` finds this agent by.
@@ -119,7 +119,7 @@ pub struct IdentifiersConfig {
 }
 
 /// `[tunnel.agent]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Hub addresses to dial (often one load-balanced address).

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::{ByteSize, HostPort, UpstreamTlsConfig, WindowSize, defaults::*, value};
 
 /// `[upstreams.NAME]`: a named group of endpoints.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// The endpoints: `"host:port"`, or a table with identifiers and the
@@ -55,7 +55,7 @@ fn default_resolve_interval() -> Duration {
 /// `health_check = { … }` of a group: each endpoint is asked
 /// `grpc.health.v1.Health/Check` every `interval`; one that does not answer
 /// SERVING within `timeout` is avoided until it does.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
     /// Time between checks.
@@ -70,7 +70,7 @@ pub struct HealthCheckConfig {
 }
 
 /// One endpoint of a group.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum EndpointConfig {
     /// Just an address.
@@ -146,7 +146,7 @@ impl EndpointConfig {
 }
 
 /// `[upstream]`: the one upstream every call goes to, and how to reach it.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// `host:port` of the upstream's h2c server.

@@ -73,11 +73,12 @@ pub(crate) struct ListenerSettings {
     max_in_flight: usize,
     refuse_non_grpc: bool,
     /// Whether each call gets the peer's address as a request extension
-    /// (only when an enrich rule reads it: it costs an allocation).
-    tag_peer: bool,
+    /// (only when an enrich rule reads it: it costs an allocation). A
+    /// config reload may change it.
+    tag_peer: AtomicBool,
     /// Whether calls may be peeked (a route on a message field): each then
-    /// carries its connection's peek budget.
-    peeks: bool,
+    /// carries its connection's peek budget. A config reload may change it.
+    peeks: AtomicBool,
     counters: Arc<Counters>,
     metrics: Arc<Metrics>,
 }
@@ -109,8 +110,8 @@ impl ListenerSettings {
             max_resets_per_second: config.max_resets_per_second,
             max_in_flight: config.max_in_flight,
             refuse_non_grpc: config.non_grpc == crate::config::NonGrpc::Refuse,
-            tag_peer,
-            peeks: false,
+            tag_peer: AtomicBool::new(tag_peer),
+            peeks: AtomicBool::new(false),
             counters,
             metrics,
         }
@@ -118,9 +119,16 @@ impl ListenerSettings {
 
     /// Says whether calls may be peeked (see [`ListenerSettings::peeks`]).
     #[must_use]
-    pub(crate) fn peeking(mut self, peeks: bool) -> Self {
-        self.peeks = peeks;
+    pub(crate) fn peeking(self, peeks: bool) -> Self {
+        self.peeks.store(peeks, Ordering::Relaxed);
         self
+    }
+
+    /// What a config reload changes: whether calls carry the peer's
+    /// address, and whether they may be peeked.
+    pub(crate) fn set_per_call(&self, tag_peer: bool, peeks: bool) {
+        self.tag_peer.store(tag_peer, Ordering::Relaxed);
+        self.peeks.store(peeks, Ordering::Relaxed);
     }
 
     pub(crate) fn handshake_timeout(&self) -> Duration {
@@ -440,7 +448,7 @@ where
         return CallFuture::refused(call::refuse(req, respond, refusal, REFUSAL_LINGER));
     }
     let mut req = req;
-    if shared.tag_peer
+    if shared.tag_peer.load(Ordering::Relaxed)
         && let Some(addr) = peer.addr
     {
         req.extensions_mut()
@@ -449,7 +457,7 @@ where
     if let Some(identity) = &peer.identity {
         req.extensions_mut().insert(identity.clone());
     }
-    if shared.peeks {
+    if shared.peeks.load(Ordering::Relaxed) {
         // One peek budget per connection, however the stack is cloned.
         req.extensions_mut().insert(peer.peek_budget.clone());
     }

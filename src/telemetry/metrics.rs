@@ -53,6 +53,12 @@ pub(crate) struct ReloadLabels {
     outcome: &'static str,
 }
 
+/// A reload of the config: how it went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ConfigReloadLabels {
+    outcome: &'static str,
+}
+
 /// Every metric sluice exports.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -67,6 +73,7 @@ pub(crate) struct Metrics {
     fanout_outcomes: Family<FanoutLabels, Counter>,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     tls_reloads: Family<ReloadLabels, Counter>,
+    config_reloads: Family<ConfigReloadLabels, Counter>,
     /// Access-log entries dropped because the writer was behind.
     pub(crate) access_log_dropped: Counter,
 }
@@ -191,6 +198,11 @@ impl Metrics {
                 "tls_reloads",
                 "Reloads of certificates, keys and CA bundles, by material and outcome",
             ),
+            config_reloads: register(
+                registry,
+                "config_reloads",
+                "Reloads of the config file, by outcome (applied, unchanged, invalid)",
+            ),
             access_log_dropped: register(
                 registry,
                 "access_log_dropped",
@@ -215,6 +227,13 @@ impl Metrics {
                 material: material.to_owned(),
                 outcome,
             })
+            .inc();
+    }
+
+    /// Counts a reload of the config (`applied`, `unchanged`, `invalid`).
+    pub(crate) fn config_reloaded(&self, outcome: &'static str) {
+        self.config_reloads
+            .get_or_create(&ConfigReloadLabels { outcome })
             .inc();
     }
 

@@ -7,15 +7,38 @@ pub(crate) mod metrics;
 pub(crate) mod refusals;
 pub(crate) mod trace;
 
-use std::io::IsTerminal;
+use std::{io::IsTerminal, sync::OnceLock};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use tracing::Level;
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry, filter::Targets, layer::SubscriberExt as _,
+    EnvFilter, Layer, Registry, filter::Targets, layer::SubscriberExt as _, reload,
     util::SubscriberInitExt as _,
 };
+
+/// The installed log filter, which a config reload replaces when
+/// `log.level` changed (and `RUST_LOG` does not override it).
+static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Replaces the log filter with `level` (`log.level`'s syntax). Does
+/// nothing when `RUST_LOG` sets the filter or [`init`] did not install
+/// one; says whether it changed anything.
+///
+/// # Errors
+///
+/// `level` is not a log filter (validation refuses such a config first).
+pub(crate) fn set_log_level(level: &str) -> Result<bool, String> {
+    if std::env::var(EnvFilter::DEFAULT_ENV).is_ok_and(|v| !v.trim().is_empty()) {
+        return Ok(false);
+    }
+    let Some(handle) = LOG_FILTER.get() else {
+        return Ok(false);
+    };
+    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    handle.reload(filter).map_err(|e| e.to_string())?;
+    Ok(true)
+}
 
 use crate::config::{LogConfig, LogFormat, TraceConfig};
 
@@ -82,6 +105,7 @@ pub fn init(log: &LogConfig, trace: &TraceConfig) -> Result<TelemetryGuard, Tele
         filter: text.clone(),
         message: e.to_string(),
     })?;
+    let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::stderr().is_terminal();
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match log.format {
         LogFormat::Text => Box::new(
@@ -125,9 +149,13 @@ pub fn init(log: &LogConfig, trace: &TraceConfig) -> Result<TelemetryGuard, Tele
             )
         }
     };
-    let _ = tracing_subscriber::registry()
+    if tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
-        .try_init();
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_FILTER.set(handle);
+    }
     Ok(guard)
 }

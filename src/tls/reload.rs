@@ -29,14 +29,14 @@ use crate::telemetry::metrics::Metrics;
 /// modification time and its inode (an atomic rename, as Kubernetes does
 /// for secrets, changes the inode even within one clock tick).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     len: u64,
     modified: Option<std::time::SystemTime>,
     inode: u64,
 }
 
 impl Stamp {
-    fn of(path: &std::path::Path) -> Option<Self> {
+    pub(crate) fn of(path: &std::path::Path) -> Option<Self> {
         let meta = std::fs::metadata(path).ok()?;
         #[cfg(unix)]
         let inode = std::os::unix::fs::MetadataExt::ino(&meta);
@@ -184,14 +184,24 @@ impl<T: Send + Sync> Reload for Reloadable<T> {
     }
 }
 
+/// The TLS material in use now (a config reload changes the groups').
+pub(crate) type MaterialsFn = Arc<dyn Fn() -> Vec<Arc<dyn Reload>> + Send + Sync>;
+
 /// Polls every piece of TLS material every `interval`, and all of it at
 /// once when asked (SIGHUP).
-#[derive(Debug)]
 pub(crate) struct Reloader {
-    pub(crate) materials: Vec<Arc<dyn Reload>>,
+    pub(crate) materials: MaterialsFn,
     pub(crate) interval: Duration,
     pub(crate) requested: Arc<Notify>,
     pub(crate) metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Reloader {
@@ -208,7 +218,7 @@ impl Reloader {
             // Reading and parsing files blocks: off the runtime's threads
             // (on the default current-thread runtime it would stall every
             // connection meanwhile).
-            let (materials, metrics) = (self.materials.clone(), self.metrics.clone());
+            let (materials, metrics) = ((self.materials)(), self.metrics.clone());
             let _ = tokio::task::spawn_blocking(move || {
                 for m in &materials {
                     m.reload(force, &metrics);

@@ -161,6 +161,9 @@ pub struct Echo {
     probe: Probe,
     /// Added to every unary answer: a slow server.
     base_delay: Duration,
+    /// Sent as `x-served-by` on every answer (an [`EchoServer`]'s
+    /// address), so a test can tell which server a call reached.
+    served_by: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Echo {
@@ -169,6 +172,7 @@ impl Echo {
         Self {
             probe,
             base_delay: Duration::ZERO,
+            served_by: None,
         }
     }
 }
@@ -202,6 +206,16 @@ fn failure(req: &Req) -> Option<Status> {
     ))
 }
 
+impl Echo {
+    fn with_headers<T>(&self, body: T) -> Response<T> {
+        let mut res = with_headers(body);
+        if let Some(by) = &self.served_by {
+            res.metadata_mut().insert("x-served-by", by.clone());
+        }
+        res
+    }
+}
+
 fn with_headers<T>(body: T) -> Response<T> {
     let mut res = Response::new(body);
     res.metadata_mut()
@@ -229,7 +243,7 @@ impl pb::echo_server::Echo for Echo {
         }
         let reply = reply_for(&req, req.seq);
         guard.done();
-        Ok(with_headers(reply))
+        Ok(self.with_headers(reply))
     }
 
     type ServerStreamStream = ReplyStream;
@@ -246,7 +260,7 @@ impl pb::echo_server::Echo for Echo {
             // counts a cancel when the transport drops it.
             let (tx, rx) = mpsc::channel(1);
             tokio::spawn(async move { tx.closed().await });
-            return Ok(with_headers(Box::pin(DoneOnEnd::new(rx, guard))));
+            return Ok(self.with_headers(Box::pin(DoneOnEnd::new(rx, guard))));
         }
         // A one-slot channel: the producer runs at most one reply ahead of
         // what the transport took, so `replies_sent` shows backpressure.
@@ -266,7 +280,7 @@ impl pb::echo_server::Echo for Echo {
                 let _ = tx.send(Err(status)).await;
             }
         });
-        Ok(with_headers(Box::pin(DoneOnEnd::new(rx, guard))))
+        Ok(self.with_headers(Box::pin(DoneOnEnd::new(rx, guard))))
     }
 
     async fn client_stream(
@@ -294,7 +308,7 @@ impl pb::echo_server::Echo for Echo {
             last = req.payload;
         }
         guard.done();
-        Ok(with_headers(Reply {
+        Ok(self.with_headers(Reply {
             payload: last,
             seq: count,
         }))
@@ -336,7 +350,7 @@ impl pb::echo_server::Echo for Echo {
                 probe.update(|c| c.replies_sent += 1);
             }
         });
-        Ok(with_headers(Box::pin(DoneOnEnd::new(rx, guard))))
+        Ok(self.with_headers(Box::pin(DoneOnEnd::new(rx, guard))))
     }
 }
 
@@ -421,6 +435,7 @@ impl EchoServer {
         let echo = Echo {
             probe: probe.clone(),
             base_delay,
+            served_by: MetadataValue::try_from(addr.to_string()).ok(),
         };
         let (health, health_svc) = tonic_health::server::health_reporter();
         health

@@ -23,6 +23,7 @@ mod routing;
 // Shared with tests/memory.rs, which uses the parts this binary does not.
 #[allow(dead_code)]
 mod raw;
+mod reload;
 mod tls;
 mod trailers;
 mod tunnel;
