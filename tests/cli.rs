@@ -879,3 +879,103 @@ async fn json_log_lines_parse_with_one_message_and_numeric_statuses() {
         assert!(s.is_number(), "grpc_status {s} is not a number");
     }
 }
+
+/// Which echo server answered a unary call through `sluice`.
+async fn served_by(sluice: SocketAddr) -> String {
+    let mut client = sluice_testkit::client(sluice);
+    let res = within("a unary call", client.unary(Req::default()))
+        .await
+        .expect("the call succeeds");
+    res.metadata()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .expect("an echo server's answer")
+        .to_owned()
+}
+
+/// Rewrites `file` as a ConfigMap update does: a new file renamed over it.
+fn rewrite(file: &tempfile_path::TempPath, text: &str) {
+    let next = file.0.with_extension("next");
+    std::fs::write(&next, text).expect("write config");
+    std::fs::rename(&next, &file.0).expect("rename config");
+}
+
+/// Issue #20.1: SIGHUP reads the config file again and applies it to new
+/// calls, keeping what the command line overrides (`--upstream`); nothing
+/// changes before the signal when the file is not watched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_the_changed_config_file_and_keeps_the_command_line() {
+    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
+    let file = write_config("[upstream]\naddress = \"127.0.0.1:1\"\n");
+    let a_addr = a.addr.to_string();
+    let (proc, addr) = spawn_config(file.as_str(), Some(&a_addr));
+    assert_eq!(served_by(addr).await, a_addr);
+
+    rewrite(
+        &file,
+        &format!(
+            "[upstream]\naddress = \"127.0.0.1:1\"\n[upstreams.g]\nendpoints = [\"{}\"]\n\
+             [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nupstream = \"g\"\n",
+            b.addr
+        ),
+    );
+    // Not watched: the new file waits for the signal.
+    assert_eq!(served_by(addr).await, a_addr);
+    let hup = Command::new("kill")
+        .args(["-HUP", &proc.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    within(
+        "the route of the new file is followed after SIGHUP",
+        async {
+            while served_by(addr).await != b.addr.to_string() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    // Calls no route takes still go where --upstream said, not to the
+    // file's 127.0.0.1:1.
+    let mut client = sluice_testkit::client(addr);
+    let mut stream = within(
+        "a server stream",
+        client.server_stream(Req {
+            replies: 1,
+            ..Req::default()
+        }),
+    )
+    .await
+    .expect("the default group is still --upstream")
+    .into_inner();
+    while within("a reply", stream.message())
+        .await
+        .expect("ok")
+        .is_some()
+    {}
+    assert_eq!(a.probe.counts().completed, 3);
+    assert_eq!(sigterm(proc).await.code(), Some(0));
+}
+
+/// Issue #20.1: with `reload.watch`, a change of the file (a rename over
+/// it, as a ConfigMap update) is applied without a signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_config_file_is_applied_when_it_changes() {
+    let (a, b) = (EchoServer::start().await, EchoServer::start().await);
+    let config = |upstream: SocketAddr| {
+        format!(
+            "[upstream]\naddress = \"{upstream}\"\n[reload]\nwatch = true\ninterval = \"50ms\"\n"
+        )
+    };
+    let file = write_config(&config(a.addr));
+    let (proc, addr) = spawn_config(file.as_str(), None);
+    assert_eq!(served_by(addr).await, a.addr.to_string());
+    rewrite(&file, &config(b.addr));
+    within("the watched file is applied", async {
+        while served_by(addr).await != b.addr.to_string() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(sigterm(proc).await.code(), Some(0));
+}
