@@ -3,7 +3,7 @@
 //! | route | answer |
 //! | --- | --- |
 //! | `GET /live` | 200 while the process runs |
-//! | `GET /ready` | 200 when serving; 503 while draining (and, if configured, while no upstream is reachable) |
+//! | `GET /ready` | 200 when serving; 503 while draining (and, if configured, while no upstream is reachable, no agent is connected, or the xDS control plane has not answered yet) |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `POST /drain` | 202, and the drain begins (403 from a peer that is not on loopback, unless `admin.control = "any"`) |
 //! | `POST /reload` | the config file read again and applied: 200 with what changed, 422 with the error when it is invalid (nothing changes), 409 without a file; loopback only as `POST /drain` |
@@ -56,6 +56,9 @@ pub(crate) struct State {
     pub(crate) reload: Option<ReloadFn>,
     /// `GET /config`.
     pub(crate) config: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// Whether the xDS control plane answered, when `/ready` waits for it
+    /// (`xds.ready_requires_config`).
+    pub(crate) xds_ready: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl std::fmt::Debug for State {
@@ -132,6 +135,11 @@ async fn handle(
                 text(StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n")
             } else if state.ready_requires_agents && agents() == 0 {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no agent connected\n")
+            } else if state.xds_ready.as_ref().is_some_and(|answered| !answered()) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for the xDS control plane's first answer\n",
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }

@@ -36,6 +36,7 @@ pub mod tls;
 mod tunnel;
 mod upstream;
 mod via;
+pub mod xds;
 
 pub use crate::{
     app::{

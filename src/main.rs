@@ -38,6 +38,10 @@ struct Cli {
     /// a free port.
     #[arg(long, value_name = "ADDR|off", global = true)]
     admin: Option<AdminListen>,
+    /// gRPC xDS bootstrap JSON: routes and endpoints from the control
+    /// plane it names; overrides `xds.bootstrap` (and GRPC_XDS_BOOTSTRAP).
+    #[arg(long, value_name = "FILE")]
+    xds_bootstrap: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -113,6 +117,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // A certificate, key or CA bundle that cannot be used is a bad
         // config (as `sluice check` says), not a failure to start.
+        Err(e @ sluice::RunError::Xds(_)) => {
+            eprintln!("sluice: bad config: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e @ sluice::RunError::Tls(_)) => {
             eprintln!("sluice: bad TLS material: {e}");
             ExitCode::from(EXIT_CONFIG)
@@ -150,6 +158,9 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
     }
     if let Some(upstream) = &cli.upstream {
         config.upstream.address = upstream.clone();
+    }
+    if let Some(bootstrap) = &cli.xds_bootstrap {
+        config.xds.bootstrap = Some(bootstrap.clone());
     }
     if let Some(admin) = cli.admin.map_or_else(admin_from_env, |a| Ok(Some(a)))? {
         config.admin.listen = admin;

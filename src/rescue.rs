@@ -101,10 +101,14 @@ pub(crate) fn status_of(err: &BoxError) -> Option<(Code, RefusalReason)> {
             ForwardError::UpstreamLost(_) => Some(unavailable),
         };
     }
+    if err.downcast_ref::<crate::xds::Unrouted>().is_some() {
+        return Some((Code::Unavailable, RefusalReason::xds_unrouted));
+    }
     Some(match err.downcast_ref::<BalanceError>() {
         Some(BalanceError::Upstream(e)) => upstream(e),
         Some(BalanceError::Unroutable(_)) => (Code::Internal, RefusalReason::internal),
         Some(BalanceError::NoEndpoint(_)) => (Code::Unavailable, RefusalReason::no_endpoint),
+        Some(BalanceError::CircuitOpen(_)) => (Code::Unavailable, RefusalReason::circuit_breaker),
         None => (Code::Internal, RefusalReason::internal),
     })
 }

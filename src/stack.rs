@@ -32,6 +32,7 @@ use crate::{
         trace,
     },
     via::Via,
+    xds::XdsRoute,
 };
 
 /// The proxy's own texts and names: the layers' defaults name no product;
@@ -48,7 +49,13 @@ type Ids<S> = Either<SetRequestId<S, MakeId>, S>;
 pub(crate) type Stack = Trace<
     CallMetrics<
         Rescue<
-            Drain<Enrich<Ids<Peek<Direct<Via<Fanout<Deadline<Balance<Forward>>>>, RouteTable>>>>>,
+            Drain<
+                Enrich<
+                    Ids<
+                        Peek<Direct<XdsRoute<Via<Fanout<Deadline<Balance<Forward>>>>>, RouteTable>>,
+                    >,
+                >,
+            >,
         >,
     >,
     SharedClassifier<GrpcErrorsAsFailures>,
@@ -71,6 +78,8 @@ pub(crate) struct Parts {
     /// The process's access-log writer, started the first time a config
     /// turns `log.access` on.
     pub(crate) access: Arc<std::sync::OnceLock<AccessLog>>,
+    /// The xDS client's state, when xDS is on.
+    pub(crate) xds: Option<Arc<crate::xds::Shared>>,
 }
 
 /// The stack for `config` over `parts`.
@@ -81,6 +90,7 @@ pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
         drain,
         metrics,
         access,
+        xds,
     } = parts.clone();
     let members: crate::route::Members = {
         let groups = groups.clone();
@@ -91,7 +101,15 @@ pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
                 .unwrap_or_default()
         })
     };
-    let routes = RouteTable::with_members(config, members);
+    let routes = match &xds {
+        // The calls no file route takes are xDS's.
+        Some(_) => RouteTable::leaving(
+            config,
+            members,
+            sluice_layers::direct::Route::to(crate::xds::XDS_TARGET),
+        ),
+        None => RouteTable::with_members(config, members),
+    };
     // One writer thread for the process's access log, when it is on.
     let access = config.log.access.then(|| {
         access
@@ -154,6 +172,9 @@ pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
         // Pick each call's upstream group from the config's routes, or
         // refuse it with the status the route names.
         .layer(DirectLayer::new(routes))
+        // The calls the file's routes leave to xDS: their Listener, route
+        // and cluster; a call whose resources have not arrived waits.
+        .layer_fn(|inner| XdsRoute::new(inner, xds.clone()))
         // Append this instance to sluice-via; a call that already carries
         // it (a routing loop) gets ABORTED.
         .layer_fn(|inner| Via::new(inner, metrics.clone()))

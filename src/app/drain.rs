@@ -99,6 +99,9 @@ impl Running {
             let _ = (&mut self.server).await;
         }
         self.groups.close();
+        if let Some(xds) = &self.xds {
+            xds.close();
+        }
         let _ = tokio::time::timeout(
             UPSTREAM_CLOSE_WAIT,
             self.counters.upstream_connections_closed(),
@@ -109,6 +112,9 @@ impl Running {
         }
         if let Some(watcher) = self.watcher.take() {
             watcher.abort();
+        }
+        if let Some(xds) = self.xds_task.take() {
+            xds.abort();
         }
         if let Some(reloader) = self.reloader.take() {
             reloader.abort();

@@ -61,6 +61,9 @@ pub enum RunError {
     /// A certificate, key or CA bundle cannot be used.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The xDS bootstrap cannot be read or used.
+    #[error(transparent)]
+    Xds(#[from] crate::xds::BootstrapError),
 }
 
 /// A running sluice.
@@ -78,6 +81,8 @@ pub struct Running {
     reloader: Option<JoinHandle<()>>,
     config_reloader: Arc<reload::Reloader>,
     watcher: Option<JoinHandle<()>>,
+    xds_task: Option<JoinHandle<()>>,
+    xds: Option<Arc<crate::xds::Shared>>,
     signal: drain_signal::Signal,
     watch: drain_signal::Watch,
     drain_requested: Arc<Notify>,
@@ -231,6 +236,7 @@ pub async fn run(config: &Config) -> Result<Running, RunError> {
 /// As [`run`].
 pub async fn run_with(config: &Config, source: Option<ConfigSource>) -> Result<Running, RunError> {
     let material = Material::read(config)?;
+    let bootstrap = crate::xds::Bootstrap::find(&config.xds)?;
     let counters = Arc::new(Counters::default());
     let groups = Arc::new(Groups::from_config(config, &counters)?);
     let tracker = config
@@ -249,6 +255,19 @@ pub async fn run_with(config: &Config, source: Option<ConfigSource>) -> Result<R
         tracker.as_ref(),
     )));
     let listeners = Listeners::bind(config, material.server.is_some())?;
+    let (xds, xds_task) = match bootstrap {
+        Some(bootstrap) => {
+            let (shared, task) = crate::xds::start(
+                bootstrap,
+                config.xds.clone(),
+                config.upstream.clone(),
+                counters.clone(),
+                metrics.clone(),
+            );
+            (Some(shared), Some(task))
+        }
+        None => (None, None),
+    };
     let hub_listener = match &config.tunnel.hub {
         Some(hub) => {
             let l = bind(hub.listen, config.server.reuse_port)?;
@@ -264,6 +283,7 @@ pub async fn run_with(config: &Config, source: Option<ConfigSource>) -> Result<R
         drain: watch.clone(),
         metrics: metrics.clone(),
         access: Arc::default(),
+        xds: xds.clone(),
     };
     let switch = Switch::new(stack::build(config, &parts));
     // The peer's address travels with each call when enrichment or the
@@ -307,9 +327,21 @@ pub async fn run_with(config: &Config, source: Option<ConfigSource>) -> Result<R
                     control: config.admin.control,
                     reload: Some(reload_fn(&config_reloader)),
                     config: Some({
-                        let r = config_reloader.clone();
-                        Arc::new(move || r.describe())
+                        let (r, xds) = (config_reloader.clone(), xds.clone());
+                        Arc::new(move || {
+                            let mut text = r.describe();
+                            if let Some(xds) = &xds {
+                                text.push_str(&crate::xds::describe(xds));
+                            }
+                            text
+                        })
                     }),
+                    xds_ready: xds
+                        .clone()
+                        .filter(|_| config.xds.ready_requires_config)
+                        .map(|x| {
+                            Arc::new(move || x.ready()) as Arc<dyn Fn() -> bool + Send + Sync>
+                        }),
                 },
             );
             (
@@ -406,6 +438,8 @@ pub async fn run_with(config: &Config, source: Option<ConfigSource>) -> Result<R
         reloader,
         config_reloader,
         watcher,
+        xds_task,
+        xds,
         signal,
         watch,
         drain_requested,

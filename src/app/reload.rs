@@ -347,6 +347,7 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
         ("log.format", old.log.format != new.log.format),
         ("tls", old.tls != new.tls),
         ("reload", old.reload != new.reload),
+        ("xds", old.xds != new.xds),
     ] {
         if differs {
             restart.push(name);
@@ -367,6 +368,7 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
     new.log.format = old.log.format;
     new.tls.clone_from(&old.tls);
     new.reload.clone_from(&old.reload);
+    new.xds.clone_from(&old.xds);
 }
 
 /// `POST /reload` over `reloader`: 200 with what changed, 422 with the

@@ -51,6 +51,8 @@ pub(crate) struct Endpoint {
     /// The config entry it was made from (none for an agent): a reload
     /// keeps the endpoint, connections and all, only for the same entry.
     pub(super) source: Option<EndpointConfig>,
+    /// Its share in a weighted group (an xDS cluster's); 1 elsewhere.
+    pub(super) weight: u32,
 }
 
 #[derive(Debug)]
@@ -189,6 +191,7 @@ impl Endpoint {
             label,
             default_route,
             source: None,
+            weight: 1,
         }
     }
 

@@ -19,4 +19,8 @@ pub(crate) enum BalanceError {
     /// No strategy of the group found an endpoint for this call.
     #[error("no endpoint of upstream group {0:?} matches this call")]
     NoEndpoint(String),
+    /// The group's limit of calls in flight is reached (an xDS cluster's
+    /// circuit breaker).
+    #[error("circuit breaker open: {0}")]
+    CircuitOpen(String),
 }

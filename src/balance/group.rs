@@ -40,6 +40,9 @@ pub(crate) struct Group {
     /// How long a call no strategy finds an endpoint for waits for one to
     /// join (a hub's agents: `tunnel.hub.agent_wait`); zero elsewhere.
     wait: Duration,
+    /// Whether `random` picks by the endpoints' weights (an xDS
+    /// cluster's endpoints carry their locality's and their own).
+    weighted: bool,
 }
 
 impl Group {
@@ -57,7 +60,14 @@ impl Group {
             dest_host_key,
             changed: tokio::sync::Notify::new(),
             wait,
+            weighted: false,
         }
+    }
+
+    /// A group whose `random` strategy picks by endpoint weight.
+    pub(super) fn weighted(mut self) -> Self {
+        self.weighted = true;
+        self
     }
 
     /// Its name.
@@ -183,6 +193,7 @@ impl Group {
                 Strategy::DefaultRoute => {
                     choose(&endpoints, false, |e| not_skipped(e) && e.default_route)
                 }
+                Strategy::Random if self.weighted => choose_weighted(&endpoints, not_skipped),
                 Strategy::Random => choose(&endpoints, true, not_skipped),
                 Strategy::LeastLoaded => choose(&endpoints, false, not_skipped),
             };
@@ -231,6 +242,36 @@ fn choose(
     None
 }
 
+/// Among the endpoints that `matches`, the usable ones (else any): one at
+/// random in proportion to its weight.
+fn choose_weighted(
+    endpoints: &[Arc<Endpoint>],
+    matches: impl Fn(&Arc<Endpoint>) -> bool,
+) -> Option<&Arc<Endpoint>> {
+    let usable = |e: &Arc<Endpoint>| !e.unusable();
+    let any = |_: &Arc<Endpoint>| true;
+    let tiers: [&dyn Fn(&Arc<Endpoint>) -> bool; 2] = [&usable, &any];
+    for tier in tiers {
+        let ok = |e: &&Arc<Endpoint>| matches(e) && tier(e);
+        let total: u64 = endpoints
+            .iter()
+            .filter(ok)
+            .map(|e| u64::from(e.weight))
+            .sum();
+        if total == 0 {
+            continue;
+        }
+        let mut at = random_below(usize::try_from(total).unwrap_or(usize::MAX)) as u64;
+        for e in endpoints.iter().filter(ok) {
+            if at < u64::from(e.weight) {
+                return Some(e);
+            }
+            at -= u64::from(e.weight);
+        }
+    }
+    None
+}
+
 /// The destination host of a call: the group's metadata key, else the
 /// `:authority` host, without a port or IPv6 brackets (compared without
 /// regard to case).
@@ -249,7 +290,7 @@ fn dest_host<'a>(parts: &'a Parts, key: &HeaderName) -> Option<&'a str> {
 
 /// A cheap per-thread random number below `n` (xorshift, seeded from the
 /// std hasher's random keys): balancing needs spread, not secrecy.
-fn random_below(n: usize) -> usize {
+pub(crate) fn random_below(n: usize) -> usize {
     thread_local! {
         static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u64) | 1);
     }

@@ -14,6 +14,7 @@
 //! ([`Endpoint::agent`]). The connection pool, the dialer and the
 //! connection driver are [`upstream`](crate::upstream)'s.
 
+mod cluster;
 mod endpoint;
 mod error;
 mod group;
@@ -35,12 +36,13 @@ use sluice_layers::{BoxError, direct::Route};
 use tower::{Service, ServiceExt};
 
 pub(crate) use self::{
+    cluster::{ClusterGroups, Member, Pick},
     endpoint::{AgentEndpoint, Endpoint},
     error::BalanceError,
-    group::Group,
+    group::{Group, random_below},
     groups::{Groups, Snapshot},
 };
-use crate::forward::Call;
+use crate::{forward::Call, upstream::Slot};
 
 /// What a call was sent to, in the response's extensions: the group, the
 /// endpoint (its address, or an agent's id).
@@ -50,6 +52,18 @@ pub(crate) struct Chosen {
     pub(crate) endpoint: Arc<str>,
     /// The name of the route that sent the call, if it has one.
     pub(crate) route: Option<Arc<str>>,
+}
+
+/// A destination resolved above the balancer, outside the route table
+/// (an xDS cluster): the group itself, and the count of calls in flight
+/// that it may not pass (a circuit breaker's `max_requests`).
+#[derive(Clone, Debug)]
+pub(crate) struct Resolved {
+    pub(crate) group: Arc<Group>,
+    /// Where a call whose dial fails goes next (an xDS cluster's next
+    /// priority).
+    pub(crate) next: Option<Arc<Group>>,
+    pub(crate) limit: Option<(Arc<std::sync::atomic::AtomicUsize>, usize)>,
 }
 
 /// The balancer: one endpoint per call, chosen from the group its route
@@ -116,9 +130,23 @@ where
                         .to_owned(),
                 ).into()),
             };
-            let group = groups.get(target).cloned().ok_or_else(|| {
-                BalanceError::Unroutable(format!("no upstream group named {target:?}"))
-            })?;
+            let mut resolved = parts.extensions.remove::<Resolved>();
+            let next = resolved.as_mut().and_then(|r| r.next.take());
+            let group = match &resolved {
+                Some(r) => r.group.clone(),
+                None => groups.get(target).cloned().ok_or_else(|| {
+                    BalanceError::Unroutable(format!("no upstream group named {target:?}"))
+                })?,
+            };
+            // Over its limit, a call fails at once: no queue (gRFC A32).
+            let slot = match resolved.and_then(|r| r.limit) {
+                Some((count, max)) => Some(Slot::take(&count, max).ok_or_else(|| {
+                    BalanceError::CircuitOpen(format!(
+                        "{target}: {max} calls in flight already (max_requests)"
+                    ))
+                })?),
+                None => None,
+            };
             let mut endpoint = match endpoint_id {
                 Some(id) => group.find(id).ok_or_else(|| {
                     BalanceError::NoEndpoint(format!("{target}: no endpoint {id:?}"))
@@ -132,13 +160,14 @@ where
                     })
                 })?,
             };
-            let checkout = match endpoint.pool().checkout().await {
+            let mut checkout = match endpoint.pool().checkout().await {
                 Ok(checkout) => checkout,
                 // Nothing was sent: another endpoint of the group gets one
                 // try (not when the route named this one).
                 Err(e) => match group
                     .pick(&parts, Some(&endpoint))
                     .filter(|_| group.len() > 1 && endpoint_id.is_none())
+                    .or_else(|| next.as_ref().and_then(|g| g.pick(&parts, None)))
                 {
                     Some(other) => {
                         tracing::debug!(error = %e, "endpoint unreachable; trying another in its group");
@@ -152,6 +181,9 @@ where
                     None => return Err(BalanceError::Upstream(e).into()),
                 },
             };
+            if let Some(slot) = slot {
+                checkout.hold(slot);
+            }
             crate::telemetry::trace::record_upstream(endpoint.address());
             let sent = tokio::time::Instant::now();
             let call = Call {

@@ -18,6 +18,7 @@ mod tunnel;
 mod upstream;
 mod validate;
 mod value;
+mod xds;
 
 use std::time::Duration;
 
@@ -53,6 +54,10 @@ pub use self::upstream::{
     HealthCheckConfig, Strategy, UpstreamConfig,
 };
 pub use self::value::{ByteSize, HostPort, WindowSize};
+pub use self::xds::{
+    DEFAULT_XDS_IDLE_UNSUBSCRIBE, DEFAULT_XDS_MAX_AUTHORITIES, DEFAULT_XDS_RESOURCE_TIMEOUT,
+    XdsConfig, XdsFallback,
+};
 
 /// The embedded default configuration (`config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -92,6 +97,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// `[reload]`: reading this config again while calls run.
     pub reload: ReloadConfig,
+    /// `[xds]`: routes and endpoints from an xDS control plane.
+    pub xds: XdsConfig,
     /// `[tunnel]`: reverse tunnels (hub, agent).
     pub tunnel: TunnelConfig,
 }

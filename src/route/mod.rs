@@ -46,6 +46,9 @@ struct Inner {
     fallback: Fallback,
     /// The fallback route, built once: cloning it is a reference count.
     default_route: Route,
+    /// Where calls no route takes go instead of the fallback, when
+    /// something else routes them (xDS).
+    unmatched: Option<Route>,
     members: Members,
     /// `[fanout] streaming_methods`.
     streaming: Box<[Glob]>,
@@ -92,6 +95,17 @@ impl RouteTable {
     /// Compiles the routes, with `members` telling a whole-group fan-out
     /// the endpoints of a group at the time of each call.
     pub fn with_members(config: &Config, members: Members) -> Self {
+        Self::build(config, members, None)
+    }
+
+    /// [`RouteTable::with_members`], sending the calls no route takes to
+    /// `unmatched` whatever `routing.fallback` says (the xDS layer routes
+    /// them).
+    pub(crate) fn leaving(config: &Config, members: Members, unmatched: Route) -> Self {
+        Self::build(config, members, Some(unmatched))
+    }
+
+    fn build(config: &Config, members: Members, unmatched: Option<Route>) -> Self {
         let globs: Vec<Glob> = config
             .fanout
             .streaming_methods
@@ -106,6 +120,7 @@ impl RouteTable {
                 streaming: globs.into(),
                 fallback: config.routing.fallback,
                 default_route: Route::to(DEFAULT_GROUP),
+                unmatched,
                 members,
             }),
         }
@@ -178,6 +193,9 @@ impl Director for RouteTable {
                 }
             }
             return decision;
+        }
+        if let Some(route) = &self.inner.unmatched {
+            return Ok(route.clone());
         }
         match self.inner.fallback {
             Fallback::Upstream => Ok(self.inner.default_route.clone()),

@@ -59,6 +59,19 @@ pub(crate) struct ConfigReloadLabels {
     outcome: &'static str,
 }
 
+/// An xDS resource type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct XdsTypeLabels {
+    r#type: &'static str,
+}
+
+/// The version of an xDS type in force.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct XdsVersionLabels {
+    r#type: &'static str,
+    version: String,
+}
+
 /// Every metric sluice exports.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -74,6 +87,13 @@ pub(crate) struct Metrics {
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     tls_reloads: Family<ReloadLabels, Counter>,
     config_reloads: Family<ConfigReloadLabels, Counter>,
+    xds_connected: Gauge,
+    xds_versions: Family<XdsVersionLabels, Gauge>,
+    /// The version label each type's sample has now, to remove it when it
+    /// changes.
+    xds_current: std::sync::Mutex<std::collections::HashMap<&'static str, String>>,
+    xds_updates: Family<XdsTypeLabels, Counter>,
+    xds_nacks: Family<XdsTypeLabels, Counter>,
     /// Access-log entries dropped because the writer was behind.
     pub(crate) access_log_dropped: Counter,
 }
@@ -203,6 +223,27 @@ impl Metrics {
                 "config_reloads",
                 "Reloads of the config file, by outcome (applied, unchanged, invalid)",
             ),
+            xds_connected: register(
+                registry,
+                "xds_connected",
+                "Whether the ADS stream to the xDS control plane is open (1) or not (0)",
+            ),
+            xds_versions: register(
+                registry,
+                "xds_resource_version",
+                "The version of each xDS resource type in force (the sample with value 1)",
+            ),
+            xds_current: std::sync::Mutex::default(),
+            xds_updates: register(
+                registry,
+                "xds_updates",
+                "xDS responses applied (ACKed), by resource type",
+            ),
+            xds_nacks: register(
+                registry,
+                "xds_nacks",
+                "xDS responses refused (NACKed) because a resource was invalid, by resource type",
+            ),
             access_log_dropped: register(
                 registry,
                 "access_log_dropped",
@@ -227,6 +268,38 @@ impl Metrics {
                 material: material.to_owned(),
                 outcome,
             })
+            .inc();
+    }
+
+    /// Whether the ADS stream is open.
+    pub(crate) fn xds_connected(&self, open: bool) {
+        self.xds_connected.set(i64::from(open));
+    }
+
+    /// Counts an applied xDS response of type `kind`, now at `version`.
+    pub(crate) fn xds_update(&self, kind: &'static str, version: &str) {
+        self.xds_updates
+            .get_or_create(&XdsTypeLabels { r#type: kind })
+            .inc();
+        let mut current = self.xds_current.lock().expect("xds versions lock");
+        if let Some(old) = current.insert(kind, version.to_owned()) {
+            self.xds_versions.remove(&XdsVersionLabels {
+                r#type: kind,
+                version: old,
+            });
+        }
+        self.xds_versions
+            .get_or_create(&XdsVersionLabels {
+                r#type: kind,
+                version: version.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// Counts a refused xDS response of type `kind`.
+    pub(crate) fn xds_nack(&self, kind: &'static str) {
+        self.xds_nacks
+            .get_or_create(&XdsTypeLabels { r#type: kind })
             .inc();
     }
 

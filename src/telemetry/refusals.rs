@@ -31,6 +31,11 @@ pub(crate) enum RefusalReason {
     not_grpc,
     /// Past `server.max_in_flight` (answered RESOURCE_EXHAUSTED).
     overloaded,
+    /// An xDS cluster's `max_requests` calls were in flight (UNAVAILABLE).
+    circuit_breaker,
+    /// xDS does not route the call: no Listener, virtual host, route or
+    /// cluster for it (UNAVAILABLE).
+    xds_unrouted,
 }
 
 impl RefusalReason {

@@ -30,7 +30,7 @@ use std::{sync::Arc, time::Duration};
 
 pub(crate) use self::{
     connect::{Connector, transport_target},
-    pool::{Checkout, ConnLoad, Lease, Pool, SendBlocked},
+    pool::{Checkout, ConnLoad, Lease, Pool, SendBlocked, Slot},
 };
 
 /// Why no upstream stream could be opened.

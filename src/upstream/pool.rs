@@ -126,6 +126,33 @@ pub(crate) struct Lease {
     pool_in_flight: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
     slot_freed: Arc<tokio::sync::Notify>,
+    /// A wider limit's count the call holds as long as its stream (a
+    /// cluster's circuit breaker).
+    slot: Option<Slot>,
+}
+
+/// One call's place in a count of calls in flight, given back on drop:
+/// what a limit over more than one endpoint (an xDS cluster's
+/// `max_requests`) counts.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Takes a place in `count` if fewer than `max` are taken.
+    pub(crate) fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Counts a call as waiting for the upstream to take its request body
@@ -168,6 +195,11 @@ impl Drop for SendBlocked {
 // === impl Checkout ===
 
 impl Checkout {
+    /// Makes the call hold `slot` until its stream ends.
+    pub(crate) fn hold(&mut self, slot: Slot) {
+        self.lease.slot = Some(slot);
+    }
+
     /// Opens the stream and sends `req`'s headers on the checked-out
     /// connection.
     ///
@@ -368,6 +400,7 @@ impl Pool {
             pool_in_flight: self.inner.in_flight.clone(),
             waiting: self.inner.waiting.clone(),
             slot_freed: self.inner.slot_freed.clone(),
+            slot: None,
         };
         (conn, lease)
     }

@@ -55,6 +55,7 @@ mod nodes;
 pub use nodes::{NodeCounts, NodeProbe, NodeServer};
 
 pub mod pki;
+pub mod xds;
 
 /// The `grpc-status-details-bin` bytes every steered failure carries, with
 /// bytes that are not valid UTF-8 on purpose.

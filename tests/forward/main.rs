@@ -28,3 +28,4 @@ mod tls;
 mod trailers;
 mod tunnel;
 mod unix;
+mod xds;
