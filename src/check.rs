@@ -94,5 +94,25 @@ pub fn report(config: &Config) -> Vec<String> {
             .into_iter()
             .map(|l| format!("  {l}")),
     );
+    if let Ok(Some(bootstrap)) = crate::xds::Bootstrap::find(&config.xds) {
+        lines.push(format!(
+            "  xds       {} from {} (bootstrap {}); Listener {}; unrouted calls {}",
+            if config.routes.is_empty() {
+                "every call routed"
+            } else {
+                "calls no route takes routed"
+            },
+            bootstrap.server_uri(),
+            bootstrap.origin(),
+            config.xds.listener.as_ref().map_or_else(
+                || "by each call's :authority".to_owned(),
+                |l| format!("{l:?}")
+            ),
+            match config.xds.fallback {
+                crate::config::XdsFallback::None => "fail UNAVAILABLE",
+                crate::config::XdsFallback::Upstream => "go to [upstream]",
+            }
+        ));
+    }
     lines
 }

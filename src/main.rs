@@ -188,6 +188,11 @@ fn check(files: &[PathBuf]) -> ExitCode {
             ok = false;
             continue;
         }
+        if let Err(e) = sluice::xds::Bootstrap::find(&config.xds) {
+            eprintln!("sluice: bad config: {e}");
+            ok = false;
+            continue;
+        }
         println!("{}: ok", file.display());
         for line in sluice::check::report(&config) {
             println!("{line}");

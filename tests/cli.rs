@@ -979,3 +979,86 @@ async fn a_watched_config_file_is_applied_when_it_changes() {
     .await;
     assert_eq!(sigterm(proc).await.code(), Some(0));
 }
+
+/// Issue #20: `config/xds.toml` with its example bootstrap (its control
+/// plane address pointed at the in-repo management server) routes a call
+/// by its `:authority` through the real binary; `sluice check` names the
+/// control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_xds_example_config_routes_by_authority_through_the_real_binary() {
+    use sluice_testkit::xds::{ControlPlane, Snapshot};
+    let echo = EchoServer::start().await;
+    let plane = ControlPlane::start(Snapshot::single("svc", "echo", &[echo.addr])).await;
+    let bootstrap = std::fs::read_to_string(examples().join("xds-bootstrap.json"))
+        .expect("the example bootstrap")
+        .replace("127.0.0.1:18000", &plane.addr.to_string());
+    let bootstrap = write_config(&bootstrap);
+    let config = std::fs::read_to_string(examples().join("xds.toml"))
+        .expect("the example config")
+        .replace(
+            "\"xds-bootstrap.json\"",
+            &format!("{:?}", bootstrap.as_str()),
+        );
+    let file = write_config(&config);
+    let checked = check([file.as_str()]);
+    assert!(checked.status.success(), "{}", checked.stderr);
+    assert!(
+        checked
+            .stdout
+            .contains(&format!("routed from {}", plane.addr)),
+        "{}",
+        checked.stdout
+    );
+    let (proc, addr) = spawn_config(file.as_str(), None);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .origin("http://svc".parse().expect("origin"))
+        .connect_lazy();
+    let mut client = sluice_testkit::EchoClient::new(channel);
+    let res = within("a call routed by xDS", client.unary(Req::default()))
+        .await
+        .expect("routed");
+    assert_eq!(
+        res.metadata()
+            .get("x-served-by")
+            .and_then(|v| v.to_str().ok()),
+        Some(echo.addr.to_string().as_str())
+    );
+    assert_eq!(sigterm(proc).await.code(), Some(0));
+}
+
+/// Issue #20: a bootstrap that is missing or not one is a config error at
+/// start: exit 64, naming it.
+#[test]
+fn a_bad_xds_bootstrap_exits_64_naming_it() {
+    let missing = ran(sluice().args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+        "--xds-bootstrap",
+        "/nonexistent/bootstrap.json",
+    ]));
+    assert_eq!(missing.status.code(), Some(64), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("/nonexistent/bootstrap.json"),
+        "{}",
+        missing.stderr
+    );
+    let bad = write_config(r#"{"xds_servers": []}"#);
+    let empty = ran(sluice()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--xds-bootstrap",
+        ])
+        .arg(bad.as_str()));
+    assert_eq!(empty.status.code(), Some(64), "{}", empty.stderr);
+    assert!(
+        empty.stderr.contains("xds_servers is empty"),
+        "{}",
+        empty.stderr
+    );
+}

@@ -187,6 +187,11 @@ impl Config {
         if let Some(tls) = self.tunnel.agent.as_mut().and_then(|a| a.tls.as_mut()) {
             tls.resolve_paths(base);
         }
+        if let Some(bootstrap) = &mut self.xds.bootstrap
+            && bootstrap.is_relative()
+        {
+            *bootstrap = base.join(&*bootstrap);
+        }
     }
 
     /// Whether upstream group `name` exists: the default, a configured

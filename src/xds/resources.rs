@@ -588,6 +588,10 @@ fn upstream_tls(
 fn assignment(a: &ClusterLoadAssignment) -> Result<Assignment, Invalid> {
     let mut by_priority: Vec<(u32, Vec<EndpointRes>)> = Vec::new();
     for locality in &a.endpoints {
+        // gRPC refuses an assignment whose localities are not named.
+        if locality.locality.is_none() {
+            return Err("an endpoints entry without its locality".to_owned());
+        }
         // A locality with weight 0 or none gets no traffic (gRPC).
         let locality_weight = locality.load_balancing_weight.map_or(0, |w| w.value);
         if locality_weight == 0 {

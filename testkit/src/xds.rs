@@ -22,7 +22,7 @@ use envoy_types::pb::{
                 cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
             },
             core::v3::{
-                Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
+                Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality,
                 SocketAddress, address, config_source::ConfigSourceSpecifier, socket_address,
             },
             endpoint::v3::{
@@ -271,27 +271,35 @@ pub fn assignment(
         cluster_name: cluster.to_owned(),
         endpoints: endpoints
             .iter()
-            .map(|(addr, weight, priority, health)| LocalityLbEndpoints {
-                load_balancing_weight: Some(UInt32Value { value: *weight }),
-                priority: *priority,
-                lb_endpoints: vec![LbEndpoint {
-                    health_status: *health as i32,
-                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                        address: Some(Address {
-                            address: Some(address::Address::SocketAddress(SocketAddress {
-                                address: addr.ip().to_string(),
-                                port_specifier: Some(socket_address::PortSpecifier::PortValue(
-                                    u32::from(addr.port()),
-                                )),
-                                ..SocketAddress::default()
-                            })),
-                        }),
-                        ..Endpoint::default()
-                    })),
-                    ..LbEndpoint::default()
-                }],
-                ..LocalityLbEndpoints::default()
-            })
+            .enumerate()
+            .map(
+                |(i, (addr, weight, priority, health))| LocalityLbEndpoints {
+                    locality: Some(Locality {
+                        region: "test".to_owned(),
+                        zone: format!("z{i}"),
+                        sub_zone: String::new(),
+                    }),
+                    load_balancing_weight: Some(UInt32Value { value: *weight }),
+                    priority: *priority,
+                    lb_endpoints: vec![LbEndpoint {
+                        health_status: *health as i32,
+                        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                            address: Some(Address {
+                                address: Some(address::Address::SocketAddress(SocketAddress {
+                                    address: addr.ip().to_string(),
+                                    port_specifier: Some(socket_address::PortSpecifier::PortValue(
+                                        u32::from(addr.port()),
+                                    )),
+                                    ..SocketAddress::default()
+                                })),
+                            }),
+                            ..Endpoint::default()
+                        })),
+                        ..LbEndpoint::default()
+                    }],
+                    ..LocalityLbEndpoints::default()
+                },
+            )
             .collect(),
         ..ClusterLoadAssignment::default()
     }
