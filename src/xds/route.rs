@@ -296,28 +296,32 @@ fn pick_weighted(clusters: &[(Arc<str>, u32)]) -> &str {
 
 /// The virtual host for `authority` by Envoy's domain rules (an exact
 /// domain, then the longest `*suffix`, then the longest `prefix*`, then
-/// `*`), with the port first and then without it.
+/// `*`), the authority taken with its port and without it: the more
+/// specific match wins, with the port on a tie.
 pub(crate) fn virtual_host<'a>(
     table: &'a RouteTable,
     authority: &str,
 ) -> Option<&'a VirtualHostRes> {
     let host = authority.to_ascii_lowercase();
-    best_domain(table, &host).or_else(|| {
-        let without = match host.rsplit_once(':') {
-            Some((h, port))
-                if !port.is_empty()
-                    && port.chars().all(|c| c.is_ascii_digit())
-                    && (!h.contains(':') || h.ends_with(']')) =>
-            {
-                h
-            }
-            _ => return None,
-        };
-        best_domain(table, without)
-    })
+    let with_port = best_domain(table, &host);
+    let without = match host.rsplit_once(':') {
+        Some((h, port))
+            if !port.is_empty()
+                && port.chars().all(|c| c.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            best_domain(table, h)
+        }
+        _ => None,
+    };
+    match (with_port, without) {
+        (Some((a, va)), Some((b, vb))) => Some(if b > a { vb } else { va }),
+        (a, b) => a.or(b).map(|(_, v)| v),
+    }
 }
 
-fn best_domain<'a>(table: &'a RouteTable, host: &str) -> Option<&'a VirtualHostRes> {
+/// The best virtual host for `host`, with its score (kind, length).
+fn best_domain<'a>(table: &'a RouteTable, host: &str) -> Option<((u8, usize), &'a VirtualHostRes)> {
     let mut best: Option<((u8, usize), &VirtualHostRes)> = None;
     for vh in &table.virtual_hosts {
         for d in &vh.domains {
@@ -337,7 +341,7 @@ fn best_domain<'a>(table: &'a RouteTable, host: &str) -> Option<&'a VirtualHostR
             }
         }
     }
-    best.map(|(_, vh)| vh)
+    best
 }
 
 /// Whether route `r` matches the call with head `parts` (gRFC A28).
