@@ -1,0 +1,231 @@
+//! Listeners and RouteConfigurations: where a Listener's routes come
+//! from, and each virtual host's routes as sluice matches them (gRFC A28).
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::{
+    config::{
+        listener::v3::Listener,
+        route::v3::{
+            HeaderMatcher, RouteConfiguration, RouteMatch, VirtualHost,
+            header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
+            route_match::PathSpecifier,
+        },
+    },
+    extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    },
+    r#type::{
+        matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern},
+        v3::fractional_percent::DenominatorType,
+    },
+};
+use prost::Message;
+
+use super::{
+    HCM, HeaderMatch, HeaderRule, Invalid, ListenerRes, PathMatch, RouteAction, RouteRes,
+    RouteSource, RouteTable, VirtualHostRes, duration,
+};
+
+pub(super) fn listener(l: &Listener) -> Result<ListenerRes, Invalid> {
+    let api = l
+        .api_listener
+        .as_ref()
+        .and_then(|a| a.api_listener.as_ref())
+        .ok_or("not an API listener (no api_listener)")?;
+    if api.type_url != HCM {
+        return Err(format!(
+            "api_listener is {}, not an HttpConnectionManager",
+            api.type_url
+        ));
+    }
+    let hcm = HttpConnectionManager::decode(api.value.as_slice())
+        .map_err(|e| format!("the HttpConnectionManager does not decode: {e}"))?;
+    let routes = match &hcm.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) => {
+            if rds.route_config_name.is_empty() {
+                return Err("rds names no route_config_name".to_owned());
+            }
+            RouteSource::Rds(rds.route_config_name.clone())
+        }
+        Some(RouteSpecifier::RouteConfig(rc)) => RouteSource::Inline(Arc::new(route_table(rc)?)),
+        Some(_) | None => {
+            return Err("the HttpConnectionManager has neither rds nor route_config".to_owned());
+        }
+    };
+    let max_stream_duration = hcm
+        .common_http_protocol_options
+        .as_ref()
+        .and_then(|o| o.max_stream_duration.as_ref())
+        .map(duration)
+        .filter(|d| !d.is_zero());
+    Ok(ListenerRes {
+        routes,
+        max_stream_duration,
+    })
+}
+
+pub(super) fn route_table(r: &RouteConfiguration) -> Result<RouteTable, Invalid> {
+    let virtual_hosts = r
+        .virtual_hosts
+        .iter()
+        .map(virtual_host)
+        .collect::<Result<_, _>>()?;
+    Ok(RouteTable { virtual_hosts })
+}
+
+fn virtual_host(v: &VirtualHost) -> Result<VirtualHostRes, Invalid> {
+    let mut routes = Vec::with_capacity(v.routes.len());
+    for (i, r) in v.routes.iter().enumerate() {
+        let Some(m) = &r.r#match else {
+            return Err(format!("virtual host {:?} route {i} has no match", v.name));
+        };
+        // A route whose match sluice cannot carry out is skipped, as gRPC
+        // skips it (query parameters can never match a gRPC call).
+        let Some(path) = path_match(m).map_err(|e| format!("route {i}: {e}"))? else {
+            continue;
+        };
+        if !m.query_parameters.is_empty() {
+            continue;
+        }
+        let headers = m
+            .headers
+            .iter()
+            .map(header_match)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("virtual host {:?} route {i}: {e}", v.name))?;
+        let fraction = m
+            .runtime_fraction
+            .as_ref()
+            .and_then(|f| f.default_value.as_ref())
+            .map(|p| {
+                let per = match DenominatorType::try_from(p.denominator) {
+                    Ok(DenominatorType::Hundred) => 10_000,
+                    Ok(DenominatorType::TenThousand) => 100,
+                    _ => 1,
+                };
+                p.numerator.saturating_mul(per).min(1_000_000)
+            });
+        let action = match &r.action {
+            Some(Action::Route(a)) => {
+                let clusters = match &a.cluster_specifier {
+                    Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => {
+                        vec![(Arc::from(c.as_str()), 1)]
+                    }
+                    Some(ClusterSpecifier::WeightedClusters(w)) => {
+                        let clusters: Vec<(Arc<str>, u32)> = w
+                            .clusters
+                            .iter()
+                            .map(|c| (Arc::from(c.name.as_str()), c.weight.map_or(0, |w| w.value)))
+                            .filter(|(_, w)| *w > 0)
+                            .collect();
+                        let total: u64 = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+                        if total == 0 || total > u64::from(u32::MAX) {
+                            return Err(format!(
+                                "virtual host {:?} route {i}: weighted_clusters weights sum to {total}",
+                                v.name
+                            ));
+                        }
+                        clusters
+                    }
+                    // cluster_header and plugins: gRPC ignores such a
+                    // route; so does sluice.
+                    _ => continue,
+                };
+                let msd = a.max_stream_duration.as_ref();
+                RouteAction::Clusters {
+                    clusters,
+                    max_stream_duration: msd
+                        .and_then(|m| m.max_stream_duration.as_ref())
+                        .map(duration),
+                    grpc_timeout_header_max: msd
+                        .and_then(|m| m.grpc_timeout_header_max.as_ref())
+                        .map(duration),
+                }
+            }
+            Some(_) => RouteAction::NonForwarding,
+            None => {
+                return Err(format!("virtual host {:?} route {i} has no action", v.name));
+            }
+        };
+        routes.push(RouteRes {
+            path,
+            case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value),
+            headers,
+            fraction,
+            action,
+        });
+    }
+    if v.domains.is_empty() {
+        return Err(format!("virtual host {:?} has no domains", v.name));
+    }
+    Ok(VirtualHostRes {
+        domains: v.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+        routes,
+    })
+}
+
+/// The path condition, `None` for one sluice skips (CONNECT matchers).
+fn path_match(m: &RouteMatch) -> Result<Option<PathMatch>, Invalid> {
+    let case_sensitive = m.case_sensitive.as_ref().is_none_or(|b| b.value);
+    Ok(match &m.path_specifier {
+        Some(PathSpecifier::Prefix(p)) => Some(PathMatch::Prefix(p.clone())),
+        Some(PathSpecifier::Path(p)) => Some(PathMatch::Path(p.clone())),
+        Some(PathSpecifier::SafeRegex(r)) => {
+            Some(PathMatch::Regex(full_regex(r, !case_sensitive)?))
+        }
+        Some(_) => None,
+        None => return Err("a route match without a path specifier".to_owned()),
+    })
+}
+
+/// A whole-value regex in the `regex` crate's syntax (RE2's, bar a few
+/// features); one it cannot compile is refused.
+fn full_regex(r: &RegexMatcher, ignore_case: bool) -> Result<regex::Regex, Invalid> {
+    regex::RegexBuilder::new(&format!("^(?:{})$", r.regex))
+        .case_insensitive(ignore_case)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("regex {:?} does not compile: {e}", r.regex))
+}
+
+fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, Invalid> {
+    #[allow(deprecated)]
+    let rule = match &h.header_match_specifier {
+        Some(HeaderMatchSpecifier::ExactMatch(s)) => HeaderRule::Exact(s.clone(), false),
+        Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => HeaderRule::Regex(full_regex(r, false)?),
+        Some(HeaderMatchSpecifier::RangeMatch(r)) => HeaderRule::Range(r.start, r.end),
+        Some(HeaderMatchSpecifier::PresentMatch(p)) => HeaderRule::Present(*p),
+        Some(HeaderMatchSpecifier::PrefixMatch(s)) => HeaderRule::Prefix(s.clone(), false),
+        Some(HeaderMatchSpecifier::SuffixMatch(s)) => HeaderRule::Suffix(s.clone(), false),
+        Some(HeaderMatchSpecifier::ContainsMatch(s)) => HeaderRule::Contains(s.clone(), false),
+        Some(HeaderMatchSpecifier::StringMatch(m)) => string_match(m)?,
+        None => HeaderRule::Present(true),
+    };
+    Ok(HeaderMatch {
+        name: h.name.to_ascii_lowercase(),
+        rule,
+        invert: h.invert_match,
+    })
+}
+
+fn string_match(m: &StringMatcher) -> Result<HeaderRule, Invalid> {
+    let ic = m.ignore_case;
+    let lower = |s: &String| {
+        if ic {
+            s.to_ascii_lowercase()
+        } else {
+            s.clone()
+        }
+    };
+    Ok(match &m.match_pattern {
+        Some(MatchPattern::Exact(s)) => HeaderRule::Exact(lower(s), ic),
+        Some(MatchPattern::Prefix(s)) => HeaderRule::Prefix(lower(s), ic),
+        Some(MatchPattern::Suffix(s)) => HeaderRule::Suffix(lower(s), ic),
+        Some(MatchPattern::Contains(s)) => HeaderRule::Contains(lower(s), ic),
+        Some(MatchPattern::SafeRegex(r)) => HeaderRule::Regex(full_regex(r, false)?),
+        Some(MatchPattern::Custom(_)) | None => {
+            return Err("a string matcher sluice does not know".to_owned());
+        }
+    })
+}
