@@ -351,3 +351,12 @@ fn the_default_config_spells_out_every_key() {
         "config/default.toml does not document: {missing:?}"
     );
 }
+
+#[test]
+fn a_field_condition_takes_one_test() {
+    let text = "[[routes]]\nfield = { path = \"1\", equals = \"a\", prefix = \"b\" }\nupstream = \"default\"\n";
+    let e = Config::from_toml_str(text).expect_err("two conditions");
+    let message = e.to_string();
+    assert!(message.contains("routes[0].field"), "{message}");
+    assert!(message.contains("one of `equals`"), "{message}");
+}

@@ -64,6 +64,22 @@ impl Config {
             if let Some(group) = &route.upstream {
                 group_exists(group, format!("{key}.upstream"))?;
             }
+            if let Some(f) = &route.field {
+                let conditions = [
+                    f.equals.is_some(),
+                    f.prefix.is_some(),
+                    f.int.is_some(),
+                    f.present.is_some(),
+                ];
+                if conditions.iter().filter(|c| **c).count() > 1 {
+                    return Err(ConfigError::at_key(
+                        text,
+                        format!("{key}.field"),
+                        "a field condition takes one of `equals`, `prefix`, `int` or `present`"
+                            .to_owned(),
+                    ));
+                }
+            }
             if let Some(f) = &route.fanout {
                 group_exists(&f.group, format!("{key}.fanout.group"))?;
                 if let Some(k) = &f.key {
