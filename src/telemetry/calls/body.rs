@@ -18,7 +18,7 @@ use sluice_layers::grpc::{
     status::{self, Code},
 };
 
-use super::{CallFamilies, CallLabels, Handles, Label, UpstreamLabels, code_label};
+use super::{CallFamilies, CallLabels, Handles, code_label};
 use crate::telemetry::{
     access::{AccessLog, Entry},
     refusals::Refusals,
@@ -77,19 +77,7 @@ impl Call {
             access.log.log(access.entry);
         }
         if let Some((route, group)) = &self.group {
-            let families = &self.families;
-            families.group_codes(route, group)[slot]
-                .get_or_init(|| {
-                    families
-                        .upstream_calls
-                        .get_or_create(&UpstreamLabels {
-                            route: Label(route.clone()),
-                            group: Label(group.clone()),
-                            grpc_code: code_label(code),
-                        })
-                        .clone()
-                })
-                .inc();
+            self.families.count_upstream(route, group, slot, code);
         }
     }
 }

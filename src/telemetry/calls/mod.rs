@@ -85,7 +85,7 @@ pub(crate) struct CallFamilies {
     pub(crate) upstream_calls: Family<UpstreamLabels, Counter>,
     /// Per route and group, `upstream_calls` by gRPC code, resolved on
     /// first use.
-    groups: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<[OnceLock<Counter>; 17]>>>,
+    groups: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, [OnceLock<Counter>; 17]>>>,
     paths: Mutex<HashMap<Box<str>, Arc<Handles>>>,
     /// Where calls to paths beyond [`MAX_TRACKED_PATHS`] are counted.
     other: std::sync::OnceLock<Arc<Handles>>,
@@ -144,12 +144,30 @@ impl CallFamilies {
 
     /// The `upstream_calls` counters of `route` and `group`, one per gRPC
     /// code.
-    fn group_codes(&self, route: &Arc<str>, group: &Arc<str>) -> Arc<[OnceLock<Counter>; 17]> {
+    /// Counts a call of `route` to `group` that ended with `code` (its
+    /// `slot`): one lock and two lookups by reference, no allocation once
+    /// the pair was seen.
+    fn count_upstream(&self, route: &Arc<str>, group: &Arc<str>, slot: usize, code: Code) {
         let mut groups = self.groups.lock().expect("metrics lock");
-        groups
-            .entry((route.clone(), group.clone()))
-            .or_insert_with(|| Arc::new(Default::default()))
-            .clone()
+        let by_group = match groups.get_mut(&**route) {
+            Some(g) => g,
+            None => groups.entry(route.clone()).or_default(),
+        };
+        let codes = match by_group.get(&**group) {
+            Some(c) => c,
+            None => by_group.entry(group.clone()).or_default(),
+        };
+        codes[slot]
+            .get_or_init(|| {
+                self.upstream_calls
+                    .get_or_create(&UpstreamLabels {
+                        route: Label(route.clone()),
+                        group: Label(group.clone()),
+                        grpc_code: code_label(code),
+                    })
+                    .clone()
+            })
+            .inc();
     }
 
     fn resolve(&self, labels: MethodLabels) -> Arc<Handles> {
