@@ -56,13 +56,23 @@ class Echo(rpc.EchoServicer):
 def free_port():
     s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
 
-server = grpc.server(futures.ThreadPoolExecutor(16), options=BIG)
+# Enough workers that handlers the checks leave blocked (3 s sleeps, 4
+# unread uploads, stalled streams until their cancel lands) never queue a
+# call: the checks measure sluice, not this pool.
+server = grpc.server(futures.ThreadPoolExecutor(64), options=BIG)
 rpc.add_EchoServicer_to_server(Echo(), server)
 up = server.add_insecure_port('127.0.0.1:0'); server.start()
 proc = subprocess.Popen([SLUICE, '--listen', '127.0.0.1:0', '--upstream', f'127.0.0.1:{up}', '--admin', 'off'],
                         stderr=subprocess.PIPE, text=True)
 line = proc.stderr.readline()
 addr = re.search(r'listening on (\S+)', line).group(1)
+# Drain sluice's log: an unread pipe fills at 64 KiB and would block
+# sluice's logging, and with it the calls, whatever sluice does right.
+log_bytes = [0]
+def drain():
+    for l in proc.stderr:
+        log_bytes[0] += len(l)
+threading.Thread(target=drain, daemon=True).start()
 ch = grpc.insecure_channel(addr, options=BIG)
 stub = rpc.EchoStub(ch)
 ok = total = 0
@@ -101,12 +111,15 @@ check('client cancel reaches the server', cancelled.wait(2))
 # upload, must not starve another client of the same upstream.
 def served(n, payload=b''):
     other = rpc.EchoStub(grpc.insecure_channel(addr, options=BIG))
-    good = 0
+    good = 0; errors = {}
     for i in range(n):
         try:
             good += other.Unary(pb.Req(seq=i, payload=payload), timeout=2).seq == i
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as e:
+            key = f'{e.code().name}: {e.details()}'
+            errors[key] = errors.get(key, 0) + 1
+    if errors:
+        print(f'  failed calls: {errors}')
     return good
 stalled_ch = grpc.insecure_channel(addr, options=BIG)
 stalled = [rpc.EchoStub(stalled_ch).ServerStream(pb.Req(replies=512, reply_size=64 << 10)) for _ in range(8)]
@@ -128,6 +141,7 @@ t = time.time(); good = served(50, b'p' * (128 << 10))
 check(f'4 unread uploads: another client served {good}/50 in {time.time()-t:.2f}s', good == 50)
 for u in unread:
     u.cancel()
+print(f'(sluice logged {log_bytes[0]} bytes so far)')
 # Issue #11: TLS in (grpcio's own TLS stack, BoringSSL), h2c out, with a
 # client certificate giving an identity, and a route requiring one.
 def tls_files():
