@@ -21,7 +21,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use http::{HeaderName, request::Parts};
+use http::{HeaderMap, HeaderName, Request, Uri};
 use tokio::time::Instant;
 
 use super::endpoint::Endpoint;
@@ -133,8 +133,8 @@ impl Group {
 
     /// [`Group::pick`], waiting for a matching endpoint to join for up to
     /// the group's wait (none outside a hub's agents group).
-    pub(crate) async fn pick_or_wait(&self, parts: &Parts) -> Option<Arc<Endpoint>> {
-        if let Some(e) = self.pick(parts, None) {
+    pub(crate) async fn pick_or_wait(&self, head: Head<'_>) -> Option<Arc<Endpoint>> {
+        if let Some(e) = self.pick(head, None) {
             return Some(e);
         }
         if self.wait.is_zero() {
@@ -145,7 +145,7 @@ impl Group {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Some(e) = self.pick(parts, None) {
+            if let Some(e) = self.pick(head, None) {
                 return Some(e);
             }
             if tokio::time::timeout_at(until, changed).await.is_err() {
@@ -159,16 +159,16 @@ impl Group {
         self.wait
     }
 
-    /// The endpoint for a call with head `parts`, or `None` when no
+    /// The endpoint for a call with head `head`, or `None` when no
     /// strategy finds one. `skip` excludes an endpoint already tried.
     pub(crate) fn pick(
         &self,
-        parts: &Parts,
+        head: Head<'_>,
         skip: Option<&Arc<Endpoint>>,
     ) -> Option<Arc<Endpoint>> {
         let endpoints = self.endpoints.load();
         let not_skipped = |e: &Arc<Endpoint>| skip.is_none_or(|s| !Arc::ptr_eq(s, e));
-        let host = || dest_host(parts, &self.dest_host_key);
+        let host = || dest_host(head, &self.dest_host_key);
         if let [only] = &endpoints[..] {
             // One endpoint (the default group, most groups): the strategies
             // only decide whether it may be used; no balancing.
@@ -272,13 +272,31 @@ fn choose_weighted(
     None
 }
 
+/// What the strategies read of a call: its headers and its URI, borrowed
+/// from the request, which stays whole (taking it apart and back costs a
+/// move of its head and body per call).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Head<'a> {
+    headers: &'a HeaderMap,
+    uri: &'a Uri,
+}
+
+impl<'a> Head<'a> {
+    pub(crate) fn of<B>(req: &'a Request<B>) -> Self {
+        Self {
+            headers: req.headers(),
+            uri: req.uri(),
+        }
+    }
+}
+
 /// The destination host of a call: the group's metadata key, else the
 /// `:authority` host, without a port or IPv6 brackets (compared without
 /// regard to case).
-fn dest_host<'a>(parts: &'a Parts, key: &HeaderName) -> Option<&'a str> {
-    let raw = match parts.headers.get(key).and_then(|v| v.to_str().ok()) {
+fn dest_host<'a>(head: Head<'a>, key: &HeaderName) -> Option<&'a str> {
+    let raw = match head.headers.get(key).and_then(|v| v.to_str().ok()) {
         Some(v) => v,
-        None => parts.uri.authority()?.host(),
+        None => head.uri.authority()?.host(),
     };
     let host = raw.trim().trim_start_matches('[');
     let host = match host.rsplit_once(':') {
@@ -325,13 +343,13 @@ mod tests {
             if let Some(d) = dest {
                 req = req.header("x-dest-host", d);
             }
-            req.body(()).expect("request").into_parts().0
+            req.body(()).expect("request")
         };
         let p = head("http://app.internal:50051/a.B/C", None);
-        assert_eq!(dest_host(&p, &key), Some("app.internal"));
+        assert_eq!(dest_host(Head::of(&p), &key), Some("app.internal"));
         let p = head("http://app.internal/a.B/C", Some(" Node-1:8080 "));
-        assert_eq!(dest_host(&p, &key), Some("Node-1"));
+        assert_eq!(dest_host(Head::of(&p), &key), Some("Node-1"));
         let p = head("http://[::1]:443/a.B/C", None);
-        assert_eq!(dest_host(&p, &key), Some("::1"));
+        assert_eq!(dest_host(Head::of(&p), &key), Some("::1"));
     }
 }

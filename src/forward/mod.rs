@@ -132,7 +132,7 @@ where
     B::Error: Into<BoxError>,
 {
     let Call { request, checkout } = call;
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let end_of_stream = body.is_end_stream();
     // A copy the fan-out may cut off is reset as an error, never as a
     // CANCEL a hyper server would read as the request's end.
@@ -145,6 +145,12 @@ where
     } else {
         h2::Reason::CANCEL
     };
+    // The request's extensions end here, as they would with the request;
+    // their map (allocated by the layers above) is kept, empty, for the
+    // response, so that what the layers above note on the response costs
+    // no new map per call.
+    let mut extensions = std::mem::take(&mut parts.extensions);
+    extensions.clear();
     let head = Request::from_parts(parts, ());
     let (mut response, tx, lease) = checkout.send(head, end_of_stream)?;
 
@@ -172,6 +178,9 @@ where
             ForwardError::UpstreamLost(e)
         }
     })?;
-    let (parts, recv) = response.into_parts();
+    let (mut parts, recv) = response.into_parts();
+    if parts.extensions.is_empty() {
+        parts.extensions = extensions;
+    }
     Ok(Response::from_parts(parts, ResponseBody::new(recv, lease)))
 }

@@ -85,11 +85,40 @@ pub(crate) struct CallFamilies {
     pub(crate) upstream_calls: Family<UpstreamLabels, Counter>,
     /// Per route and group, `upstream_calls` by gRPC code, resolved on
     /// first use.
-    groups: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, [OnceLock<Counter>; 17]>>>,
+    groups: Mutex<GroupCounters>,
     paths: Mutex<HashMap<Box<str>, Arc<Handles>>>,
     /// Where calls to paths beyond [`MAX_TRACKED_PATHS`] are counted.
     other: std::sync::OnceLock<Arc<Handles>>,
 }
+
+/// `upstream_calls` counters by route, then group: names from the config
+/// (or the control plane), never from a client, so they are hashed with
+/// FNV-1a rather than SipHash (two lookups per call).
+type GroupCounters = HashMap<Arc<str>, HashMap<Arc<str>, [OnceLock<Counter>; 17], Fnv>, Fnv>;
+
+/// FNV-1a, for short keys a client does not choose.
+#[derive(Clone, Copy, Debug)]
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Fnv = std::hash::BuildHasherDefault<Fnv1a>;
 
 /// Pre-resolved handles for one path.
 #[derive(Debug)]
@@ -109,6 +138,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
         0.000_25, 2.0, 19,
     ))
+}
+
+/// The route label of a call sent without a named route: one shared
+/// empty string, not an allocation per call.
+fn no_route() -> Arc<str> {
+    static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    NO_ROUTE.clone()
 }
 
 fn code_label(code: Code) -> Label {
@@ -215,6 +251,14 @@ impl CallFamilies {
 #[derive(Clone, Debug)]
 pub(crate) struct CallMetrics<S> {
     inner: S,
+    // Behind a pointer: a server holds one copy of its stack per
+    // connection.
+    shared: Arc<Recorders>,
+}
+
+/// Where [`CallMetrics`] records.
+#[derive(Debug)]
+struct Recorders {
     families: Arc<CallFamilies>,
     refusals: Refusals,
     /// Set when `log.access` is on.
@@ -230,9 +274,11 @@ impl<S> CallMetrics<S> {
     ) -> Self {
         Self {
             inner,
-            families,
-            refusals,
-            access,
+            shared: Arc::new(Recorders {
+                families,
+                refusals,
+                access,
+            }),
         }
     }
 }
@@ -250,8 +296,8 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let handles = self.families.handles(req.uri().path());
-        let access = self.access.as_ref().map(|log| {
+        let handles = self.shared.families.handles(req.uri().path());
+        let access = self.shared.access.as_ref().map(|log| {
             let header = |name| req.headers().get(name).cloned();
             Box::new(AccessCall {
                 log: log.clone(),
@@ -287,8 +333,8 @@ where
         ResponseFuture {
             inner: self.inner.call(req),
             call: Some(Call {
-                families: self.families.clone(),
-                refusals: self.refusals.clone(),
+                families: self.shared.families.clone(),
+                refusals: self.shared.refusals.clone(),
                 handles,
                 start: Instant::now(),
                 code: None,
@@ -331,7 +377,7 @@ where
                     call.refusals.refused(RefusalReason::answered_by(*by));
                 }
                 if let Some(chosen) = res.extensions().get::<crate::balance::Chosen>() {
-                    let route = chosen.route.clone().unwrap_or_else(|| Arc::from(""));
+                    let route = chosen.route.clone().unwrap_or_else(no_route);
                     call.group = Some((route, chosen.group.clone()));
                     if let Some(access) = call.access.as_mut() {
                         access.entry.upstream = Some(chosen.endpoint.clone());
