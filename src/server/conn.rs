@@ -459,7 +459,11 @@ where
     }
     if shared.peeks.load(Ordering::Relaxed) {
         // One peek budget per connection, however the stack is cloned.
-        req.extensions_mut().insert(peer.peek_budget.clone());
+        req.extensions_mut().insert(
+            peer.peek_budget
+                .get_or_init(sluice_layers::peek::ConnectionBudget::new)
+                .clone(),
+        );
     }
     // The call counts as in flight until its answer is out or abandoned.
     let in_flight = Held::count(&shared.counters, Kind::Call);

@@ -70,8 +70,10 @@ pub(crate) struct Peer {
     /// client of the hub share it; the hub limits each client).
     pub(crate) tunnel: bool,
     /// What every call of the connection may hold of peeked messages
-    /// together (`routing.peek_max_bytes_per_connection`).
-    pub(crate) peek_budget: sluice_layers::peek::ConnectionBudget,
+    /// together (`routing.peek_max_bytes_per_connection`); made at the
+    /// first call that peeks, so a connection of a config that never
+    /// peeks does not carry one.
+    pub(crate) peek_budget: std::sync::OnceLock<sluice_layers::peek::ConnectionBudget>,
 }
 
 impl std::fmt::Display for Peer {
@@ -119,7 +121,7 @@ pub(crate) async fn serve<S>(
                         addr,
                         identity: None,
                         tunnel: false,
-                        peek_budget: sluice_layers::peek::ConnectionBudget::new(),
+                        peek_budget: std::sync::OnceLock::new(),
                     };
                     if shared.counters().snapshot().downstream_connections >= max_connections {
                         // Over TLS the connection is closed at once: a
@@ -305,7 +307,7 @@ pub(crate) async fn serve_tunnel<S>(
         addr: None,
         identity: None,
         tunnel: true,
-        peek_budget: sluice_layers::peek::ConnectionBudget::new(),
+        peek_budget: std::sync::OnceLock::new(),
     };
     connection(io, shared, svc, watch, gauge, peer).await;
 }

@@ -17,7 +17,7 @@ impl std::fmt::Debug for DeadlineLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeadlineLayer")
             .field("offset", &self.offset)
-            .field("on_expire", &self.expiry.on_expire.is_some())
+            .field("on_expire", &self.expiry.has_on_expire())
             .field("message", &self.expiry.message())
             .finish()
     }
@@ -30,10 +30,7 @@ impl DeadlineLayer {
     pub const fn new() -> Self {
         Self {
             offset: Duration::ZERO,
-            expiry: Expiry {
-                on_expire: None,
-                message: None,
-            },
+            expiry: Expiry::NONE,
         }
     }
 
@@ -53,7 +50,7 @@ impl DeadlineLayer {
     /// extensions. Meant for counting; `f` runs inside a body's poll.
     #[must_use]
     pub fn on_expire(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
-        self.expiry.on_expire = Some(Arc::new(f));
+        self.expiry.settings_mut().on_expire = Some(Arc::new(f));
         self
     }
 
@@ -70,7 +67,7 @@ impl DeadlineLayer {
     /// ```
     #[must_use]
     pub fn message(mut self, message: impl Into<Arc<str>>) -> Self {
-        self.expiry.message = Some(message.into());
+        self.expiry.settings_mut().message = Some(message.into());
         self
     }
 }

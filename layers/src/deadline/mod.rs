@@ -63,22 +63,39 @@ type OnExpire = std::sync::Arc<dyn Fn() + Send + Sync>;
 pub const DEFAULT_MESSAGE: &str = "deadline exceeded (grpc-timeout)";
 
 /// What a call does when its deadline fires: shared by the future and the
-/// body, cloned only for calls that have a timer.
+/// body, cloned only for calls that have a timer. One pointer (`None`:
+/// nothing set), as a server holds one copy of its stack per connection.
 #[derive(Clone, Default)]
-struct Expiry {
+struct Expiry(Option<std::sync::Arc<ExpirySettings>>);
+
+#[derive(Clone, Default)]
+struct ExpirySettings {
     on_expire: Option<OnExpire>,
     /// `None`: [`DEFAULT_MESSAGE`].
     message: Option<std::sync::Arc<str>>,
 }
 
 impl Expiry {
+    const NONE: Self = Self(None);
+
     fn message(&self) -> &str {
-        self.message.as_deref().unwrap_or(DEFAULT_MESSAGE)
+        self.0
+            .as_ref()
+            .and_then(|e| e.message.as_deref())
+            .unwrap_or(DEFAULT_MESSAGE)
     }
 
     fn expired(&self) {
-        if let Some(f) = &self.on_expire {
+        if let Some(f) = self.0.as_ref().and_then(|e| e.on_expire.as_ref()) {
             f();
         }
+    }
+
+    fn settings_mut(&mut self) -> &mut ExpirySettings {
+        std::sync::Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    }
+
+    fn has_on_expire(&self) -> bool {
+        self.0.as_ref().is_some_and(|e| e.on_expire.is_some())
     }
 }

@@ -38,14 +38,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Deadline<S> {
 impl<S> Deadline<S> {
     /// Wraps `inner`.
     pub const fn new(inner: S) -> Self {
-        Self::with(
-            inner,
-            Duration::ZERO,
-            Expiry {
-                on_expire: None,
-                message: None,
-            },
-        )
+        Self::with(inner, Duration::ZERO, Expiry::NONE)
     }
 
     pub(super) const fn with(inner: S, offset: Duration, expiry: Expiry) -> Self {

@@ -2,7 +2,7 @@ use std::{borrow::Cow, sync::Arc};
 
 use tower_layer::Layer;
 
-use super::{DEFAULT_MESSAGE, Drain, ExpiryMessage, Watch};
+use super::{Drain, ExpiryMessage, Settings, Watch};
 
 /// [`Layer`] that applies [`Drain`] middleware.
 ///
@@ -10,9 +10,7 @@ use super::{DEFAULT_MESSAGE, Drain, ExpiryMessage, Watch};
 #[derive(Clone, Debug)]
 pub struct DrainLayer {
     watch: Watch,
-    message: Cow<'static, str>,
-    expiry_message: ExpiryMessage,
-    admit: bool,
+    settings: Arc<Settings>,
 }
 
 // === impl DrainLayer ===
@@ -22,9 +20,7 @@ impl DrainLayer {
     pub fn new(watch: Watch) -> Self {
         Self {
             watch,
-            message: Cow::Borrowed(DEFAULT_MESSAGE),
-            expiry_message: ExpiryMessage::default(),
-            admit: false,
+            settings: Arc::default(),
         }
     }
 
@@ -41,7 +37,7 @@ impl DrainLayer {
     /// clients without a retry policy cannot recover.
     #[must_use]
     pub fn admit_while_draining(mut self, admit: bool) -> Self {
-        self.admit = admit;
+        Arc::make_mut(&mut self.settings).admit = admit;
         self
     }
 
@@ -49,7 +45,7 @@ impl DrainLayer {
     /// while draining (default: [`DEFAULT_MESSAGE`](super::DEFAULT_MESSAGE)).
     #[must_use]
     pub fn message(mut self, message: impl Into<Cow<'static, str>>) -> Self {
-        self.message = message.into();
+        Arc::make_mut(&mut self.settings).message = message.into();
         self
     }
 
@@ -69,7 +65,7 @@ impl DrainLayer {
     /// ```
     #[must_use]
     pub fn expiry_message(mut self, message: impl Into<Arc<str>>) -> Self {
-        self.expiry_message = ExpiryMessage(Some(message.into()));
+        Arc::make_mut(&mut self.settings).expiry_message = ExpiryMessage(Some(message.into()));
         self
     }
 }
@@ -78,12 +74,6 @@ impl<S> Layer<S> for DrainLayer {
     type Service = Drain<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Drain::with_options(
-            inner,
-            self.watch.clone(),
-            self.message.clone(),
-            self.expiry_message.clone(),
-            self.admit,
-        )
+        Drain::with_settings(inner, self.watch.clone(), self.settings.clone())
     }
 }

@@ -91,6 +91,25 @@ impl ExpiryMessage {
     }
 }
 
+/// What a [`DrainLayer`]'s builder sets, shared by every [`Drain`] it
+/// makes.
+#[derive(Clone, Debug)]
+struct Settings {
+    message: std::borrow::Cow<'static, str>,
+    expiry_message: ExpiryMessage,
+    admit: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            message: std::borrow::Cow::Borrowed(DEFAULT_MESSAGE),
+            expiry_message: ExpiryMessage::default(),
+            admit: false,
+        }
+    }
+}
+
 /// Creates a drain channel: one [`Signal`] to start the drain, and a
 /// cloneable [`Watch`] for every connection task and [`DrainLayer`].
 pub fn channel() -> (Signal, Watch) {

@@ -1,14 +1,12 @@
 use std::{
-    borrow::Cow,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::{
-    DEFAULT_MESSAGE, DrainLayer, ExpiryMessage, Watch, body::ResponseBody, future::ResponseFuture,
-};
+use super::{DrainLayer, Settings, Watch, body::ResponseBody, future::ResponseFuture};
 
 /// Middleware that refuses calls with `UNAVAILABLE` while draining, and
 /// holds a drain [`Guard`](super::Guard) for every call it lets through
@@ -19,9 +17,9 @@ use super::{
 pub struct Drain<S> {
     inner: S,
     watch: Watch,
-    message: Cow<'static, str>,
-    expiry_message: ExpiryMessage,
-    admit: bool,
+    // Behind a pointer: a server holds one copy of its stack per
+    // connection.
+    settings: Arc<Settings>,
 }
 
 // === impl Drain ===
@@ -29,33 +27,19 @@ pub struct Drain<S> {
 impl<S> Drain<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, watch: Watch) -> Self {
-        Self::with_options(
-            inner,
-            watch,
-            Cow::Borrowed(DEFAULT_MESSAGE),
-            ExpiryMessage::default(),
-            false,
-        )
+        Self::with_settings(inner, watch, Arc::default())
     }
 
-    pub(super) fn with_options(
-        inner: S,
-        watch: Watch,
-        message: Cow<'static, str>,
-        expiry_message: ExpiryMessage,
-        admit: bool,
-    ) -> Self {
+    pub(super) fn with_settings(inner: S, watch: Watch, settings: Arc<Settings>) -> Self {
         Self {
             inner,
             watch,
-            message,
-            expiry_message,
-            admit,
+            settings,
         }
     }
 
     fn refusing(&self) -> bool {
-        !self.admit && self.watch.is_draining()
+        !self.settings.admit && self.watch.is_draining()
     }
 
     /// Returns a [`DrainLayer`] (same as [`DrainLayer::new`]).
@@ -89,9 +73,13 @@ where
     /// calls the inner service.
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         if self.refusing() {
-            return ResponseFuture::refused(self.message.clone());
+            return ResponseFuture::refused(self.settings.message.clone());
         }
         let guard = self.watch.guard();
-        ResponseFuture::called(self.inner.call(req), guard, self.expiry_message.clone())
+        ResponseFuture::called(
+            self.inner.call(req),
+            guard,
+            self.settings.expiry_message.clone(),
+        )
     }
 }
