@@ -134,6 +134,9 @@ def uploads():
     yield pb.Req(stop_reading=True)
     while True:
         yield pb.Req(payload=b'u' * (64 << 10))
+# grpcio's channels to one target with the same options share one
+# connection: the served calls below travel beside the stalled uploads,
+# on the connection whose window the uploads hold.
 upload_ch = grpc.insecure_channel(addr, options=BIG)
 unread = [rpc.EchoStub(upload_ch).ClientStream.future(uploads()) for _ in range(4)]
 time.sleep(1)

@@ -10,7 +10,10 @@
 //!   one stream, so one unread upload fills the whole upstream connection;
 //!   other clients' calls and uploads must still go through.
 
-use std::time::{Duration, Instant};
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use sluice_testkit::Req;
@@ -151,9 +154,16 @@ async fn stalled_readers_on_many_connections_do_not_starve_another_client() {
 fn unread_upload(
     addr: std::net::SocketAddr,
 ) -> (watch::Receiver<usize>, tokio::task::JoinHandle<()>) {
+    unread_upload_on(async move { raw_client(addr).await })
+}
+
+/// [`unread_upload`] on the connection `conn` gives.
+fn unread_upload_on(
+    conn: impl Future<Output = h2::client::SendRequest<Bytes>> + Send + 'static,
+) -> (watch::Receiver<usize>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(0usize);
     let task = tokio::spawn(async move {
-        let mut conn = raw_client(addr).await;
+        let mut conn = conn.await;
         let (response, mut body) = conn
             .send_request(grpc_head("ClientStream"), false)
             .expect("open the upload");
@@ -255,6 +265,62 @@ async fn unread_uploads_leave_other_clients_their_calls(uploads: usize) {
         assert_eq!(reply.into_inner().seq, 8);
     }
     for task in uploaders {
+        task.abort();
+    }
+}
+
+/// Uploads whose upstream stopped reading hold their stream windows on the
+/// client's connection; together they must not hold its whole connection
+/// window, or every other call on that connection starves. grpcio's
+/// channels to one target share one connection, so an application's
+/// stalled uploads and its other calls meet there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_uploads_leave_the_other_calls_of_their_connection_room() {
+    trace_init();
+    let p = proxied().await;
+    let conn = raw_client(p.sluice.listen_addr()).await;
+    let mut uploads = Vec::new();
+    for _ in 0..8 {
+        let shared = conn.clone();
+        uploads.push(unread_upload_on(async move { shared }));
+    }
+    // Every upload moves until its windows are spent, then stops.
+    for (sent, _) in &uploads {
+        until_upload_quiet(sent.clone(), 0).await;
+    }
+    let held: usize = uploads.iter().map(|(sent, _)| *sent.borrow()).sum();
+    assert!(held > 0, "the uploads sent nothing");
+    for seq in 0..10 {
+        let mut conn = conn.clone();
+        let req = Req {
+            seq,
+            payload: Bytes::from(vec![b'n'; UPLOAD_CALL]),
+            ..Req::default()
+        };
+        let (response, _body) = send_call(&mut conn, grpc_head("Unary"), &req);
+        let answer = async {
+            let mut body = response.await.expect("response headers").into_body();
+            let mut got = 0;
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("reply data");
+                got += chunk.len();
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            let trailers = body.trailers().await.expect("trailers").expect("a status");
+            (got, trailers)
+        };
+        let (got, trailers) = tokio::time::timeout(CALL_LIMIT, answer)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("call {seq} starved on a connection whose {held} upload bytes are stalled")
+            });
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+        assert!(got > UPLOAD_CALL, "call {seq} got {got} bytes back");
+    }
+    for (_, task) in uploads {
         task.abort();
     }
 }
