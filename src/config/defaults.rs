@@ -13,18 +13,17 @@ pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:50051";
 /// unlimited, tonic to 200 per connection), so the sidecar is never the
 /// limit, while still bounding per-connection state.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Per-stream receive window for requests: 256 KiB, as for responses
-/// (`upstream.initial_stream_window`). It is what an upload whose upstream
-/// stopped reading makes sluice hold; on loopback it still carries 64 KiB
-/// messages at full speed.
-pub const DEFAULT_STREAM_WINDOW: u32 = 256 << 10;
-/// Per-connection receive window: 16 MiB, 64 stream windows. Uploads whose
+/// Per-stream receive window: 1 MiB, so a 64 KiB-message stream never waits
+/// a round trip for WINDOW_UPDATE (hyper's and linkerd's server default).
+/// It is what an upload whose upstream stopped reading makes sluice hold.
+pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
+/// Per-connection receive window: 32 MiB, 32 stream windows. Uploads whose
 /// upstream stopped reading each hold their stream window on the client's
 /// connection, and the calls beside them on that connection (grpcio's
-/// channels to one target share one) need the rest: with 4 MiB and 1 MiB
-/// stream windows, 4 stalled uploads starved every other call. It also
-/// bounds what one connection can make sluice hold.
-pub const DEFAULT_CONNECTION_WINDOW: u32 = 16 << 20;
+/// channels to one target share one) need the rest: at 4 MiB, 4 stalled
+/// uploads starved every other call. It also bounds what one connection
+/// can make sluice hold.
+pub const DEFAULT_CONNECTION_WINDOW: u32 = 32 << 20;
 /// The smallest frame size HTTP/2 allows (RFC 9113 §6.5.2), and what every
 /// peer accepts; larger frames save little for gRPC's small messages.
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 16_384;
