@@ -133,7 +133,7 @@ pub(crate) async fn run<S>(
             let hubs = &dialer.config.hubs;
             let hub = hubs[next % hubs.len()].clone();
             next = next.wrapping_add(1);
-            tunnels.spawn(tunnel(
+            let task = tunnels.spawn(tunnel(
                 lease,
                 hub,
                 dialer.clone(),
@@ -142,6 +142,13 @@ pub(crate) async fn run<S>(
                 svc.clone(),
                 watch.clone(),
             ));
+            if task.is_finished() {
+                // A runtime shutting down drops what is spawned at once,
+                // and the lease with it, which would grant the next lease
+                // at once: this loop would spin (and allocate) forever,
+                // and the runtime's shutdown would never end.
+                return;
+            }
         }
         tokio::select! {
             _ = &mut draining => break,
