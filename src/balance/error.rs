@@ -20,7 +20,7 @@ pub(crate) enum BalanceError {
     #[error("no endpoint of upstream group {0:?} matches this call")]
     NoEndpoint(String),
     /// The group's limit of calls in flight is reached (an xDS cluster's
-    /// circuit breaker).
+    /// circuit breaker, or a file group's `max_requests`).
     #[error("circuit breaker open: {0}")]
     CircuitOpen(String),
 }

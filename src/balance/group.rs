@@ -16,7 +16,7 @@
 use std::{
     cell::Cell,
     hash::{BuildHasher, RandomState},
-    sync::Arc,
+    sync::{Arc, atomic::AtomicUsize},
     time::Duration,
 };
 
@@ -43,6 +43,9 @@ pub(crate) struct Group {
     /// Whether `random` picks by the endpoints' weights (an xDS
     /// cluster's endpoints carry their locality's and their own).
     weighted: bool,
+    /// Calls in flight to the group, and the most it takes
+    /// (`max_requests`).
+    limit: Option<(Arc<AtomicUsize>, usize)>,
 }
 
 impl Group {
@@ -61,6 +64,7 @@ impl Group {
             changed: tokio::sync::Notify::new(),
             wait,
             weighted: false,
+            limit: None,
         }
     }
 
@@ -68,6 +72,17 @@ impl Group {
     pub(super) fn weighted(mut self) -> Self {
         self.weighted = true;
         self
+    }
+
+    /// A group that takes at most `max` calls in flight (none: no limit).
+    pub(super) fn with_max_requests(mut self, max: Option<usize>) -> Self {
+        self.limit = max.map(|max| (Arc::default(), max));
+        self
+    }
+
+    /// The group's count of calls in flight and its `max_requests`.
+    pub(crate) fn limit(&self) -> Option<(Arc<AtomicUsize>, usize)> {
+        self.limit.clone()
     }
 
     /// Its name.

@@ -181,13 +181,16 @@ impl Groups {
                 changes.added.push(name.clone());
             }
             drop(left);
-            let group = Arc::new(Group::new(
-                &name,
-                endpoints,
-                spec.strategies(),
-                spec.dest_host_key(),
-                spec.wait,
-            ));
+            let group = Arc::new(
+                Group::new(
+                    &name,
+                    endpoints,
+                    spec.strategies(),
+                    spec.dest_host_key(),
+                    spec.wait,
+                )
+                .with_max_requests(spec.group.as_ref().and_then(|g| g.max_requests)),
+            );
             let tasks = spec.tasks(&group, &settings, &self.counters);
             let materials = settings
                 .tls

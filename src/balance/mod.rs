@@ -146,7 +146,8 @@ where
                 })?,
             };
             // Over its limit, a call fails at once: no queue (gRFC A32).
-            let slot = match resolved.and_then(|r| r.limit) {
+            // An xDS cluster's comes with it; a file group's is its own.
+            let slot = match resolved.and_then(|r| r.limit).or_else(|| group.limit()) {
                 Some((count, max)) => Some(Slot::take(&count, max).ok_or_else(|| {
                     BalanceError::CircuitOpen(format!(
                         "{target}: {max} calls in flight already (max_requests)"

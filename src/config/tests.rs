@@ -50,6 +50,19 @@ fn an_out_of_range_value_names_its_key_line_and_column() {
 }
 
 #[test]
+fn a_groups_max_requests_is_at_least_one() {
+    let group =
+        "[upstream]\naddress = \"127.0.0.1:1\"\n[upstreams.b]\nendpoints = [\"127.0.0.1:2\"]\n";
+    let err = invalid(&format!("{group}max_requests = 0\n"));
+    assert_eq!(err.key(), Some("upstreams.b.max_requests"), "{err}");
+    assert!(err.to_string().contains("at least 1"), "{err}");
+    let config = Config::from_toml_str(&format!("{group}max_requests = 3\n")).expect("valid");
+    assert_eq!(config.upstreams["b"].max_requests, Some(3));
+    let config = Config::from_toml_str(group).expect("valid");
+    assert_eq!(config.upstreams["b"].max_requests, None);
+}
+
+#[test]
 fn an_unknown_key_is_refused_with_its_position() {
     let err = invalid("[upstream]\naddress = \"127.0.0.1:1\"\nadress = \"x\"\n");
     assert_eq!(err.position().map(|p| p.0), Some(3));

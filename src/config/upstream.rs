@@ -42,6 +42,11 @@ pub struct GroupConfig {
     /// `upstream.idle_timeout` for this group.
     #[serde(default, deserialize_with = "value::optional_duration")]
     pub idle_timeout: Option<Duration>,
+    /// Calls in flight to the group as a whole, at most (gRFC A32's
+    /// circuit breaker); a call over it fails UNAVAILABLE at once, with no
+    /// queue. No limit unless given.
+    #[serde(default, deserialize_with = "value::positive::optional")]
+    pub max_requests: Option<usize>,
 }
 
 /// How often endpoint names are resolved again: 30 s, a common DNS TTL for

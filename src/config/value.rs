@@ -240,6 +240,14 @@ pub(super) mod positive {
         }
         Ok(n)
     }
+
+    /// [`deserialize`] for a count that may be left out.
+    pub(crate) fn optional<'de, D>(d: D) -> Result<Option<usize>, D::Error>
+    where
+        D: Deserializer<'de>,
+    {
+        deserialize(d).map(Some)
+    }
 }
 
 /// A protobuf field path (`"1.2"`).

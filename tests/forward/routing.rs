@@ -711,3 +711,73 @@ async fn a_field_refusal_can_refuse_compressed_messages_too() {
         .await
         .expect("not 13");
 }
+
+/// A group's `max_requests` (gRFC A32): with one call in flight to the
+/// group, the next fails UNAVAILABLE at once and never reaches an
+/// endpoint; calls to other groups are not counted; once the call ends,
+/// calls pass again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_max_requests_refuses_the_call_over_it_at_once() {
+    let [a, b] = echoes().await;
+    let (_sluice, mut client) = routed(
+        a.addr,
+        &format!(
+            "[upstreams.b]\nendpoints = [\"{}\"]\nmax_requests = 1\n\
+             [[routes]]\nmethod = \"/sluice.test.Echo/Unary\"\nupstream = \"b\"\n",
+            b.addr
+        ),
+    )
+    .await;
+    let slow = tokio::spawn({
+        let mut client = client.clone();
+        async move {
+            client
+                .unary(Req {
+                    delay_ms: 1000,
+                    ..Req::default()
+                })
+                .await
+        }
+    });
+    b.probe
+        .wait_for(LIMIT, |n| n.started > 0 && n.started > n.completed)
+        .await;
+    let started = std::time::Instant::now();
+    let refused = within("the call over max_requests", client.unary(Req::default()))
+        .await
+        .expect_err("over max_requests");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("circuit breaker") && refused.message().contains("max_requests"),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once, not queued: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        b.probe.counts().started,
+        1,
+        "the refused call never reached b"
+    );
+    // Another group's calls are not counted against b's limit.
+    let replies = within(
+        "a call to the default group",
+        client.server_stream(Req {
+            replies: 1,
+            ..Req::default()
+        }),
+    )
+    .await
+    .expect("not limited");
+    drop(replies);
+    within("the slow call", slow)
+        .await
+        .expect("joined")
+        .expect("the call in flight is fine");
+    within("a call once the slot is free", client.unary(Req::default()))
+        .await
+        .expect("room again");
+    assert_eq!(b.probe.counts().started, 2);
+}
