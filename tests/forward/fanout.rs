@@ -515,7 +515,9 @@ async fn a_dropped_secondary_is_reset_as_an_error_not_a_cancel() {
     let primary = NodeServer::start("primary");
     // A raw h2 upstream that never gives window back: the copy backs up.
     let (reason_tx, reason_rx) = tokio::sync::oneshot::channel();
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
     let shadow = raw_secondary(|req, respond| async move {
+        let _ = opened_tx.send(());
         // Held, unanswered, while the body is read.
         let _respond = respond;
         let mut body = req.into_body();
@@ -537,8 +539,38 @@ async fn a_dropped_secondary_is_reset_as_an_error_not_a_cancel() {
     .await;
     let cfg = mirror_config(primary.addr, shadow, "drop");
     let (_sluice, mut client) = start(&cfg).await;
-    let (_, chunks) = write(&mut client, 300, 16 << 10).await;
-    assert_eq!(chunks, 300, "the primary got the whole write");
+    // The copy's stream opens before the write outruns it: a copy dropped
+    // before its stream opened never reaches the shadow, and then there is
+    // nothing to reset.
+    let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let chunk = || Chunk {
+            data: vec![7u8; 16 << 10].into(),
+        };
+        if chunks_tx.send(chunk()).await.is_err() {
+            return;
+        }
+        within("the copy's stream to open", opened_rx)
+            .await
+            .expect("the shadow saw the call");
+        for _ in 1..300 {
+            if chunks_tx.send(chunk()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let res = within(
+        "a mirrored write",
+        client.write(tokio_stream::wrappers::ReceiverStream::new(chunks_rx)),
+    )
+    .await
+    .expect("the primary's OK");
+    let r = res.into_inner().messages;
+    assert_eq!(
+        (r.len(), r[0].chunks),
+        (1, 300),
+        "the primary got the whole write"
+    );
     let reason = within("the shadow's reset", reason_rx)
         .await
         .expect("a verdict");
