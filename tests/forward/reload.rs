@@ -3,14 +3,7 @@
 //! routes and groups at once, calls in flight finish where they started,
 //! an invalid file changes nothing, and what needs a restart is said.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-};
+use std::{net::SocketAddr, path::PathBuf};
 
 use sluice::{ConfigSource, Running};
 use sluice_testkit::{EchoClient, EchoServer, Req};
@@ -27,12 +20,7 @@ struct ConfigFile(PathBuf);
 
 impl ConfigFile {
     fn new(text: &str) -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "reload-{}-{}.toml",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = temp_path("reload", "toml");
         let file = Self(path);
         file.write(text);
         file
@@ -286,44 +274,20 @@ async fn a_hundred_reloads_under_load_fail_no_call() {
     let file = ConfigFile::new(&configs[0].0);
     let (sluice, mut probe) = from_file(&file).await;
 
-    // Four clients, each on its own connection, calling until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let mut client = sluice_testkit::client(sluice.listen_addr());
-        let (stop, calls) = (stop.clone(), calls.clone());
-        load.push(tokio::spawn(async move {
-            let mut failed = Vec::new();
-            // Bounded in count as well as by the stop flag.
-            for _ in 0..200_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let mut stream = client
-                    .server_stream(Req {
-                        replies: 2,
-                        ..Req::default()
-                    })
-                    .await;
-                let outcome = match &mut stream {
-                    Ok(s) => loop {
-                        match s.get_mut().message().await {
-                            Ok(Some(_)) => {}
-                            Ok(None) => break Ok(()),
-                            Err(e) => break Err(e),
-                        }
-                    },
-                    Err(e) => Err(e.clone()),
-                };
-                if let Err(e) = outcome {
-                    failed.push(e.to_string());
-                }
-                calls.fetch_add(1, Ordering::Relaxed);
-            }
-            failed
-        }));
-    }
+    // Four clients, each on its own connection, streaming until told to stop.
+    let load = Load::start(sluice.listen_addr(), 4, |client| {
+        Box::pin(async move {
+            let mut stream = client
+                .server_stream(Req {
+                    replies: 2,
+                    ..Req::default()
+                })
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            Ok(())
+        })
+    });
 
     for i in 1..=RELOADS {
         let (config, expected) = &configs[i % configs.len()];
@@ -337,13 +301,7 @@ async fn a_hundred_reloads_under_load_fail_no_call() {
             "reload {i}: served by {by}, expected one of {expected:?}"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut failed = Vec::new();
-    for task in load {
-        failed.extend(within("the load", task).await.expect("joined"));
-    }
-    let calls = calls.load(Ordering::Relaxed);
-    assert!(calls > 0, "the load ran");
+    let (calls, failed) = load.finish().await;
     assert!(
         failed.is_empty(),
         "{} of {calls} calls failed across {RELOADS} reloads: {:?}",

@@ -341,3 +341,72 @@ pub(crate) async fn normal_calls(addr: std::net::SocketAddr, n: usize) {
         assert_eq!(reply.into_inner().seq, seq);
     }
 }
+
+/// One call of a [`Load`]: `Ok` when it ended OK.
+pub(crate) type LoadCall = for<'a> fn(
+    &'a mut EchoClient<Channel>,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send + 'a>,
+>;
+
+/// Clients, each on its own connection, making `call` over and over (at
+/// most 200,000 times each) until [`Load::finish`]: how a test shows that
+/// a change made under load fails no call.
+pub(crate) struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    pub(crate) fn start(addr: SocketAddr, clients: usize, call: LoadCall) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tasks = (0..clients)
+            .map(|_| {
+                let mut client = sluice_testkit::client(addr);
+                let (stop, calls) = (stop.clone(), calls.clone());
+                tokio::spawn(async move {
+                    let mut failed = Vec::new();
+                    for _ in 0..200_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Err(e) = call(&mut client).await {
+                            failed.push(e.to_string());
+                        }
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    failed
+                })
+            })
+            .collect();
+        Self { stop, calls, tasks }
+    }
+
+    /// Stops the clients; the calls made, and the errors of those that
+    /// failed.
+    pub(crate) async fn finish(self) -> (u64, Vec<String>) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failed = Vec::new();
+        for task in self.tasks {
+            failed.extend(within("the load", task).await.expect("joined"));
+        }
+        let calls = self.calls.load(Ordering::Relaxed);
+        assert!(calls > 0, "the load ran");
+        (calls, failed)
+    }
+}
+
+/// A path of its own in the target's temporary directory:
+/// `{stem}-{pid}-{n}.{extension}`, `n` counting up within the process.
+pub(crate) fn temp_path(stem: &str, extension: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{stem}-{}-{}.{extension}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))
+}

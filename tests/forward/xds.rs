@@ -2,15 +2,7 @@
 //! in-repo management server, built from the same published Envoy
 //! types), with real tonic peers through a real sluice.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use sluice::Running;
 use sluice_testkit::{
@@ -29,12 +21,7 @@ struct Bootstrap(PathBuf);
 
 impl Bootstrap {
     fn new(plane: SocketAddr) -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "xds-bootstrap-{}-{}.json",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = temp_path("xds-bootstrap", "json");
         std::fs::write(
             &path,
             format!(
@@ -470,26 +457,9 @@ async fn a_hundred_updates_under_load_fail_no_call() {
         a.addr.to_string()
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let mut client = sluice_testkit::client(sluice.listen_addr());
-        let (stop, calls) = (stop.clone(), calls.clone());
-        load.push(tokio::spawn(async move {
-            let mut failed = Vec::new();
-            for _ in 0..200_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Err(e) = client.unary(Req::default()).await {
-                    failed.push(e.to_string());
-                }
-                calls.fetch_add(1, Ordering::Relaxed);
-            }
-            failed
-        }));
-    }
+    let load = Load::start(sluice.listen_addr(), 4, |client| {
+        Box::pin(async move { client.unary(Req::default()).await.map(drop) })
+    });
     let mut lags = Vec::new();
     for i in 1..=UPDATES {
         let (snapshot, expected) = snapshots(i);
@@ -508,13 +478,7 @@ async fn a_hundred_updates_under_load_fail_no_call() {
             "update {i}: served by {by}, expected one of {expected:?}"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut failed = Vec::new();
-    for task in load {
-        failed.extend(within("the load", task).await.expect("joined"));
-    }
-    let calls = calls.load(Ordering::Relaxed);
-    assert!(calls > 0);
+    let (calls, failed) = load.finish().await;
     assert!(
         failed.is_empty(),
         "{} of {calls} calls failed across {UPDATES} updates: {:?}",
