@@ -109,6 +109,7 @@ pub(crate) fn status_of(err: &BoxError) -> Option<(Code, RefusalReason)> {
         Some(BalanceError::Unroutable(_)) => (Code::Internal, RefusalReason::internal),
         Some(BalanceError::NoEndpoint(_)) => (Code::Unavailable, RefusalReason::no_endpoint),
         Some(BalanceError::CircuitOpen(_)) => (Code::Unavailable, RefusalReason::circuit_breaker),
+        Some(BalanceError::Limited { code, reason, .. }) => (*code, *reason),
         None => (Code::Internal, RefusalReason::internal),
     })
 }

@@ -80,6 +80,9 @@ pub(crate) struct Parts {
     pub(crate) access: Arc<std::sync::OnceLock<AccessLog>>,
     /// The xDS client's state, when xDS is on.
     pub(crate) xds: Option<Arc<crate::xds::Shared>>,
+    /// Request bytes kept for retries, all stacks together
+    /// (`retry.buffer_total`).
+    pub(crate) retry_budget: Arc<crate::forward::Budget>,
 }
 
 /// The stack for `config` over `parts`.
@@ -91,6 +94,7 @@ pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
         metrics,
         access,
         xds,
+        retry_budget,
     } = parts.clone();
     let members: crate::route::Members = {
         let groups = groups.clone();
@@ -117,6 +121,11 @@ pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
             .clone()
     });
     let peek_max_bytes = config.routing.peek_max_bytes.0 as usize;
+    let limits = crate::forward::Limits {
+        per_call: config.retry.buffer_per_call.0 as usize,
+        total: config.retry.buffer_total.0 as usize,
+        budget: retry_budget,
+    };
     ServiceBuilder::new()
         // A DEBUG span per call: method, upstream, grpc-status, duration.
         .layer(trace::layer())
@@ -194,7 +203,7 @@ pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
         // Pick each call's endpoint in the group its route names (the
         // default group without one) and check out a stream slot on one of
         // its connections; one other endpoint when that dial fails.
-        .layer_fn(|inner| Balance::new(inner, &groups, DEFAULT_GROUP))
+        .layer_fn(|inner| Balance::new(inner, &groups, DEFAULT_GROUP, limits.clone()))
         // One upstream h2 stream per call on that slot, frames both ways.
         .service(Forward::new(counters.pumps.clone()))
 }

@@ -53,6 +53,9 @@ pub(crate) struct Endpoint {
     pub(super) source: Option<EndpointConfig>,
     /// Its share in a weighted group (an xDS cluster's); 1 elsewhere.
     pub(super) weight: u32,
+    /// What outlier detection counts of its calls, and whether it is
+    /// ejected.
+    pub(super) outlier: super::outlier::Record,
 }
 
 #[derive(Debug)]
@@ -192,6 +195,7 @@ impl Endpoint {
             default_route,
             source: None,
             weight: 1,
+            outlier: super::outlier::Record::default(),
         }
     }
 

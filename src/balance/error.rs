@@ -23,4 +23,12 @@ pub(crate) enum BalanceError {
     /// circuit breaker, or a file group's `max_requests`).
     #[error("circuit breaker open: {0}")]
     CircuitOpen(String),
+    /// A route's policy refused the call: its rate limit, its
+    /// `max_in_flight`, or an injected fault.
+    #[error("{message}")]
+    Limited {
+        code: sluice_layers::grpc::status::Code,
+        message: String,
+        reason: crate::telemetry::metrics::RefusalReason,
+    },
 }

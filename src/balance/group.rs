@@ -24,8 +24,11 @@ use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, Request, Uri};
 use tokio::time::Instant;
 
-use super::endpoint::Endpoint;
-use crate::config::Strategy;
+use super::{
+    endpoint::Endpoint,
+    outlier::{Detector, Throttle},
+};
+use crate::config::{GroupConfig, Strategy};
 
 /// The endpoints of one group. The list is swapped whole when it changes;
 /// a call works on the list it picked from.
@@ -46,6 +49,10 @@ pub(crate) struct Group {
     /// Calls in flight to the group, and the most it takes
     /// (`max_requests`).
     limit: Option<(Arc<AtomicUsize>, usize)>,
+    /// Outlier detection (`outlier_detection`), if on.
+    outlier: Option<Detector>,
+    /// Retry throttling (`retry_throttling`), if on.
+    throttle: Option<Throttle>,
 }
 
 impl Group {
@@ -65,6 +72,8 @@ impl Group {
             wait,
             weighted: false,
             limit: None,
+            outlier: None,
+            throttle: None,
         }
     }
 
@@ -78,6 +87,48 @@ impl Group {
     pub(super) fn with_max_requests(mut self, max: Option<usize>) -> Self {
         self.limit = max.map(|max| (Arc::default(), max));
         self
+    }
+
+    /// A group with the file's `outlier_detection` and `retry_throttling`.
+    pub(super) fn with_resilience(mut self, config: Option<&GroupConfig>) -> Self {
+        if let Some(config) = config {
+            self.outlier = config.outlier_detection.clone().map(Detector::new);
+            self.throttle = config
+                .retry_throttling
+                .as_ref()
+                .map(|t| Throttle::new(t.max_tokens, t.token_ratio));
+        }
+        self
+    }
+
+    /// Its outlier detector, if on.
+    pub(crate) fn outlier(&self) -> Option<&Detector> {
+        self.outlier.as_ref()
+    }
+
+    /// Whether a call to it may be retried or hedged now (its retry
+    /// throttle has tokens).
+    pub(crate) fn may_retry(&self) -> bool {
+        self.throttle.as_ref().is_none_or(Throttle::allows)
+    }
+
+    /// Whether anything learns from how its calls end.
+    pub(crate) fn judges(&self) -> bool {
+        self.outlier.is_some() || self.throttle.is_some()
+    }
+
+    /// Counts how a call to `endpoint` ended (`None`: without a status).
+    pub(crate) fn ended(
+        &self,
+        endpoint: &Endpoint,
+        code: Option<sluice_layers::grpc::status::Code>,
+    ) {
+        if let Some(d) = &self.outlier {
+            d.record(self, endpoint, code);
+        }
+        if let Some(t) = &self.throttle {
+            t.ended(super::outlier::failed(code));
+        }
     }
 
     /// The group's count of calls in flight and its `max_requests`.
@@ -181,8 +232,28 @@ impl Group {
         head: Head<'_>,
         skip: Option<&Arc<Endpoint>>,
     ) -> Option<Arc<Endpoint>> {
+        self.pick_avoiding(head, |e| skip.is_some_and(|s| Arc::ptr_eq(s, e)))
+    }
+
+    /// [`Group::pick`], skipping every endpoint `tried` says was tried,
+    /// unless every one that matches was (then any of them).
+    pub(crate) fn pick_untried(
+        &self,
+        head: Head<'_>,
+        tried: &[Arc<Endpoint>],
+    ) -> Option<Arc<Endpoint>> {
+        self.pick_avoiding(head, |e| tried.iter().any(|t| Arc::ptr_eq(t, e)))
+            .or_else(|| self.pick(head, None))
+    }
+
+    /// [`Group::pick`] without the endpoints `skip` says.
+    fn pick_avoiding(
+        &self,
+        head: Head<'_>,
+        skip: impl Fn(&Arc<Endpoint>) -> bool,
+    ) -> Option<Arc<Endpoint>> {
         let endpoints = self.endpoints.load();
-        let not_skipped = |e: &Arc<Endpoint>| skip.is_none_or(|s| !Arc::ptr_eq(s, e));
+        let not_skipped = |e: &Arc<Endpoint>| !skip(e);
         let host = || dest_host(head, &self.dest_host_key);
         if let [only] = &endpoints[..] {
             // One endpoint (the default group, most groups): the strategies
@@ -227,18 +298,20 @@ impl Endpoint {
     }
 }
 
-/// Among the endpoints that `matches`, the serving ones (usable and not
-/// draining) first, else the usable ones, else any: one at random, or the
-/// cheaper of two at random (P2C).
+/// Among the endpoints that `matches`, the serving ones (usable, not
+/// draining, not ejected) first, else the usable ones not ejected, else
+/// any not ejected, else any: one at random, or the cheaper of two at
+/// random (P2C).
 fn choose(
     endpoints: &[Arc<Endpoint>],
     random: bool,
     matches: impl Fn(&Arc<Endpoint>) -> bool,
 ) -> Option<&Arc<Endpoint>> {
-    let serving = |e: &Arc<Endpoint>| !e.unusable() && !e.pool().is_draining();
-    let usable = |e: &Arc<Endpoint>| !e.unusable();
+    let kept = |e: &Arc<Endpoint>| !e.outlier.is_ejected();
+    let serving = |e: &Arc<Endpoint>| kept(e) && !e.unusable() && !e.pool().is_draining();
+    let usable = |e: &Arc<Endpoint>| kept(e) && !e.unusable();
     let any = |_: &Arc<Endpoint>| true;
-    let tiers: [&dyn Fn(&Arc<Endpoint>) -> bool; 3] = [&serving, &usable, &any];
+    let tiers: [&dyn Fn(&Arc<Endpoint>) -> bool; 4] = [&serving, &usable, &kept, &any];
     for tier in tiers {
         let ok = |e: &&Arc<Endpoint>| matches(e) && tier(e);
         let n = endpoints.iter().filter(ok).count();
@@ -263,7 +336,7 @@ fn choose_weighted(
     endpoints: &[Arc<Endpoint>],
     matches: impl Fn(&Arc<Endpoint>) -> bool,
 ) -> Option<&Arc<Endpoint>> {
-    let usable = |e: &Arc<Endpoint>| !e.unusable();
+    let usable = |e: &Arc<Endpoint>| !e.unusable() && !e.outlier.is_ejected();
     let any = |_: &Arc<Endpoint>| true;
     let tiers: [&dyn Fn(&Arc<Endpoint>) -> bool; 2] = [&usable, &any];
     for tier in tiers {
@@ -301,6 +374,14 @@ impl<'a> Head<'a> {
         Self {
             headers: req.headers(),
             uri: req.uri(),
+        }
+    }
+
+    /// The head of a request taken apart.
+    pub(crate) fn of_parts(parts: &'a http::request::Parts) -> Self {
+        Self {
+            headers: &parts.headers,
+            uri: &parts.uri,
         }
     }
 }

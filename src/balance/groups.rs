@@ -189,7 +189,8 @@ impl Groups {
                     spec.dest_host_key(),
                     spec.wait,
                 )
-                .with_max_requests(spec.group.as_ref().and_then(|g| g.max_requests)),
+                .with_max_requests(spec.group.as_ref().and_then(|g| g.max_requests))
+                .with_resilience(spec.group.as_ref()),
             );
             let tasks = spec.tasks(&group, &settings, &self.counters);
             let materials = settings
@@ -391,6 +392,9 @@ impl Spec {
         }
         if let Some(hc) = &config.health_check {
             tasks.push(tokio::spawn(check_health(group.clone(), hc.clone())));
+        }
+        if group.outlier().is_some() {
+            tasks.push(tokio::spawn(super::outlier::Detector::run(group.clone())));
         }
         tasks
     }

@@ -20,7 +20,10 @@ mod error;
 mod group;
 mod groups;
 mod health;
+mod outlier;
+mod policy;
 mod resolve;
+mod retry;
 
 use std::{
     future::Future,
@@ -33,16 +36,21 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use sluice_layers::{BoxError, direct::Route};
-use tower::{Service, ServiceExt};
+use tower::Service;
 
+use self::policy::RoutePolicy;
 pub(crate) use self::{
     cluster::{ClusterGroups, Member, Pick},
     endpoint::{AgentEndpoint, Endpoint},
     error::BalanceError,
     group::{Group, Head, random_below},
     groups::{Groups, Snapshot},
+    policy::RoutePolicy as Policy,
 };
-use crate::{forward::Call, upstream::Slot};
+use crate::{
+    forward::{Forward, Limits, ResponseBody},
+    upstream::{Checkout, Slot},
+};
 
 /// What a call was sent to, in the response's extensions: the group, the
 /// endpoint (its address, or an agent's id).
@@ -88,137 +96,242 @@ struct Targets {
     groups: Arc<Snapshot>,
     /// The group of a call without a route.
     default: Arc<str>,
+    /// What a call may keep of its request for another attempt.
+    limits: Limits,
 }
 
 impl<S> Balance<S> {
-    pub(crate) fn new(inner: S, groups: &Groups, default_target: impl Into<Arc<str>>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        groups: &Groups,
+        default_target: impl Into<Arc<str>>,
+        limits: Limits,
+    ) -> Self {
         Self {
             inner,
             targets: Arc::new(Targets {
                 groups: groups.load_full(),
                 default: default_target.into(),
+                limits,
             }),
         }
     }
 }
 
-impl<S, B, RB> Service<Request<B>> for Balance<S>
+impl<B> Service<Request<B>> for Balance<Forward>
 where
-    S: Service<Call<B>, Response = Response<RB>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    RB: Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
 {
-    type Response = Response<RB>;
+    type Response = Response<ResponseBody>;
     type Error = BoxError;
     // Boxed: the checkout is an `async fn`, whose future cannot be named.
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, BoxError>> + Send>>;
+    // The forwarder's future lives inside it.
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let mut inner = self.inner.clone();
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let forward = self.inner.clone();
         let targets = self.targets.clone();
-        Box::pin(async move {
-            let route = req.extensions_mut().remove::<Route>();
-            let (target, endpoint_id): (&str, Option<&str>) = match &route {
-                None => (&targets.default, None),
+        Box::pin(async move { targets.call(&forward, req).await })
+    }
+}
+
+/// One call's way through the balancer, from its route to the attempt
+/// that answers.
+struct Way<'a> {
+    group: Arc<Group>,
+    /// What messages name the group by.
+    target: &'a str,
+    /// The endpoint the route named, if it named one.
+    endpoint_id: Option<&'a str>,
+    /// Where a call whose dial fails goes next (an xDS priority).
+    next: Option<Arc<Group>>,
+    /// The places the call holds in wider limits, for every attempt.
+    held: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    max_age: Option<std::time::Duration>,
+}
+
+impl Targets {
+    async fn call<B>(
+        &self,
+        forward: &Forward,
+        mut req: Request<B>,
+    ) -> Result<Response<ResponseBody>, BoxError>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let route = req.extensions_mut().remove::<Route>();
+        let (target, endpoint_id, policy): (&str, Option<&str>, Option<&RoutePolicy>) =
+            match &route {
+                None => (&self.default, None, None),
                 Some(Route::One(destination)) => {
                     if let Some(edits) = destination.edits() {
                         edits.apply(req.headers_mut());
                     }
-                    (destination.target(), destination.endpoint())
+                    (
+                        destination.target(),
+                        destination.endpoint(),
+                        destination.policy::<RoutePolicy>(),
+                    )
                 }
                 Some(_) => return Err(BalanceError::Unroutable(
                     "a fan-out or mirror route reached the balancer; a FanoutLayer above carries those out"
                         .to_owned(),
                 ).into()),
             };
-            let mut resolved = req.extensions_mut().remove::<Resolved>();
-            let next = resolved.as_mut().and_then(|r| r.next.take());
-            let group = match &resolved {
-                Some(r) => r.group.clone(),
-                None => targets.groups.get(target).cloned().ok_or_else(|| {
-                    BalanceError::Unroutable(format!("no upstream group named {target:?}"))
-                })?,
-            };
-            // Over its limit, a call fails at once: no queue (gRFC A32).
-            // An xDS cluster's comes with it; a file group's is its own.
-            let slot = match resolved.and_then(|r| r.limit).or_else(|| group.limit()) {
-                Some((count, max)) => Some(Slot::take(&count, max).ok_or_else(|| {
-                    BalanceError::CircuitOpen(format!(
-                        "{target}: {max} calls in flight already (max_requests)"
-                    ))
-                })?),
-                None => None,
-            };
-            let mut endpoint = match endpoint_id {
-                Some(id) => group.find(id).ok_or_else(|| {
-                    BalanceError::NoEndpoint(format!("{target}: no endpoint {id:?}"))
-                })?,
-                None => group.pick_or_wait(Head::of(&req)).await.ok_or_else(|| {
-                    let waited = group.wait();
-                    BalanceError::NoEndpoint(if waited.is_zero() {
-                        target.to_string()
-                    } else {
-                        format!("{target} (waited {waited:?} for one to connect)")
-                    })
-                })?,
-            };
-            let mut checkout = match endpoint.pool().checkout().await {
-                Ok(checkout) => checkout,
-                // Nothing was sent: another endpoint of the group gets one
-                // try (not when the route named this one).
-                Err(e) => match group
-                    .pick(Head::of(&req), Some(&endpoint))
-                    .filter(|_| group.len() > 1 && endpoint_id.is_none())
-                    .or_else(|| next.as_ref().and_then(|g| g.pick(Head::of(&req), None)))
-                {
-                    Some(other) => {
-                        tracing::debug!(error = %e, "endpoint unreachable; trying another in its group");
-                        endpoint = other;
-                        endpoint
-                            .pool()
-                            .checkout()
-                            .await
-                            .map_err(BalanceError::Upstream)?
-                    }
-                    None => return Err(BalanceError::Upstream(e).into()),
-                },
-            };
-            if let Some(slot) = slot {
-                checkout.hold(slot);
+        let mut resolved = req.extensions_mut().remove::<Resolved>();
+        let next = resolved.as_mut().and_then(|r| r.next.take());
+        let group = match &resolved {
+            Some(r) => r.group.clone(),
+            None => self.groups.get(target).cloned().ok_or_else(|| {
+                BalanceError::Unroutable(format!("no upstream group named {target:?}"))
+            })?,
+        };
+        // The route's own limits and faults first.
+        let route_slot = match policy {
+            Some(p) => {
+                p.admit(
+                    req.headers(),
+                    req.extensions()
+                        .get::<sluice_layers::identity::PeerIdentity>(),
+                )
+                .await?
             }
-            crate::telemetry::trace::record_upstream(endpoint.address());
-            let sent = tokio::time::Instant::now();
-            let call = Call {
-                request: req,
-                checkout,
-            };
-            // `ready` then `call`, not `oneshot`: the call goes straight to
-            // the inner service instead of through a state that holds it
-            // (one move of the whole request less per call).
-            let mut res = inner
-                .ready()
-                .await
-                .map_err(Into::into)?
-                .call(call)
-                .await
-                .map_err(Into::into)?;
-            endpoint.observe(sent.elapsed());
-            let route = match &route {
-                Some(Route::One(d)) => d.route_name().cloned(),
-                _ => None,
-            };
-            res.extensions_mut().insert(Chosen {
-                group: group.name().clone(),
-                endpoint: endpoint.label().clone(),
-                route,
-            });
-            Ok(res)
+            None => None,
+        };
+        // Over its limit, a call fails at once: no queue (gRFC A32).
+        // An xDS cluster's comes with it; a file group's is its own.
+        let group_slot = match resolved.and_then(|r| r.limit).or_else(|| group.limit()) {
+            Some((count, max)) => Some(Slot::take(&count, max).ok_or_else(|| {
+                BalanceError::CircuitOpen(format!(
+                    "{target}: {max} calls in flight already (max_requests)"
+                ))
+            })?),
+            None => None,
+        };
+        let held: Option<Arc<dyn std::any::Any + Send + Sync>> = match (route_slot, group_slot) {
+            (None, None) => None,
+            (a, b) => Some(Arc::new((a, b))),
+        };
+        let way = Way {
+            group,
+            target,
+            endpoint_id,
+            next,
+            held,
+            max_age: policy.and_then(|p| p.max_stream_age),
+        };
+        let route_name = match &route {
+            Some(Route::One(d)) => d.route_name().cloned(),
+            _ => None,
+        };
+        let (res, endpoint) = match policy.and_then(|p| p.hedge.as_ref()) {
+            Some(hedge) => retry::hedged(forward, &way, req, &self.limits, hedge).await?,
+            None => {
+                retry::sequential(
+                    forward,
+                    &way,
+                    req,
+                    &self.limits,
+                    policy.and_then(|p| p.retry.as_ref()),
+                )
+                .await?
+            }
+        };
+        let mut res = res;
+        res.extensions_mut().insert(Chosen {
+            group: way.group.name().clone(),
+            endpoint: endpoint.label().clone(),
+            route: route_name,
+        });
+        Ok(res)
+    }
+}
+
+impl Way<'_> {
+    /// The first attempt's endpoint: the one the route named, else the
+    /// group's choice (waiting for one to join, in a hub's group).
+    async fn first(&self, head: Head<'_>) -> Result<Arc<Endpoint>, BalanceError> {
+        match self.endpoint_id {
+            Some(id) => self.group.find(id).ok_or_else(|| {
+                BalanceError::NoEndpoint(format!("{}: no endpoint {id:?}", self.target))
+            }),
+            None => self.group.pick_or_wait(head).await.ok_or_else(|| {
+                let waited = self.group.wait();
+                BalanceError::NoEndpoint(if waited.is_zero() {
+                    self.target.to_string()
+                } else {
+                    format!("{} (waited {waited:?} for one to connect)", self.target)
+                })
+            }),
+        }
+    }
+
+    /// A later attempt's endpoint: one not tried yet when the group has
+    /// one (the route's own when it named one).
+    fn again(&self, head: Head<'_>, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
+        match self.endpoint_id {
+            Some(id) => self.group.find(id),
+            None => self.group.pick_untried(head, tried),
+        }
+    }
+
+    /// A stream slot on `endpoint`; when its dial fails, nothing was sent,
+    /// and another endpoint of the group gets one try (not when the route
+    /// named this one).
+    async fn checkout(
+        &self,
+        head: Head<'_>,
+        endpoint: &mut Arc<Endpoint>,
+    ) -> Result<Checkout, BalanceError> {
+        let mut checkout = match endpoint.pool().checkout().await {
+            Ok(checkout) => checkout,
+            Err(e) => match self
+                .group
+                .pick(head, Some(endpoint))
+                .filter(|_| self.group.len() > 1 && self.endpoint_id.is_none())
+                .or_else(|| self.next.as_ref().and_then(|g| g.pick(head, None)))
+            {
+                Some(other) => {
+                    tracing::debug!(error = %e, "endpoint unreachable; trying another in its group");
+                    if self.group.judges() {
+                        self.group.ended(endpoint, None);
+                    }
+                    *endpoint = other;
+                    endpoint
+                        .pool()
+                        .checkout()
+                        .await
+                        .map_err(BalanceError::Upstream)?
+                }
+                None => {
+                    if self.group.judges() {
+                        self.group.ended(endpoint, None);
+                    }
+                    return Err(BalanceError::Upstream(e));
+                }
+            },
+        };
+        if let Some(held) = &self.held {
+            checkout.hold(held.clone());
+        }
+        crate::telemetry::trace::record_upstream(endpoint.address());
+        Ok(checkout)
+    }
+
+    /// What is told how a committed call to `endpoint` ends, if anything
+    /// learns from it.
+    fn judge(&self, endpoint: &Arc<Endpoint>) -> Option<Arc<dyn crate::forward::Outcome>> {
+        self.group.judges().then(|| {
+            Arc::new(outlier::Judge {
+                group: self.group.clone(),
+                endpoint: endpoint.clone(),
+            }) as Arc<dyn crate::forward::Outcome>
         })
     }
 }

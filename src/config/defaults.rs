@@ -121,3 +121,8 @@ pub const DEFAULT_WORKER_THREADS: usize = 1;
 /// look; a Kubernetes ConfigMap update takes up to a minute to reach a
 /// pod, so the look is not what makes a change slow.
 pub const DEFAULT_CONFIG_WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long the calls of a connection past `server.max_connection_age` may
+/// take to finish: 30 s, a long unary call's worth; streams longer than
+/// that are what `max_stream_age` is for.
+pub const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);

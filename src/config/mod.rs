@@ -11,6 +11,7 @@ mod enrich;
 mod error;
 mod fanout;
 mod ops;
+mod resilience;
 mod routes;
 mod server;
 mod tls;
@@ -34,6 +35,11 @@ pub use self::fanout::{
 pub use self::ops::{
     AdminConfig, AdminControl, AdminListen, DrainConfig, LogConfig, LogFormat, OtlpEndpoint,
     ReloadConfig, RuntimeConfig, TraceConfig,
+};
+pub use self::resilience::{
+    DEFAULT_RETRY_BUFFER_PER_CALL, DEFAULT_RETRY_BUFFER_TOTAL, FailurePercentageConfig,
+    FaultConfig, HedgeConfig, OutlierConfig, RateLimitConfig, RetryBufferConfig, RetryConfig,
+    SuccessRateConfig, ThrottleConfig,
 };
 pub use self::routes::{
     CompressedMatch, Fallback, FieldMatch, RefuseConfig, RouteConfig, RoutingConfig, TextMatch,
@@ -101,6 +107,8 @@ pub struct Config {
     pub xds: XdsConfig,
     /// `[tunnel]`: reverse tunnels (hub, agent).
     pub tunnel: TunnelConfig,
+    /// `[retry]`: what retries and hedges may hold.
+    pub retry: RetryBufferConfig,
 }
 
 /// Checks what the environment adds to a config: `RUST_LOG`, which

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ByteSize, EnrichConfig, FanoutRouteConfig, IdentityConfig, MirrorRouteConfig, value};
+use super::{
+    ByteSize, EnrichConfig, FanoutRouteConfig, FaultConfig, HedgeConfig, IdentityConfig,
+    MirrorRouteConfig, RateLimitConfig, RetryConfig, value,
+};
 
 /// `[[routes]]`: a match and what to do with the calls it matches. Every
 /// condition given must hold; a route with none matches every call.
@@ -51,6 +54,37 @@ pub struct RouteConfig {
     /// Which verified clients may make these calls; anyone when unset.
     #[serde(default)]
     pub identity: Option<IdentityConfig>,
+    /// Sends a call that failed with a retryable status again (gRFC A6).
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Sends a call to more endpoints while the first is slow (gRFC A6).
+    #[serde(default)]
+    pub hedge: Option<HedgeConfig>,
+    /// Delays or fails a share of the calls on purpose (gRFC A33).
+    #[serde(default)]
+    pub fault: Option<FaultConfig>,
+    /// Calls per second this route takes; RESOURCE_EXHAUSTED over it.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Calls in flight on this route at most; RESOURCE_EXHAUSTED over it.
+    #[serde(default, deserialize_with = "value::positive::optional")]
+    pub max_in_flight: Option<usize>,
+    /// How long a call of this route may last (with up to 10 % more, at
+    /// random); then it ends with UNAVAILABLE, which clients retry.
+    #[serde(default, deserialize_with = "value::optional_duration")]
+    pub max_stream_age: Option<Duration>,
+}
+
+impl RouteConfig {
+    /// Whether the route sets any per-call policy of its own.
+    pub fn has_policy(&self) -> bool {
+        self.retry.is_some()
+            || self.hedge.is_some()
+            || self.fault.is_some()
+            || self.rate_limit.is_some()
+            || self.max_in_flight.is_some()
+            || self.max_stream_age.is_some()
+    }
 }
 
 /// A condition on a text value.

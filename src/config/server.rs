@@ -60,6 +60,15 @@ pub struct ServerConfig {
     pub listen_unix: Option<std::path::PathBuf>,
     /// TLS: on `server.listen`, or on a listener of its own.
     pub tls: Option<ServerTlsConfig>,
+    /// How long a client connection lives (with up to 10 % more, at
+    /// random): then it gets GOAWAY, so that clients spread again over
+    /// sidecars and hubs. Never unless given.
+    #[serde(deserialize_with = "value::optional_duration")]
+    pub max_connection_age: Option<Duration>,
+    /// How long the calls of a connection past its age may take to
+    /// finish before it closes.
+    #[serde(with = "value::duration")]
+    pub max_connection_age_grace: Duration,
 }
 
 /// What sluice does with an HTTP/2 request whose content-type is not gRPC.
@@ -94,6 +103,8 @@ impl Default for ServerConfig {
             non_grpc: NonGrpc::Refuse,
             listen_unix: None,
             tls: None,
+            max_connection_age: None,
+            max_connection_age_grace: DEFAULT_MAX_CONNECTION_AGE_GRACE,
         }
     }
 }

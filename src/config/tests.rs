@@ -321,8 +321,13 @@ fn the_default_config_spells_out_every_key() {
             "upstreams.NAME.health_check",
             "[upstreams.n]\nendpoints = [\"127.0.0.1:1\"]\n[upstreams.n.health_check]",
         ),
+        (
+            "upstreams.NAME.outlier_detection",
+            "[upstreams.n]\nendpoints = [\"127.0.0.1:1\"]\n[upstreams.n.outlier_detection]",
+        ),
         ("routes", "[[routes]]\nupstream = \"default\""),
         ("routing", "[routing]"),
+        ("retry", "[retry]"),
         ("fanout", "[fanout]"),
         ("enrich", "[enrich]"),
         ("tls", "[tls]"),

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ByteSize, HostPort, UpstreamTlsConfig, WindowSize, defaults::*, value};
+use super::{
+    ByteSize, HostPort, OutlierConfig, ThrottleConfig, UpstreamTlsConfig, WindowSize, defaults::*,
+    value,
+};
 
 /// `[upstreams.NAME]`: a named group of endpoints.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -47,6 +50,14 @@ pub struct GroupConfig {
     /// queue. No limit unless given.
     #[serde(default, deserialize_with = "value::positive::optional")]
     pub max_requests: Option<usize>,
+    /// Ejection of endpoints that fail more than their peers (gRFC A50);
+    /// off unless given.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierConfig>,
+    /// The token bucket that stops retries and hedges to a failing group
+    /// (gRFC A6); unthrottled unless given.
+    #[serde(default)]
+    pub retry_throttling: Option<ThrottleConfig>,
 }
 
 /// How often endpoint names are resolved again: 30 s, a common DNS TTL for

@@ -3,7 +3,7 @@
 //! valid, the upstream windows fit each other, the log filter parses.
 //! Each error carries the key and its line and column.
 
-use super::{Config, ConfigError, EnrichConfig, UpstreamConfig, value::MAX_WINDOW};
+use super::{Config, ConfigError, EnrichConfig, RouteConfig, UpstreamConfig, value::MAX_WINDOW};
 
 impl Config {
     /// Checks what one value alone cannot: every route names a group that
@@ -102,6 +102,7 @@ impl Config {
             for name in route.metadata.keys() {
                 header_name(name, format!("{key}.metadata.{name}"))?;
             }
+            self.check_policy(text, route, &key)?;
             if let Some(e) = &route.enrich {
                 if !e.strip.is_empty()
                     || !e.strip_prefixes.is_empty()
@@ -135,6 +136,24 @@ impl Config {
                 format!("upstreams.{name}.dest_host_key"),
             )?;
             let agents_join = self.tunnel.hub.as_ref().is_some_and(|h| h.group == *name);
+            if let Some(od) = &group.outlier_detection
+                && od.max_ejection_time < od.base_ejection_time
+            {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("upstreams.{name}.outlier_detection.max_ejection_time"),
+                    "must be at least base_ejection_time".to_owned(),
+                ));
+            }
+            if let Some(t) = &group.retry_throttling
+                && !(1..=1000).contains(&t.max_tokens)
+            {
+                return Err(ConfigError::at_key(
+                    text,
+                    format!("upstreams.{name}.retry_throttling.max_tokens"),
+                    format!("must be 1 to 1000, got {}", t.max_tokens),
+                ));
+            }
             if group.endpoints.is_empty() && !agents_join {
                 return Err(ConfigError::at_key(
                     text,
@@ -144,6 +163,62 @@ impl Config {
             }
         }
         self.upstream.validate(text)
+    }
+
+    /// A route's per-call policies: on a route that forwards to one group,
+    /// retry or hedge but not both, a fault that does something, a
+    /// rate-limit key that is a metadata key or `identity`.
+    fn check_policy(&self, text: &str, route: &RouteConfig, key: &str) -> Result<(), ConfigError> {
+        if !route.has_policy() {
+            return Ok(());
+        }
+        let error = |at: &str, message: &str| {
+            Err(ConfigError::at_key(
+                text,
+                format!("{key}{at}"),
+                message.to_owned(),
+            ))
+        };
+        if route.upstream.is_none() {
+            return error(
+                "",
+                "retry, hedge, fault, rate_limit, max_in_flight and max_stream_age apply to a \
+                 route with `upstream` (a fan-out's or mirror's destinations are not retried)",
+            );
+        }
+        if route.retry.is_some() && route.hedge.is_some() {
+            return error(".hedge", "a route takes `retry` or `hedge`, not both");
+        }
+        if let Some(r) = &route.retry
+            && r.max_backoff < r.initial_backoff
+        {
+            return error(".retry.max_backoff", "must be at least initial_backoff");
+        }
+        if let Some(f) = &route.fault
+            && f.delay.is_none()
+            && f.abort_code.is_none()
+            && !f.headers
+        {
+            return error(
+                ".fault",
+                "a fault needs `delay`, `abort_code` or `headers = true`",
+            );
+        }
+        if let Some(f) = &route.fault
+            && f.abort_code == Some(sluice_layers::grpc::status::Code::Ok)
+        {
+            return error(".fault.abort_code", "an abort needs a code other than OK");
+        }
+        if let Some(per) = route.rate_limit.as_ref().and_then(|r| r.per.as_deref())
+            && per != "identity"
+            && http::HeaderName::try_from(per.to_ascii_lowercase()).is_err()
+        {
+            return error(
+                ".rate_limit.per",
+                "must be a metadata key (a lowercase HTTP header name) or \"identity\"",
+            );
+        }
+        Ok(())
     }
 
     /// Every key and value of an `[enrich]` table (`at` is its key) is a

@@ -17,6 +17,7 @@
 //! client is still sending when the headers arrive gets one spawned pump,
 //! which ends with the request side of the call.
 
+mod replay;
 mod stream;
 
 use std::{
@@ -26,25 +27,49 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use sluice_layers::BoxError;
-use tower::Service;
 
 use self::stream::RequestPump;
-pub(crate) use self::stream::ResponseBody;
+pub(crate) use self::{
+    replay::{Budget, Limits, Replay},
+    stream::{Outcome, ResponseBody},
+};
 use crate::upstream::{Checkout, UpstreamError};
 
 /// A call handed to the forwarder: the request, and the stream slot on an
 /// upstream connection it goes out on.
 #[derive(Debug)]
 pub(crate) struct Call<B> {
-    pub(crate) request: Request<B>,
+    pub(crate) request: Request<Replay<B>>,
     pub(crate) checkout: Checkout,
+    /// Told how the call ends, once it is committed.
+    pub(crate) outcome: Option<Arc<dyn Outcome>>,
+    /// The route's `max_stream_age`.
+    pub(crate) max_age: Option<std::time::Duration>,
+}
+
+/// What one attempt of a call came to.
+#[derive(Debug)]
+pub(crate) enum Attempt<B> {
+    /// Response headers that are not a trailers-only answer: the call is
+    /// committed to this attempt, and its request body goes on to it.
+    Committed(Response<ResponseBody>),
+    /// A trailers-only answer (a status and nothing else); the request
+    /// body is back, for another attempt.
+    TrailersOnly(Response<ResponseBody>, Option<Replay<B>>),
+    /// No response: the stream failed before its headers; the request
+    /// body is back, and whether the upstream never processed the stream
+    /// (REFUSED_STREAM, or above a GOAWAY's last stream id).
+    Failed {
+        error: ForwardError,
+        body: Option<Replay<B>>,
+        unprocessed: bool,
+    },
 }
 
 /// Why a call could not be carried through, with the side that failed.
@@ -92,9 +117,9 @@ impl Drop for PumpHeld {
     }
 }
 
-/// The forwarder service: each [`Call`] goes out on its slot.
-///
-/// Always ready: it holds no resource of its own.
+/// The forwarder: each [`Call`] goes out on its slot. It holds no
+/// resource of its own; the balancer awaits [`Forward::send`] inside its
+/// own future (one boxed future per call, not two).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Forward {
     pumps: Pumps,
@@ -104,34 +129,28 @@ impl Forward {
     pub(crate) fn new(pumps: Pumps) -> Self {
         Self { pumps }
     }
+
+    /// Sends `call` and waits for its response headers.
+    pub(crate) async fn send<B>(&self, call: Call<B>) -> Attempt<B>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        forward(&self.pumps, call).await
+    }
 }
 
-impl<B> Service<Call<B>> for Forward
+async fn forward<B>(pumps: &Pumps, call: Call<B>) -> Attempt<B>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<ResponseBody>;
-    type Error = ForwardError;
-    // Boxed: the future of an `async fn` cannot be named. One allocation
-    // per call; the call's whole state lives in it.
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ForwardError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, call: Call<B>) -> Self::Future {
-        Box::pin(forward(self.pumps.clone(), call))
-    }
-}
-
-async fn forward<B>(pumps: Pumps, call: Call<B>) -> Result<Response<ResponseBody>, ForwardError>
-where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
-    let Call { request, checkout } = call;
+    let Call {
+        request,
+        checkout,
+        outcome,
+        max_age,
+    } = call;
     let (mut parts, body) = request.into_parts();
     let end_of_stream = body.is_end_stream();
     // A copy the fan-out may cut off is reset as an error, never as a
@@ -152,35 +171,71 @@ where
     let mut extensions = std::mem::take(&mut parts.extensions);
     extensions.clear();
     let head = Request::from_parts(parts, ());
-    let (mut response, tx, lease) = checkout.send(head, end_of_stream)?;
+    let (mut response, tx, lease) = match checkout.send(head, end_of_stream) {
+        Ok(sent) => sent,
+        Err(e) => {
+            // Nothing went out: the stream was never opened.
+            return Attempt::Failed {
+                error: ForwardError::Send(e),
+                body: Some(body),
+                unprocessed: true,
+            };
+        }
+    };
 
-    let mut pump =
-        (!end_of_stream).then(|| RequestPump::new(body, tx, lease.load().clone(), cut_reason));
+    let mut pump = RequestPump::new(body, tx, lease.load().clone(), cut_reason);
+    if end_of_stream {
+        pump = pump.already_done();
+    }
+    let mut pumping = !end_of_stream;
     // Drive the request body while waiting for the response headers.
     let response = poll_fn(|cx| {
-        if let Some(pump) = pump.as_mut() {
-            let _ = Pin::new(pump).poll(cx);
+        if pumping && Pin::new(&mut pump).poll(cx).is_ready() {
+            pumping = false;
         }
         Pin::new(&mut response).poll(cx)
     })
     .await;
-    if let Some(mut pump) = pump.filter(|p| !p.is_done()) {
-        // The client is still sending (client or bidi streaming): the rest
-        // of the request body gets its own task, which ends with the
-        // request side of the call whichever way that ends.
-        pump.held = Some(PumpHeld::hold(&pumps));
-        tokio::spawn(pump);
-    }
-    let response = response.map_err(|e| {
-        if e.is_reset() && e.is_remote() {
-            ForwardError::UpstreamReset(e)
-        } else {
-            ForwardError::UpstreamLost(e)
+    let response = match response {
+        Ok(response) => response,
+        Err(e) => {
+            let unprocessed = (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
+                || (e.is_go_away() && e.is_remote());
+            // A refused stream that is not sent again passes to the client
+            // as the same reset, which gRPC clients retry transparently.
+            let error = if e.is_reset() && e.is_remote() {
+                ForwardError::UpstreamReset(e)
+            } else {
+                ForwardError::UpstreamLost(e)
+            };
+            return Attempt::Failed {
+                error,
+                body: pump.into_body(),
+                unprocessed,
+            };
         }
-    })?;
+    };
     let (mut parts, recv) = response.into_parts();
     if parts.extensions.is_empty() {
         parts.extensions = extensions;
     }
-    Ok(Response::from_parts(parts, ResponseBody::new(recv, lease)))
+    let trailers_only = recv.is_end_stream()
+        && parts
+            .headers
+            .contains_key(sluice_layers::grpc::status::GRPC_STATUS);
+    let body = ResponseBody::new(recv, lease);
+    if trailers_only {
+        return Attempt::TrailersOnly(Response::from_parts(parts, body), pump.into_body());
+    }
+    if let Some(body) = pump.body_mut() {
+        body.commit();
+    }
+    if !pump.is_done() && pumping {
+        // The client is still sending (client or bidi streaming): the rest
+        // of the request body gets its own task, which ends with the
+        // request side of the call whichever way that ends.
+        pump.held = Some(PumpHeld::hold(pumps));
+        tokio::spawn(pump);
+    }
+    Attempt::Committed(Response::from_parts(parts, body.with(outcome, max_age)))
 }

@@ -34,7 +34,8 @@ use crate::{
 /// the RST_STREAM(NO_ERROR) a server sends when it has answered early).
 #[derive(Debug)]
 pub(super) struct RequestPump<B> {
-    body: B,
+    /// `None` once taken back for another attempt.
+    body: Option<B>,
     tx: SendStream<Bytes>,
     /// A chunk in hand, waiting for stream capacity.
     pending: Option<Outgoing>,
@@ -76,7 +77,7 @@ where
     ) -> Self {
         Self {
             cut_reason,
-            body,
+            body: Some(body),
             tx,
             pending: None,
             done: false,
@@ -89,6 +90,24 @@ where
 
     pub(super) fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// Marks a request that ended with its headers: nothing to pump, and
+    /// nothing to reset when dropped.
+    pub(super) fn already_done(mut self) -> Self {
+        self.done = true;
+        self
+    }
+
+    /// The request body, back for another attempt; the stream is reset
+    /// if it had not ended.
+    pub(super) fn into_body(mut self) -> Option<B> {
+        self.body.take()
+    }
+
+    /// The request body, while the pump has it.
+    pub(super) fn body_mut(&mut self) -> Option<&mut B> {
+        self.body.as_mut()
     }
 
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -125,10 +144,13 @@ where
                     }
                 }
             }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(());
+            };
+            match ready!(Pin::new(&mut *body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        let eos = self.body.is_end_stream();
+                        let eos = body.is_end_stream();
                         if data.is_empty() && !eos {
                             continue;
                         }
@@ -192,6 +214,102 @@ pub(crate) struct ResponseBody {
     recv: RecvBody,
     failed: bool,
     _lease: Lease,
+    /// What only some calls have: boxed, so that a call without them
+    /// carries one pointer.
+    extra: Option<Box<Extra>>,
+}
+
+#[derive(Debug)]
+struct Extra {
+    outcome: Option<Arc<dyn Outcome>>,
+    age: Option<Age>,
+}
+
+/// A route's `max_stream_age` on one call: its timer, then a grace for
+/// the message in flight, then UNAVAILABLE trailers.
+#[derive(Debug)]
+struct Age {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    limit: std::time::Duration,
+    /// The timer has fired once; it now runs the grace.
+    fired: bool,
+    /// gRPC framing of the response, to end between messages: bytes of
+    /// the current message's 5-byte prefix read, and bytes of its payload
+    /// still to come.
+    prefix: [u8; 5],
+    prefix_read: usize,
+    payload_left: u64,
+}
+
+/// How long a stream past its `max_stream_age` may take to finish the
+/// message it is sending before it is cut.
+pub(crate) const MAX_STREAM_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Age {
+    fn new(limit: std::time::Duration) -> Self {
+        // Up to 10 % later, never earlier, so that streams opened together
+        // do not all end together.
+        let jitter = limit.mul_f64(crate::balance::random_below(1001) as f64 / 10_000.0);
+        Self {
+            timer: Box::pin(tokio::time::sleep(limit + jitter)),
+            limit,
+            fired: false,
+            prefix: [0; 5],
+            prefix_read: 0,
+            payload_left: 0,
+        }
+    }
+
+    fn between_messages(&self) -> bool {
+        self.prefix_read == 0 && self.payload_left == 0
+    }
+
+    fn saw(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = data
+                    .len()
+                    .min(usize::try_from(self.payload_left).unwrap_or(usize::MAX));
+                self.payload_left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = data.len().min(5 - self.prefix_read);
+            self.prefix[self.prefix_read..self.prefix_read + n].copy_from_slice(&data[..n]);
+            self.prefix_read += n;
+            data = &data[n..];
+            if self.prefix_read == 5 {
+                self.prefix_read = 0;
+                let len = [
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ];
+                self.payload_left = u64::from(u32::from_be_bytes(len));
+            }
+        }
+    }
+
+    /// Whether the stream must end now.
+    fn due(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.fired {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            self.fired = true;
+            let grace = tokio::time::Instant::now() + MAX_STREAM_AGE_GRACE;
+            self.timer.as_mut().reset(grace);
+        }
+        self.between_messages() || self.timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// Told how each forwarded call ended, for outlier detection: the status
+/// the upstream gave, or `None` when it gave none (a reset, a lost
+/// connection).
+pub(crate) trait Outcome: Send + Sync + std::fmt::Debug {
+    fn ended(&self, code: Option<Code>);
 }
 
 impl ResponseBody {
@@ -200,6 +318,28 @@ impl ResponseBody {
             recv: RecvBody::new(recv),
             failed: false,
             _lease: lease,
+            extra: None,
+        }
+    }
+
+    /// Tells `outcome` how the call ends, and ends it after `max_age`.
+    pub(super) fn with(
+        mut self,
+        outcome: Option<Arc<dyn Outcome>>,
+        max_age: Option<std::time::Duration>,
+    ) -> Self {
+        if outcome.is_some() || max_age.is_some() {
+            self.extra = Some(Box::new(Extra {
+                outcome,
+                age: max_age.map(Age::new),
+            }));
+        }
+        self
+    }
+
+    fn report(&mut self, code: Option<Code>) {
+        if let Some(outcome) = self.extra.as_mut().and_then(|e| e.outcome.take()) {
+            outcome.ended(code);
         }
     }
 }
@@ -215,12 +355,42 @@ impl Body for ResponseBody {
         if self.failed {
             return Poll::Ready(None);
         }
+        if let Some(age) = self.extra.as_mut().and_then(|e| e.age.as_mut())
+            && age.due(cx)
+        {
+            let message = format!(
+                "the stream reached its route's max_stream_age ({:?}) at sluice: retry to reach a \
+                 rebalanced backend",
+                age.limit
+            );
+            self.failed = true;
+            self.report(Some(Code::Ok));
+            return Poll::Ready(Some(Ok(Frame::trailers(status::trailers(
+                Code::Unavailable,
+                &message,
+            )))));
+        }
         let err = match ready!(Pin::new(&mut self.recv).poll_frame(cx)) {
-            Some(Ok(frame)) => return Poll::Ready(Some(Ok(frame))),
-            None => return Poll::Ready(None),
+            Some(Ok(frame)) => {
+                if let Some(extra) = self.extra.as_mut() {
+                    if let (Some(age), Some(data)) = (extra.age.as_mut(), frame.data_ref()) {
+                        age.saw(data);
+                    }
+                    if let Some(t) = frame.trailers_ref() {
+                        let code = status::code_of(t);
+                        self.report(code.or(Some(Code::Unknown)));
+                    }
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            None => {
+                self.report(Some(Code::Ok));
+                return Poll::Ready(None);
+            }
             Some(Err(err)) => err,
         };
         self.failed = true;
+        self.report(None);
         if err.is_reset() && err.is_remote() {
             return Poll::Ready(Some(Err(ForwardError::UpstreamReset(err))));
         }

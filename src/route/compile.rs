@@ -70,8 +70,9 @@ fn edits(r: &RouteConfig) -> Option<Arc<Edits>> {
     (!edits.is_empty()).then(|| Arc::new(edits))
 }
 
-pub(super) fn compile(r: &RouteConfig) -> Compiled {
+pub(super) fn compile((index, r): (usize, &RouteConfig)) -> Compiled {
     let edits = edits(r);
+    let policy = crate::balance::Policy::new(index, r);
     let destination = |group: &str| {
         let mut destination = Destination::new(group);
         if let Some(name) = &r.name {
@@ -82,6 +83,9 @@ pub(super) fn compile(r: &RouteConfig) -> Compiled {
         }
         if let Some(edits) = &edits {
             destination = destination.with_edits(edits.clone());
+        }
+        if let Some(policy) = &policy {
+            destination = destination.with_policy(policy.clone());
         }
         destination
     };

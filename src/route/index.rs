@@ -204,7 +204,7 @@ mod tests {
             }
         }
         let config = Config::from_toml_str(&text).expect("config");
-        let routes: Vec<Compiled> = config.routes.iter().map(compile).collect();
+        let routes: Vec<Compiled> = config.routes.iter().enumerate().map(compile).collect();
         let index = Index::build(&routes);
         let paths = [
             "/a.S/Get",

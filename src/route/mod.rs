@@ -112,7 +112,7 @@ impl RouteTable {
             .iter()
             .map(|g| Glob::new(g))
             .collect();
-        let routes: Box<[Compiled]> = config.routes.iter().map(compile).collect();
+        let routes: Box<[Compiled]> = config.routes.iter().enumerate().map(compile).collect();
         Self {
             inner: Arc::new(Inner {
                 index: Index::build(&routes),

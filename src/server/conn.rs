@@ -72,6 +72,8 @@ pub(crate) struct ListenerSettings {
     max_resets_per_second: u32,
     max_in_flight: usize,
     refuse_non_grpc: bool,
+    max_connection_age: Option<Duration>,
+    max_connection_age_grace: Duration,
     /// Whether each call gets the peer's address as a request extension
     /// (only when an enrich rule reads it: it costs an allocation). A
     /// config reload may change it.
@@ -110,6 +112,8 @@ impl ListenerSettings {
             max_resets_per_second: config.max_resets_per_second,
             max_in_flight: config.max_in_flight,
             refuse_non_grpc: config.non_grpc == crate::config::NonGrpc::Refuse,
+            max_connection_age: config.max_connection_age,
+            max_connection_age_grace: config.max_connection_age_grace,
             tag_peer: AtomicBool::new(tag_peer),
             peeks: AtomicBool::new(false),
             counters,
@@ -174,11 +178,13 @@ struct Due {
     /// After the last call ended: when the idle connection gives back its
     /// buffers.
     shrink: Option<Instant>,
+    /// When the connection reaches `server.max_connection_age`.
+    age: Option<Instant>,
 }
 
 impl Due {
     fn next(&self) -> Instant {
-        [self.idle, self.grace, self.pong, self.shrink]
+        [self.idle, self.grace, self.pong, self.shrink, self.age]
             .into_iter()
             .flatten()
             .fold(self.ping, Instant::min)
@@ -250,6 +256,15 @@ pub(super) async fn serve<T, S>(
         ping: Instant::now() + shared.keepalive_interval,
         pong: None,
         shrink: None,
+        // Up to 10 % later, so that connections opened together do not
+        // all go together.
+        age: shared
+            .max_connection_age
+            .filter(|_| !peer.tunnel)
+            .map(|age| {
+                let jitter = age.mul_f64(crate::balance::random_below(1001) as f64 / 10_000.0);
+                Instant::now() + age + jitter
+            }),
     };
     let mut timer = pin!(sleep_until(due.next()));
     let mut draining = pin!(watch.signaled());
@@ -379,6 +394,14 @@ pub(super) async fn serve<T, S>(
                 }
                 if due.shrink.is_some_and(|t| t <= now) {
                     due.shrink = None;
+                }
+                if due.age.is_some_and(|t| t <= now) {
+                    debug!(%peer, "connection reached server.max_connection_age; GOAWAY(NO_ERROR)");
+                    due.age = None;
+                    if due.grace.is_none() {
+                        conn.graceful_shutdown();
+                        due.grace = Some(now + shared.max_connection_age_grace);
+                    }
                 }
                 if due.ping <= now {
                     due.ping = now + shared.keepalive_interval;

@@ -36,6 +36,12 @@ pub(crate) enum RefusalReason {
     /// xDS does not route the call: no Listener, virtual host, route or
     /// cluster for it (UNAVAILABLE).
     xds_unrouted,
+    /// Over a route's `rate_limit` (RESOURCE_EXHAUSTED).
+    rate_limit,
+    /// Over a route's `max_in_flight` (RESOURCE_EXHAUSTED).
+    max_in_flight,
+    /// A route's `fault` aborted the call (the status it names).
+    fault,
 }
 
 impl RefusalReason {

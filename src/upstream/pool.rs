@@ -126,9 +126,10 @@ pub(crate) struct Lease {
     pool_in_flight: Arc<AtomicUsize>,
     waiting: Arc<AtomicUsize>,
     slot_freed: Arc<tokio::sync::Notify>,
-    /// A wider limit's count the call holds as long as its stream (a
-    /// cluster's circuit breaker).
-    slot: Option<Slot>,
+    /// What the call holds as long as its stream: its places in wider
+    /// limits (a group's circuit breaker, a route's `max_in_flight`),
+    /// shared by the call's attempts.
+    slot: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 /// One call's place in a count of calls in flight, given back on drop:
@@ -196,7 +197,7 @@ impl Drop for SendBlocked {
 
 impl Checkout {
     /// Makes the call hold `slot` until its stream ends.
-    pub(crate) fn hold(&mut self, slot: Slot) {
+    pub(crate) fn hold(&mut self, slot: Arc<dyn std::any::Any + Send + Sync>) {
         self.lease.slot = Some(slot);
     }
 

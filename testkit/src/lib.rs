@@ -160,6 +160,7 @@ impl Drop for CallGuard {
 #[derive(Clone, Debug, Default)]
 pub struct Echo {
     probe: Probe,
+    faults: Arc<Faults>,
     /// Added to every unary answer: a slow server.
     base_delay: Duration,
     /// Sent as `x-served-by` on every answer (an [`EchoServer`]'s
@@ -172,9 +173,56 @@ impl Echo {
     pub fn new(probe: Probe) -> Self {
         Self {
             probe,
+            faults: Arc::default(),
             base_delay: Duration::ZERO,
             served_by: None,
         }
+    }
+}
+
+/// Failures an echo server makes of its own accord, whatever the request
+/// says (a faulty backend: the same request sent again meets them again).
+/// They apply to unary calls; a test changes them while the server runs.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Unary calls answered so far.
+    pub calls: std::sync::atomic::AtomicU64,
+    /// Non-zero: every n-th unary call (the 1st, the n+1-th…) fails
+    /// UNAVAILABLE.
+    pub fail_every: std::sync::atomic::AtomicU64,
+    /// Every unary call fails UNAVAILABLE.
+    pub fail_all: std::sync::atomic::AtomicBool,
+    /// Sent as `grpc-retry-pushback-ms` with each of those failures.
+    pub pushback: Mutex<Option<String>>,
+    /// Non-zero: every n-th unary call waits `stall_ms` first.
+    pub stall_every: std::sync::atomic::AtomicU64,
+    /// How long a stalled call waits, in ms.
+    pub stall_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Faults {
+    /// The failure call `n` (from 0) meets, and how long it stalls.
+    fn meet(&self) -> (Option<Status>, Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.calls.fetch_add(1, Relaxed);
+        let every = self.fail_every.load(Relaxed);
+        let fails = self.fail_all.load(Relaxed) || (every > 0 && n % every == 0);
+        let stall_every = self.stall_every.load(Relaxed);
+        let stall = if stall_every > 0 && n % stall_every == stall_every - 1 {
+            Duration::from_millis(self.stall_ms.load(Relaxed))
+        } else {
+            Duration::ZERO
+        };
+        let status = fails.then(|| {
+            let mut status = Status::unavailable("injected by the echo server");
+            if let Some(ms) = self.pushback.lock().expect("faults").clone()
+                && let Ok(v) = MetadataValue::try_from(ms.as_str())
+            {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            status
+        });
+        (status, stall)
     }
 }
 
@@ -234,11 +282,12 @@ impl pb::echo_server::Echo for Echo {
         let guard = self.probe.start(&request);
         let req = request.into_inner();
         self.probe.update(|c| c.requests_received += 1);
-        let delay = Duration::from_millis(req.delay_ms) + self.base_delay;
+        let (fault, stall) = self.faults.meet();
+        let delay = Duration::from_millis(req.delay_ms) + self.base_delay + stall;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        if let Some(status) = failure(&req) {
+        if let Some(status) = fault.or_else(|| failure(&req)) {
             guard.done();
             return Err(status);
         }
@@ -400,6 +449,8 @@ pub struct EchoServer {
     pub probe: Probe,
     /// Its `grpc.health.v1` status: SERVING until a test says otherwise.
     pub health: tonic_health::server::HealthReporter,
+    /// The failures it makes of its own accord (none until set).
+    pub faults: Arc<Faults>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -433,8 +484,10 @@ impl EchoServer {
         let addr = std_listener.local_addr().expect("bound address");
         let probe = Probe::default();
         let (stop, stopped) = oneshot::channel::<()>();
+        let faults = Arc::<Faults>::default();
         let echo = Echo {
             probe: probe.clone(),
+            faults: faults.clone(),
             base_delay,
             served_by: MetadataValue::try_from(addr.to_string()).ok(),
         };
@@ -481,6 +534,7 @@ impl EchoServer {
             addr,
             probe,
             health,
+            faults,
             stop: Some(stop),
             thread: Some(thread),
         }

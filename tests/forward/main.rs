@@ -24,6 +24,7 @@ mod routing;
 #[allow(dead_code)]
 mod raw;
 mod reload;
+mod resilience;
 mod tls;
 mod trailers;
 mod tunnel;

@@ -31,6 +31,27 @@ pub struct Destination {
     first_message: Option<Bytes>,
     timeout: Option<Duration>,
     edits: Option<Arc<Edits>>,
+    policy: Option<Policy>,
+}
+
+/// What the layers below a director make of a destination that the
+/// director itself does not read (sluice's per-route retry, limits and
+/// faults): any shared value, compared by identity.
+#[derive(Clone)]
+struct Policy(Arc<dyn std::any::Any + Send + Sync>);
+
+impl PartialEq for Policy {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Policy {}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Policy(..)")
+    }
 }
 
 /// Metadata a route changes on the calls it sends to a destination:
@@ -223,7 +244,32 @@ impl Destination {
             first_message: None,
             timeout: None,
             edits: None,
+            policy: None,
         }
+    }
+
+    /// Attaches `policy` for the layers below to read with
+    /// [`Destination::policy`]; the director layer passes it untouched.
+    /// Cloning the destination clones one `Arc`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use sluice_layers::direct::Destination;
+    ///
+    /// struct Retry { attempts: u32 }
+    /// let d = Destination::new("billing").with_policy(Arc::new(Retry { attempts: 3 }));
+    /// assert_eq!(d.policy::<Retry>().map(|r| r.attempts), Some(3));
+    /// assert!(d.policy::<String>().is_none());
+    /// ```
+    #[must_use]
+    pub fn with_policy<T: std::any::Any + Send + Sync>(mut self, policy: Arc<T>) -> Self {
+        self.policy = Some(Policy(policy));
+        self
+    }
+
+    /// The attached policy, if it is a `T`.
+    pub fn policy<T: std::any::Any + Send + Sync>(&self) -> Option<&T> {
+        self.policy.as_ref()?.0.downcast_ref()
     }
 
     /// Changes the metadata of the calls sent to this destination (a

@@ -1,0 +1,437 @@
+//! Sending a call more than once: transparent retry (always on), a
+//! route's `retry` (one attempt after another) and its `hedge` (attempts
+//! side by side), all from the request kept in a [`Replay`] until the call
+//! is committed.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, request::Parts};
+use http_body::Body;
+use sluice_layers::{
+    BoxError,
+    grpc::{
+        status::{self, Code},
+        timeout,
+    },
+};
+use tokio::time::Instant;
+
+use super::{BalanceError, Endpoint, Way, policy};
+use crate::{
+    config::{HedgeConfig, RetryConfig},
+    forward::{Attempt, Call, Forward, ForwardError, Limits, Replay, ResponseBody},
+};
+
+/// The metadata key A6 numbers a call's earlier attempts in.
+const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+
+/// A call's head, kept to send again: the request's own head goes with
+/// the first attempt.
+struct Head {
+    spare: Parts,
+    /// When the call's deadline (its forwarded `grpc-timeout`) ends.
+    deadline: Option<Instant>,
+}
+
+impl Head {
+    fn keep(parts: &Parts) -> Self {
+        let mut spare = Request::new(()).into_parts().0;
+        spare.method = parts.method.clone();
+        spare.uri = parts.uri.clone();
+        spare.version = parts.version;
+        spare.headers = parts.headers.clone();
+        if let Some(cut) = parts.extensions.get::<sluice_layers::fanout::CutOff>() {
+            spare.extensions.insert(*cut);
+        }
+        Self {
+            deadline: timeout::from_headers(&parts.headers).map(|t| Instant::now() + t),
+            spare,
+        }
+    }
+
+    /// The head of a later attempt: `previous` attempts went before it
+    /// (none counted for a transparent retry), and its `grpc-timeout` is
+    /// what is left of the call's.
+    fn again(&self, previous: u32) -> Parts {
+        let mut parts = Request::new(()).into_parts().0;
+        parts.method = self.spare.method.clone();
+        parts.uri = self.spare.uri.clone();
+        parts.version = self.spare.version;
+        parts.headers = self.spare.headers.clone();
+        if let Some(cut) = self.spare.extensions.get::<sluice_layers::fanout::CutOff>() {
+            parts.extensions.insert(*cut);
+        }
+        if previous > 0 {
+            parts
+                .headers
+                .insert(PREVIOUS_ATTEMPTS, HeaderValue::from(previous));
+        }
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            parts.headers.insert(
+                timeout::GRPC_TIMEOUT,
+                timeout::encode(left.max(Duration::from_millis(1))),
+            );
+        }
+        parts
+    }
+
+    /// Whether waiting `wait` leaves time before the deadline.
+    fn leaves_time(&self, wait: Duration) -> bool {
+        self.deadline.is_none_or(|d| Instant::now() + wait < d)
+    }
+}
+
+/// One attempt after another: the first at once, another when the last
+/// failed before it was committed, for as long as the route's `retry`
+/// (or, once, a transparent retry) allows.
+pub(super) async fn sequential<B>(
+    forward: &Forward,
+    way: &Way<'_>,
+    req: Request<B>,
+    limits: &Limits,
+    retry: Option<&RetryConfig>,
+) -> Result<(Response<ResponseBody>, Arc<Endpoint>), BoxError>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut endpoint = way.first(super::Head::of(&req)).await?;
+    let (parts, body) = req.into_parts();
+    let head = Head::keep(&parts);
+    let mut next = Some(Request::from_parts(
+        parts,
+        Replay::new(body, limits.clone()),
+    ));
+    let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+    // Attempts that count against `max_attempts`.
+    let mut counted = 0u32;
+    let mut transparent = false;
+    loop {
+        let Some(request) = next.take() else {
+            return Err(BalanceError::Unroutable("no request left to send".to_owned()).into());
+        };
+        let checkout = way
+            .checkout(super::Head::of(&request), &mut endpoint)
+            .await?;
+        let sent = Instant::now();
+        let attempt = forward
+            .send(Call {
+                request,
+                checkout,
+                outcome: way.judge(&endpoint),
+                max_age: way.max_age,
+            })
+            .await;
+        counted += 1;
+        let (code, answer, body, unprocessed) = match attempt {
+            Attempt::Committed(res) => {
+                endpoint.observe(sent.elapsed());
+                return Ok((res, endpoint));
+            }
+            Attempt::TrailersOnly(res, body) => {
+                endpoint.observe(sent.elapsed());
+                let code = status::code_of(res.headers());
+                if way.group.judges() {
+                    way.group.ended(&endpoint, code);
+                }
+                (code, Ok(res), body, false)
+            }
+            Attempt::Failed {
+                error,
+                body,
+                unprocessed,
+            } => {
+                if way.group.judges() && !unprocessed {
+                    way.group.ended(&endpoint, None);
+                }
+                (None, Err(error), body, unprocessed)
+            }
+        };
+        let Some(mut body) = body.filter(|b| b.replayable()) else {
+            return answer_of(answer, endpoint);
+        };
+        tried.push(endpoint.clone());
+        let wait = if unprocessed && !transparent {
+            // The upstream never saw it: once more, whatever the policy,
+            // not counted as an attempt.
+            transparent = true;
+            counted -= 1;
+            Some(Duration::ZERO)
+        } else {
+            retry.and_then(|r| retry_wait(r, &answer, code, counted, way, &head))
+        };
+        let Some(wait) = wait else {
+            return answer_of(answer, endpoint);
+        };
+        let Some(again) = way.again(super::Head::of_parts(&head.spare), &tried) else {
+            return answer_of(answer, endpoint);
+        };
+        tracing::debug!(
+            attempt = counted + 1,
+            ?code,
+            endpoint = %again.label(),
+            ?wait,
+            "sending the call again"
+        );
+        drop(answer);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        body.rewind();
+        endpoint = again;
+        next = Some(Request::from_parts(head.again(counted), body));
+    }
+}
+
+/// How long to wait before retrying a call whose attempt `counted` ended
+/// with `code` (`None`: no status, which counts as UNAVAILABLE), or
+/// `None` not to retry: the code is not retryable, the attempts are
+/// spent, the group's throttle is low, the server's pushback says no, or
+/// the wait would outlive the deadline.
+fn retry_wait(
+    retry: &RetryConfig,
+    answer: &Result<Response<ResponseBody>, ForwardError>,
+    code: Option<Code>,
+    counted: u32,
+    way: &Way<'_>,
+    head: &Head,
+) -> Option<Duration> {
+    let code = match (code, answer) {
+        (Some(code), _) => code,
+        // The upstream reset the stream: its reason passes to the client.
+        (None, Err(ForwardError::UpstreamReset(_))) => return None,
+        (None, _) => Code::Unavailable,
+    };
+    if !retry.retryable_codes.contains(&code) || counted >= retry.max_attempts {
+        return None;
+    }
+    if !way.group.may_retry() {
+        tracing::debug!(group = %way.group.name(), "retry throttled");
+        return None;
+    }
+    let wait = match answer
+        .as_ref()
+        .ok()
+        .and_then(|r| policy::pushback(r.headers()))
+    {
+        Some(Some(wait)) => wait,
+        Some(None) => return None,
+        None => policy::backoff(retry, counted),
+    };
+    head.leaves_time(wait).then_some(wait)
+}
+
+fn answer_of(
+    answer: Result<Response<ResponseBody>, ForwardError>,
+    endpoint: Arc<Endpoint>,
+) -> Result<(Response<ResponseBody>, Arc<Endpoint>), BoxError> {
+    match answer {
+        Ok(res) => Ok((res, endpoint)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How long a hedged call waits for its whole request at least (a hedge
+/// delay of zero sends every attempt at once, which needs the request in
+/// hand): the DATA of a unary call comes right after its HEADERS.
+const WHOLE_REQUEST_WAIT: Duration = Duration::from_millis(50);
+
+/// Attempts side by side: the first at once, one more every `delay`
+/// while none has answered, each to an endpoint not yet tried; the first
+/// response headers win and the others are dropped (their streams reset
+/// with CANCEL). A further attempt needs the whole request in hand
+/// (within the retry buffer), so a call still streaming its request when
+/// the delay passes goes on as one attempt.
+pub(super) async fn hedged<B>(
+    forward: &Forward,
+    way: &Way<'_>,
+    req: Request<B>,
+    limits: &Limits,
+    hedge: &HedgeConfig,
+) -> Result<(Response<ResponseBody>, Arc<Endpoint>), BoxError>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
+
+    let first = way.first(super::Head::of(&req)).await?;
+    let (parts, body) = req.into_parts();
+    let head = Head::keep(&parts);
+    let mut body = Replay::new(body, limits.clone());
+    // Read the request while it comes, up to the first hedge's delay: a
+    // unary call's whole request is in hand at once.
+    let whole =
+        tokio::time::timeout(hedge.delay.max(WHOLE_REQUEST_WAIT), read_whole(&mut body)).await;
+    if !matches!(whole, Ok(true)) {
+        // Still streaming, or past the buffer: one attempt, retried as
+        // nothing more than a transparent retry.
+        if body.replayable() {
+            body.rewind();
+        }
+        return sequential_from(forward, way, Request::from_parts(parts, body), first).await;
+    }
+    let Some(copy) = body.snapshot() else {
+        body.rewind();
+        return sequential_from(forward, way, Request::from_parts(parts, body), first).await;
+    };
+    let mut tried = vec![first.clone()];
+    let mut running = FuturesUnordered::new();
+    let launch = |endpoint: Arc<Endpoint>, parts: Parts, body: Replay<_>| {
+        async move {
+            let mut endpoint = endpoint;
+            let request = Request::from_parts(parts, body);
+            let checkout = match way.checkout(super::Head::of(&request), &mut endpoint).await {
+                Ok(c) => c,
+                Err(e) => return (Err(e), endpoint),
+            };
+            let sent = Instant::now();
+            let attempt = forward
+                .send(Call {
+                    request,
+                    checkout,
+                    outcome: way.judge(&endpoint),
+                    max_age: way.max_age,
+                })
+                .await;
+            if !matches!(attempt, Attempt::Failed { .. }) {
+                endpoint.observe(sent.elapsed());
+            }
+            (Ok(attempt), endpoint)
+        }
+        .boxed()
+    };
+    let mut first_body = copy.snapshot();
+    let mut first_parts = Some(parts);
+    let mut launched = 0u32;
+    let mut last: Option<(Result<Response<ResponseBody>, BoxError>, Arc<Endpoint>)> = None;
+    let mut timer = Box::pin(tokio::time::sleep(Duration::ZERO));
+    loop {
+        let may_launch = launched < hedge.max_attempts
+            && (launched == 0 || way.group.may_retry())
+            && head.leaves_time(Duration::ZERO);
+        tokio::select! {
+            () = &mut timer, if may_launch => {
+                let endpoint = if launched == 0 {
+                    first.clone()
+                } else {
+                    match way.again(super::Head::of_parts(&head.spare), &tried) {
+                        Some(e) => e,
+                        None => {
+                            launched = hedge.max_attempts;
+                            continue;
+                        }
+                    }
+                };
+                tried.push(endpoint.clone());
+                let parts = match first_parts.take() {
+                    Some(p) => p,
+                    None => head.again(launched),
+                };
+                let Some(body) = first_body.take().or_else(|| copy.snapshot()) else {
+                    launched = hedge.max_attempts;
+                    continue;
+                };
+                running.push(launch(endpoint, parts, body));
+                launched += 1;
+                timer.as_mut().reset(Instant::now() + hedge.delay);
+            }
+            Some((outcome, endpoint)) = running.next() => {
+                match outcome {
+                    Ok(Attempt::Committed(res)) => return Ok((res, endpoint)),
+                    Ok(Attempt::TrailersOnly(res, _)) => {
+                        let code = status::code_of(res.headers());
+                        if way.group.judges() {
+                            way.group.ended(&endpoint, code);
+                        }
+                        let fatal = !code.is_some_and(|c| hedge.non_fatal_codes.contains(&c));
+                        if fatal {
+                            return Ok((res, endpoint));
+                        }
+                        // Non-fatal: the next hedge goes now, unless the
+                        // server's pushback says otherwise.
+                        match policy::pushback(res.headers()) {
+                            Some(None) => launched = hedge.max_attempts,
+                            Some(Some(wait)) => timer.as_mut().reset(Instant::now() + wait),
+                            None => timer.as_mut().reset(Instant::now()),
+                        }
+                        last = Some((Ok(res), endpoint));
+                    }
+                    Ok(Attempt::Failed { error, .. }) => {
+                        if way.group.judges() {
+                            way.group.ended(&endpoint, None);
+                        }
+                        timer.as_mut().reset(Instant::now());
+                        last = Some((Err(error.into()), endpoint));
+                    }
+                    Err(e) => last = Some((Err(e.into()), endpoint)),
+                }
+            }
+            else => {
+                return match last {
+                    Some((Ok(res), endpoint)) => Ok((res, endpoint)),
+                    Some((Err(e), _)) => Err(e),
+                    None => Err(BalanceError::NoEndpoint(way.target.to_owned()).into()),
+                };
+            }
+        }
+        if running.is_empty() && !(launched < hedge.max_attempts && way.group.may_retry()) {
+            return match last {
+                Some((Ok(res), endpoint)) => Ok((res, endpoint)),
+                Some((Err(e), _)) => Err(e),
+                None => Err(BalanceError::NoEndpoint(way.target.to_owned()).into()),
+            };
+        }
+    }
+}
+
+/// [`sequential`] without a policy, from a request whose body may
+/// already have been read in part.
+async fn sequential_from<B>(
+    forward: &Forward,
+    way: &Way<'_>,
+    req: Request<Replay<B>>,
+    first: Arc<Endpoint>,
+) -> Result<(Response<ResponseBody>, Arc<Endpoint>), BoxError>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut endpoint = first;
+    let checkout = way.checkout(super::Head::of(&req), &mut endpoint).await?;
+    let attempt = forward
+        .send(Call {
+            request: req,
+            checkout,
+            outcome: way.judge(&endpoint),
+            max_age: way.max_age,
+        })
+        .await;
+    match attempt {
+        Attempt::Committed(res) | Attempt::TrailersOnly(res, _) => Ok((res, endpoint)),
+        Attempt::Failed { error, .. } => Err(error.into()),
+    }
+}
+
+/// Reads `body` to its end, keeping it; false if it could not be kept
+/// whole (past the buffer) or failed.
+async fn read_whole<B>(body: &mut Replay<B>) -> bool
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    use http_body_util::BodyExt;
+    while !body.complete() {
+        match body.frame().await {
+            Some(Ok(_)) => {
+                if !body.replayable() {
+                    return false;
+                }
+            }
+            Some(Err(_)) => return false,
+            None => return body.complete(),
+        }
+    }
+    true
+}
