@@ -54,6 +54,7 @@ impl ClusterGroups {
         upstream: UpstreamConfig,
         previous: Option<(&Self, bool)>,
         counters: &Arc<Counters>,
+        outlier: Option<&crate::config::OutlierConfig>,
     ) -> Result<(Self, Vec<Arc<Endpoint>>), TlsError> {
         let settings = Settings::new(&format!("xds cluster {name}"), upstream)?;
         let old: Vec<Arc<Endpoint>> = match previous {
@@ -99,10 +100,15 @@ impl ClusterGroups {
                 HeaderName::from_static(DEFAULT_DEST_HOST_KEY),
                 Duration::ZERO,
             );
-            groups.push(Arc::new(match pick {
-                Pick::Weighted => group.weighted(),
-                Pick::LeastLoaded => group,
-            }));
+            let group = Arc::new(
+                match pick {
+                    Pick::Weighted => group.weighted(),
+                    Pick::LeastLoaded => group,
+                }
+                .with_outlier(outlier),
+            );
+            super::outlier::Detector::watch(&group);
+            groups.push(group);
         }
         let gone = match previous {
             Some((p, _)) => p

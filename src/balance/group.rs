@@ -101,6 +101,12 @@ impl Group {
         self
     }
 
+    /// A group with outlier detection (an xDS cluster's, gRFC A50).
+    pub(super) fn with_outlier(mut self, config: Option<&crate::config::OutlierConfig>) -> Self {
+        self.outlier = config.cloned().map(Detector::new);
+        self
+    }
+
     /// Its outlier detector, if on.
     pub(crate) fn outlier(&self) -> Option<&Detector> {
         self.outlier.as_ref()

@@ -201,6 +201,30 @@ impl Detector {
     }
 }
 
+impl Detector {
+    /// Sweeps `group` every interval for as long as it exists (a group
+    /// made outside the config's tasks: an xDS cluster's).
+    pub(crate) fn watch(group: &Arc<Group>) {
+        let Some(interval) = group.outlier().map(|d| d.config.interval) else {
+            return;
+        };
+        let group = Arc::downgrade(group);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(group) = group.upgrade() else {
+                    return;
+                };
+                if let Some(d) = group.outlier() {
+                    d.sweep(&group);
+                }
+            }
+        });
+    }
+}
+
 /// How a committed call to an endpoint ends, told to its group's
 /// detector and throttle.
 #[derive(Debug)]

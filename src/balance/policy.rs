@@ -49,6 +49,19 @@ impl RoutePolicy {
         }))
     }
 
+    /// A policy that only retries (an xDS route's, gRFC A44).
+    pub(crate) fn retry_only(label: &str, retry: RetryConfig) -> Arc<Self> {
+        Arc::new(Self {
+            label: label.to_owned(),
+            retry: Some(retry),
+            hedge: None,
+            fault: None,
+            rate: None,
+            in_flight: None,
+            max_stream_age: None,
+        })
+    }
+
     /// Whether the call may go on: under the route's rate and
     /// concurrency limits, and not picked for an injected abort (after
     /// an injected delay). The place it holds in the route's

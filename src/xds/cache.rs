@@ -299,6 +299,7 @@ mod tests {
                             clusters: vec![(Arc::from(*c), 1)],
                             max_stream_duration: None,
                             grpc_timeout_header_max: None,
+                            retry: None,
                         },
                     })
                     .collect(),

@@ -223,6 +223,7 @@ fn decide(xds: &Shared, parts: &Parts) -> Decision {
         clusters,
         max_stream_duration,
         grpc_timeout_header_max,
+        retry,
     } = &route.action
     else {
         return Decision::No(format!(
@@ -238,10 +239,16 @@ fn decide(xds: &Shared, parts: &Parts) -> Decision {
             *max_stream_duration,
             listener.max_stream_duration,
         ),
+        retry.as_ref(),
     )
 }
 
-fn cluster_decision(view: &View, cluster: &str, cap: Option<Duration>) -> Decision {
+fn cluster_decision(
+    view: &View,
+    cluster: &str,
+    cap: Option<Duration>,
+    retry: Option<&Arc<crate::balance::Policy>>,
+) -> Decision {
     let c = match view.cluster(cluster) {
         Lookup::Ready(c) => c,
         Lookup::Missing(why) => return Decision::No(why),
@@ -253,6 +260,9 @@ fn cluster_decision(view: &View, cluster: &str, cap: Option<Duration>) -> Decisi
     let mut destination = Destination::new(c.target.clone());
     if let Some(cap) = cap {
         destination = destination.with_timeout(cap);
+    }
+    if let Some(retry) = retry {
+        destination = destination.with_policy(retry.clone());
     }
     Decision::Go(
         destination,

@@ -206,7 +206,7 @@ impl Faults {
         use std::sync::atomic::Ordering::Relaxed;
         let n = self.calls.fetch_add(1, Relaxed);
         let every = self.fail_every.load(Relaxed);
-        let fails = self.fail_all.load(Relaxed) || (every > 0 && n % every == 0);
+        let fails = self.fail_all.load(Relaxed) || (every > 0 && n.is_multiple_of(every));
         let stall_every = self.stall_every.load(Relaxed);
         let stall = if stall_every > 0 && n % stall_every == stall_every - 1 {
             Duration::from_millis(self.stall_ms.load(Relaxed))

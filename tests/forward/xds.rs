@@ -492,3 +492,105 @@ async fn a_hundred_updates_under_load_fail_no_call() {
         lags[lags.len() - 1]
     );
 }
+
+/// Issue #21: an RDS route's `retry_policy` (gRFC A44) retries what it
+/// names, and a CDS cluster's `outlier_detection` (gRFC A50) ejects the
+/// endpoint that fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xds_retry_policy_and_outlier_detection_hold() {
+    use envoy_types::pb::{
+        envoy::config::{
+            cluster::v3::OutlierDetection,
+            route::v3::{RetryPolicy, retry_policy::RetryBackOff},
+        },
+        google::protobuf::{Duration as PbDuration, UInt32Value},
+    };
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let (a, b, bad) = (
+        EchoServer::start().await,
+        EchoServer::start().await,
+        EchoServer::start().await,
+    );
+    a.faults.fail_every.store(2, Relaxed);
+    let mut routes = xds::route_config("r", "*", &[("c1", 1)]);
+    routes.virtual_hosts[0].retry_policy = Some(RetryPolicy {
+        retry_on: "unavailable,5xx".to_owned(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        retry_back_off: Some(RetryBackOff {
+            base_interval: Some(PbDuration {
+                seconds: 0,
+                nanos: 5_000_000,
+            }),
+            max_interval: None,
+        }),
+        ..RetryPolicy::default()
+    });
+    let plane = ControlPlane::start(
+        Snapshot::new()
+            .listener(xds::api_listener("svc", "r"))
+            .route(routes)
+            .cluster(xds::eds_cluster("c1"))
+            .endpoints(xds::assignment("c1", &[(a.addr, 1, 0, Health::Healthy)])),
+    )
+    .await;
+    let (sluice, _bootstrap) = steered(&plane, "listener = \"svc\"", "").await;
+    let mut client = sluice_testkit::client(sluice.listen_addr());
+    for i in 0..10 {
+        served_by(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("call {i} was not retried: {e:?}"));
+    }
+    assert_eq!(a.faults.calls.load(Relaxed), 20, "each call failed once");
+
+    // Outlier detection: `bad` fails every call and is ejected.
+    a.faults.fail_every.store(0, Relaxed);
+    bad.faults.fail_all.store(true, Relaxed);
+    let mut cluster = xds::eds_cluster("c2");
+    cluster.outlier_detection = Some(OutlierDetection {
+        interval: Some(PbDuration {
+            seconds: 0,
+            nanos: 300_000_000,
+        }),
+        enforcing_success_rate: Some(UInt32Value { value: 0 }),
+        enforcing_failure_percentage: Some(UInt32Value { value: 100 }),
+        failure_percentage_minimum_hosts: Some(UInt32Value { value: 3 }),
+        failure_percentage_request_volume: Some(UInt32Value { value: 5 }),
+        max_ejection_percent: Some(UInt32Value { value: 50 }),
+        ..OutlierDetection::default()
+    });
+    let v = plane.set(
+        Snapshot::new()
+            .listener(xds::api_listener("svc", "r"))
+            .route(xds::route_config("r", "*", &[("c2", 1)]))
+            .cluster(cluster)
+            .endpoints(xds::assignment(
+                "c2",
+                &[
+                    (a.addr, 1, 0, Health::Healthy),
+                    (b.addr, 1, 0, Health::Healthy),
+                    (bad.addr, 1, 0, Health::Healthy),
+                ],
+            )),
+    );
+    plane.wait_for(LIMIT, |s| acked(s, xds::CLUSTER, v)).await;
+    plane.wait_for(LIMIT, |s| acked(s, xds::ROUTE, v)).await;
+    let started = std::time::Instant::now();
+    let mut quiet = 0;
+    let mut last = bad.faults.calls.load(Relaxed);
+    while quiet < 30 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the failing endpoint was never ejected"
+        );
+        let _ = served_by(&mut client).await;
+        let now = bad.faults.calls.load(Relaxed);
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
+    }
+    assert!(last > 0, "the failing endpoint had calls before");
+    for _ in 0..20 {
+        let by = served_by(&mut client).await.expect("the others answer");
+        assert_ne!(by, bad.addr.to_string());
+    }
+}

@@ -159,6 +159,7 @@ impl Client {
             upstream,
             previous.map(|p| (&*p.view.groups, same_tls)),
             &self.counters,
+            res.outlier.as_ref(),
         )?;
         gone.extend(left);
         let in_flight = previous.map_or_else(

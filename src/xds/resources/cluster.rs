@@ -88,6 +88,74 @@ pub(super) fn cluster(c: &Cluster, bootstrap: &Bootstrap) -> Result<ClusterRes, 
         lb,
         max_requests,
         tls,
+        outlier: c.outlier_detection.as_ref().map(outlier).transpose()?,
+    })
+}
+
+/// An Envoy `OutlierDetection` as gRFC A50 reads it: its defaults, success
+/// rate ejection unless `enforcing_success_rate` is 0, failure percentage
+/// ejection only when `enforcing_failure_percentage` is more than 0, and
+/// (sluice's addition) consecutive gateway failures only when
+/// `enforcing_consecutive_gateway_failure` is.
+fn outlier(
+    od: &envoy_types::pb::envoy::config::cluster::v3::OutlierDetection,
+) -> Result<crate::config::OutlierConfig, Invalid> {
+    use crate::config::{FailurePercentageConfig, OutlierConfig, SuccessRateConfig};
+    let time = |d: Option<&envoy_types::pb::google::protobuf::Duration>, default: u64| {
+        d.map_or(std::time::Duration::from_secs(default), super::duration)
+    };
+    let num = |v: Option<&envoy_types::pb::google::protobuf::UInt32Value>, default: u32| {
+        v.map_or(default, |v| v.value)
+    };
+    let percent = |v: u32, what: &str| {
+        if v > 100 {
+            Err(format!("outlier_detection.{what} is {v}, above 100"))
+        } else {
+            Ok(v)
+        }
+    };
+    let interval = time(od.interval.as_ref(), 10);
+    let base = time(od.base_ejection_time.as_ref(), 30);
+    let max = time(od.max_ejection_time.as_ref(), 300).max(base);
+    if interval.is_zero() {
+        return Err("outlier_detection.interval must be more than 0".to_owned());
+    }
+    let enforcing_sr = percent(
+        num(od.enforcing_success_rate.as_ref(), 100),
+        "enforcing_success_rate",
+    )?;
+    let enforcing_fp = percent(
+        num(od.enforcing_failure_percentage.as_ref(), 0),
+        "enforcing_failure_percentage",
+    )?;
+    let enforcing_gw = num(od.enforcing_consecutive_gateway_failure.as_ref(), 0);
+    Ok(OutlierConfig {
+        interval,
+        base_ejection_time: base,
+        max_ejection_time: max,
+        max_ejection_percent: percent(
+            num(od.max_ejection_percent.as_ref(), 10),
+            "max_ejection_percent",
+        )?,
+        success_rate: (enforcing_sr > 0).then(|| SuccessRateConfig {
+            stdev_factor: num(od.success_rate_stdev_factor.as_ref(), 1900),
+            enforcement_percentage: enforcing_sr,
+            minimum_hosts: num(od.success_rate_minimum_hosts.as_ref(), 5),
+            request_volume: num(od.success_rate_request_volume.as_ref(), 100),
+        }),
+        failure_percentage: Some(FailurePercentageConfig {
+            threshold: percent(
+                num(od.failure_percentage_threshold.as_ref(), 85),
+                "failure_percentage_threshold",
+            )?,
+            enforcement_percentage: enforcing_fp,
+            minimum_hosts: num(od.failure_percentage_minimum_hosts.as_ref(), 5),
+            request_volume: num(od.failure_percentage_request_volume.as_ref(), 50),
+        })
+        .filter(|_| enforcing_fp > 0),
+        consecutive_failures: (enforcing_gw > 0)
+            .then(|| num(od.consecutive_gateway_failure.as_ref(), 5))
+            .filter(|n| *n > 0),
     })
 }
 

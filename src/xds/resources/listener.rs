@@ -74,8 +74,71 @@ pub(super) fn route_table(r: &RouteConfiguration) -> Result<RouteTable, Invalid>
     Ok(RouteTable { virtual_hosts })
 }
 
+/// An Envoy retry policy as gRFC A44 converts it: the gRPC codes of
+/// `retry_on` (none of them: no policy), `num_retries` + 1 attempts (at
+/// most 5), backoff from `retry_back_off` (25ms and 10 × that unless
+/// given), multiplier 2.
+fn retry_policy(
+    p: &envoy_types::pb::envoy::config::route::v3::RetryPolicy,
+) -> Result<Option<Arc<crate::balance::Policy>>, Invalid> {
+    use sluice_layers::grpc::status::Code;
+    let codes: Vec<Code> = p
+        .retry_on
+        .split(',')
+        .filter_map(|c| match c.trim() {
+            "cancelled" => Some(Code::Cancelled),
+            "deadline-exceeded" => Some(Code::DeadlineExceeded),
+            "internal" => Some(Code::Internal),
+            "resource-exhausted" => Some(Code::ResourceExhausted),
+            "unavailable" => Some(Code::Unavailable),
+            _ => None,
+        })
+        .collect();
+    if codes.is_empty() {
+        return Ok(None);
+    }
+    let attempts = p
+        .num_retries
+        .as_ref()
+        .map_or(1, |n| n.value)
+        .saturating_add(1);
+    let base = p
+        .retry_back_off
+        .as_ref()
+        .and_then(|b| b.base_interval.as_ref())
+        .map_or(std::time::Duration::from_millis(25), duration);
+    if base.is_zero() {
+        return Err("retry_policy.retry_back_off.base_interval must be more than 0".to_owned());
+    }
+    let max = p
+        .retry_back_off
+        .as_ref()
+        .and_then(|b| b.max_interval.as_ref())
+        .map_or(base * 10, duration);
+    if max < base {
+        return Err("retry_policy.retry_back_off.max_interval is below base_interval".to_owned());
+    }
+    if attempts < 2 {
+        return Ok(None);
+    }
+    Ok(Some(crate::balance::Policy::retry_only(
+        "xDS route",
+        crate::config::RetryConfig {
+            max_attempts: attempts.min(5),
+            initial_backoff: base,
+            max_backoff: max,
+            backoff_multiplier: 2.0,
+            retryable_codes: codes,
+        },
+    )))
+}
+
 fn virtual_host(v: &VirtualHost) -> Result<VirtualHostRes, Invalid> {
     let mut routes = Vec::with_capacity(v.routes.len());
+    let host_retry = match &v.retry_policy {
+        Some(p) => retry_policy(p).map_err(|e| format!("virtual host {:?}: {e}", v.name))?,
+        None => None,
+    };
     for (i, r) in v.routes.iter().enumerate() {
         let Some(m) = &r.r#match else {
             return Err(format!("virtual host {:?} route {i} has no match", v.name));
@@ -133,7 +196,13 @@ fn virtual_host(v: &VirtualHost) -> Result<VirtualHostRes, Invalid> {
                     _ => continue,
                 };
                 let msd = a.max_stream_duration.as_ref();
+                let retry = match &a.retry_policy {
+                    Some(p) => retry_policy(p)
+                        .map_err(|e| format!("virtual host {:?} route {i}: {e}", v.name))?,
+                    None => host_retry.clone(),
+                };
                 RouteAction::Clusters {
+                    retry,
                     clusters,
                     max_stream_duration: msd
                         .and_then(|m| m.max_stream_duration.as_ref())

@@ -142,6 +142,8 @@ pub(crate) enum RouteAction {
         /// With `grpc_timeout_header_max`: the client's `grpc-timeout`
         /// counts, capped by it (zero: no cap).
         grpc_timeout_header_max: Option<Duration>,
+        /// The route's retry policy, else its virtual host's (gRFC A44).
+        retry: Option<Arc<crate::balance::Policy>>,
     },
     /// Any other action: a call it matches fails UNAVAILABLE.
     NonForwarding,
@@ -158,6 +160,8 @@ pub(crate) struct ClusterRes {
     pub(crate) max_requests: u32,
     /// TLS to its endpoints (gRFC A29), as sluice's upstream TLS takes it.
     pub(crate) tls: Option<UpstreamTlsConfig>,
+    /// `outlier_detection` (gRFC A50), if given.
+    pub(crate) outlier: Option<crate::config::OutlierConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
