@@ -300,6 +300,45 @@ fn main() {
         assert!(second.probe.counts().completed > 0, "the routed calls reached the second group");
         drop(routed);
 
+        // A retry policy that never acts (the upstream never fails): it
+        // must cost nothing until it is used. Both routed the same way, so
+        // the policy is the only difference; measured in turns (A B A B
+        // A B), medians, as the machine's speed drifts.
+        let route = |policy: &str| {
+            format!(
+                "[upstreams.second]\nendpoints = [\"{}\"]\n\
+                 [[routes]]\nmethod = \"/sluice.test.Echo/Un*\"\nupstream = \"second\"\n{policy}\n",
+                second.addr
+            )
+        };
+        let bare = start_sluice(upstream.addr, workers, &route(""), "no-policy");
+        let retrying = start_sluice(
+            upstream.addr,
+            workers,
+            &route("retry = { max_attempts = 3, initial_backoff = \"10ms\" }"),
+            "retry-policy",
+        );
+        let (mut cpu_bare, mut cpu_retry) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            for (p, out) in [(&bare, &mut cpu_bare), (&retrying, &mut cpu_retry)] {
+                let cpu0 = p.cpu_secs();
+                let r = measure(p.addr, Workload::Unary, dur / 2).await;
+                out.push((p.cpu_secs() - cpu0) / r.ops as f64 * 1e6);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (b, r) = (median(&mut cpu_bare), median(&mut cpu_retry));
+        println!(
+            "{:<24} sluice CPU {r:.1} µs per call with a retry policy, {b:.1} without: {:.3}x",
+            "unary, retry policy",
+            r / b
+        );
+        drop(bare);
+        drop(retrying);
+
         // The access log on (JSON lines to stdout, which the bench
         // discards): what a logged call costs beside an unlogged one.
         let logged = start_sluice(

@@ -307,37 +307,42 @@ where
     let mut first_parts = Some(parts);
     let mut launched = 0u32;
     let mut last: Option<(Result<Response<ResponseBody>, BoxError>, Arc<Endpoint>)> = None;
-    let mut timer = Box::pin(tokio::time::sleep(Duration::ZERO));
+    // The next attempt goes at the top of the loop: the first at once, a
+    // hedge when the timer fires, the next after a non-fatal answer.
+    let mut launch_now = true;
+    let mut timer = Box::pin(tokio::time::sleep(hedge.delay));
     loop {
         let may_launch = launched < hedge.max_attempts
             && (launched == 0 || way.group.may_retry())
             && head.leaves_time(Duration::ZERO);
-        tokio::select! {
-            () = &mut timer, if may_launch => {
-                let endpoint = if launched == 0 {
-                    first.clone()
-                } else {
-                    match way.again(super::Head::of_parts(&head.spare), &tried) {
-                        Some(e) => e,
-                        None => {
-                            launched = hedge.max_attempts;
-                            continue;
-                        }
-                    }
-                };
-                tried.push(endpoint.clone());
-                let parts = match first_parts.take() {
-                    Some(p) => p,
-                    None => head.again(launched),
-                };
-                let Some(body) = first_body.take().or_else(|| copy.snapshot()) else {
-                    launched = hedge.max_attempts;
-                    continue;
-                };
-                running.push(launch(endpoint, parts, body));
-                launched += 1;
-                timer.as_mut().reset(Instant::now() + hedge.delay);
+        if launch_now && may_launch {
+            launch_now = false;
+            let endpoint = if launched == 0 {
+                Some(first.clone())
+            } else {
+                way.again(super::Head::of_parts(&head.spare), &tried)
+            };
+            let parts = first_parts.take().unwrap_or_else(|| head.again(launched));
+            match (endpoint, first_body.take().or_else(|| copy.snapshot())) {
+                (Some(endpoint), Some(body)) => {
+                    tried.push(endpoint.clone());
+                    running.push(launch(endpoint, parts, body));
+                    launched += 1;
+                    timer.as_mut().reset(Instant::now() + hedge.delay);
+                }
+                _ => launched = hedge.max_attempts,
             }
+            continue;
+        }
+        if running.is_empty() && !may_launch {
+            return match last {
+                Some((Ok(res), endpoint)) => Ok((res, endpoint)),
+                Some((Err(e), _)) => Err(e),
+                None => Err(BalanceError::NoEndpoint(way.target.to_owned()).into()),
+            };
+        }
+        tokio::select! {
+            () = &mut timer, if may_launch => launch_now = true,
             Some((outcome, endpoint)) = running.next() => {
                 match outcome {
                     Ok(Attempt::Committed(res)) => return Ok((res, endpoint)),
@@ -355,7 +360,7 @@ where
                         match policy::pushback(res.headers()) {
                             Some(None) => launched = hedge.max_attempts,
                             Some(Some(wait)) => timer.as_mut().reset(Instant::now() + wait),
-                            None => timer.as_mut().reset(Instant::now()),
+                            None => launch_now = true,
                         }
                         last = Some((Ok(res), endpoint));
                     }
@@ -363,26 +368,16 @@ where
                         if way.group.judges() {
                             way.group.ended(&endpoint, None);
                         }
-                        timer.as_mut().reset(Instant::now());
+                        launch_now = true;
                         last = Some((Err(error.into()), endpoint));
                     }
-                    Err(e) => last = Some((Err(e.into()), endpoint)),
+                    Err(e) => {
+                        launch_now = true;
+                        last = Some((Err(e.into()), endpoint));
+                    }
                 }
             }
-            else => {
-                return match last {
-                    Some((Ok(res), endpoint)) => Ok((res, endpoint)),
-                    Some((Err(e), _)) => Err(e),
-                    None => Err(BalanceError::NoEndpoint(way.target.to_owned()).into()),
-                };
-            }
-        }
-        if running.is_empty() && !(launched < hedge.max_attempts && way.group.may_retry()) {
-            return match last {
-                Some((Ok(res), endpoint)) => Ok((res, endpoint)),
-                Some((Err(e), _)) => Err(e),
-                None => Err(BalanceError::NoEndpoint(way.target.to_owned()).into()),
-            };
+            else => {}
         }
     }
 }

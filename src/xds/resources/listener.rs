@@ -298,3 +298,54 @@ fn string_match(m: &StringMatcher) -> Result<HeaderRule, Invalid> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::{
+        envoy::config::route::v3::{RetryPolicy, retry_policy::RetryBackOff},
+        google::protobuf::{Duration as PbDuration, UInt32Value},
+    };
+    use sluice_layers::grpc::status::Code;
+
+    use super::retry_policy;
+
+    fn policy(retry_on: &str, retries: Option<u32>, base_ms: Option<i32>) -> RetryPolicy {
+        RetryPolicy {
+            retry_on: retry_on.to_owned(),
+            num_retries: retries.map(|value| UInt32Value { value }),
+            retry_back_off: base_ms.map(|ms| RetryBackOff {
+                base_interval: Some(PbDuration {
+                    seconds: 0,
+                    nanos: ms * 1_000_000,
+                }),
+                max_interval: None,
+            }),
+            ..RetryPolicy::default()
+        }
+    }
+
+    #[test]
+    fn an_envoy_retry_policy_converts_as_grfc_a44_says() {
+        let p = retry_policy(&policy("unavailable, 5xx,cancelled", None, None))
+            .expect("valid")
+            .expect("a policy");
+        let r = p.retry.as_ref().expect("retry");
+        assert_eq!(r.retryable_codes, [Code::Unavailable, Code::Cancelled]);
+        assert_eq!(r.max_attempts, 2, "num_retries 1 by default, + 1");
+        assert_eq!(r.initial_backoff, std::time::Duration::from_millis(25));
+        assert_eq!(r.max_backoff, std::time::Duration::from_millis(250));
+        let p = retry_policy(&policy("internal", Some(9), Some(40)))
+            .expect("valid")
+            .expect("a policy");
+        let r = p.retry.as_ref().expect("retry");
+        assert_eq!(r.max_attempts, 5, "capped at 5");
+        assert_eq!(r.max_backoff, std::time::Duration::from_millis(400));
+        // No gRPC code: no policy. A zero base interval: NACK.
+        assert!(
+            retry_policy(&policy("5xx,reset", None, None))
+                .expect("valid")
+                .is_none()
+        );
+        assert!(retry_policy(&policy("unavailable", None, Some(0))).is_err());
+    }
+}
