@@ -80,9 +80,6 @@ pub(crate) struct Parts {
     pub(crate) access: Arc<std::sync::OnceLock<AccessLog>>,
     /// The xDS client's state, when xDS is on.
     pub(crate) xds: Option<Arc<crate::xds::Shared>>,
-    /// Request bytes kept for retries, all stacks together
-    /// (`retry.buffer_total`).
-    pub(crate) retry_budget: Arc<crate::forward::Budget>,
 }
 
 /// The stack for `config` over `parts`.
@@ -94,7 +91,6 @@ pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
         metrics,
         access,
         xds,
-        retry_budget,
     } = parts.clone();
     let members: crate::route::Members = {
         let groups = groups.clone();
@@ -124,7 +120,7 @@ pub(crate) fn build(config: &Config, parts: &Parts) -> Stack {
     let limits = crate::forward::Limits {
         per_call: config.retry.buffer_per_call.0 as usize,
         total: config.retry.buffer_total.0 as usize,
-        budget: retry_budget,
+        budget: counters.retry_buffer.clone(),
     };
     ServiceBuilder::new()
         // A DEBUG span per call: method, upstream, grpc-status, duration.

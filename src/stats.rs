@@ -21,6 +21,9 @@ pub struct Stats {
     /// Spawned request-body pumps still running (streaming requests whose
     /// client was still sending when response headers came back).
     pub request_pumps: usize,
+    /// Request bytes kept for another attempt by calls not yet committed
+    /// (at most `retry.buffer_total`).
+    pub retry_buffer_bytes: usize,
 }
 
 /// The shared counters behind [`Stats`].
@@ -31,6 +34,8 @@ pub(crate) struct Counters {
     calls_in_flight: AtomicUsize,
     /// The forwarder's count of request pumps on tasks of their own.
     pub(crate) pumps: crate::forward::Pumps,
+    /// Request bytes kept for retries, every stack together.
+    pub(crate) retry_buffer: Arc<crate::forward::Budget>,
     /// Woken when the last upstream connection closes.
     upstream_gone: Notify,
 }
@@ -59,6 +64,7 @@ impl Counters {
             upstream_connections: self.upstream_connections.load(Ordering::Relaxed),
             calls_in_flight: self.calls_in_flight.load(Ordering::Relaxed),
             request_pumps: self.pumps.running(),
+            retry_buffer_bytes: self.retry_buffer.held(),
         }
     }
 

@@ -284,7 +284,6 @@ pub async fn run_with(config: &Config, source: Option<ConfigSource>) -> Result<R
         metrics: metrics.clone(),
         access: Arc::default(),
         xds: xds.clone(),
-        retry_budget: Arc::default(),
     };
     let switch = Switch::new(stack::build(config, &parts));
     // The peer's address travels with each call when enrichment or the

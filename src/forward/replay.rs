@@ -31,7 +31,6 @@ pub(crate) struct Budget {
 
 impl Budget {
     /// Bytes kept now, all calls together.
-    #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
@@ -57,13 +56,82 @@ pub(crate) struct Limits {
     pub(crate) budget: Arc<Budget>,
 }
 
+/// The chunks a body keeps: most requests are one chunk, kept without a
+/// `Vec` of their own.
+#[derive(Clone, Debug, Default)]
+enum Chunks {
+    #[default]
+    None,
+    One(Bytes),
+    Many(Vec<Bytes>),
+}
+
+impl Chunks {
+    fn len(&self) -> usize {
+        match self {
+            Self::None => 0,
+            Self::One(_) => 1,
+            Self::Many(v) => v.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<&Bytes> {
+        match self {
+            Self::One(b) if i == 0 => Some(b),
+            Self::Many(v) => v.get(i),
+            _ => None,
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::take(self) {
+            Self::None => Self::One(chunk),
+            Self::One(first) => Self::Many(vec![first, chunk]),
+            Self::Many(mut v) => {
+                v.push(chunk);
+                Self::Many(v)
+            }
+        };
+    }
+
+    /// Forgets the first `n` chunks.
+    fn drop_front(&mut self, n: usize) {
+        match self {
+            Self::One(_) if n > 0 => *self = Self::None,
+            Self::Many(v) => {
+                v.drain(..n.min(v.len()));
+            }
+            _ => {}
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::None;
+    }
+
+    /// The bytes of the chunks from `i` on.
+    fn bytes_from(&self, i: usize) -> u64 {
+        match self {
+            Self::None => 0,
+            Self::One(b) => {
+                if i == 0 {
+                    b.len() as u64
+                } else {
+                    0
+                }
+            }
+            Self::Many(v) => v.iter().skip(i).map(|c| c.len() as u64).sum(),
+        }
+    }
+}
+
 /// The request body of one call, replayable until committed.
 #[derive(Debug)]
 pub(crate) struct Replay<B> {
     inner: B,
     /// The client's body has ended (its last frame or trailers were read).
     inner_done: bool,
-    kept: Vec<Bytes>,
+    kept: Chunks,
     trailers: Option<HeaderMap>,
     /// The next kept chunk to give; `kept.len()`: read the client.
     at: usize,
@@ -78,7 +146,7 @@ impl<B> Replay<B> {
         Self {
             inner,
             inner_done: false,
-            kept: Vec::new(),
+            kept: Chunks::None,
             trailers: None,
             at: 0,
             trailers_given: false,
@@ -130,7 +198,7 @@ impl<B> Replay<B> {
             self.limits.budget.give(held);
         }
         // Chunks not yet given again are still owed to this attempt.
-        self.kept.drain(..self.at);
+        self.kept.drop_front(self.at);
         self.at = 0;
         self.trailers = self.trailers.take().filter(|_| !self.trailers_given);
     }
@@ -229,7 +297,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let kept: u64 = self.kept[self.at..].iter().map(|c| c.len() as u64).sum();
+        let kept = self.kept.bytes_from(self.at);
         if self.inner_done {
             return SizeHint::with_exact(kept);
         }

@@ -79,6 +79,7 @@ pub(crate) struct Metrics {
     downstream_connections: Gauge,
     upstream_connections: Gauge,
     calls_in_flight: Gauge,
+    retry_buffer_bytes: Gauge,
     pub(crate) refusals: Refusals,
     drain_state: Gauge,
     pub(crate) calls: std::sync::Arc<CallFamilies>,
@@ -187,6 +188,11 @@ impl Metrics {
                 registry,
                 "calls_in_flight",
                 "Calls forwarded and not yet finished",
+            ),
+            retry_buffer_bytes: register(
+                registry,
+                "retry_buffer_bytes",
+                "Request bytes kept for another attempt by calls not yet committed",
             ),
             refusals: Refusals(register(
                 registry,
@@ -382,6 +388,7 @@ impl Metrics {
         self.upstream_connections
             .set(gauge(stats.upstream_connections));
         self.calls_in_flight.set(gauge(stats.calls_in_flight));
+        self.retry_buffer_bytes.set(gauge(stats.retry_buffer_bytes));
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -191,6 +191,63 @@ async fn a_request_larger_than_the_retry_buffer_is_not_retried() {
     assert_eq!(unary_calls(&b), 1 + 3);
 }
 
+/// What uncommitted calls keep is what `retry_buffer_bytes` says, at most
+/// `buffer_per_call` each: a call past it keeps nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_keep_at_most_the_retry_buffer_until_they_commit() {
+    let b = EchoServer::start().await;
+    let (sluice, client) = sluice_with(
+        b.addr,
+        &format!(
+            "[retry]\nbuffer_per_call = \"256KiB\"\n{}",
+            over(&[b.addr], "", "retry = { initial_backoff = \"10ms\" }")
+        ),
+    )
+    .await;
+    let message = |seq| Req {
+        payload: vec![1u8; 64 << 10].into(),
+        seq,
+        ..Req::default()
+    };
+    // Two uploads that stay open: one of 2 × 64 KiB, one of 8 × 64 KiB.
+    let mut uploads = Vec::new();
+    for (count, expected) in [(2u64, 2u64), (8, 10)] {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        for i in 0..count {
+            tx.send(message(i)).await.expect("queued");
+        }
+        let mut client = client.clone();
+        let call = tokio::spawn(async move {
+            client
+                .client_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        b.probe
+            .wait_for(LIMIT, |c| c.requests_received >= expected)
+            .await;
+        uploads.push((tx, call));
+    }
+    let kept = sluice.stats().retry_buffer_bytes;
+    // The small one keeps its 2 messages (5-byte prefixes and field tags
+    // included); the large one passed 256 KiB and keeps nothing.
+    assert!(
+        (2 * (64 << 10)..3 * (64 << 10)).contains(&kept),
+        "{kept} bytes kept"
+    );
+    for (tx, call) in uploads {
+        drop(tx);
+        within("the upload", call)
+            .await
+            .expect("joined")
+            .expect("answered");
+    }
+    assert_eq!(
+        sluice.stats().retry_buffer_bytes,
+        0,
+        "committed calls keep nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_pushback_stops_or_spaces_retries() {
     let b = EchoServer::start().await;
@@ -367,6 +424,44 @@ async fn a_hedge_answers_when_the_first_endpoint_stalls() {
         slowest < Duration::from_millis(1500),
         "no call waited out the stall: slowest {slowest:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_fatal_status_starts_the_next_hedge_at_once_and_a_fatal_one_ends_the_call() {
+    let [bad, good] = [EchoServer::start().await, EchoServer::start().await];
+    bad.faults.fail_all.store(true, Relaxed);
+    let hedged = |non_fatal: &str| {
+        over(
+            &[bad.addr, good.addr],
+            "strategy = [\"random\"]",
+            &format!(
+                "hedge = {{ max_attempts = 2, delay = \"5s\", non_fatal_codes = [{non_fatal}] }}"
+            ),
+        )
+    };
+    let (_sluice, client) = sluice_with(good.addr, &hedged("\"UNAVAILABLE\"")).await;
+    let started = Instant::now();
+    for _ in 0..20 {
+        within("a hedged call", client.clone().unary(Req::default()))
+            .await
+            .expect("the next attempt answers");
+    }
+    assert!(unary_calls(&bad) > 0, "the failing endpoint was tried");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "no call waited the 5 s hedge delay: {:?}",
+        started.elapsed()
+    );
+    // UNAVAILABLE is fatal when not listed: a call that meets it ends.
+    let (_fatal, client) = sluice_with(good.addr, &hedged("")).await;
+    let mut failed = 0;
+    for _ in 0..20 {
+        if let Err(e) = within("a hedged call", client.clone().unary(Req::default())).await {
+            assert_eq!(e.code(), tonic::Code::Unavailable);
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "a fatal status ends the call");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
