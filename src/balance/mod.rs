@@ -134,9 +134,9 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let forward = self.inner.clone();
-        let targets = self.targets.clone();
-        Box::pin(async move { targets.call(&forward, req).await })
+        // The call's own future, boxed once: no wrapper around it, as
+        // each level of async nesting copies the whole state when built.
+        Box::pin(Targets::call(self.targets.clone(), self.inner.clone(), req))
     }
 }
 
@@ -157,8 +157,8 @@ struct Way<'a> {
 
 impl Targets {
     async fn call<B>(
-        &self,
-        forward: &Forward,
+        self: Arc<Self>,
+        forward: Forward,
         mut req: Request<B>,
     ) -> Result<Response<ResponseBody>, BoxError>
     where
@@ -231,10 +231,14 @@ impl Targets {
             _ => None,
         };
         let (res, endpoint) = match policy.and_then(|p| p.hedge.as_ref()) {
-            Some(hedge) => retry::hedged(forward, &way, req, &self.limits, hedge).await?,
+            // Boxed: hedging's state (its attempts, its timer) is large, and
+            // every call's future would carry its size.
+            Some(hedge) => {
+                Box::pin(retry::hedged(&forward, &way, req, &self.limits, hedge)).await?
+            }
             None => {
                 retry::sequential(
-                    forward,
+                    &forward,
                     &way,
                     req,
                     &self.limits,

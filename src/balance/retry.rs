@@ -100,18 +100,12 @@ where
     let mut endpoint = way.first(super::Head::of(&req)).await?;
     let (parts, body) = req.into_parts();
     let head = Head::keep(&parts);
-    let mut next = Some(Request::from_parts(
-        parts,
-        Replay::new(body, limits.clone()),
-    ));
+    let mut request = Request::from_parts(parts, Replay::new(body, limits.clone()));
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     // Attempts that count against `max_attempts`.
     let mut counted = 0u32;
     let mut transparent = false;
     loop {
-        let Some(request) = next.take() else {
-            return Err(BalanceError::Unroutable("no request left to send".to_owned()).into());
-        };
         let checkout = way
             .checkout(super::Head::of(&request), &mut endpoint)
             .await?;
@@ -181,7 +175,7 @@ where
         }
         body.rewind();
         endpoint = again;
-        next = Some(Request::from_parts(head.again(counted), body));
+        request = Request::from_parts(head.again(counted), body);
     }
 }
 

@@ -130,13 +130,14 @@ impl Forward {
         Self { pumps }
     }
 
-    /// Sends `call` and waits for its response headers.
-    pub(crate) async fn send<B>(&self, call: Call<B>) -> Attempt<B>
+    /// Sends `call` and waits for its response headers (the forwarding
+    /// future itself: no `async` wrapper to copy it into).
+    pub(crate) fn send<B>(&self, call: Call<B>) -> impl Future<Output = Attempt<B>> + Send + '_
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        forward(&self.pumps, call).await
+        forward(&self.pumps, call)
     }
 }
 

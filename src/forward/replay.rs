@@ -208,6 +208,10 @@ impl<B> Replay<B> {
             return;
         };
         let n = chunk.len();
+        if n == 0 {
+            // Nothing to give again (an empty last DATA frame).
+            return;
+        }
         let fits =
             held + n <= self.limits.per_call && self.limits.budget.take(n, self.limits.total);
         if fits {
