@@ -6,13 +6,17 @@
 //!
 //! - unary: 256 B requests and replies, a closed loop of 4 connections × 64
 //!   calls in flight;
+//! - unary1: the same, one call in flight;
+//! - open2k: an open loop of 2,000 calls/s (a sidecar's usual load), each
+//!   timed from when it was due;
 //! - bidi: 64 ping-pong streams (4 connections × 16), 64 B each way;
 //! - server streams of 1 KiB and of 64 KiB messages, 8 streams.
 //!
 //! For each it prints calls (or messages) per second, the proxy's CPU time
-//! per call, and sluice ÷ HAProxy (and ÷ nginx) for both. Last, each
-//! proxy's resident memory per idle HTTP/2 connection (1 000 of them, on a
-//! freshly started proxy).
+//! per call, its system calls per call (with `perf`), and sluice ÷ HAProxy
+//! (and ÷ nginx) for both. Last, each proxy's resident memory per idle
+//! HTTP/2 connection (1 000 of them, on a freshly started proxy): never
+//! called, and after one call on each, as a sidecar's connections are.
 //!
 //! HAProxy and nginx are used when installed (`apt-get install haproxy
 //! nginx-light`); their configs are generated here. Without `taskset` the
@@ -114,6 +118,13 @@ fn idle() {
         for (send, _) in &mut conns {
             let _ = std::future::poll_fn(|cx| send.poll_ready(cx)).await;
         }
+        if std::env::var_os("PEERS_IDLE_CALL").is_some() {
+            // One unary call on each, as a sidecar's connections have
+            // carried calls before they idle.
+            for (send, _) in &mut conns {
+                one_call(send).await;
+            }
+        }
         println!("READY");
         std::io::stdout().flush().expect("stdout");
         tokio::task::spawn_blocking(|| {
@@ -124,6 +135,26 @@ fn idle() {
         .expect("stdin");
         drop(conns);
     });
+}
+
+/// One unary call (an empty message) on `send`, read to its trailers.
+async fn one_call(send: &mut h2::client::SendRequest<bytes::Bytes>) {
+    let head = http::Request::post("http://peers/sluice.test.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let mut ready = send.clone().ready().await.expect("ready");
+    let (response, mut body) = ready.send_request(head, false).expect("send");
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .expect("message");
+    let mut recv = response.await.expect("response").into_body();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.expect("data");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = recv.trailers().await.expect("trailers");
+    assert!(trailers.is_some(), "a gRPC answer ends with trailers");
 }
 
 // === the orchestrator ===
@@ -324,10 +355,57 @@ struct Measured {
     cpu_us: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Proxy system calls per operation (with `perf`).
+    syscalls: Option<f64>,
+}
+
+/// Counts the system calls of `pid` (`perf stat`) until stopped.
+struct SyscallCount(Child);
+
+impl SyscallCount {
+    fn start(pid: u32) -> Option<Self> {
+        find_program("perf")?;
+        Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                "raw_syscalls:sys_enter",
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()
+            .map(Self)
+    }
+
+    fn stop(mut self) -> Option<f64> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let out = std::mem::replace(&mut self.0, Command::new("true").spawn().ok()?)
+            .wait_with_output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))?
+            .split(',')
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
 }
 
 fn measure(target: &Target, workload: Workload, secs: f64, pin: bool) -> Measured {
     let cpu0 = target.pid.map(cpu_secs);
+    let syscalls = target.pid.and_then(SyscallCount::start);
+    // perf needs a moment to attach.
+    if syscalls.is_some() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let mut child = self_role("load", LOAD_CPU, pin)
         .env("PEERS_ADDR", target.addr.to_string())
         .env("PEERS_WORKLOAD", workload.name())
@@ -351,6 +429,7 @@ fn measure(target: &Target, workload: Workload, secs: f64, pin: bool) -> Measure
         (Some(pid), Some(before)) => cpu_secs(pid) - before,
         _ => 0.0,
     };
+    let syscalls = syscalls.and_then(SyscallCount::stop);
     let fields: Vec<f64> = result
         .split_whitespace()
         .map(|f| f.parse().expect("a number"))
@@ -361,14 +440,19 @@ fn measure(target: &Target, workload: Workload, secs: f64, pin: bool) -> Measure
         cpu_us: cpu / ops * 1e6,
         p50_us: fields[2],
         p99_us: fields[3],
+        syscalls: syscalls.map(|n| n / ops),
     }
 }
 
 /// RSS growth of the proxy per idle HTTP/2 connection, KiB.
-fn idle_cost(target: &Target, pin: bool) -> Option<f64> {
+fn idle_cost(target: &Target, pin: bool, after_a_call: bool) -> Option<f64> {
     let pid = target.pid?;
     let before = rss_kib(pid);
-    let mut child = self_role("idle", LOAD_CPU, pin)
+    let mut role = self_role("idle", LOAD_CPU, pin);
+    if after_a_call {
+        role.env("PEERS_IDLE_CALL", "1");
+    }
+    let mut child = role
         .env("PEERS_ADDR", target.addr.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -443,12 +527,15 @@ fn orchestrate() {
         );
         for (name, m) in &results {
             println!(
-                "  {name:<8} {:>9.0}/s {:>8.1} MB/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU {:>6.2} µs",
+                "  {name:<8} {:>9.0}/s {:>8.1} MB/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU {:>6.2} µs{}",
                 m.ops_per_sec,
                 m.ops_per_sec * workload.bytes_per_op() / 1e6,
                 m.p50_us,
                 m.p99_us,
-                m.cpu_us
+                m.cpu_us,
+                m.syscalls
+                    .map(|n| format!("  {n:.2} syscalls"))
+                    .unwrap_or_default()
             );
         }
         let get = |n: &str| results.iter().find(|(name, _)| *name == n).map(|(_, m)| *m);
@@ -477,11 +564,21 @@ fn orchestrate() {
         start_haproxy,
         start_nginx,
     ];
-    for start in fresh {
-        if let Some(t) = start(&dir, upstream, pin)
-            && let Some(kib) = idle_cost(&t, pin)
-        {
-            println!("  {:<8} {kib:.2} KiB", t.name);
+    for after_a_call in [false, true] {
+        for start in fresh {
+            if let Some(t) = start(&dir, upstream, pin)
+                && let Some(kib) = idle_cost(&t, pin, after_a_call)
+            {
+                println!(
+                    "  {:<8} {kib:.2} KiB{}",
+                    t.name,
+                    if after_a_call {
+                        " after one call on each"
+                    } else {
+                        " never called"
+                    }
+                );
+            }
         }
     }
     drop(backend);

@@ -24,15 +24,23 @@ pub(crate) enum Workload {
     /// One client making one unary call after another (one in flight): the
     /// connection goes idle between calls.
     UnarySequential,
+    /// Open loop: unary calls started at a fixed rate ([`OPEN_LOOP_RATE`]
+    /// per second, a sidecar's usual load) whatever the answers do, each
+    /// timed from when it was due.
+    OpenLoop,
     Bidi,
     Stream1K,
     Stream64K,
 }
 
+/// Calls per second of the open-loop workload.
+pub(crate) const OPEN_LOOP_RATE: u64 = 2_000;
+
 impl Workload {
-    pub(crate) const ALL: [Self; 5] = [
+    pub(crate) const ALL: [Self; 6] = [
         Self::Unary,
         Self::UnarySequential,
+        Self::OpenLoop,
         Self::Bidi,
         Self::Stream1K,
         Self::Stream64K,
@@ -42,6 +50,7 @@ impl Workload {
         match self {
             Self::Unary => "unary",
             Self::UnarySequential => "unary1",
+            Self::OpenLoop => "open2k",
             Self::Bidi => "bidi",
             Self::Stream1K => "stream1k",
             Self::Stream64K => "stream64k",
@@ -54,7 +63,7 @@ impl Workload {
 
     pub(crate) fn unit(self) -> &'static str {
         match self {
-            Self::Unary | Self::UnarySequential => "calls",
+            Self::Unary | Self::UnarySequential | Self::OpenLoop => "calls",
             Self::Bidi => "round trips",
             Self::Stream1K | Self::Stream64K => "messages",
         }
@@ -62,7 +71,7 @@ impl Workload {
 
     pub(crate) fn bytes_per_op(self) -> f64 {
         match self {
-            Self::Unary | Self::UnarySequential => (2 * UNARY_PAYLOAD) as f64,
+            Self::Unary | Self::UnarySequential | Self::OpenLoop => (2 * UNARY_PAYLOAD) as f64,
             Self::Bidi => (2 * BIDI_PAYLOAD) as f64,
             Self::Stream1K => 1024.0,
             Self::Stream64K => 65536.0,
@@ -136,6 +145,29 @@ pub(crate) async fn run_load_on(
                 }
                 lat
             });
+        }
+        Workload::OpenLoop => {
+            let payload = bytes::Bytes::from(vec![7u8; UNARY_PAYLOAD]);
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / OPEN_LOOP_RATE));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut k = 0;
+            loop {
+                let due = tick.tick().await;
+                if Instant::now() >= end {
+                    break;
+                }
+                let mut client = clients[k % CONNECTIONS].clone();
+                k += 1;
+                let payload = payload.clone();
+                tasks.spawn(async move {
+                    let req = Req {
+                        payload,
+                        ..Req::default()
+                    };
+                    client.unary(req).await.expect("unary call");
+                    vec![due.elapsed().as_micros() as u32]
+                });
+            }
         }
         Workload::Bidi => {
             for i in 0..BIDI_STREAMS {

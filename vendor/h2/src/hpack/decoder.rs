@@ -149,6 +149,28 @@ struct StringMarker {
     string: Option<Bytes>,
 }
 
+impl Table {
+    /// Copies every string of the table into an allocation of its own
+    /// (sluice).
+    fn compact(&mut self) {
+        for entry in self.entries.iter_mut() {
+            let copy = match &*entry {
+                Header::Field { name, value } => Header::Field {
+                    name: header::HeaderName::from_bytes(name.as_str().as_bytes())
+                        .unwrap_or_else(|_| name.clone()),
+                    value: header::HeaderValue::from_bytes(value.as_bytes())
+                        .unwrap_or_else(|_| value.clone()),
+                },
+                Header::Authority(v) => Header::Authority(BytesStr::from(v.as_str())),
+                Header::Scheme(v) => Header::Scheme(BytesStr::from(v.as_str())),
+                Header::Path(v) => Header::Path(BytesStr::from(v.as_str())),
+                other => other.clone(),
+            };
+            *entry = copy;
+        }
+    }
+}
+
 // ===== impl Decoder =====
 
 impl Decoder {
@@ -179,6 +201,10 @@ impl Decoder {
     pub fn shrink(&mut self) {
         if self.buffer.is_empty() && self.buffer.capacity() > 0 {
             self.buffer = BytesMut::new();
+            // sluice: the table's strings were decoded into slices of that
+            // buffer's block, which they would keep alive for as long as
+            // the connection idles: each gets an allocation of its own.
+            self.table.compact();
         }
     }
 

@@ -134,6 +134,7 @@ where
     /// sluice: see `server::Connection::shrink_buffers`.
     pub fn shrink_buffers(&mut self) {
         self.codec.shrink();
+        self.inner.streams.shrink();
     }
 
     pub fn new(codec: Codec<T, Prioritized<B>>, config: Config) -> Connection<T, P, B> {

@@ -85,6 +85,11 @@ pub(crate) enum Open {
 }
 
 impl Recv {
+    /// Gives back the memory of an empty frame buffer (sluice).
+    pub(super) fn shrink(&mut self) {
+        self.buffer.shrink();
+    }
+
     pub fn new(peer: peer::Dyn, config: &Config) -> Self {
         let next_stream_id = if peer.is_server() { 1 } else { 2 };
 

@@ -86,6 +86,15 @@ impl Store {
         }
     }
 
+    /// Gives back the memory of an empty store (sluice: an idle
+    /// connection keeps what its busiest moment grew otherwise).
+    pub fn shrink(&mut self) {
+        if self.slab.is_empty() && self.slab.capacity() > 0 {
+            self.slab = slab::Slab::new();
+            self.ids = IndexMap::new();
+        }
+    }
+
     pub fn find_mut(&mut self, id: &StreamId) -> Option<Ptr<'_>> {
         let index = {
             let key = self.ids.get(id)?;

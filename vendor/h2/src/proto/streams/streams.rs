@@ -128,6 +128,16 @@ where
         }
     }
 
+    /// Gives back the memory of stream state no stream uses (sluice: an
+    /// idle connection otherwise keeps what its busiest moment grew).
+    pub fn shrink(&mut self) {
+        let mut me = self.inner.lock().unwrap();
+        me.store.shrink();
+        me.actions.recv.shrink();
+        drop(me);
+        self.send_buffer.inner.lock().unwrap().shrink();
+    }
+
     pub fn set_target_connection_window_size(&mut self, size: WindowSize) -> Result<(), Reason> {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;
