@@ -91,19 +91,22 @@ impl Group {
 
     /// A group with the file's `outlier_detection` and `retry_throttling`.
     pub(super) fn with_resilience(mut self, config: Option<&GroupConfig>) -> Self {
-        if let Some(config) = config {
-            self.outlier = config.outlier_detection.clone().map(Detector::new);
-            self.throttle = config
-                .retry_throttling
-                .as_ref()
-                .map(|t| Throttle::new(t.max_tokens, t.token_ratio));
-        }
+        self = self.with_outlier(config.and_then(|c| c.outlier_detection.as_ref()));
+        self.throttle = config
+            .and_then(|c| c.retry_throttling.as_ref())
+            .map(|t| Throttle::new(t.max_tokens, t.token_ratio));
         self
     }
 
     /// A group with outlier detection (an xDS cluster's, gRFC A50).
     pub(super) fn with_outlier(mut self, config: Option<&crate::config::OutlierConfig>) -> Self {
         self.outlier = config.cloned().map(Detector::new);
+        if self.outlier.is_none() {
+            // Endpoints carried over from a group that ejected them.
+            for e in self.endpoints.load().iter() {
+                e.outlier.forgive();
+            }
+        }
         self
     }
 
@@ -118,12 +121,13 @@ impl Group {
         self.throttle.as_ref().is_none_or(Throttle::allows)
     }
 
-    /// Whether anything learns from how its calls end.
+    /// Whether outlier detection learns from how its calls end.
     pub(crate) fn judges(&self) -> bool {
-        self.outlier.is_some() || self.throttle.is_some()
+        self.outlier.is_some()
     }
 
-    /// Counts how a call to `endpoint` ended (`None`: without a status).
+    /// Counts how a call to `endpoint` ended (`None`: without a status),
+    /// for outlier detection.
     pub(crate) fn ended(
         &self,
         endpoint: &Endpoint,
@@ -132,8 +136,14 @@ impl Group {
         if let Some(d) = &self.outlier {
             d.record(self, endpoint, code);
         }
-        if let Some(t) = &self.throttle {
-            t.ended(super::outlier::failed(code));
+    }
+
+    /// Counts an attempt of a call with a retry or hedge policy for the
+    /// retry throttle (A6): `Some(true)` failed with a status the policy
+    /// retries, `Some(false)` succeeded, `None` neither.
+    pub(crate) fn attempted(&self, failed: Option<bool>) {
+        if let (Some(t), Some(failed)) = (&self.throttle, failed) {
+            t.ended(failed);
         }
     }
 

@@ -54,19 +54,30 @@ impl Record {
 #[derive(Debug)]
 pub(crate) struct Detector {
     config: OutlierConfig,
-    start: Instant,
+}
+
+/// The clock ejection times are counted on: one for the process, as an
+/// endpoint (and its record) outlives the group a reload or an xDS update
+/// replaces.
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Record {
+    /// Returns an endpoint to service: its group no longer detects
+    /// outliers.
+    pub(crate) fn forgive(&self) {
+        self.ejected.store(false, Ordering::Relaxed);
+        self.multiplier.store(0, Ordering::Relaxed);
+        self.consecutive.store(0, Ordering::Relaxed);
+    }
 }
 
 impl Detector {
     pub(crate) fn new(config: OutlierConfig) -> Self {
-        Self {
-            config,
-            start: Instant::now(),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        Self { config }
     }
 
     /// Counts a call to `endpoint` of `group`; with `consecutive_failures`
@@ -100,7 +111,7 @@ impl Detector {
 
     fn eject(&self, endpoint: &Endpoint, group: &Group) {
         let r = &endpoint.outlier;
-        r.ejected_at.store(self.now_ms(), Ordering::Relaxed);
+        r.ejected_at.store(now_ms(), Ordering::Relaxed);
         r.multiplier.fetch_add(1, Ordering::Relaxed);
         r.ejected.store(true, Ordering::Relaxed);
         tracing::info!(
@@ -164,7 +175,7 @@ impl Detector {
                 }
             }
         }
-        let now = self.now_ms();
+        let now = now_ms();
         let base = self.config.base_ejection_time;
         let max = self.config.max_ejection_time.max(base);
         for e in endpoints.iter() {

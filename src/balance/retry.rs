@@ -45,9 +45,15 @@ impl Head {
             spare.extensions.insert(*cut);
         }
         Self {
-            deadline: timeout::from_headers(&parts.headers).map(|t| Instant::now() + t),
+            deadline: Self::deadline_of(&parts.headers),
             spare,
         }
+    }
+
+    /// When the deadline of a call with `headers` ends: measured from
+    /// when the balancer took the call, before it waited for an endpoint.
+    fn deadline_of(headers: &http::HeaderMap) -> Option<Instant> {
+        timeout::from_headers(headers).map(|t| Instant::now() + t)
     }
 
     /// The head of a later attempt: `previous` attempts went before it
@@ -97,18 +103,50 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut endpoint = way.first(super::Head::of(&req)).await?;
+    let deadline = Head::deadline_of(req.headers());
+    let endpoint = way.first(super::Head::of(&req)).await?;
     let (parts, body) = req.into_parts();
-    let head = Head::keep(&parts);
-    let mut request = Request::from_parts(parts, Replay::new(body, limits.clone()));
+    let mut head = Head::keep(&parts);
+    head.deadline = deadline;
+    let request = Request::from_parts(parts, Replay::new(body, limits.clone()));
+    send_from(forward, way, request, head, endpoint, retry).await
+}
+
+/// [`sequential`] from a request already made replayable (and perhaps
+/// read ahead), with its head kept and its first endpoint chosen.
+async fn send_from<B>(
+    forward: &Forward,
+    way: &Way<'_>,
+    mut request: Request<Replay<B>>,
+    head: Head,
+    mut endpoint: Arc<Endpoint>,
+    retry: Option<&RetryConfig>,
+) -> Result<(Response<ResponseBody>, Arc<Endpoint>), BoxError>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     // Attempts that count against `max_attempts`.
     let mut counted = 0u32;
     let mut transparent = false;
+    // Retries since the last pushback: the backoff's exponent (A6 starts
+    // it again after a pushback).
+    let mut backoffs = 0u32;
+    // The last attempt's answer, kept while the next is dialled: if no
+    // connection can be had, the client gets this answer, not the dial's.
+    let mut last: Option<Result<Response<ResponseBody>, ForwardError>> = None;
     loop {
-        let checkout = way
-            .checkout(super::Head::of(&request), &mut endpoint)
-            .await?;
+        let checkout = match way.checkout(super::Head::of(&request), &mut endpoint).await {
+            Ok(checkout) => checkout,
+            Err(e) => {
+                return match last {
+                    Some(answer) => answer_of(answer, endpoint),
+                    None => Err(e.into()),
+                };
+            }
+        };
+        drop(last.take());
         let sent = Instant::now();
         let attempt = forward
             .send(Call {
@@ -122,11 +160,14 @@ where
         let (code, answer, body, unprocessed) = match attempt {
             Attempt::Committed(res) => {
                 endpoint.observe(sent.elapsed());
+                if retry.is_some() {
+                    way.group.attempted(Some(false));
+                }
                 return Ok((res, endpoint));
             }
             Attempt::TrailersOnly(res, body) => {
                 endpoint.observe(sent.elapsed());
-                let code = status::code_of(res.headers());
+                let code = code_of_answer(&res);
                 if way.group.judges() {
                     way.group.ended(&endpoint, code);
                 }
@@ -143,6 +184,22 @@ where
                 (None, Err(error), body, unprocessed)
             }
         };
+        // What the retry policy makes of the answer: a status it retries
+        // (no status counts as UNAVAILABLE; an upstream reset is passed
+        // on), for the throttle too.
+        let retryable_code = match (code, &answer) {
+            (_, _) if unprocessed => None,
+            (Some(code), _) => Some(code),
+            (None, Err(ForwardError::UpstreamReset(_))) => None,
+            (None, _) => Some(Code::Unavailable),
+        };
+        if let Some(r) = retry {
+            way.group.attempted(match retryable_code {
+                Some(Code::Ok) => Some(false),
+                Some(c) if r.retryable_codes.contains(&c) => Some(true),
+                _ => None,
+            });
+        }
         let Some(mut body) = body.filter(|b| b.replayable()) else {
             return answer_of(answer, endpoint);
         };
@@ -154,7 +211,15 @@ where
             counted -= 1;
             Some(Duration::ZERO)
         } else {
-            retry.and_then(|r| retry_wait(r, &answer, code, counted, way, &head))
+            match (retry, retryable_code) {
+                (Some(r), Some(c)) => retry_wait(r, &answer, c, counted, backoffs, way, &head).map(
+                    |(wait, pushed)| {
+                        backoffs = if pushed { 0 } else { backoffs + 1 };
+                        wait
+                    },
+                ),
+                _ => None,
+            }
         };
         let Some(wait) = wait else {
             return answer_of(answer, endpoint);
@@ -169,7 +234,7 @@ where
             ?wait,
             "sending the call again"
         );
-        drop(answer);
+        last = Some(answer);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -180,24 +245,20 @@ where
 }
 
 /// How long to wait before retrying a call whose attempt `counted` ended
-/// with `code` (`None`: no status, which counts as UNAVAILABLE), or
-/// `None` not to retry: the code is not retryable, the attempts are
-/// spent, the group's throttle is low, the server's pushback says no, or
-/// the wait would outlive the deadline.
+/// with `code`, and whether that is the server's pushback; or `None` not
+/// to retry: the code is not retryable, the attempts are spent, the
+/// group's throttle is low, the server's pushback says no, or the wait
+/// would outlive the deadline. `backoffs` retries have backed off since
+/// the last pushback.
 fn retry_wait(
     retry: &RetryConfig,
     answer: &Result<Response<ResponseBody>, ForwardError>,
-    code: Option<Code>,
+    code: Code,
     counted: u32,
+    backoffs: u32,
     way: &Way<'_>,
     head: &Head,
-) -> Option<Duration> {
-    let code = match (code, answer) {
-        (Some(code), _) => code,
-        // The upstream reset the stream: its reason passes to the client.
-        (None, Err(ForwardError::UpstreamReset(_))) => return None,
-        (None, _) => Code::Unavailable,
-    };
+) -> Option<(Duration, bool)> {
     if !retry.retryable_codes.contains(&code) || counted >= retry.max_attempts {
         return None;
     }
@@ -210,11 +271,27 @@ fn retry_wait(
         .ok()
         .and_then(|r| policy::pushback(r.headers()))
     {
-        Some(Some(wait)) => wait,
+        Some(Some(wait)) => (wait, true),
         Some(None) => return None,
-        None => policy::backoff(retry, counted),
+        None => (policy::backoff(retry, backoffs + 1), false),
     };
-    head.leaves_time(wait).then_some(wait)
+    head.leaves_time(wait.0).then_some(wait)
+}
+
+/// The status of an answer without a body: its `grpc-status`, else what
+/// gRPC makes of its HTTP status (a proxy's 503 is UNAVAILABLE).
+fn code_of_answer<B>(res: &Response<B>) -> Option<Code> {
+    if let Some(code) = status::code_of(res.headers()) {
+        return Some(code);
+    }
+    Some(match res.status().as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    })
 }
 
 fn answer_of(
@@ -251,25 +328,34 @@ where
 {
     use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
 
+    let deadline = Head::deadline_of(req.headers());
     let first = way.first(super::Head::of(&req)).await?;
     let (parts, body) = req.into_parts();
-    let head = Head::keep(&parts);
+    let mut head = Head::keep(&parts);
+    head.deadline = deadline;
     let mut body = Replay::new(body, limits.clone());
     // Read the request while it comes, up to the first hedge's delay: a
-    // unary call's whole request is in hand at once.
-    let whole =
-        tokio::time::timeout(hedge.delay.max(WHOLE_REQUEST_WAIT), read_whole(&mut body)).await;
-    if !matches!(whole, Ok(true)) {
-        // Still streaming, or past the buffer: one attempt, retried as
-        // nothing more than a transparent retry.
-        if body.replayable() {
-            body.rewind();
-        }
-        return sequential_from(forward, way, Request::from_parts(parts, body), first).await;
-    }
-    let Some(copy) = body.snapshot() else {
-        body.rewind();
-        return sequential_from(forward, way, Request::from_parts(parts, body), first).await;
+    // unary call's whole request is in hand at once. What is read is owed
+    // to the first attempt whatever happens.
+    let whole = tokio::time::timeout(hedge.delay.max(WHOLE_REQUEST_WAIT), body.read_ahead()).await;
+    let copy = match whole {
+        Ok(Ok(true)) => body.snapshot(),
+        // The client's request failed: nothing to send.
+        Ok(Err(e)) => return Err(e),
+        // Still streaming, or past the buffer: one attempt, with no more
+        // than a transparent retry.
+        Ok(Ok(false)) | Err(_) => None,
+    };
+    let Some(copy) = copy else {
+        return send_from(
+            forward,
+            way,
+            Request::from_parts(parts, body),
+            head,
+            first,
+            None,
+        )
+        .await;
     };
     let mut tried = vec![first.clone()];
     let mut running = FuturesUnordered::new();
@@ -307,8 +393,7 @@ where
     let mut timer = Box::pin(tokio::time::sleep(hedge.delay));
     loop {
         let may_launch = launched < hedge.max_attempts
-            && (launched == 0 || way.group.may_retry())
-            && head.leaves_time(Duration::ZERO);
+            && (launched == 0 || (way.group.may_retry() && head.leaves_time(Duration::ZERO)));
         if launch_now && may_launch {
             launch_now = false;
             let endpoint = if launched == 0 {
@@ -339,13 +424,21 @@ where
             () = &mut timer, if may_launch => launch_now = true,
             Some((outcome, endpoint)) = running.next() => {
                 match outcome {
-                    Ok(Attempt::Committed(res)) => return Ok((res, endpoint)),
+                    Ok(Attempt::Committed(res)) => {
+                        way.group.attempted(Some(false));
+                        return Ok((res, endpoint));
+                    }
                     Ok(Attempt::TrailersOnly(res, _)) => {
-                        let code = status::code_of(res.headers());
+                        let code = code_of_answer(&res);
                         if way.group.judges() {
                             way.group.ended(&endpoint, code);
                         }
                         let fatal = !code.is_some_and(|c| hedge.non_fatal_codes.contains(&c));
+                        way.group.attempted(match code {
+                            Some(Code::Ok) => Some(false),
+                            _ if !fatal => Some(true),
+                            _ => None,
+                        });
                         if fatal {
                             return Ok((res, endpoint));
                         }
@@ -358,10 +451,22 @@ where
                         }
                         last = Some((Ok(res), endpoint));
                     }
-                    Ok(Attempt::Failed { error, .. }) => {
-                        if way.group.judges() {
-                            way.group.ended(&endpoint, None);
+                    Ok(Attempt::Failed { error, unprocessed, .. }) => {
+                        if !unprocessed {
+                            if way.group.judges() {
+                                way.group.ended(&endpoint, None);
+                            }
+                            // A reset passes to the client as it is; a
+                            // lost connection is UNAVAILABLE, fatal
+                            // unless the policy says otherwise.
+                            let non_fatal = !matches!(error, ForwardError::UpstreamReset(_))
+                                && hedge.non_fatal_codes.contains(&Code::Unavailable);
+                            if !non_fatal {
+                                return Err(error.into());
+                            }
+                            way.group.attempted(Some(true));
                         }
+                        // Unprocessed, or non-fatal: the next goes now.
                         launch_now = true;
                         last = Some((Err(error.into()), endpoint));
                     }
@@ -374,53 +479,4 @@ where
             else => {}
         }
     }
-}
-
-/// [`sequential`] without a policy, from a request whose body may
-/// already have been read in part.
-async fn sequential_from<B>(
-    forward: &Forward,
-    way: &Way<'_>,
-    req: Request<Replay<B>>,
-    first: Arc<Endpoint>,
-) -> Result<(Response<ResponseBody>, Arc<Endpoint>), BoxError>
-where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
-    let mut endpoint = first;
-    let checkout = way.checkout(super::Head::of(&req), &mut endpoint).await?;
-    let attempt = forward
-        .send(Call {
-            request: req,
-            checkout,
-            outcome: way.judge(&endpoint),
-            max_age: way.max_age,
-        })
-        .await;
-    match attempt {
-        Attempt::Committed(res) | Attempt::TrailersOnly(res, _) => Ok((res, endpoint)),
-        Attempt::Failed { error, .. } => Err(error.into()),
-    }
-}
-
-/// Reads `body` to its end, keeping it; false if it could not be kept
-/// whole (past the buffer) or failed.
-async fn read_whole<B>(body: &mut Replay<B>) -> bool
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    use http_body_util::BodyExt;
-    while !body.complete() {
-        match body.frame().await {
-            Some(Ok(_)) => {
-                if !body.replayable() {
-                    return false;
-                }
-            }
-            Some(Err(_)) => return false,
-            None => return body.complete(),
-        }
-    }
-    true
 }

@@ -220,10 +220,10 @@ where
     if parts.extensions.is_empty() {
         parts.extensions = extensions;
     }
-    let trailers_only = recv.is_end_stream()
-        && parts
-            .headers
-            .contains_key(sluice_layers::grpc::status::GRPC_STATUS);
+    // Headers that end the stream are all the answer there is: a
+    // trailers-only status, or (without `grpc-status`) an HTTP error from
+    // something in between, which gRPC reads as a status too.
+    let trailers_only = recv.is_end_stream();
     let body = ResponseBody::new(recv, lease);
     if trailers_only {
         return Attempt::TrailersOnly(Response::from_parts(parts, body), pump.into_body());

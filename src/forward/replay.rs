@@ -21,6 +21,7 @@ use std::{
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use sluice_layers::BoxError;
 
 /// The process-wide bound on kept request bytes (`retry.buffer_total`),
 /// shared by every stack a reload builds.
@@ -175,6 +176,63 @@ impl<B> Replay<B> {
     /// attempt can start from it alone (what a hedge needs).
     pub(crate) fn complete(&self) -> bool {
         self.inner_done && self.keeping.is_some()
+    }
+
+    /// Reads the client's body ahead, giving it to no one: what is read
+    /// stays owed to the next reader, kept or not. Resolves to `Ok(true)`
+    /// once the whole body is read and kept, `Ok(false)` when it could not
+    /// all be kept (the call is committed; nothing read is lost), and
+    /// `Err` when the client's body failed.
+    pub(crate) async fn read_ahead(&mut self) -> Result<bool, BoxError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        std::future::poll_fn(|cx| {
+            loop {
+                if self.inner_done {
+                    return Poll::Ready(Ok(self.keeping.is_some()));
+                }
+                match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => {}
+                        Ok(data) => {
+                            let n = data.len();
+                            if let Some(held) = self.keeping {
+                                if held + n <= self.limits.per_call
+                                    && self.limits.budget.take(n, self.limits.total)
+                                {
+                                    self.keeping = Some(held + n);
+                                } else {
+                                    self.commit();
+                                }
+                            }
+                            // Owed either way: `at` does not move.
+                            self.kept.push(data);
+                            if self.keeping.is_none() {
+                                return Poll::Ready(Ok(false));
+                            }
+                        }
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                self.inner_done = true;
+                                self.trailers = Some(trailers);
+                                self.trailers_given = false;
+                            }
+                        }
+                    },
+                    Some(Err(e)) => {
+                        self.commit();
+                        return Poll::Ready(Err(e.into()));
+                    }
+                    None => {
+                        self.inner_done = true;
+                        self.trailers_given = self.trailers.is_none();
+                    }
+                }
+            }
+        })
+        .await
     }
 
     /// A copy of a complete body, from its start, for a hedged attempt.
@@ -379,6 +437,23 @@ mod tests {
             assert!(!b.replayable(), "{per_call} {total}");
             assert_eq!(budget.held(), 0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_read_ahead_past_its_bound_loses_nothing() {
+        for (per_call, total) in [(3, 1000), (100, 0)] {
+            let l = limits(per_call, total);
+            let budget = l.budget.clone();
+            let mut b = Replay::new(body(&["ab", "cd", "ef"]), l);
+            assert!(!b.read_ahead().await.expect("read"), "{per_call} {total}");
+            assert_eq!(budget.held(), 0);
+            assert_eq!(read(&mut b).await, ["ab", "cd", "ef"], "{per_call} {total}");
+        }
+        let mut b = Replay::new(body(&["ab", "cd"]), limits(100, 1000));
+        assert!(b.read_ahead().await.expect("read"), "whole and kept");
+        let mut copy = b.snapshot().expect("complete");
+        assert_eq!(read(&mut copy).await, ["ab", "cd"]);
+        assert_eq!(read(&mut b).await, ["ab", "cd"]);
     }
 
     #[tokio::test]

@@ -426,6 +426,44 @@ async fn a_hedge_answers_when_the_first_endpoint_stalls() {
     );
 }
 
+/// A hedged call whose request is larger than the retry buffer goes as
+/// one attempt, with every byte of its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_request_past_the_buffer_arrives_whole() {
+    let b = EchoServer::start().await;
+    let (_sluice, mut client) = sluice_with(
+        b.addr,
+        &format!(
+            "[retry]\nbuffer_per_call = \"64KiB\"\n{}",
+            over(
+                &[b.addr],
+                "",
+                "hedge = { max_attempts = 2, delay = \"1s\" }"
+            )
+        ),
+    )
+    .await;
+    for size in [100, 300 << 10] {
+        let payload = pattern(size, 3);
+        let reply = within(
+            "a hedged call",
+            client.unary(Req {
+                payload: payload.clone(),
+                ..Req::default()
+            }),
+        )
+        .await
+        .expect("answered")
+        .into_inner();
+        assert_eq!(reply.payload.len(), size);
+        assert!(
+            reply.payload == payload,
+            "the request arrived whole ({size} B)"
+        );
+    }
+    assert_eq!(b.probe.counts().started, 2, "one attempt each");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_fatal_status_starts_the_next_hedge_at_once_and_a_fatal_one_ends_the_call() {
     let [bad, good] = [EchoServer::start().await, EchoServer::start().await];

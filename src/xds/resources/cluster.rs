@@ -128,7 +128,10 @@ fn outlier(
         num(od.enforcing_failure_percentage.as_ref(), 0),
         "enforcing_failure_percentage",
     )?;
-    let enforcing_gw = num(od.enforcing_consecutive_gateway_failure.as_ref(), 0);
+    let enforcing_gw = percent(
+        num(od.enforcing_consecutive_gateway_failure.as_ref(), 0),
+        "enforcing_consecutive_gateway_failure",
+    )?;
     Ok(OutlierConfig {
         interval,
         base_ejection_time: base,

@@ -94,9 +94,6 @@ fn retry_policy(
             _ => None,
         })
         .collect();
-    if codes.is_empty() {
-        return Ok(None);
-    }
     let attempts = p
         .num_retries
         .as_ref()
@@ -118,7 +115,7 @@ fn retry_policy(
     if max < base {
         return Err("retry_policy.retry_back_off.max_interval is below base_interval".to_owned());
     }
-    if attempts < 2 {
+    if codes.is_empty() || attempts < 2 {
         return Ok(None);
     }
     Ok(Some(crate::balance::Policy::retry_only(
