@@ -517,7 +517,7 @@ async fn a_failing_endpoint_is_ejected_then_returns() {
             "strategy = [\"random\"]\n\
              [upstreams.g.outlier_detection]\ninterval = \"300ms\"\nbase_ejection_time = \"1s\"\n\
              max_ejection_percent = 50\n\
-             failure_percentage = { threshold = 50, minimum_hosts = 3, request_volume = 5 }",
+             failure_percentage = { threshold = 50, minimum_hosts = 3, request_volume = 3 }",
             "",
         ),
     )

@@ -555,7 +555,7 @@ async fn an_xds_retry_policy_and_outlier_detection_hold() {
         enforcing_success_rate: Some(UInt32Value { value: 0 }),
         enforcing_failure_percentage: Some(UInt32Value { value: 100 }),
         failure_percentage_minimum_hosts: Some(UInt32Value { value: 3 }),
-        failure_percentage_request_volume: Some(UInt32Value { value: 5 }),
+        failure_percentage_request_volume: Some(UInt32Value { value: 3 }),
         max_ejection_percent: Some(UInt32Value { value: 50 }),
         ..OutlierDetection::default()
     });
