@@ -103,13 +103,25 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    let (endpoint, parts, head, body) = start(way, req, limits).await?;
+    let request = Request::from_parts(parts, body);
+    send_from(forward, way, request, head, endpoint, retry).await
+}
+
+/// What every call's attempts start from: its deadline (measured before
+/// the wait for an endpoint), its first endpoint, its head kept for
+/// another attempt, and its body made replayable.
+async fn start<B>(
+    way: &Way<'_>,
+    req: Request<B>,
+    limits: &Limits,
+) -> Result<(Arc<Endpoint>, Parts, Head, Replay<B>), BoxError> {
     let deadline = Head::deadline_of(req.headers());
     let endpoint = way.first(super::Head::of(&req)).await?;
     let (parts, body) = req.into_parts();
     let mut head = Head::keep(&parts);
     head.deadline = deadline;
-    let request = Request::from_parts(parts, Replay::new(body, limits.clone()));
-    send_from(forward, way, request, head, endpoint, retry).await
+    Ok((endpoint, parts, head, Replay::new(body, limits.clone())))
 }
 
 /// [`sequential`] from a request already made replayable (and perhaps
@@ -328,12 +340,7 @@ where
 {
     use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
 
-    let deadline = Head::deadline_of(req.headers());
-    let first = way.first(super::Head::of(&req)).await?;
-    let (parts, body) = req.into_parts();
-    let mut head = Head::keep(&parts);
-    head.deadline = deadline;
-    let mut body = Replay::new(body, limits.clone());
+    let (first, parts, head, mut body) = start(way, req, limits).await?;
     // Read the request while it comes, up to the first hedge's delay: a
     // unary call's whole request is in hand at once. What is read is owed
     // to the first attempt whatever happens.
