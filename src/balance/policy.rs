@@ -121,6 +121,13 @@ fn chance(percent: f64) -> bool {
     percent >= 100.0 || (random_below(1_000_000) as f64) < percent * 10_000.0
 }
 
+/// The longest delay a call may ask for with `x-envoy-fault-delay-request`.
+pub(crate) const MAX_HEADER_FAULT_DELAY: Duration = Duration::from_secs(10);
+/// The longest server pushback a retry or hedge waits: a longer one means
+/// no further attempt (the answer goes to the client now), so that an
+/// upstream cannot park a call in sluice without a deadline.
+pub(crate) const MAX_PUSHBACK: Duration = Duration::from_secs(30);
+
 const FAULT_DELAY: HeaderName = HeaderName::from_static("x-envoy-fault-delay-request");
 const FAULT_DELAY_PERCENT: HeaderName =
     HeaderName::from_static("x-envoy-fault-delay-request-percentage");
@@ -141,7 +148,8 @@ impl FaultConfig {
         let mut abort_percent = self.abort_percent;
         if self.headers {
             if let Some(ms) = number(&FAULT_DELAY).filter(|ms| ms.is_finite() && *ms >= 0.0) {
-                delay = Some(Duration::from_millis(ms as u64));
+                // A client's own delay is capped: it holds a call slot.
+                delay = Some(Duration::from_millis(ms as u64).min(MAX_HEADER_FAULT_DELAY));
                 delay_percent = 100.0;
             }
             if let Some(code) = number(&FAULT_ABORT)
@@ -177,7 +185,12 @@ struct RateLimiter {
     /// full, the old one goes and the recent one becomes old. So at most
     /// `max_keys` buckets exist, and the ones dropped are the least
     /// recently used.
-    keyed: Mutex<[HashMap<String, Bucket>; 2]>,
+    /// Keyed by a hash of the value (keyed SipHash, random per process),
+    /// so that a bucket costs the same whatever the length of the value a
+    /// client sends: at most `max_keys` × (8 + 24) bytes and the maps'
+    /// overhead.
+    keyed: Mutex<[HashMap<u64, Bucket>; 2]>,
+    hasher: std::hash::RandomState,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -218,6 +231,7 @@ impl RateLimiter {
             burst,
             shared: Mutex::new(Bucket::full(burst)),
             keyed: Mutex::default(),
+            hasher: std::hash::RandomState::new(),
         }
     }
 
@@ -235,17 +249,18 @@ impl RateLimiter {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
         };
+        let key = std::hash::BuildHasher::hash_one(&self.hasher, key);
         let mut maps = self.keyed.lock().expect("buckets");
         let [recent, old] = &mut *maps;
-        if let Some(bucket) = recent.get_mut(key) {
+        if let Some(bucket) = recent.get_mut(&key) {
             return bucket.take(rate, burst);
         }
-        let mut bucket = old.remove(key).unwrap_or_else(|| Bucket::full(burst));
+        let mut bucket = old.remove(&key).unwrap_or_else(|| Bucket::full(burst));
         let admitted = bucket.take(rate, burst);
         if recent.len() >= self.config.max_keys.div_ceil(2) {
             *old = std::mem::take(recent);
         }
-        recent.insert(key.to_owned(), bucket);
+        recent.insert(key, bucket);
         admitted
     }
 
@@ -268,8 +283,8 @@ pub(crate) fn backoff(retry: &RetryConfig, n: u32) -> Duration {
 }
 
 /// What the server's `grpc-retry-pushback-ms` says: `None` without one,
-/// `Some(None)` for "do not retry" (negative or malformed), else the
-/// wait it asks for.
+/// `Some(None)` for "do not retry" (negative, malformed, or longer than
+/// [`MAX_PUSHBACK`]), else the wait it asks for.
 pub(crate) fn pushback(headers: &HeaderMap) -> Option<Option<Duration>> {
     let value = headers.get("grpc-retry-pushback-ms")?;
     Some(
@@ -277,7 +292,8 @@ pub(crate) fn pushback(headers: &HeaderMap) -> Option<Option<Duration>> {
             .to_str()
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_millis),
+            .map(Duration::from_millis)
+            .filter(|wait| *wait <= MAX_PUSHBACK),
     )
 }
 
@@ -324,7 +340,7 @@ mod tests {
         assert_eq!(pushback(&h), None);
         h.insert("grpc-retry-pushback-ms", "250".parse().expect("value"));
         assert_eq!(pushback(&h), Some(Some(Duration::from_millis(250))));
-        for bad in ["-1", "soon", ""] {
+        for bad in ["-1", "soon", "", "30001"] {
             h.insert("grpc-retry-pushback-ms", bad.parse().expect("value"));
             assert_eq!(pushback(&h), Some(None), "{bad:?}");
         }
